@@ -1,0 +1,66 @@
+//! `#[repr(C)]` types shared by the XDP program (`xdp-redirect-ebpf`) and its loader.
+//!
+//! The program has three maps per attached interface:
+//! - `XSKS` (`BPF_MAP_TYPE_XSKMAP`, index = rx queue): the AF_XDP socket for each queue.
+//! - `PASS` (hash, [`PassKey`] -> `u8`): traffic the agent wants the kernel to keep.
+//! - `ACTIONS` (per-CPU array of `u64`, index = [`Action`]): what the program did.
+#![no_std]
+
+/// Maximum rx queues per interface that can carry an AF_XDP socket.
+pub const MAX_QUEUES: u32 = 64;
+/// Maximum entries in the kernel-keeps map.
+pub const MAX_PASS_RULES: u32 = 256;
+
+/// Keys of the `PASS` map. The program looks up, in order:
+/// `(ethertype, 0, 0)` (a whole ethertype), `(ethertype, proto, dst_port)`, `(ethertype, proto, 0)`.
+/// `ethertype` and `dst_port` are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct PassKey {
+    pub ethertype: u16,
+    pub ip_proto: u8,
+    pub pad: u8,
+    pub dst_port: u16,
+    pub pad2: u16,
+}
+
+impl PassKey {
+    pub const fn ethertype(ethertype: u16) -> Self {
+        Self { ethertype, ip_proto: 0, pad: 0, dst_port: 0, pad2: 0 }
+    }
+    pub const fn ipv4(ip_proto: u8, dst_port: u16) -> Self {
+        Self { ethertype: 0x0800, ip_proto, pad: 0, dst_port, pad2: 0 }
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: PassKey is repr(C), Copy, has explicit padding fields and no pointers.
+unsafe impl aya::Pod for PassKey {}
+
+/// Index into the `ACTIONS` per-CPU counter array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Handed to the AF_XDP socket of the rx queue.
+    Redirected = 0,
+    /// `XDP_PASS` because no socket is registered for the queue (agent down: fail-open).
+    PassNoSocket = 1,
+    /// `XDP_PASS` because a `PASS` rule matched.
+    PassRule = 2,
+    /// `XDP_PASS` because the frame was too short to classify.
+    PassShort = 3,
+}
+
+impl Action {
+    pub const COUNT: u32 = 4;
+    pub const ALL: [Action; 4] =
+        [Action::Redirected, Action::PassNoSocket, Action::PassRule, Action::PassShort];
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Action::Redirected => "redirected",
+            Action::PassNoSocket => "pass_no_socket",
+            Action::PassRule => "pass_rule",
+            Action::PassShort => "pass_short",
+        }
+    }
+}

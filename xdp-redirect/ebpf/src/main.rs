@@ -1,0 +1,112 @@
+//! sluice's only kernel code: hand each frame to the AF_XDP socket of its rx queue.
+//!
+//! - A `PASS` rule match (node traffic the agent leaves to the kernel) -> `XDP_PASS`.
+//! - No socket registered for the queue (agent not running) -> `XDP_PASS`: fail-open, the node
+//!   stays reachable when the agent is down or has crashed.
+//! - Otherwise `bpf_redirect_map(XSKS, queue, XDP_PASS)`: the fallback action is `XDP_PASS` too.
+//!
+//! Every decision increments one per-CPU counter in `ACTIONS`.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{HashMap, PerCpuArray, XskMap},
+    programs::XdpContext,
+};
+use xdp_redirect_common::{Action, PassKey, MAX_PASS_RULES, MAX_QUEUES};
+
+#[map]
+static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
+
+#[map]
+static PASS: HashMap<PassKey, u8> = HashMap::with_max_entries(MAX_PASS_RULES, 0);
+
+#[map]
+static ACTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Action::COUNT, 0);
+
+const ETH_HDR_LEN: usize = 14;
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+#[inline(always)]
+fn count(action: Action) {
+    if let Some(slot) = ACTIONS.get_ptr_mut(action as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    // SAFETY: bounds checked against data_end just above (the verifier checks it again).
+    Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+}
+
+#[inline(always)]
+fn kernel_keeps(ctx: &XdpContext) -> Result<bool, ()> {
+    let ethertype = u16::from_be(load::<u16>(ctx, 12).ok_or(())?);
+    // SAFETY: map lookups of plain keys.
+    if unsafe { PASS.get(&PassKey::ethertype(ethertype)) }.is_some() {
+        return Ok(true);
+    }
+    if ethertype != ETHERTYPE_IPV4 {
+        return Ok(false);
+    }
+    let ver_ihl: u8 = load(ctx, ETH_HDR_LEN).ok_or(())?;
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if ihl < 20 {
+        return Ok(false);
+    }
+    let proto: u8 = load(ctx, ETH_HDR_LEN + 9).ok_or(())?;
+    let mut port = 0u16;
+    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+        // ihl is 20..=60: a constant-bounded offset the verifier accepts.
+        let off = ETH_HDR_LEN + (ihl & 0x3c) + 2;
+        port = u16::from_be(load::<u16>(ctx, off).ok_or(())?);
+    }
+    if port != 0 && unsafe { PASS.get(&PassKey::ipv4(proto, port)) }.is_some() {
+        return Ok(true);
+    }
+    Ok(unsafe { PASS.get(&PassKey::ipv4(proto, 0)) }.is_some())
+}
+
+#[xdp]
+pub fn xdp_redirect(ctx: XdpContext) -> u32 {
+    match kernel_keeps(&ctx) {
+        Ok(true) => {
+            count(Action::PassRule);
+            return xdp_action::XDP_PASS;
+        }
+        Ok(false) => {}
+        Err(()) => {
+            count(Action::PassShort);
+            return xdp_action::XDP_PASS;
+        }
+    }
+    // SAFETY: reading the rx queue index from the xdp_md context.
+    let queue = unsafe { (*ctx.ctx).rx_queue_index };
+    if XSKS.get(queue).is_none() {
+        count(Action::PassNoSocket);
+        return xdp_action::XDP_PASS;
+    }
+    count(Action::Redirected);
+    XSKS.redirect(queue, xdp_action::XDP_PASS as u64).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";
