@@ -1,1 +1,10 @@
-//! control
+//! sluice's control side: the agent (`sluice run`), its local API, the CNI plugin (`sluice-cni`)
+//! and the compiler from Kubernetes objects to the dataplane's immutable `Snapshot`.
+//!
+//! ```text
+//!  cluster file / API server --> cluster::ClusterState --> agent --(Snapshot, arc-swap)--> workers
+//!  sluice-cni --(api: EndpointAdd/Del)--> agent            sluice status --(api: Status)--> agent
+//! ```
+pub mod api;
+pub mod cluster;
+pub mod cni;

@@ -7,11 +7,12 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use aya::{
-    maps::{HashMap, MapData, PerCpuArray, XskMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, XskMap},
     programs::{Xdp, XdpMode},
     Ebpf,
 };
-pub use xdp_redirect_common::{Action, PassKey, MAX_QUEUES};
+pub use xdp_redirect_common::{Action, PassKey, RuleAction, MAX_QUEUES};
+use xdp_redirect_common::CONFIG_DEFAULT_ACTION;
 
 /// The eBPF object built by `build.rs` (nightly, bpfel-unknown-none, with BTF).
 pub static PROGRAM_OBJECT: &[u8] =
@@ -75,7 +76,8 @@ pub struct Attachment {
     ifindex: u32,
     mode: AttachMode,
     xsks: XskMap<MapData>,
-    pass: HashMap<MapData, PassKey, u8>,
+    rules: HashMap<MapData, PassKey, u8>,
+    config: Array<MapData, u32>,
     actions: PerCpuArray<MapData, u64>,
     // Owns the program and its bpf_link: dropped last, which detaches the program.
     _ebpf: Ebpf,
@@ -142,12 +144,14 @@ impl Attachment {
         let map_err = |map, e| Error::Map { ifname: ifname.into(), map, source: Box::new(e) };
         let xsks = XskMap::try_from(ebpf.take_map("XSKS").ok_or(Error::MissingMap { map: "XSKS" })?)
             .map_err(|e| map_err("XSKS", e))?;
-        let pass = HashMap::try_from(ebpf.take_map("PASS").ok_or(Error::MissingMap { map: "PASS" })?)
-            .map_err(|e| map_err("PASS", e))?;
+        let rules = HashMap::try_from(ebpf.take_map("RULES").ok_or(Error::MissingMap { map: "RULES" })?)
+            .map_err(|e| map_err("RULES", e))?;
+        let config = Array::try_from(ebpf.take_map("CONFIG").ok_or(Error::MissingMap { map: "CONFIG" })?)
+            .map_err(|e| map_err("CONFIG", e))?;
         let actions =
             PerCpuArray::try_from(ebpf.take_map("ACTIONS").ok_or(Error::MissingMap { map: "ACTIONS" })?)
                 .map_err(|e| map_err("ACTIONS", e))?;
-        Ok(Self { ifname: ifname.into(), ifindex, mode, xsks, pass, actions, _ebpf: ebpf })
+        Ok(Self { ifname: ifname.into(), ifindex, mode, xsks, rules, config, actions, _ebpf: ebpf })
     }
 
     pub fn ifname(&self) -> &str {
@@ -187,14 +191,27 @@ impl Attachment {
         }
     }
 
-    /// Leaves traffic matching `key` to the kernel (`XDP_PASS`).
-    pub fn keep_in_kernel(&mut self, key: PassKey) -> Result<(), Error> {
-        self.pass.insert(key, 1, 0).map_err(|e| self.map_err("PASS", e))
+    /// What happens to traffic no rule matches. A fresh attachment redirects everything.
+    pub fn set_default(&mut self, action: RuleAction) -> Result<(), Error> {
+        self.config.set(CONFIG_DEFAULT_ACTION, action as u32, 0).map_err(|e| self.map_err("CONFIG", e))
     }
 
-    /// Removes a kernel-keeps rule.
-    pub fn forget_kernel_rule(&mut self, key: &PassKey) -> Result<(), Error> {
-        self.pass.remove(key).map_err(|e| self.map_err("PASS", e))
+    /// Adds or replaces the rule for traffic matching `key`.
+    pub fn set_rule(&mut self, key: PassKey, action: RuleAction) -> Result<(), Error> {
+        self.rules.insert(key, action as u8, 0).map_err(|e| self.map_err("RULES", e))
+    }
+
+    /// Removes the rule for `key`, if any.
+    pub fn remove_rule(&mut self, key: &PassKey) -> Result<(), Error> {
+        match self.rules.remove(key) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(ref s))
+                if s.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(self.map_err("RULES", e)),
+        }
     }
 
     /// The program's action counters, summed over CPUs, indexed by [`Action`].

@@ -1,17 +1,35 @@
 //! `#[repr(C)]` types shared by the XDP program (`xdp-redirect-ebpf`) and its loader.
 //!
-//! The program has three maps per attached interface:
+//! The program has four maps per attached interface:
 //! - `XSKS` (`BPF_MAP_TYPE_XSKMAP`, index = rx queue): the AF_XDP socket for each queue.
-//! - `PASS` (hash, [`PassKey`] -> `u8`): traffic the agent wants the kernel to keep.
+//! - `RULES` (hash, [`PassKey`] -> [`RuleAction`] as `u8`): per-traffic exceptions to the default.
+//! - `CONFIG` (array of `u32`, index [`CONFIG_DEFAULT_ACTION`]): the interface's default
+//!   [`RuleAction`]. Pod veths redirect everything; an uplink passes everything to the kernel
+//!   except what the agent claims (VXLAN, WireGuard, NodePorts).
 //! - `ACTIONS` (per-CPU array of `u64`, index = [`Action`]): what the program did.
 #![no_std]
 
 /// Maximum rx queues per interface that can carry an AF_XDP socket.
 pub const MAX_QUEUES: u32 = 64;
-/// Maximum entries in the kernel-keeps map.
-pub const MAX_PASS_RULES: u32 = 256;
+/// Maximum entries in the `RULES` map.
+pub const MAX_RULES: u32 = 256;
 
-/// Keys of the `PASS` map. The program looks up, in order:
+/// Entries in `CONFIG`.
+pub const CONFIG_ENTRIES: u32 = 1;
+/// `CONFIG[CONFIG_DEFAULT_ACTION]`: the [`RuleAction`] for traffic no rule matches.
+pub const CONFIG_DEFAULT_ACTION: u32 = 0;
+
+/// What a `RULES` entry (or the default) says to do with matching traffic.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleAction {
+    /// Redirect to the AF_XDP socket of the rx queue (if one is registered).
+    Redirect = 0,
+    /// Leave to the kernel (`XDP_PASS`).
+    Pass = 1,
+}
+
+/// Keys of the `RULES` map. The program looks up, in order:
 /// `(ethertype, 0, 0)` (a whole ethertype), `(ethertype, proto, dst_port)`, `(ethertype, proto, 0)`.
 /// `ethertype` and `dst_port` are in host byte order.
 #[repr(C)]
@@ -45,7 +63,7 @@ pub enum Action {
     Redirected = 0,
     /// `XDP_PASS` because no socket is registered for the queue (agent down: fail-open).
     PassNoSocket = 1,
-    /// `XDP_PASS` because a `PASS` rule matched.
+    /// `XDP_PASS` because a rule (or the interface default) leaves it to the kernel.
     PassRule = 2,
     /// `XDP_PASS` because the frame was too short to classify.
     PassShort = 3,

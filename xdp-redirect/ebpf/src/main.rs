@@ -1,6 +1,7 @@
 //! sluice's only kernel code: hand each frame to the AF_XDP socket of its rx queue.
 //!
-//! - A `PASS` rule match (node traffic the agent leaves to the kernel) -> `XDP_PASS`.
+//! - The first matching `RULES` entry, or else the interface default in `CONFIG`, says
+//!   redirect or pass (node traffic on an uplink stays with the kernel).
 //! - No socket registered for the queue (agent not running) -> `XDP_PASS`: fail-open, the node
 //!   stays reachable when the agent is down or has crashed.
 //! - Otherwise `bpf_redirect_map(XSKS, queue, XDP_PASS)`: the fallback action is `XDP_PASS` too.
@@ -15,13 +16,19 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
-use xdp_redirect_common::{Action, PassKey, MAX_PASS_RULES, MAX_QUEUES};
+use aya_ebpf::maps::Array;
+use xdp_redirect_common::{
+    Action, PassKey, RuleAction, CONFIG_DEFAULT_ACTION, CONFIG_ENTRIES, MAX_QUEUES, MAX_RULES,
+};
 
 #[map]
 static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 
 #[map]
-static PASS: HashMap<PassKey, u8> = HashMap::with_max_entries(MAX_PASS_RULES, 0);
+static RULES: HashMap<PassKey, u8> = HashMap::with_max_entries(MAX_RULES, 0);
+
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_ENTRIES, 0);
 
 #[map]
 static ACTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Action::COUNT, 0);
@@ -51,31 +58,38 @@ fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
 }
 
 #[inline(always)]
+fn rule(key: &PassKey) -> Option<bool> {
+    // SAFETY: lookup of a plain-data key; the value is copied out at once.
+    unsafe { RULES.get(key) }.map(|v| *v == RuleAction::Pass as u8)
+}
+
+/// `Ok(true)`: leave to the kernel. `Err`: too short to classify.
+#[inline(always)]
 fn kernel_keeps(ctx: &XdpContext) -> Result<bool, ()> {
+    let default_pass = CONFIG.get(CONFIG_DEFAULT_ACTION).map(|v| *v == RuleAction::Pass as u32);
+    let default_pass = default_pass.unwrap_or(false);
     let ethertype = u16::from_be(load::<u16>(ctx, 12).ok_or(())?);
-    // SAFETY: map lookups of plain keys.
-    if unsafe { PASS.get(&PassKey::ethertype(ethertype)) }.is_some() {
-        return Ok(true);
+    if let Some(pass) = rule(&PassKey::ethertype(ethertype)) {
+        return Ok(pass);
     }
     if ethertype != ETHERTYPE_IPV4 {
-        return Ok(false);
+        return Ok(default_pass);
     }
     let ver_ihl: u8 = load(ctx, ETH_HDR_LEN).ok_or(())?;
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
     if ihl < 20 {
-        return Ok(false);
+        return Ok(default_pass);
     }
     let proto: u8 = load(ctx, ETH_HDR_LEN + 9).ok_or(())?;
-    let mut port = 0u16;
     if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
         // ihl is 20..=60: a constant-bounded offset the verifier accepts.
         let off = ETH_HDR_LEN + (ihl & 0x3c) + 2;
-        port = u16::from_be(load::<u16>(ctx, off).ok_or(())?);
+        let port = u16::from_be(load::<u16>(ctx, off).ok_or(())?);
+        if let Some(pass) = rule(&PassKey::ipv4(proto, port)) {
+            return Ok(pass);
+        }
     }
-    if port != 0 && unsafe { PASS.get(&PassKey::ipv4(proto, port)) }.is_some() {
-        return Ok(true);
-    }
-    Ok(unsafe { PASS.get(&PassKey::ipv4(proto, 0)) }.is_some())
+    Ok(rule(&PassKey::ipv4(proto, 0)).unwrap_or(default_pass))
 }
 
 #[xdp]

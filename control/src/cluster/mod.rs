@@ -1,0 +1,1 @@
+//! Cluster state from Kubernetes objects (being written).

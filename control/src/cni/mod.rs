@@ -1,0 +1,1 @@
+//! The sluice CNI plugin (being written).
