@@ -1,0 +1,113 @@
+//! The one list of reasons a packet is dropped. Numbers are stable: metrics, flow logs and the
+//! CLI all use them (as Cilium's `bpf/lib/drop_reasons.h`). Append new reasons at the end; never
+//! renumber or reuse a number.
+use serde::Serialize;
+
+/// Why a packet was dropped. `#[repr(u8)]`, numbered, stable.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum DropReason {
+    /// Shorter than an Ethernet header, or shorter than its own headers claim.
+    FrameTooShort = 1,
+    /// An ethertype the dataplane does not handle (not IPv4, not ARP, not IPv6).
+    UnsupportedEthertype = 2,
+    /// IPv6 is not handled yet.
+    Ipv6Unsupported = 3,
+    /// ARP that is not Ethernet/IPv4 or is truncated.
+    ArpMalformed = 4,
+    /// ARP that is not a request for the gateway address (replies, other targets).
+    ArpNotForGateway = 5,
+    /// IPv4 header with a bad version, IHL or total length.
+    Ipv4Malformed = 6,
+    /// IPv4 header checksum does not verify.
+    Ipv4Checksum = 7,
+    /// TTL expired and no ICMP error may be sent about this packet (RFC 1122 3.2.2).
+    TtlExceeded = 8,
+    /// No local endpoint (and, for now, no other route) for the destination.
+    NoRoute = 9,
+    /// The destination interface has no AF_XDP socket on this worker.
+    NoTxPort = 10,
+    /// The destination socket's TX ring was full.
+    TxRingFull = 11,
+    /// The worker has no snapshot yet.
+    NoSnapshot = 12,
+    /// Addressed to the gateway itself with something other than ARP or ICMP echo.
+    GatewayUnhandled = 13,
+    /// Frame from an interface the snapshot does not know.
+    UnknownInterface = 14,
+    /// Source address is not valid for a sender (multicast, broadcast, zero, loopback).
+    Ipv4BadSource = 15,
+    /// Destination is a multicast or broadcast address (not forwarded).
+    Ipv4Multicast = 16,
+}
+
+impl DropReason {
+    /// Every reason, in number order (metrics export all of them, even at zero).
+    pub const ALL: [DropReason; 16] = [
+        DropReason::FrameTooShort,
+        DropReason::UnsupportedEthertype,
+        DropReason::Ipv6Unsupported,
+        DropReason::ArpMalformed,
+        DropReason::ArpNotForGateway,
+        DropReason::Ipv4Malformed,
+        DropReason::Ipv4Checksum,
+        DropReason::TtlExceeded,
+        DropReason::NoRoute,
+        DropReason::NoTxPort,
+        DropReason::TxRingFull,
+        DropReason::NoSnapshot,
+        DropReason::GatewayUnhandled,
+        DropReason::UnknownInterface,
+        DropReason::Ipv4BadSource,
+        DropReason::Ipv4Multicast,
+    ];
+    /// Size of a counter array indexed by `reason as usize` (index 0 unused).
+    pub const SLOTS: usize = 17;
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DropReason::FrameTooShort => "frame_too_short",
+            DropReason::UnsupportedEthertype => "unsupported_ethertype",
+            DropReason::Ipv6Unsupported => "ipv6_unsupported",
+            DropReason::ArpMalformed => "arp_malformed",
+            DropReason::ArpNotForGateway => "arp_not_for_gateway",
+            DropReason::Ipv4Malformed => "ipv4_malformed",
+            DropReason::Ipv4Checksum => "ipv4_checksum",
+            DropReason::TtlExceeded => "ttl_exceeded",
+            DropReason::NoRoute => "no_route",
+            DropReason::NoTxPort => "no_tx_port",
+            DropReason::TxRingFull => "tx_ring_full",
+            DropReason::NoSnapshot => "no_snapshot",
+            DropReason::GatewayUnhandled => "gateway_unhandled",
+            DropReason::UnknownInterface => "unknown_interface",
+            DropReason::Ipv4BadSource => "ipv4_bad_source",
+            DropReason::Ipv4Multicast => "ipv4_multicast",
+        }
+    }
+
+    pub fn from_u8(n: u8) -> Option<Self> {
+        Self::ALL.iter().copied().find(|r| *r as u8 == n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_dense_stable_and_names_unique() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i + 1, "{r:?} out of order");
+            assert_eq!(DropReason::from_u8(*r as u8), Some(*r));
+        }
+        assert_eq!(DropReason::SLOTS, DropReason::ALL.len() + 1);
+        let mut names: Vec<_> = DropReason::ALL.iter().map(|r| r.as_str()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), DropReason::ALL.len());
+        assert_eq!(DropReason::from_u8(0), None);
+        // Pinned numbers: changing one breaks dashboards and flow logs.
+        assert_eq!(DropReason::NoRoute as u8, 9);
+        assert_eq!(DropReason::Ipv6Unsupported as u8, 3);
+    }
+}

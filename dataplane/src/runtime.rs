@@ -1,0 +1,306 @@
+//! Starting, commanding and stopping the workers; publishing snapshots to them.
+//!
+//! Control owns a [`Dataplane`]. It publishes a new [`Snapshot`] with [`Dataplane::publish`]
+//! (one atomic pointer swap; workers pick it up at their next batch), adds and removes ports
+//! with commands over bounded channels (each worker wakes through its eventfd), and reads
+//! counters from the workers' published copies without stopping them.
+use std::{
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{mpsc, Arc},
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use arc_swap::ArcSwapOption;
+
+use crate::{
+    snapshot::Snapshot,
+    stats::{Counters, SharedCounters},
+    worker::{Command, PortInfo, PortStatus, Worker, WorkerConfig},
+    xsk::{RingSizes, UmemConfig},
+};
+
+const COMMAND_QUEUE_DEPTH: usize = 64;
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    pub workers: usize,
+    /// Core for each worker (`cores[i]` for worker i); `None`: not pinned.
+    pub cores: Option<Vec<usize>>,
+    pub umem: UmemConfig,
+    pub rings: RingSizes,
+    pub batch: u32,
+    pub idle_spins: u32,
+    pub idle_poll_ms: i32,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self {
+            workers: 1,
+            cores: None,
+            umem: UmemConfig::default(),
+            rings: RingSizes::default(),
+            batch: 64,
+            idle_spins: 256,
+            idle_poll_ms: 100,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("dataplane needs at least one worker")]
+    NoWorkers,
+    #[error("worker {worker}: {what}")]
+    Worker { worker: usize, what: String },
+    #[error("creating the wake-up eventfd for worker {worker}: {source}")]
+    EventFd {
+        worker: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+struct WorkerHandle {
+    id: usize,
+    core: Option<usize>,
+    commands: mpsc::SyncSender<Command>,
+    wake: OwnedFd,
+    shared: Arc<SharedCounters>,
+    thread: Option<JoinHandle<()>>,
+    hugepages: bool,
+}
+
+impl WorkerHandle {
+    fn send(&self, cmd: Command) -> Result<(), RuntimeError> {
+        self.commands.send(cmd).map_err(|_| RuntimeError::Worker {
+            worker: self.id,
+            what: "worker thread has exited".into(),
+        })?;
+        let one: u64 = 1;
+        // SAFETY: writing 8 bytes to our own eventfd from a local u64.
+        unsafe {
+            libc::write(
+                self.wake.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+        Ok(())
+    }
+}
+
+/// A worker's published state.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct WorkerReport {
+    pub id: usize,
+    pub core: Option<usize>,
+    pub hugepages: bool,
+    /// Generation of the snapshot the worker ran when it last published.
+    pub generation: u64,
+    pub counters: Counters,
+}
+
+pub struct Dataplane {
+    workers: Vec<WorkerHandle>,
+    snapshot: Arc<ArcSwapOption<Snapshot>>,
+}
+
+impl Dataplane {
+    pub fn start(config: DataplaneConfig) -> Result<Self, RuntimeError> {
+        if config.workers == 0 {
+            return Err(RuntimeError::NoWorkers);
+        }
+        let snapshot = Arc::new(ArcSwapOption::empty());
+        let mut workers = Vec::with_capacity(config.workers);
+        for id in 0..config.workers {
+            let core = config.cores.as_ref().and_then(|c| c.get(id).copied());
+            // SAFETY: plain eventfd(2); result checked.
+            let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            if raw < 0 {
+                return Err(RuntimeError::EventFd {
+                    worker: id,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: raw is a fresh fd we own.
+            let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+            let worker_wake = wake
+                .try_clone()
+                .map_err(|source| RuntimeError::EventFd { worker: id, source })?;
+            let (tx, rx) = mpsc::sync_channel(COMMAND_QUEUE_DEPTH);
+            let shared = Arc::new(SharedCounters::default());
+            let wc = WorkerConfig {
+                id,
+                core,
+                umem: config.umem,
+                rings: config.rings,
+                batch: config.batch,
+                idle_spins: config.idle_spins,
+                idle_poll_ms: config.idle_poll_ms,
+            };
+            let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+            let (s, snap) = (Arc::clone(&shared), Arc::clone(&snapshot));
+            let thread = std::thread::Builder::new()
+                .name(format!("sluice-worker-{id}"))
+                .spawn(move || {
+                    // The UMEM is allocated on the worker's own thread (after pinning would be
+                    // better for NUMA; on one socket it makes no difference).
+                    match Worker::new(wc, s, snap, rx, worker_wake) {
+                        Ok(w) => {
+                            let _ = ready_tx.send(Ok(w.on_hugepages()));
+                            w.run();
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                        }
+                    }
+                })
+                .map_err(|e| RuntimeError::Worker {
+                    worker: id,
+                    what: format!("spawning thread: {e}"),
+                })?;
+            let hugepages = match ready_rx.recv_timeout(COMMAND_TIMEOUT) {
+                Ok(Ok(h)) => h,
+                Ok(Err(what)) => return Err(RuntimeError::Worker { worker: id, what }),
+                Err(_) => {
+                    return Err(RuntimeError::Worker {
+                        worker: id,
+                        what: "did not start".into(),
+                    })
+                }
+            };
+            workers.push(WorkerHandle {
+                id,
+                core,
+                commands: tx,
+                wake,
+                shared,
+                thread: Some(thread),
+                hugepages,
+            });
+        }
+        Ok(Self { workers, snapshot })
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// The worker that owns `queue` of every interface.
+    pub fn worker_for_queue(&self, queue: u32) -> usize {
+        queue as usize % self.workers.len()
+    }
+
+    /// Makes `snapshot` current; workers switch at their next batch.
+    pub fn publish(&self, snapshot: Snapshot) {
+        self.snapshot.store(Some(Arc::new(snapshot)));
+    }
+
+    pub fn current(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.load_full()
+    }
+
+    /// Creates the socket for (`ifindex`, `queue`) on the worker owning `queue`.
+    pub fn add_port(&self, ifindex: u32, queue: u32) -> Result<PortInfo, RuntimeError> {
+        let w = &self.workers[self.worker_for_queue(queue)];
+        let (tx, rx) = mpsc::sync_channel(1);
+        w.send(Command::AddPort {
+            ifindex,
+            queue,
+            reply: tx,
+        })?;
+        match rx.recv_timeout(COMMAND_TIMEOUT) {
+            Ok(Ok(info)) => Ok(info),
+            Ok(Err(what)) => Err(RuntimeError::Worker { worker: w.id, what }),
+            Err(_) => Err(RuntimeError::Worker {
+                worker: w.id,
+                what: "did not answer AddPort".into(),
+            }),
+        }
+    }
+
+    /// Removes the socket for (`ifindex`, `queue`), reclaiming its frames. The caller must have
+    /// removed the socket from the XSKMAP first. Returns whether such a port existed.
+    pub fn remove_port(&self, ifindex: u32, queue: u32) -> Result<bool, RuntimeError> {
+        let w = &self.workers[self.worker_for_queue(queue)];
+        let (tx, rx) = mpsc::sync_channel(1);
+        w.send(Command::RemovePort {
+            ifindex,
+            queue,
+            reply: tx,
+        })?;
+        rx.recv_timeout(COMMAND_TIMEOUT)
+            .map_err(|_| RuntimeError::Worker {
+                worker: w.id,
+                what: "did not answer RemovePort".into(),
+            })
+    }
+
+    /// Every worker's published counters (no worker is stopped to read them).
+    pub fn reports(&self) -> Vec<WorkerReport> {
+        self.workers
+            .iter()
+            .map(|w| {
+                let (counters, generation) = w.shared.read();
+                WorkerReport {
+                    id: w.id,
+                    core: w.core,
+                    hugepages: w.hugepages,
+                    generation,
+                    counters,
+                }
+            })
+            .collect()
+    }
+
+    /// Counters of all workers summed.
+    pub fn totals(&self) -> Counters {
+        let mut t = Counters::default();
+        for r in self.reports() {
+            t.add(&r.counters);
+        }
+        t
+    }
+
+    /// Per-socket kernel statistics, asked of each worker between its batches.
+    pub fn port_stats(&self) -> Result<Vec<PortStatus>, RuntimeError> {
+        let mut out = Vec::new();
+        for w in &self.workers {
+            let (tx, rx) = mpsc::sync_channel(1);
+            w.send(Command::PortStats { reply: tx })?;
+            out.extend(
+                rx.recv_timeout(COMMAND_TIMEOUT)
+                    .map_err(|_| RuntimeError::Worker {
+                        worker: w.id,
+                        what: "did not answer PortStats".into(),
+                    })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Stops every worker and joins its thread; sockets and UMEMs are released.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        for w in &self.workers {
+            let _ = w.send(Command::Shutdown);
+        }
+        for w in &mut self.workers {
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,5 @@
+//! The pipeline's stages, one module each, each with a verb for its entry point.
+pub mod arp;
+pub mod gateway;
+pub mod icmp_error;
+pub mod route;

@@ -1,0 +1,45 @@
+//! IPv4 forwarding between local pods by destination address (RFC 1812 5.2/5.3): look up the
+//! destination endpoint, decrement TTL (incremental checksum, RFC 1624), rewrite the MACs
+//! (source = the outgoing interface, i.e. the gateway MAC the destination pod sees).
+use crate::{
+    classify::Ipv4Meta,
+    drop_reason::DropReason,
+    packet::PacketBuf,
+    snapshot::Snapshot,
+    wire::{ethernet, ipv4},
+    TxKind, Verdict,
+};
+
+/// [`forward`] found the destination but the TTL would reach zero: the caller answers with
+/// ICMP time exceeded (the frame is untouched).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TtlExpired;
+
+#[inline]
+pub fn forward(
+    snap: &Snapshot,
+    meta: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+) -> Result<Verdict, TtlExpired> {
+    let Some(dst) = snap.endpoint(meta.dst) else {
+        return Ok(Verdict::Drop(DropReason::NoRoute));
+    };
+    let Some(out) = snap.interface(dst.ifindex) else {
+        return Ok(Verdict::Drop(DropReason::NoRoute));
+    };
+    if meta.ttl <= 1 {
+        return Err(TtlExpired);
+    }
+    let data = pkt.data_mut();
+    let Ok(mut ip) = ipv4::Packet::new_checked(&mut data[meta.l3..]) else {
+        return Ok(Verdict::Drop(DropReason::Ipv4Malformed));
+    };
+    ip.decrement_ttl();
+    if ethernet::emit(data, dst.mac, out.mac, ethernet::ETHERTYPE_IPV4).is_err() {
+        return Ok(Verdict::Drop(DropReason::FrameTooShort));
+    }
+    Ok(Verdict::Tx {
+        ifindex: dst.ifindex,
+        kind: TxKind::Forward,
+    })
+}

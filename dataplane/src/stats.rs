@@ -1,0 +1,177 @@
+//! Per-worker counters: plain `u64`s owned by the worker, published every few batches into a
+//! single-writer array of atomics (Relaxed stores, no read-modify-write, no sharing of a cache
+//! line between writers), read by control at any time without stopping the worker.
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+use crate::{drop_reason::DropReason, TxKind};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
+        /// A worker's counters.
+        #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+        pub struct Counters {
+            $( $(#[$doc])* pub $name: u64, )*
+            /// Drops per [`DropReason`] number (index 0 unused).
+            pub drops: [u64; DropReason::SLOTS],
+        }
+
+        impl Counters {
+            /// Names of the scalar counters, in `values()` order.
+            pub const NAMES: &'static [&'static str] = &[$( stringify!($name) ),*];
+            const SCALARS: usize = Self::NAMES.len();
+            const SLOTS: usize = Self::SCALARS + DropReason::SLOTS;
+
+            fn store(&self, out: &[AtomicU64]) {
+                let mut i = 0;
+                $( out[i].store(self.$name, Ordering::Relaxed); i += 1; )*
+                for d in self.drops {
+                    out[i].store(d, Ordering::Relaxed);
+                    i += 1;
+                }
+            }
+
+            fn load(from: &[AtomicU64]) -> Self {
+                let mut c = Counters::default();
+                let mut i = 0;
+                $( c.$name = from[i].load(Ordering::Relaxed); i += 1; )*
+                for d in c.drops.iter_mut() {
+                    *d = from[i].load(Ordering::Relaxed);
+                    i += 1;
+                }
+                c
+            }
+
+            /// Scalar counters as (name, value), in `NAMES` order.
+            pub fn values(&self) -> Vec<(&'static str, u64)> {
+                vec![$( (stringify!($name), self.$name) ),*]
+            }
+
+            /// Sums `other` into `self` (merging workers).
+            pub fn add(&mut self, other: &Counters) {
+                $( self.$name += other.$name; )*
+                for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
+                    *a += *b;
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Frames taken from rx rings.
+    rx_packets,
+    rx_bytes,
+    /// Frames placed on tx rings.
+    tx_packets,
+    tx_bytes,
+    /// Routed to another interface.
+    forwarded,
+    /// ARP replies for the gateway.
+    arp_replies,
+    /// ICMP echo replies from the gateway.
+    gateway_echo_replies,
+    /// ICMP time-exceeded errors sent.
+    icmp_errors_sent,
+    /// Frames dropped (sum of `drops`).
+    dropped,
+    /// Loop iterations that found work.
+    batches,
+    /// Times the worker slept in poll(2) for lack of work.
+    idle_sleeps,
+    /// sendto(2) kicks of tx rings.
+    tx_kicks,
+    /// Kicks that failed transiently (EAGAIN/EBUSY/ENOBUFS/ENETDOWN); frames stay queued.
+    tx_kick_errors,
+    /// recvfrom(2) kicks for fill rings that asked for one.
+    fill_kicks,
+    /// Times a fill ring could not be topped up because the frame pool was empty.
+    fill_starved,
+    /// Rx descriptors pointing outside the UMEM (never expected; counted, frame ignored).
+    bad_descriptors,
+    /// Frames the kernel still held when a socket was removed (lost to the pool).
+    frames_leaked,
+}
+
+impl Counters {
+    #[inline]
+    pub fn count_drop(&mut self, reason: DropReason) {
+        self.dropped += 1;
+        self.drops[reason as usize] += 1;
+    }
+    #[inline]
+    pub fn count_tx_kind(&mut self, kind: TxKind) {
+        match kind {
+            TxKind::Forward => self.forwarded += 1,
+            TxKind::ArpReply => self.arp_replies += 1,
+            TxKind::GatewayEcho => self.gateway_echo_replies += 1,
+            TxKind::IcmpError => self.icmp_errors_sent += 1,
+        }
+    }
+    /// Drops per reason, every reason listed (zeros included).
+    pub fn drops_by_reason(&self) -> Vec<(DropReason, u64)> {
+        DropReason::ALL
+            .iter()
+            .map(|r| (*r, self.drops[*r as usize]))
+            .collect()
+    }
+}
+
+/// The published copy of one worker's counters (one writer: that worker).
+pub struct SharedCounters {
+    slots: Box<[AtomicU64]>,
+    generation: AtomicU64,
+}
+
+impl Default for SharedCounters {
+    fn default() -> Self {
+        Self {
+            slots: (0..Counters::SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            generation: AtomicU64::new(0),
+        }
+    }
+}
+
+impl SharedCounters {
+    /// Called by the owning worker only.
+    pub fn publish(&self, c: &Counters, snapshot_generation: u64) {
+        c.store(&self.slots);
+        self.generation
+            .store(snapshot_generation, Ordering::Relaxed);
+    }
+    pub fn read(&self) -> (Counters, u64) {
+        (
+            Counters::load(&self.slots),
+            self.generation.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_round_trips_every_field() {
+        let mut c = Counters {
+            rx_packets: 1,
+            frames_leaked: 17,
+            ..Default::default()
+        };
+        c.count_drop(DropReason::NoRoute);
+        c.count_drop(DropReason::Ipv4Multicast);
+        c.count_tx_kind(TxKind::ArpReply);
+        let shared = SharedCounters::default();
+        shared.publish(&c, 42);
+        let (back, generation) = shared.read();
+        assert_eq!(back, c);
+        assert_eq!(generation, 42);
+        assert_eq!(back.dropped, 2);
+        assert_eq!(back.drops[DropReason::NoRoute as usize], 1);
+        let mut sum = back.clone();
+        sum.add(&c);
+        assert_eq!(sum.drops[DropReason::Ipv4Multicast as usize], 2);
+        assert_eq!(sum.arp_replies, 2);
+    }
+}

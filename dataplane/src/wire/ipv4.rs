@@ -1,0 +1,118 @@
+//! IPv4 header (RFC 791).
+use std::net::Ipv4Addr;
+
+use super::{be16, be32, checksum, put16, put32, Truncated};
+
+pub const MIN_HEADER_LEN: usize = 20;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Why an IPv4 header is unusable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Malformed {
+    /// Fewer bytes than the header (or total length) needs.
+    Truncated,
+    /// Version is not 4, IHL < 5, or total length < IHL.
+    Header,
+}
+
+pub struct Packet<T> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> Packet<T> {
+    /// Checks version, IHL and that the buffer holds `total_length` bytes (it may hold more:
+    /// Ethernet padding). Does not verify the checksum (see [`Packet::verify_checksum`]).
+    pub fn new_checked(buf: T) -> Result<Self, Malformed> {
+        let b = buf.as_ref();
+        if b.len() < MIN_HEADER_LEN {
+            return Err(Malformed::Truncated);
+        }
+        if b[0] >> 4 != 4 {
+            return Err(Malformed::Header);
+        }
+        let ihl = usize::from(b[0] & 0x0f) * 4;
+        let total = usize::from(be16(b, 2));
+        if ihl < MIN_HEADER_LEN || total < ihl {
+            return Err(Malformed::Header);
+        }
+        if b.len() < total {
+            return Err(Malformed::Truncated);
+        }
+        Ok(Self { buf })
+    }
+    pub fn header_len(&self) -> usize {
+        usize::from(self.buf.as_ref()[0] & 0x0f) * 4
+    }
+    pub fn total_len(&self) -> usize {
+        usize::from(be16(self.buf.as_ref(), 2))
+    }
+    pub fn ttl(&self) -> u8 {
+        self.buf.as_ref()[8]
+    }
+    pub fn protocol(&self) -> u8 {
+        self.buf.as_ref()[9]
+    }
+    pub fn checksum(&self) -> u16 {
+        be16(self.buf.as_ref(), 10)
+    }
+    pub fn src(&self) -> Ipv4Addr {
+        Ipv4Addr::from(be32(self.buf.as_ref(), 12))
+    }
+    pub fn dst(&self) -> Ipv4Addr {
+        Ipv4Addr::from(be32(self.buf.as_ref(), 16))
+    }
+    /// Fragment offset in 8-byte units (0 for unfragmented and first fragments).
+    pub fn frag_offset(&self) -> u16 {
+        be16(self.buf.as_ref(), 6) & 0x1fff
+    }
+    pub fn verify_checksum(&self) -> bool {
+        checksum::verify(&self.buf.as_ref()[..self.header_len()])
+    }
+    pub fn payload(&self) -> &[u8] {
+        &self.buf.as_ref()[self.header_len()..self.total_len()]
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
+    /// Decrements TTL and updates the checksum incrementally (RFC 1624). TTL must be > 0.
+    pub fn decrement_ttl(&mut self) {
+        let b = self.buf.as_mut();
+        let old = be16(b, 8);
+        b[8] = b[8].wrapping_sub(1);
+        let new = be16(b, 8);
+        let c = checksum::update16(be16(b, 10), old, new);
+        put16(b, 10, c);
+    }
+}
+
+/// What [`emit`] writes: a 20-byte header without options.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Repr {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub protocol: u8,
+    pub ttl: u8,
+    pub payload_len: usize,
+}
+
+/// Writes `repr` as a 20-byte header (DF clear, id 0, checksum computed) at the start of `buf`.
+pub fn emit(buf: &mut [u8], repr: &Repr) -> Result<(), Truncated> {
+    let total = MIN_HEADER_LEN + repr.payload_len;
+    if buf.len() < MIN_HEADER_LEN || total > usize::from(u16::MAX) {
+        return Err(Truncated);
+    }
+    buf[0] = 0x45;
+    buf[1] = 0;
+    put16(buf, 2, total as u16);
+    put32(buf, 4, 0);
+    buf[8] = repr.ttl;
+    buf[9] = repr.protocol;
+    put16(buf, 10, 0);
+    put32(buf, 12, u32::from(repr.src));
+    put32(buf, 16, u32::from(repr.dst));
+    let c = checksum::checksum(&buf[..MIN_HEADER_LEN]);
+    put16(buf, 10, c);
+    Ok(())
+}

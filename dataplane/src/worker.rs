@@ -1,0 +1,540 @@
+//! A worker: one pinned thread owning one UMEM, its frame pool, and one AF_XDP socket per
+//! (interface, queue) assigned to it. Per loop iteration:
+//!
+//! 1. apply control commands (add/remove a port, report port stats), polled with `try_recv`;
+//! 2. load the current snapshot once (arc-swap cache);
+//! 3. reap completion rings (transmitted frames back to the pool);
+//! 4. for each port, take a batch from its rx ring and run every frame through
+//!    [`pipeline::process`]; a `Tx` verdict moves the frame (no copy) to the tx ring of the
+//!    destination interface's socket on this same worker, a drop returns it to the pool;
+//! 5. publish tx rings and kick them when the kernel asks (copy mode always asks);
+//! 6. top up fill rings from the pool;
+//! 7. when nothing happened for a while, publish counters and sleep in poll(2) on all sockets
+//!    and the worker's eventfd (control writes it after sending a command).
+//!
+//! Queue ownership: worker `w` of `n` owns queue `q` of every interface where `q % n == w`, so
+//! it has a socket (hence a tx ring) on every interface and forwarding never crosses workers.
+//! This needs every interface to have at least `n` queues (the CNI plugin creates pod veths
+//! with one queue per worker).
+use std::{
+    os::fd::{AsRawFd, OwnedFd},
+    sync::{
+        mpsc::{Receiver, SyncSender},
+        Arc,
+    },
+};
+
+use arc_swap::ArcSwapOption;
+
+use crate::{
+    drop_reason::DropReason,
+    packet::PacketBuf,
+    pipeline,
+    snapshot::Snapshot,
+    stats::{Counters, SharedCounters},
+    xsk::{sys::xdp_desc, BindMode, RingSizes, UmemArea, UmemConfig, XskSocket},
+    Verdict,
+};
+
+/// How many tx kicks one flush may spend on one socket (copy mode sends 32 frames per kick).
+const MAX_KICKS_PER_FLUSH: u32 = 16;
+/// Publish counters at least every this many busy iterations.
+const PUBLISH_EVERY_BATCHES: u64 = 64;
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub id: usize,
+    pub core: Option<usize>,
+    pub umem: UmemConfig,
+    pub rings: RingSizes,
+    /// Frames taken from one rx ring per iteration.
+    pub batch: u32,
+    /// Empty iterations before sleeping in poll(2).
+    pub idle_spins: u32,
+    /// poll(2) timeout while idle.
+    pub idle_poll_ms: i32,
+}
+
+/// What a new socket looks like, for control (which puts `fd` into the XSKMAP).
+#[derive(Clone, Copy, Debug)]
+pub struct PortInfo {
+    pub worker: usize,
+    pub ifindex: u32,
+    pub queue: u32,
+    /// The socket's fd, valid until the port is removed.
+    pub fd: i32,
+    pub mode: BindMode,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PortStatus {
+    pub worker: usize,
+    pub ifindex: u32,
+    pub queue: u32,
+    pub mode: BindMode,
+    pub kernel: crate::xsk::sys::xdp_statistics,
+    /// Frames currently given to the kernel (fill + tx rings, in flight).
+    pub frames_in_kernel: u32,
+}
+
+pub enum Command {
+    AddPort {
+        ifindex: u32,
+        queue: u32,
+        reply: SyncSender<Result<PortInfo, String>>,
+    },
+    RemovePort {
+        ifindex: u32,
+        queue: u32,
+        reply: SyncSender<bool>,
+    },
+    PortStats {
+        reply: SyncSender<Vec<PortStatus>>,
+    },
+    Shutdown,
+}
+
+struct Port {
+    sock: XskSocket,
+    /// Frames handed to the kernel through this socket's fill and tx rings and not yet back.
+    in_kernel: u32,
+    tx_dirty: bool,
+}
+
+/// Worker state. Field order matters for Drop: ports (sockets, rings) before the UMEM.
+pub struct Worker {
+    ports: Vec<Port>,
+    umem: UmemArea,
+    free: Vec<u64>,
+    /// (ifindex, port index) sorted by ifindex: the tx socket for each interface.
+    tx_port: Vec<(u32, usize)>,
+    pollfds: Vec<libc::pollfd>,
+    fill_target: u32,
+    counters: Counters,
+    shared: Arc<SharedCounters>,
+    snapshot: Arc<ArcSwapOption<Snapshot>>,
+    commands: Receiver<Command>,
+    wake: OwnedFd,
+    config: WorkerConfig,
+}
+
+impl Worker {
+    pub fn new(
+        config: WorkerConfig,
+        shared: Arc<SharedCounters>,
+        snapshot: Arc<ArcSwapOption<Snapshot>>,
+        commands: Receiver<Command>,
+        wake: OwnedFd,
+    ) -> Result<Self, crate::xsk::UmemError> {
+        let umem = UmemArea::new(config.umem)?;
+        let frames = config.umem.frames;
+        let mut free = Vec::with_capacity(frames as usize);
+        for i in (0..frames).rev() {
+            free.push(umem.frame_addr(i));
+        }
+        let mut w = Self {
+            ports: Vec::new(),
+            umem,
+            free,
+            tx_port: Vec::new(),
+            pollfds: Vec::new(),
+            fill_target: 0,
+            counters: Counters::default(),
+            shared,
+            snapshot,
+            commands,
+            wake,
+            config,
+        };
+        w.rebuild_tables();
+        Ok(w)
+    }
+
+    pub fn on_hugepages(&self) -> bool {
+        self.umem.on_hugepages()
+    }
+
+    /// The worker loop; returns on `Command::Shutdown` or when control hangs up.
+    pub fn run(mut self) {
+        if let Some(core) = self.config.core {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id: core }) {
+                tracing::warn!(
+                    worker = self.config.id,
+                    core,
+                    "could not pin worker to its core"
+                );
+            }
+        }
+        let snapshot = Arc::clone(&self.snapshot);
+        let mut cache = arc_swap::Cache::new(&*snapshot);
+        let mut idle = 0u32;
+        let mut since_publish = 0u64;
+        loop {
+            if !self.apply_commands() {
+                break;
+            }
+            let snap = cache.load();
+            let generation = snap.as_ref().map_or(0, |s| s.generation());
+            let mut work = self.reap_completions();
+            for p in 0..self.ports.len() {
+                work += self.rx_batch(p, snap.as_deref());
+            }
+            let tx_pending = self.flush_tx();
+            self.refill();
+            if work > 0 || tx_pending {
+                idle = 0;
+                self.counters.batches += 1;
+                since_publish += 1;
+                if since_publish >= PUBLISH_EVERY_BATCHES {
+                    self.shared.publish(&self.counters, generation);
+                    since_publish = 0;
+                }
+                continue;
+            }
+            idle += 1;
+            if idle >= self.config.idle_spins {
+                self.shared.publish(&self.counters, generation);
+                since_publish = 0;
+                self.sleep();
+            }
+        }
+        let generation = self.snapshot.load().as_ref().map_or(0, |s| s.generation());
+        self.shared.publish(&self.counters, generation);
+    }
+
+    fn sleep(&mut self) {
+        self.counters.idle_sleeps += 1;
+        // SAFETY: pollfds is a live array of pollfd of the given length.
+        unsafe {
+            libc::poll(
+                self.pollfds.as_mut_ptr(),
+                self.pollfds.len() as libc::nfds_t,
+                self.config.idle_poll_ms,
+            )
+        };
+        // Drain the eventfd if control woke us.
+        if self.pollfds[0].revents & libc::POLLIN != 0 {
+            let mut buf = [0u8; 8];
+            // SAFETY: reading 8 bytes from our own non-blocking eventfd into a local buffer.
+            unsafe {
+                libc::read(
+                    self.wake.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    8,
+                )
+            };
+        }
+    }
+
+    /// Returns false on shutdown.
+    fn apply_commands(&mut self) -> bool {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::AddPort {
+                    ifindex,
+                    queue,
+                    reply,
+                }) => {
+                    let r = self.add_port(ifindex, queue);
+                    let _ = reply.send(r);
+                }
+                Ok(Command::RemovePort {
+                    ifindex,
+                    queue,
+                    reply,
+                }) => {
+                    let found = self.remove_port(ifindex, queue);
+                    let _ = reply.send(found);
+                }
+                Ok(Command::PortStats { reply }) => {
+                    let _ = reply.send(self.port_stats());
+                }
+                Ok(Command::Shutdown) => return false,
+                Err(std::sync::mpsc::TryRecvError::Empty) => return true,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+            }
+        }
+    }
+
+    fn add_port(&mut self, ifindex: u32, queue: u32) -> Result<PortInfo, String> {
+        if self
+            .ports
+            .iter()
+            .any(|p| p.sock.ifindex() == ifindex && p.sock.queue() == queue)
+        {
+            return Err(format!(
+                "ifindex {ifindex} queue {queue} already has a socket on this worker"
+            ));
+        }
+        // Share the UMEM through any bound socket; a socket whose interface vanished is no
+        // longer bound, so try the others, and register the UMEM afresh when none works.
+        let mut last_err = None;
+        let mut sock = None;
+        for p in &self.ports {
+            match XskSocket::new(
+                &self.umem,
+                ifindex,
+                queue,
+                self.config.rings,
+                Some(p.sock.fd()),
+            ) {
+                Ok(s) => {
+                    sock = Some(s);
+                    break;
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let sock = match sock {
+            Some(s) => s,
+            None => XskSocket::new(&self.umem, ifindex, queue, self.config.rings, None).map_err(
+                |e| match last_err {
+                    Some(shared) => format!("{e} (sharing the UMEM also failed: {shared})"),
+                    None => e.to_string(),
+                },
+            )?,
+        };
+        let info = PortInfo {
+            worker: self.config.id,
+            ifindex,
+            queue,
+            fd: sock.fd().as_raw_fd(),
+            mode: sock.mode(),
+        };
+        self.ports.push(Port {
+            sock,
+            in_kernel: 0,
+            tx_dirty: false,
+        });
+        self.rebuild_tables();
+        self.refill();
+        Ok(info)
+    }
+
+    fn remove_port(&mut self, ifindex: u32, queue: u32) -> bool {
+        let Some(at) = self
+            .ports
+            .iter()
+            .position(|p| p.sock.ifindex() == ifindex && p.sock.queue() == queue)
+        else {
+            return false;
+        };
+        let mut port = self.ports.remove(at);
+        let mask = !(u64::from(self.config.umem.frame_size) - 1);
+        let mut reclaimed = 0u32;
+        let n = port.sock.rx.available(u32::MAX);
+        for i in 0..n {
+            self.free.push(port.sock.rx.get(i).addr & mask);
+        }
+        port.sock.rx.release(n);
+        reclaimed += n;
+        let n = port.sock.completion.available(u32::MAX);
+        for i in 0..n {
+            self.free.push(port.sock.completion.get(i) & mask);
+        }
+        port.sock.completion.release(n);
+        reclaimed += n;
+        let (first, n) = port.sock.fill.unconsumed();
+        for i in 0..n {
+            self.free
+                .push(port.sock.fill.entry(first.wrapping_add(i)) & mask);
+        }
+        reclaimed += n;
+        let (first, n) = port.sock.tx.unconsumed();
+        for i in 0..n {
+            self.free
+                .push(port.sock.tx.entry(first.wrapping_add(i)).addr & mask);
+        }
+        reclaimed += n;
+        let leaked = port.in_kernel.saturating_sub(reclaimed);
+        self.counters.frames_leaked += u64::from(leaked);
+        drop(port);
+        self.rebuild_tables();
+        true
+    }
+
+    fn port_stats(&self) -> Vec<PortStatus> {
+        self.ports
+            .iter()
+            .map(|p| PortStatus {
+                worker: self.config.id,
+                ifindex: p.sock.ifindex(),
+                queue: p.sock.queue(),
+                mode: p.sock.mode(),
+                kernel: p.sock.kernel_stats().unwrap_or_default(),
+                frames_in_kernel: p.in_kernel,
+            })
+            .collect()
+    }
+
+    fn rebuild_tables(&mut self) {
+        self.tx_port.clear();
+        for (i, p) in self.ports.iter().enumerate() {
+            if !self.tx_port.iter().any(|(ifx, _)| *ifx == p.sock.ifindex()) {
+                self.tx_port.push((p.sock.ifindex(), i));
+            }
+        }
+        self.tx_port.sort_by_key(|(ifx, _)| *ifx);
+        self.pollfds.clear();
+        self.pollfds.push(libc::pollfd {
+            fd: self.wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for p in &self.ports {
+            self.pollfds.push(libc::pollfd {
+                fd: p.sock.fd().as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        let ports = self.ports.len().max(1) as u32;
+        self.fill_target =
+            (self.config.umem.frames / (2 * ports)).clamp(64, self.config.rings.fill);
+    }
+
+    #[inline]
+    fn reap_completions(&mut self) -> u32 {
+        let mask = !(u64::from(self.config.umem.frame_size) - 1);
+        let mut total = 0;
+        for p in &mut self.ports {
+            let n = p.sock.completion.available(self.config.rings.completion);
+            if n == 0 {
+                continue;
+            }
+            for i in 0..n {
+                self.free.push(p.sock.completion.get(i) & mask);
+            }
+            p.sock.completion.release(n);
+            p.in_kernel -= n;
+            total += n;
+        }
+        total
+    }
+
+    #[inline]
+    fn rx_batch(&mut self, p: usize, snap: Option<&Snapshot>) -> u32 {
+        let n = self.ports[p].sock.rx.available(self.config.batch);
+        if n == 0 {
+            return 0;
+        }
+        let rx_ifindex = self.ports[p].sock.ifindex();
+        let frame_size = u64::from(self.config.umem.frame_size);
+        for i in 0..n {
+            let desc = self.ports[p].sock.rx.get(i);
+            self.ports[p].in_kernel -= 1;
+            let base = desc.addr & !(frame_size - 1);
+            let Some((chunk, off)) = self.umem.chunk_mut(desc.addr) else {
+                self.counters.bad_descriptors += 1;
+                continue;
+            };
+            self.counters.rx_packets += 1;
+            self.counters.rx_bytes += u64::from(desc.len);
+            let Some(mut pkt) = PacketBuf::new(chunk, off, desc.len as usize) else {
+                self.counters.bad_descriptors += 1;
+                self.free.push(base);
+                continue;
+            };
+            let verdict = match snap {
+                Some(s) => pipeline::process(s, rx_ifindex, &mut pkt),
+                None => Verdict::Drop(DropReason::NoSnapshot),
+            };
+            match verdict {
+                Verdict::Tx { ifindex, kind } => {
+                    let out = xdp_desc {
+                        addr: base + pkt.head() as u64,
+                        len: pkt.len() as u32,
+                        options: 0,
+                    };
+                    let len = u64::from(out.len);
+                    match self.tx_port.binary_search_by_key(&ifindex, |(ifx, _)| *ifx) {
+                        Ok(at) => {
+                            let port = &mut self.ports[self.tx_port[at].1];
+                            if port.sock.tx.push(out) {
+                                port.in_kernel += 1;
+                                port.tx_dirty = true;
+                                self.counters.tx_packets += 1;
+                                self.counters.tx_bytes += len;
+                                self.counters.count_tx_kind(kind);
+                            } else {
+                                self.counters.count_drop(DropReason::TxRingFull);
+                                self.free.push(base);
+                            }
+                        }
+                        Err(_) => {
+                            self.counters.count_drop(DropReason::NoTxPort);
+                            self.free.push(base);
+                        }
+                    }
+                }
+                Verdict::Drop(reason) => {
+                    self.counters.count_drop(reason);
+                    self.free.push(base);
+                }
+            }
+        }
+        self.ports[p].sock.rx.release(n);
+        n
+    }
+
+    /// Publishes and kicks dirty tx rings. Returns true while frames wait to be sent.
+    #[inline]
+    fn flush_tx(&mut self) -> bool {
+        let mut pending_any = false;
+        for p in &mut self.ports {
+            if !p.tx_dirty {
+                continue;
+            }
+            p.sock.tx.submit();
+            if p.sock.tx.needs_wakeup() {
+                let mut kicks = 0;
+                while p.sock.tx.pending() > 0 && kicks < MAX_KICKS_PER_FLUSH {
+                    kicks += 1;
+                    self.counters.tx_kicks += 1;
+                    match p.sock.kick_tx() {
+                        Ok(()) => {}
+                        Err(e) if e == libc::EAGAIN || e == libc::EBUSY => {}
+                        Err(_) => {
+                            self.counters.tx_kick_errors += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+            p.tx_dirty = p.sock.tx.pending() > 0;
+            pending_any |= p.tx_dirty;
+        }
+        pending_any
+    }
+
+    #[inline]
+    fn refill(&mut self) {
+        for p in &mut self.ports {
+            let outstanding = p.sock.fill.pending();
+            if outstanding >= self.fill_target {
+                continue;
+            }
+            let want = self.fill_target - outstanding;
+            let mut pushed = 0;
+            while pushed < want {
+                let Some(addr) = self.free.pop() else {
+                    self.counters.fill_starved += 1;
+                    break;
+                };
+                if !p.sock.fill.push(addr) {
+                    self.free.push(addr);
+                    break;
+                }
+                pushed += 1;
+            }
+            if pushed > 0 {
+                p.in_kernel += pushed;
+                p.sock.fill.submit();
+            }
+            if p.sock.fill.needs_wakeup() {
+                self.counters.fill_kicks += 1;
+                p.sock.kick_rx();
+            }
+        }
+    }
+}

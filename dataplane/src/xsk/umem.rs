@@ -1,0 +1,201 @@
+//! UMEM: the memory AF_XDP frames live in, one region per worker, split into fixed chunks.
+//!
+//! Backed by 2 MiB hugepages (`MAP_HUGETLB`) when the machine has them reserved
+//! (`/proc/sys/vm/nr_hugepages`), else by normal pages with a warning: the TLB then misses more
+//! often, and the kernel pins more pages. `MAP_POPULATE` faults everything in at start-up so
+//! the per-packet path never page-faults.
+use std::ptr::NonNull;
+
+const HUGE_PAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// Geometry of a UMEM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UmemConfig {
+    /// Number of chunks (frames).
+    pub frames: u32,
+    /// Chunk size in bytes: 2048 or 4096 (aligned mode needs a power of two).
+    pub frame_size: u32,
+    /// Headroom the kernel leaves in front of received data in each chunk (beyond its own
+    /// XDP_PACKET_HEADROOM), reserved for encapsulation headers pushed later.
+    pub headroom: u32,
+    /// Try 2 MiB hugepages first.
+    pub hugepages: bool,
+}
+
+impl Default for UmemConfig {
+    fn default() -> Self {
+        Self {
+            frames: 8192,
+            frame_size: 4096,
+            headroom: 256,
+            hugepages: true,
+        }
+    }
+}
+
+/// The mapped region.
+pub struct UmemArea {
+    ptr: NonNull<u8>,
+    len: usize,
+    config: UmemConfig,
+    on_hugepages: bool,
+}
+
+// SAFETY: the region is plain memory owned by this value; frames are handed between the
+// kernel and one worker thread following the ring protocol.
+unsafe impl Send for UmemArea {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UmemError {
+    #[error("UMEM frame size {0} must be a power of two between 2048 and 65536")]
+    FrameSize(u32),
+    #[error("UMEM of {frames} frames must have at least one frame and at most 2^20")]
+    Frames { frames: u32 },
+    #[error("mapping {bytes} bytes for the UMEM failed: {source} (raise memlock / free memory)")]
+    Mmap {
+        bytes: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl UmemArea {
+    pub fn new(config: UmemConfig) -> Result<Self, UmemError> {
+        if !config.frame_size.is_power_of_two() || !(2048..=65536).contains(&config.frame_size) {
+            return Err(UmemError::FrameSize(config.frame_size));
+        }
+        if config.frames == 0 || config.frames > (1 << 20) {
+            return Err(UmemError::Frames {
+                frames: config.frames,
+            });
+        }
+        let bytes = config.frames as usize * config.frame_size as usize;
+        if config.hugepages {
+            let len = bytes.div_ceil(HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES;
+            match map(len, libc::MAP_HUGETLB) {
+                Ok(ptr) => {
+                    return Ok(Self {
+                        ptr,
+                        len,
+                        config,
+                        on_hugepages: true,
+                    })
+                }
+                Err(e) => tracing::warn!(
+                    bytes = len,
+                    error = %e,
+                    "no 2 MiB hugepages for the UMEM (reserve them: echo N > /proc/sys/vm/nr_hugepages); using normal pages"
+                ),
+            }
+        }
+        let ptr = map(bytes, 0).map_err(|source| UmemError::Mmap { bytes, source })?;
+        Ok(Self {
+            ptr,
+            len: bytes,
+            config,
+            on_hugepages: false,
+        })
+    }
+
+    pub fn config(&self) -> &UmemConfig {
+        &self.config
+    }
+    pub fn on_hugepages(&self) -> bool {
+        self.on_hugepages
+    }
+    pub fn addr(&self) -> u64 {
+        self.ptr.as_ptr() as u64
+    }
+    pub fn len(&self) -> usize {
+        self.config.frames as usize * self.config.frame_size as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Start address (UMEM offset) of chunk `i`.
+    pub fn frame_addr(&self, i: u32) -> u64 {
+        u64::from(i) * u64::from(self.config.frame_size)
+    }
+    /// The chunk containing UMEM offset `addr`, and `addr`'s offset inside it. `None` if `addr`
+    /// lies outside the UMEM (a kernel bug or a corrupted descriptor: never trust it blindly).
+    #[inline]
+    pub fn chunk_mut(&mut self, addr: u64) -> Option<(&mut [u8], usize)> {
+        let fs = u64::from(self.config.frame_size);
+        let base = addr & !(fs - 1);
+        if base >= self.len() as u64 {
+            return None;
+        }
+        // SAFETY: [base, base + frame_size) lies inside the mapping (checked above); the &mut
+        // borrow of self guarantees no other slice into the area is alive in user space, and the
+        // kernel does not touch a chunk while user space owns it (ring protocol).
+        let chunk = unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(base as usize), fs as usize)
+        };
+        Some((chunk, (addr - base) as usize))
+    }
+}
+
+fn map(len: usize, extra_flags: libc::c_int) -> std::io::Result<NonNull<u8>> {
+    // SAFETY: anonymous private mapping; result checked for MAP_FAILED.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | extra_flags,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    NonNull::new(p as *mut u8).ok_or_else(std::io::Error::last_os_error)
+}
+
+impl Drop for UmemArea {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `new` mapped. Sockets using this UMEM are dropped
+        // before it (the worker owns both and drops ports first).
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_geometry() {
+        assert!(matches!(
+            UmemArea::new(UmemConfig {
+                frame_size: 3000,
+                ..Default::default()
+            }),
+            Err(UmemError::FrameSize(3000))
+        ));
+        assert!(matches!(
+            UmemArea::new(UmemConfig {
+                frames: 0,
+                ..Default::default()
+            }),
+            Err(UmemError::Frames { .. })
+        ));
+    }
+
+    #[test]
+    fn chunks_are_bounded() {
+        let mut u = UmemArea::new(UmemConfig {
+            frames: 4,
+            frame_size: 2048,
+            headroom: 0,
+            hugepages: false,
+        })
+        .expect("map");
+        let (chunk, off) = u.chunk_mut(2048 + 300).expect("inside");
+        assert_eq!((chunk.len(), off), (2048, 300));
+        chunk[0] = 7;
+        assert!(u.chunk_mut(4 * 2048).is_none());
+        assert!(u.chunk_mut(u64::MAX).is_none());
+    }
+}
