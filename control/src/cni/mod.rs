@@ -407,7 +407,7 @@ pub fn version_result() -> Value {
     json!({ "cniVersion": CNI_VERSION, "supportedVersions": SUPPORTED_VERSIONS })
 }
 
-fn existing_netns<'a>(env: &'a Env, code: u32) -> Result<&'a Path, CniError> {
+fn existing_netns(env: &Env, code: u32) -> Result<&Path, CniError> {
     let netns = env.required_netns()?;
     if !netns.exists() {
         return Err(CniError::new(
