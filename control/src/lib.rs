@@ -5,6 +5,8 @@
 //!  cluster file / API server --> cluster::ClusterState --> agent --(Snapshot, arc-swap)--> workers
 //!  sluice-cni --(api: EndpointAdd/Del)--> agent            sluice status --(api: Status)--> agent
 //! ```
+pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod cni;
+pub mod status;

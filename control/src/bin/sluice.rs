@@ -1,1 +1,153 @@
-fn main() {}
+//! `sluice`: the node agent and its operator commands.
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use control::{
+    agent::{self, RunOptions},
+    api::{self, Request},
+    status::Status,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "sluice: an AF_XDP Kubernetes node dataplane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent on this node.
+    Run {
+        /// Where cluster state comes from: `file:PATH` (multi-document Kubernetes YAML).
+        #[arg(long)]
+        source: String,
+        /// This node's name (a Node object in the source). Default: $NODE_NAME, else hostname.
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value = "/var/lib/sluice")]
+        state_dir: PathBuf,
+        /// Where to write the CNI network config for sluice-cni.
+        #[arg(long, default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        /// Worker threads (each owns queue q of every interface where q % workers == its id).
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Cores to pin workers to, comma separated (worker i -> i-th core).
+        #[arg(long, value_delimiter = ',')]
+        cores: Option<Vec<usize>>,
+        /// Do not try 2 MiB hugepages for the UMEM.
+        #[arg(long)]
+        no_hugepages: bool,
+        /// UMEM frames per worker (4 KiB each).
+        #[arg(long, default_value_t = 8192)]
+        frames: u32,
+        /// Pod MTU (default: uplink MTU minus 110 for VXLAN + WireGuard).
+        #[arg(long)]
+        mtu: Option<u32>,
+        /// How often to check the cluster file for changes, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        source_poll_ms: u64,
+    },
+    /// Show workers, interfaces, counters and drop reasons of the running agent.
+    Status {
+        #[arg(long, default_value = "/var/lib/sluice")]
+        state_dir: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match real_main(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Run {
+            source,
+            node,
+            state_dir,
+            cni_conf_dir,
+            workers,
+            cores,
+            no_hugepages,
+            frames,
+            mtu,
+            source_poll_ms,
+        } => {
+            let node = match node.or_else(|| std::env::var("NODE_NAME").ok()) {
+                Some(n) => n,
+                None => hostname()?,
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, Arc::clone(&stop))?;
+            }
+            agent::run(
+                RunOptions {
+                    source,
+                    node,
+                    state_dir,
+                    cni_conf_dir,
+                    workers,
+                    cores,
+                    hugepages: !no_hugepages,
+                    frames_per_worker: frames,
+                    mtu,
+                    source_poll: Duration::from_millis(source_poll_ms),
+                },
+                stop,
+            )
+        }
+        Cmd::Status { state_dir, json } => {
+            let resp = api::call(
+                &state_dir.join(api::SOCKET_NAME),
+                &Request::Status,
+                Duration::from_secs(10),
+            )?;
+            let value = resp
+                .status
+                .ok_or_else(|| anyhow::anyhow!("the agent sent no status"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                let status: Status = serde_json::from_value(value)?;
+                print!("{}", status.render());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn hostname() -> anyhow::Result<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length.
+    if unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) } != 0 {
+        anyhow::bail!("cannot read the hostname; pass --node NAME");
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}

@@ -116,11 +116,15 @@ impl IpRoute {
     /// Runs `ip ARGS` in the node's namespace or, with `netns`, `nsenter --net=NETNS ip ARGS`.
     /// Returns stdout.
     fn ip(&self, netns: Option<&Path>, args: &[&str]) -> Result<String, NetError> {
+        self.tool("ip", netns, args)
+    }
+
+    fn tool(&self, program: &str, netns: Option<&Path>, args: &[&str]) -> Result<String, NetError> {
         let mut command = match netns {
-            None => Command::new("ip"),
+            None => Command::new(program),
             Some(netns) => {
                 let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", netns.display())).arg("ip");
+                c.arg(format!("--net={}", netns.display())).arg(program);
                 c
             }
         };
@@ -246,6 +250,10 @@ impl NetOps for IpRoute {
                 "route", "replace", "default", "via", &gateway, "dev", ifname,
             ],
         )?;
+        // The pod's stack must compute its own L4 checksums: with offload on, veth hands
+        // CHECKSUM_PARTIAL frames to XDP, and AF_XDP copies them to user space with the checksum
+        // unfinished; the dataplane forwards bytes, so the receiver would drop them.
+        self.tool("ethtool", netns, &["-K", ifname, "tx", "off"])?;
         Ok(())
     }
 

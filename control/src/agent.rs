@@ -1,0 +1,674 @@
+//! The agent: `sluice run`. One control thread owns the cluster state, the dataplane (workers),
+//! the XDP attachments and the endpoint table; it publishes immutable snapshots to the workers.
+//!
+//! ```text
+//!  FileSource (poll) ---------+
+//!  API thread (unix socket) --+--> control loop --> Snapshot --> Dataplane (workers)
+//!  signals (SIGINT/SIGTERM) --+                 \-> XDP attach/XSKMAP per pod interface
+//! ```
+//!
+//! State directory (`--state-dir`, default `/var/lib/sluice`):
+//! - `sluice.sock`: the local API;
+//! - `endpoints/<container-id>.json`: every attached endpoint, so a restarted agent re-attaches
+//!   its pods before anything else and forwards again without waiting for CNI;
+//! - `last-good-cluster.yaml`: the last cluster file that parsed, used when the file is broken
+//!   at start-up;
+//! - `ipam/`: the CNI plugin's address allocations (named in the CNI config it writes).
+//!
+//! A cluster file that stops parsing leaves the agent running on its last good state; the
+//! error is logged and shown by `sluice status`.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::Ipv4Addr,
+    os::{
+        fd::BorrowedFd,
+        unix::net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use dataplane::{
+    runtime::{Dataplane, DataplaneConfig},
+    snapshot::{EndpointEntry, InterfaceEntry, InterfaceRole, SnapshotBuilder},
+    wire::Mac,
+    xsk::{RingSizes, UmemConfig},
+};
+use xdp_redirect::{Attachment, MAX_QUEUES};
+
+use crate::{
+    api::{self, CniConf, Endpoint, Request, Response},
+    cluster::{self, ClusterState, FileSource, NodeInfo},
+    status::{self, InterfaceStatus, Status},
+};
+
+/// Bytes the overlay and encryption add (DESIGN.md): VXLAN 50 + WireGuard over IPv4 60.
+pub const OVERLAY_OVERHEAD_BYTES: u32 = 50 + 60;
+const REQUEST_MAX_BYTES: u64 = 64 * 1024;
+const LOOP_TICK: Duration = Duration::from_millis(100);
+const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+/// After removing a socket from the XSKMAP, frames already being redirected to it (in a NAPI
+/// poll on another CPU) land within microseconds; wait this long before reclaiming its rings.
+const REDIRECT_QUIESCE: Duration = Duration::from_millis(20);
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// `file:PATH` (the Kubernetes source comes with the control-plane issue).
+    pub source: String,
+    pub node: String,
+    pub state_dir: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub workers: usize,
+    pub cores: Option<Vec<usize>>,
+    pub hugepages: bool,
+    pub frames_per_worker: u32,
+    /// Pod MTU; default: the uplink's MTU minus [`OVERLAY_OVERHEAD_BYTES`].
+    pub mtu: Option<u32>,
+    pub source_poll: Duration,
+}
+
+struct Attached {
+    endpoint: Endpoint,
+    attachment: Attachment,
+    ifindex: u32,
+    host_mac: Mac,
+    pod_mac: Mac,
+    queues: u32,
+}
+
+struct Agent {
+    opts: RunOptions,
+    dp: Dataplane,
+    node: NodeInfo,
+    cluster: ClusterState,
+    source_error: Option<String>,
+    endpoints: BTreeMap<String, Attached>,
+    generation: u64,
+    mtu: u32,
+}
+
+type ApiRequest = (Request, mpsc::SyncSender<Response>);
+
+/// Parses `file:PATH`.
+pub fn file_source_path(source: &str) -> anyhow::Result<PathBuf> {
+    match source.split_once(':') {
+        Some(("file", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
+        Some(("kubernetes", _)) | None if source == "kubernetes" => {
+            bail!("--source kubernetes is not implemented yet; use --source file:PATH")
+        }
+        _ => bail!("--source {source:?} is not understood; use --source file:PATH"),
+    }
+}
+
+fn last_good_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("last-good-cluster.yaml")
+}
+
+/// First load: the file, or else the last good copy (with the file's error kept for status).
+fn initial_cluster(
+    path: &Path,
+    state_dir: &Path,
+) -> anyhow::Result<(ClusterState, Option<String>)> {
+    match cluster::load_file(path) {
+        Ok(c) => {
+            if let Ok(bytes) = std::fs::read(path) {
+                let _ = write_atomic(&last_good_path(state_dir), &bytes);
+            }
+            Ok((c, None))
+        }
+        Err(e) => {
+            let fallback = last_good_path(state_dir);
+            if fallback.exists() {
+                let c = cluster::load_file(&fallback).with_context(|| {
+                    format!(
+                        "{e}; and the last good copy {} is unusable",
+                        fallback.display()
+                    )
+                })?;
+                tracing::error!(error = %e, fallback = %fallback.display(), "cluster file is broken; starting from the last good copy");
+                Ok((c, Some(e.to_string())))
+            } else {
+                Err(anyhow::Error::new(e).context(
+                    "cannot start: the cluster file is invalid and there is no last good copy",
+                ))
+            }
+        }
+    }
+}
+
+pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let path = file_source_path(&opts.source)?;
+    std::fs::create_dir_all(opts.state_dir.join("endpoints"))
+        .with_context(|| format!("creating state directory {}", opts.state_dir.display()))?;
+    let (cluster, source_error) = initial_cluster(&path, &opts.state_dir)?;
+    let node = cluster
+        .node_info(&opts.node)
+        .with_context(|| format!("node {:?} in {}", opts.node, path.display()))?;
+    let socket_path = opts.state_dir.join(api::SOCKET_NAME);
+    if UnixStream::connect(&socket_path).is_ok() {
+        bail!(
+            "another sluice agent is already serving {}; stop it first",
+            socket_path.display()
+        );
+    }
+    let _ = std::fs::remove_file(&socket_path);
+    let listener = UnixListener::bind(&socket_path)
+        .with_context(|| format!("binding the API socket {}", socket_path.display()))?;
+
+    let mtu = opts
+        .mtu
+        .unwrap_or_else(|| default_pod_mtu(node.internal_ip));
+    let dp = Dataplane::start(DataplaneConfig {
+        workers: opts.workers,
+        cores: opts.cores.clone(),
+        umem: UmemConfig {
+            frames: opts.frames_per_worker,
+            hugepages: opts.hugepages,
+            ..UmemConfig::default()
+        },
+        rings: RingSizes::default(),
+        ..DataplaneConfig::default()
+    })
+    .context("starting the dataplane workers")?;
+    for r in dp.reports() {
+        if !r.hugepages && opts.hugepages {
+            tracing::warn!(
+                worker = r.id,
+                "worker UMEM is on normal pages (no hugepages reserved)"
+            );
+        }
+    }
+    let mut agent = Agent {
+        opts,
+        dp,
+        node,
+        cluster,
+        source_error,
+        endpoints: BTreeMap::new(),
+        generation: 0,
+        mtu,
+    };
+    agent.publish();
+    agent.restore_endpoints();
+    agent.write_cni_conf()?;
+
+    let (req_tx, req_rx) = mpsc::sync_channel::<ApiRequest>(16);
+    std::thread::Builder::new()
+        .name("sluice-api".into())
+        .spawn(move || serve_api(listener, req_tx))
+        .context("starting the API thread")?;
+    tracing::info!(
+        node = %agent.node.name,
+        pod_cidr = %agent.node.pod_cidr,
+        gateway = %agent.node.gateway,
+        workers = agent.dp.workers(),
+        socket = %socket_path.display(),
+        "sluice agent running"
+    );
+
+    let mut source = FileSource::new(path, agent.opts.source_poll);
+    let _ = source.poll(); // the first read is the state we already have
+    let mut last_reconcile = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        match req_rx.recv_timeout(LOOP_TICK) {
+            Ok((req, reply)) => {
+                let resp = agent.handle(req);
+                let _ = reply.send(resp);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the API thread stopped"),
+        }
+        match source.poll() {
+            None => {}
+            Some(Ok(c)) => agent.apply_cluster(c, source.path()),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "cluster file update rejected; keeping the last good state");
+                agent.source_error = Some(e.to_string());
+            }
+        }
+        if last_reconcile.elapsed() >= RECONCILE_EVERY {
+            agent.reconcile_interfaces();
+            last_reconcile = Instant::now();
+        }
+    }
+    tracing::info!("stopping: detaching XDP programs and stopping workers");
+    agent.shutdown();
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+fn serve_api(listener: UnixListener, to_control: mpsc::SyncSender<ApiRequest>) {
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        let read = BufReader::new((&stream).take(REQUEST_MAX_BYTES)).read_line(&mut line);
+        let resp = match read {
+            Err(e) => Response::error(format!("reading the request: {e}")),
+            Ok(_) => match serde_json::from_str::<Request>(line.trim_end()) {
+                Err(e) => {
+                    Response::error(format!("bad request (expected one JSON request line): {e}"))
+                }
+                Ok(req) => {
+                    let (tx, rx) = mpsc::sync_channel(1);
+                    if to_control.send((req, tx)).is_err() {
+                        return;
+                    }
+                    rx.recv_timeout(Duration::from_secs(30))
+                        .unwrap_or_else(|_| {
+                            Response::error("the agent's control loop did not answer in 30 s")
+                        })
+                }
+            },
+        };
+        let mut out = serde_json::to_vec(&resp).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+        out.push(b'\n');
+        let _ = (&stream).write_all(&out);
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `/sys/class/net/IF/address`.
+fn read_mac(ifname: &str) -> anyhow::Result<Mac> {
+    let p = format!("/sys/class/net/{ifname}/address");
+    let s = std::fs::read_to_string(&p).with_context(|| format!("reading {p}"))?;
+    Mac::parse(s.trim()).with_context(|| format!("{p} holds {s:?}, not a MAC address"))
+}
+
+/// Number of rx queues of `ifname` (entries `rx-N` in `/sys/class/net/IF/queues`).
+fn rx_queues(ifname: &str) -> u32 {
+    std::fs::read_dir(format!("/sys/class/net/{ifname}/queues"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("rx-"))
+                .count() as u32
+        })
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// The uplink is the interface holding the node's InternalIP; pods get its MTU minus the
+/// overlay and encryption overhead (1390 on a 1500-byte network).
+fn default_pod_mtu(internal_ip: Ipv4Addr) -> u32 {
+    let uplink_mtu = uplink_of(internal_ip)
+        .and_then(|ifname| std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu")).ok())
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(1500);
+    uplink_mtu.saturating_sub(OVERLAY_OVERHEAD_BYTES).max(576)
+}
+
+fn uplink_of(ip: Ipv4Addr) -> Option<String> {
+    let mut addrs: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we free with freeifaddrs below.
+    if unsafe { libc::getifaddrs(&mut addrs) } != 0 {
+        return None;
+    }
+    let mut found = None;
+    let mut cur = addrs;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list returned by getifaddrs.
+        let ifa = unsafe { &*cur };
+        if !ifa.ifa_addr.is_null() {
+            // SAFETY: ifa_addr is non-null and points to a sockaddr of its family.
+            let family = unsafe { (*ifa.ifa_addr).sa_family };
+            if i32::from(family) == libc::AF_INET {
+                // SAFETY: AF_INET addresses are sockaddr_in.
+                let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
+                if Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)) == ip {
+                    // SAFETY: ifa_name is a NUL-terminated string owned by the list.
+                    found = Some(
+                        unsafe { std::ffi::CStr::from_ptr(ifa.ifa_name) }
+                            .to_string_lossy()
+                            .into_owned(),
+                    );
+                    break;
+                }
+            }
+        }
+        cur = ifa.ifa_next;
+    }
+    // SAFETY: freeing the list getifaddrs returned.
+    unsafe { libc::freeifaddrs(addrs) };
+    found
+}
+
+impl Agent {
+    fn endpoint_file(&self, container_id: &str) -> PathBuf {
+        self.opts
+            .state_dir
+            .join("endpoints")
+            .join(format!("{container_id}.json"))
+    }
+
+    fn publish(&mut self) {
+        self.generation += 1;
+        let mut b = SnapshotBuilder::new(self.generation, self.node.gateway);
+        for a in self.endpoints.values() {
+            b.interface(InterfaceEntry {
+                ifindex: a.ifindex,
+                mac: a.host_mac,
+                role: InterfaceRole::Pod,
+            });
+            b.endpoint(
+                a.endpoint.ip,
+                EndpointEntry {
+                    ifindex: a.ifindex,
+                    mac: a.pod_mac,
+                },
+            );
+        }
+        self.dp.publish(b.build());
+    }
+
+    fn write_cni_conf(&self) -> anyhow::Result<()> {
+        let conf = CniConf {
+            cni_version: "1.0.0".into(),
+            name: "sluice".into(),
+            plugin_type: "sluice-cni".into(),
+            mtu: self.mtu,
+            pod_cidr: self.node.pod_cidr.to_string(),
+            gateway: self.node.gateway,
+            agent_socket: self.opts.state_dir.join(api::SOCKET_NAME),
+            data_dir: self.opts.state_dir.join("ipam"),
+            queues: self.dp.workers() as u32,
+        };
+        std::fs::create_dir_all(&self.opts.cni_conf_dir).with_context(|| {
+            format!(
+                "creating the CNI config directory {}",
+                self.opts.cni_conf_dir.display()
+            )
+        })?;
+        let path = self.opts.cni_conf_dir.join(api::CNI_CONF_NAME);
+        let mut bytes = serde_json::to_vec_pretty(&conf)?;
+        bytes.push(b'\n');
+        write_atomic(&path, &bytes)
+            .with_context(|| format!("writing the CNI config {}", path.display()))
+    }
+
+    fn handle(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status => match serde_json::to_value(self.status()) {
+                Ok(v) => Response {
+                    ok: true,
+                    error: None,
+                    status: Some(v),
+                },
+                Err(e) => Response::error(format!("encoding status: {e}")),
+            },
+            Request::EndpointAdd { endpoint } => match self.attach(endpoint) {
+                Ok(()) => Response::ok(),
+                Err(e) => Response::error(format!("{e:#}")),
+            },
+            Request::EndpointDel { container_id } => {
+                self.detach(&container_id);
+                Response::ok()
+            }
+        }
+    }
+
+    fn restore_endpoints(&mut self) {
+        let dir = self.opts.state_dir.join("endpoints");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.filter_map(Result::ok) {
+            let path = e.path();
+            if path.extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let ep = std::fs::read(&path)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| serde_json::from_slice::<Endpoint>(&b).map_err(anyhow::Error::from));
+            match ep {
+                Ok(ep) if xdp_redirect::ifindex(&ep.host_ifname).is_ok() => {
+                    let id = ep.container_id.clone();
+                    if let Err(err) = self.attach(ep) {
+                        tracing::error!(container = %id, error = %format!("{err:#}"), "could not restore endpoint");
+                    } else {
+                        tracing::info!(container = %id, "restored endpoint from the state directory");
+                    }
+                }
+                Ok(ep) => {
+                    tracing::info!(container = %ep.container_id, ifname = %ep.host_ifname, "endpoint's interface is gone; forgetting it");
+                    let _ = std::fs::remove_file(&path);
+                }
+                Err(err) => {
+                    tracing::error!(file = %path.display(), error = %err, "unreadable endpoint file; moving it aside");
+                    let _ = std::fs::rename(&path, path.with_extension("bad"));
+                }
+            }
+        }
+    }
+
+    fn attach(&mut self, ep: Endpoint) -> anyhow::Result<()> {
+        if !self.node.pod_cidr.contains(&ep.ip) || ep.ip == self.node.gateway {
+            bail!(
+                "endpoint {} address {} is not a pod address of {}",
+                ep.container_id,
+                ep.ip,
+                self.node.pod_cidr
+            );
+        }
+        let pod_mac = Mac::parse(&ep.mac)
+            .with_context(|| format!("endpoint {}: mac {:?}", ep.container_id, ep.mac))?;
+        if ep.container_id.is_empty()
+            || ep.container_id.contains('/')
+            || ep.container_id.contains("..")
+        {
+            bail!(
+                "endpoint container id {:?} is not usable as a name",
+                ep.container_id
+            );
+        }
+        if let Some(cur) = self.endpoints.get(&ep.container_id) {
+            if cur.endpoint == ep
+                && xdp_redirect::ifindex(&ep.host_ifname).ok() == Some(cur.ifindex)
+            {
+                return Ok(()); // ADD retried: already attached
+            }
+            let id = ep.container_id.clone();
+            self.detach(&id);
+        }
+        if let Some(other) = self.endpoints.values().find(|a| a.endpoint.ip == ep.ip) {
+            bail!(
+                "address {} is already used by container {}",
+                ep.ip,
+                other.endpoint.container_id
+            );
+        }
+        let mut attachment = Attachment::attach(&ep.host_ifname, true)
+            .with_context(|| format!("attaching XDP to {}", ep.host_ifname))?;
+        let ifindex = attachment.ifindex();
+        let host_mac = read_mac(&ep.host_ifname)?;
+        let queues = rx_queues(&ep.host_ifname).min(MAX_QUEUES);
+        if (queues as usize) < self.dp.workers() {
+            tracing::warn!(
+                ifname = %ep.host_ifname, queues, workers = self.dp.workers(),
+                "interface has fewer queues than workers: workers without a queue on it cannot send to it"
+            );
+        }
+        let mut added = Vec::new();
+        let mut result = Ok(());
+        for q in 0..queues {
+            match self.dp.add_port(ifindex, q) {
+                Ok(info) => {
+                    added.push(q);
+                    // SAFETY: the worker keeps this socket open until we remove the port, which
+                    // only this thread does, after unregistering it.
+                    let fd = unsafe { BorrowedFd::borrow_raw(info.fd) };
+                    if let Err(e) = attachment.register_socket(q, fd) {
+                        result = Err(anyhow::Error::new(e));
+                        break;
+                    }
+                }
+                Err(e) => {
+                    result = Err(anyhow::Error::new(e)
+                        .context(format!("AF_XDP socket on {} queue {q}", ep.host_ifname)));
+                    break;
+                }
+            }
+        }
+        if let Err(e) = result {
+            drop(attachment);
+            std::thread::sleep(REDIRECT_QUIESCE);
+            for q in added {
+                let _ = self.dp.remove_port(ifindex, q);
+            }
+            return Err(e);
+        }
+        let bytes = serde_json::to_vec_pretty(&ep)?;
+        write_atomic(&self.endpoint_file(&ep.container_id), &bytes)
+            .with_context(|| format!("persisting endpoint {}", ep.container_id))?;
+        tracing::info!(
+            container = %ep.container_id, pod = %format!("{}/{}", ep.pod_namespace, ep.pod_name),
+            ifname = %ep.host_ifname, ip = %ep.ip, queues, xdp = attachment.mode().as_str(), "endpoint attached"
+        );
+        self.endpoints.insert(
+            ep.container_id.clone(),
+            Attached {
+                endpoint: ep,
+                attachment,
+                ifindex,
+                host_mac,
+                pod_mac,
+                queues,
+            },
+        );
+        self.publish();
+        Ok(())
+    }
+
+    fn detach(&mut self, container_id: &str) {
+        let Some(mut a) = self.endpoints.remove(container_id) else {
+            let _ = std::fs::remove_file(self.endpoint_file(container_id));
+            return;
+        };
+        self.publish();
+        for q in 0..a.queues {
+            let _ = a.attachment.unregister_socket(q);
+        }
+        drop(a.attachment);
+        std::thread::sleep(REDIRECT_QUIESCE);
+        for q in 0..a.queues {
+            if let Err(e) = self.dp.remove_port(a.ifindex, q) {
+                tracing::error!(error = %e, "removing AF_XDP socket");
+            }
+        }
+        let _ = std::fs::remove_file(self.endpoint_file(container_id));
+        tracing::info!(container = %container_id, ifname = %a.endpoint.host_ifname, "endpoint detached");
+    }
+
+    /// Pods deleted while the agent could not hear about it: their interfaces are gone.
+    fn reconcile_interfaces(&mut self) {
+        let gone: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|(_, a)| xdp_redirect::ifindex(&a.endpoint.host_ifname).ok() != Some(a.ifindex))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            tracing::info!(container = %id, "endpoint interface disappeared");
+            self.detach(&id);
+        }
+    }
+
+    fn apply_cluster(&mut self, c: ClusterState, path: &Path) {
+        match c.node_info(&self.opts.node) {
+            Ok(node) => {
+                let changed = node != self.node;
+                self.cluster = c;
+                self.node = node;
+                self.source_error = None;
+                if let Ok(bytes) = std::fs::read(path) {
+                    let _ = write_atomic(&last_good_path(&self.opts.state_dir), &bytes);
+                }
+                if changed {
+                    if let Err(e) = self.write_cni_conf() {
+                        tracing::error!(error = %format!("{e:#}"), "rewriting the CNI config");
+                    }
+                }
+                self.publish();
+                tracing::info!(
+                    generation = self.generation,
+                    pods = self.cluster.pods.len(),
+                    "cluster state updated"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cluster file update lacks this node; keeping the last good state");
+                self.source_error = Some(e.to_string());
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let reports = self.dp.reports();
+        let ports = self.dp.port_stats().unwrap_or_default();
+        let mut totals = dataplane::stats::Counters::default();
+        for r in &reports {
+            totals.add(&r.counters);
+        }
+        let interfaces = self
+            .endpoints
+            .values()
+            .map(|a| InterfaceStatus {
+                name: a.endpoint.host_ifname.clone(),
+                ifindex: a.ifindex,
+                mac: a.host_mac.to_string(),
+                xdp_mode: a.attachment.mode().as_str().into(),
+                pod: Some(format!(
+                    "{}/{}",
+                    a.endpoint.pod_namespace, a.endpoint.pod_name
+                )),
+                ip: Some(a.endpoint.ip.to_string()),
+                queues: ports
+                    .iter()
+                    .filter(|p| p.ifindex == a.ifindex)
+                    .map(status::queue_status)
+                    .collect(),
+                xdp: a
+                    .attachment
+                    .counters()
+                    .map(|c| {
+                        xdp_redirect::Action::ALL
+                            .iter()
+                            .map(|x| (x.as_str().to_string(), c[*x as usize]))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Status {
+            node: self.node.name.clone(),
+            source: self.opts.source.clone(),
+            generation: self.generation,
+            source_error: self.source_error.clone(),
+            gateway: self.node.gateway.to_string(),
+            pod_cidr: self.node.pod_cidr.to_string(),
+            workers: reports.iter().map(status::worker_status).collect(),
+            interfaces,
+            totals: status::counters_list(&totals),
+            drops: status::drops_list(&totals),
+        }
+    }
+
+    fn shutdown(mut self) {
+        // Detach every program first (traffic falls back to the kernel), then stop workers.
+        for a in std::mem::take(&mut self.endpoints).into_values() {
+            drop(a.attachment);
+        }
+        self.dp.shutdown();
+    }
+}

@@ -1,0 +1,191 @@
+//! What `sluice status` shows: the agent's view of its workers, interfaces and counters, as
+//! JSON over the local API and as text for people.
+use std::fmt::Write as _;
+
+use dataplane::{runtime::WorkerReport, stats::Counters, worker::PortStatus, DropReason};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub node: String,
+    pub source: String,
+    /// Generation of the published snapshot.
+    pub generation: u64,
+    /// The last cluster-file error, if the file is currently broken (the agent keeps running
+    /// the last good state).
+    pub source_error: Option<String>,
+    pub gateway: String,
+    pub pod_cidr: String,
+    pub workers: Vec<WorkerStatus>,
+    pub interfaces: Vec<InterfaceStatus>,
+    pub totals: Vec<(String, u64)>,
+    /// Every drop reason with its number and count (zeros included).
+    pub drops: Vec<DropStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub id: usize,
+    pub core: Option<usize>,
+    pub hugepages: bool,
+    pub generation: u64,
+    pub counters: Vec<(String, u64)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InterfaceStatus {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: String,
+    pub xdp_mode: String,
+    pub pod: Option<String>,
+    pub ip: Option<String>,
+    pub queues: Vec<QueueStatus>,
+    /// The XDP program's own counters: redirected, pass_no_socket, pass_rule, pass_short.
+    pub xdp: Vec<(String, u64)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QueueStatus {
+    pub queue: u32,
+    pub worker: usize,
+    pub mode: String,
+    pub kernel_rx_dropped: u64,
+    pub kernel_rx_ring_full: u64,
+    pub kernel_rx_fill_ring_empty: u64,
+    pub kernel_tx_ring_empty: u64,
+    pub frames_in_kernel: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DropStatus {
+    pub reason: String,
+    pub number: u8,
+    pub count: u64,
+}
+
+pub fn counters_list(c: &Counters) -> Vec<(String, u64)> {
+    c.values()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+}
+
+pub fn drops_list(c: &Counters) -> Vec<DropStatus> {
+    c.drops_by_reason()
+        .into_iter()
+        .map(|(r, n)| DropStatus {
+            reason: r.as_str().to_string(),
+            number: r as u8,
+            count: n,
+        })
+        .collect()
+}
+
+pub fn worker_status(r: &WorkerReport) -> WorkerStatus {
+    WorkerStatus {
+        id: r.id,
+        core: r.core,
+        hugepages: r.hugepages,
+        generation: r.generation,
+        counters: counters_list(&r.counters),
+    }
+}
+
+pub fn queue_status(p: &PortStatus) -> QueueStatus {
+    QueueStatus {
+        queue: p.queue,
+        worker: p.worker,
+        mode: format!("{:?}", p.mode).to_lowercase(),
+        kernel_rx_dropped: p.kernel.rx_dropped,
+        kernel_rx_ring_full: p.kernel.rx_ring_full,
+        kernel_rx_fill_ring_empty: p.kernel.rx_fill_ring_empty_descs,
+        kernel_tx_ring_empty: p.kernel.tx_ring_empty_descs,
+        frames_in_kernel: p.frames_in_kernel,
+    }
+}
+
+impl Status {
+    /// A named total (e.g. "forwarded"), 0 if absent.
+    pub fn total(&self, name: &str) -> u64 {
+        self.totals
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or(0, |(_, v)| *v)
+    }
+    /// Drops counted for `reason`.
+    pub fn drop_count(&self, reason: DropReason) -> u64 {
+        self.drops
+            .iter()
+            .find(|d| d.number == reason as u8)
+            .map_or(0, |d| d.count)
+    }
+
+    /// Text for people.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "node {}  snapshot generation {}  source {}",
+            self.node, self.generation, self.source
+        );
+        let _ = writeln!(s, "pod CIDR {}  gateway {}", self.pod_cidr, self.gateway);
+        if let Some(e) = &self.source_error {
+            let _ = writeln!(s, "SOURCE ERROR (running the last good state): {e}");
+        }
+        let _ = writeln!(s, "\nworkers:");
+        for w in &self.workers {
+            let get = |n: &str| {
+                w.counters
+                    .iter()
+                    .find(|(k, _)| k == n)
+                    .map_or(0, |(_, v)| *v)
+            };
+            let _ = writeln!(
+                s,
+                "  worker {} core {} hugepages {} gen {}: rx {} tx {} forwarded {} dropped {}",
+                w.id,
+                w.core.map_or("-".to_string(), |c| c.to_string()),
+                w.hugepages,
+                w.generation,
+                get("rx_packets"),
+                get("tx_packets"),
+                get("forwarded"),
+                get("dropped"),
+            );
+        }
+        let _ = writeln!(s, "\ninterfaces:");
+        for i in &self.interfaces {
+            let xdp: Vec<String> = i.xdp.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let _ = writeln!(
+                s,
+                "  {:<16} ifindex {:<4} xdp {:<7} pod {:<24} ip {:<15} queues {}  [{}]",
+                i.name,
+                i.ifindex,
+                i.xdp_mode,
+                i.pod.as_deref().unwrap_or("-"),
+                i.ip.as_deref().unwrap_or("-"),
+                i.queues.len(),
+                xdp.join(" ")
+            );
+            for q in &i.queues {
+                if q.kernel_rx_dropped + q.kernel_rx_ring_full + q.kernel_rx_fill_ring_empty > 0 {
+                    let _ = writeln!(
+                        s,
+                        "      queue {} (worker {}, {}): kernel rx_dropped {} rx_ring_full {} fill_empty {}",
+                        q.queue, q.worker, q.mode, q.kernel_rx_dropped, q.kernel_rx_ring_full, q.kernel_rx_fill_ring_empty
+                    );
+                }
+            }
+        }
+        let _ = writeln!(s, "\ncounters:");
+        for (k, v) in &self.totals {
+            let _ = writeln!(s, "  {k:<22} {v}");
+        }
+        let _ = writeln!(s, "\ndrops by reason:");
+        for d in &self.drops {
+            let _ = writeln!(s, "  {:>3} {:<24} {}", d.number, d.reason, d.count);
+        }
+        s
+    }
+}
