@@ -1,1 +1,31 @@
-//! perf
+//! sluice-perf: honest, bounded packet-rate and latency measurements between pods.
+//!
+//! ```text
+//!   pod-a netns                                   pod-b netns
+//!   gen  --sendmmsg batches, F source ports-->  sink (recvmmsg, per-flow seq, one-way latency)
+//!   pingpong --one request outstanding------->  pingpong-server (echo)
+//!              (kernel path or sluice's workers in between)
+//! ```
+//!
+//! Invariants:
+//! - Every loop is bounded by a count and a duration; nothing waits forever.
+//! - Every packet carries an 18-byte header ([`payload`]): flow, 32-bit sequence, and the
+//!   sender's `CLOCK_MONOTONIC`, so one-way latency is measured on one clock.
+//! - Numbers come with their caveats: the generator says whether it reached its target rate,
+//!   and every run report says that generator, sink and dataplane share the CPUs ([`report`]).
+//!
+//! Layout: pure pieces without I/O and testable without root ([`payload`], [`seq`], [`pacing`],
+//! [`hist`], [`report`], [`scenario`]); socket loops ([`gen`], [`sink`], [`pingpong`]) over
+//! [`mmsg`] and [`sys`]; the binary `sluice-perf` wires them to a CLI and to the testbed.
+
+pub mod gen;
+pub mod hist;
+pub mod mmsg;
+pub mod pacing;
+pub mod payload;
+pub mod pingpong;
+pub mod report;
+pub mod scenario;
+pub mod seq;
+pub mod sink;
+pub mod sys;

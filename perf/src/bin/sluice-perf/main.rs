@@ -1,0 +1,237 @@
+//! `sluice-perf`: bounded UDP generator, sink, ping-pong, and end-to-end runs on the testbed.
+//! Every subcommand prints one JSON line on stdout (and writes it to `--json-out` if given).
+
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+
+use perf::gen::{run_gen, GenConfig};
+use perf::pingpong::{run_pingpong, PingConfig, PingServerConfig};
+use perf::sink::{run_sink, SinkConfig};
+
+mod run;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-perf",
+    version,
+    about = "Bounded packet-rate and latency measurements for sluice"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+fn seconds(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|e| format!("{s:?} is not a number of seconds: {e}"))?;
+    if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
+        return Err(format!("{s} s is outside (0, 86400]"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// UDP generator: sendmmsg batches, open loop with --rate, closed loop without.
+    Gen {
+        #[arg(long)]
+        dst: SocketAddrV4,
+        /// Ethernet frame size in bytes, FCS included (64 ..= 1518).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long)]
+        count: u64,
+        /// Seconds (fractions allowed).
+        #[arg(long, value_parser = seconds)]
+        duration: Duration,
+        /// Target packets per second; leave out for closed loop.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Number of source ports (one socket each).
+        #[arg(long, default_value_t = 1)]
+        flows: u16,
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+        /// Pin to this CPU.
+        #[arg(long)]
+        cpu: Option<usize>,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// UDP sink: recvmmsg batches, per-flow loss/reorder/duplicates, one-way latency.
+    Sink {
+        #[arg(long)]
+        bind: SocketAddrV4,
+        #[arg(long, value_parser = seconds)]
+        duration: Duration,
+        /// Stop after this long without traffic, once traffic has started.
+        #[arg(long, default_value_t = 500)]
+        idle_timeout_ms: u64,
+        /// Stop once this many distinct packets arrived.
+        #[arg(long)]
+        expect: Option<u64>,
+        #[arg(long, default_value_t = 64)]
+        batch: usize,
+        #[arg(long)]
+        cpu: Option<usize>,
+        /// Include the HdrHistogram (V2 + deflate, base64) in the JSON.
+        #[arg(long)]
+        histogram: bool,
+        /// Create this file once the socket is bound.
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// Echo server for `pingpong`.
+    PingpongServer {
+        #[arg(long)]
+        bind: SocketAddrV4,
+        #[arg(long, value_parser = seconds)]
+        duration: Duration,
+        #[arg(long)]
+        cpu: Option<usize>,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// Closed-loop request/response latency, one request outstanding.
+    Pingpong {
+        #[arg(long)]
+        dst: SocketAddrV4,
+        #[arg(long)]
+        count: u64,
+        #[arg(long, value_parser = seconds)]
+        duration: Duration,
+        /// Ethernet frame size in bytes, FCS included (64 ..= 1518).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 200)]
+        reply_timeout_ms: u64,
+        #[arg(long)]
+        cpu: Option<usize>,
+        #[arg(long)]
+        histogram: bool,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// Bring up the testbed, run a scenario, tear it down, report.
+    Run(run::RunArgs),
+}
+
+/// Prints `value` as one JSON line and writes it to `json_out` (via a temporary file and a
+/// rename, so a reader never sees half a file).
+fn emit(value: &impl Serialize, json_out: Option<&Path>) -> Result<()> {
+    let line = serde_json::to_string(value).context("serialising the report")?;
+    println!("{line}");
+    if let Some(path) = json_out {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{line}\n"))
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Gen {
+            dst,
+            size,
+            count,
+            duration,
+            rate,
+            flows,
+            batch,
+            cpu,
+            json_out,
+        } => {
+            let cfg = GenConfig {
+                dst,
+                frame_bytes: size,
+                count,
+                duration,
+                rate_pps: rate,
+                flows,
+                batch,
+                cpu,
+            };
+            emit(&run_gen(&cfg)?, json_out.as_deref())
+        }
+        Cmd::Sink {
+            bind,
+            duration,
+            idle_timeout_ms,
+            expect,
+            batch,
+            cpu,
+            histogram,
+            ready_file,
+            json_out,
+        } => {
+            let cfg = SinkConfig {
+                bind,
+                duration,
+                idle_timeout: Duration::from_millis(idle_timeout_ms),
+                expect,
+                batch,
+                cpu,
+                include_histogram: histogram,
+                ready_file,
+            };
+            emit(&run_sink(&cfg)?, json_out.as_deref())
+        }
+        Cmd::PingpongServer {
+            bind,
+            duration,
+            cpu,
+            ready_file,
+            json_out,
+        } => {
+            let sock = perf::pingpong::bind_server(bind)?;
+            if let Some(path) = &ready_file {
+                std::fs::write(path, b"")
+                    .with_context(|| format!("creating ready file {}", path.display()))?;
+            }
+            let report = perf::pingpong::run_server_on(
+                &sock,
+                &PingServerConfig {
+                    bind,
+                    duration,
+                    cpu,
+                },
+            )?;
+            emit(&report, json_out.as_deref())
+        }
+        Cmd::Pingpong {
+            dst,
+            count,
+            duration,
+            size,
+            reply_timeout_ms,
+            cpu,
+            histogram,
+            json_out,
+        } => {
+            let cfg = PingConfig {
+                dst,
+                frame_bytes: size,
+                count,
+                duration,
+                reply_timeout: Duration::from_millis(reply_timeout_ms),
+                cpu,
+                include_histogram: histogram,
+            };
+            emit(&run_pingpong(&cfg)?, json_out.as_deref())
+        }
+        Cmd::Run(args) => run::run(&args),
+    }
+}
