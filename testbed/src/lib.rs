@@ -1,1 +1,873 @@
-//! testbed
+//! The sluice testbed: a cluster made of network namespaces, built from the same cluster file the
+//! agent reads (`--source file:`), so a demo, an end-to-end test and a replay of
+//! `kubectl get -o yaml` are the same thing.
+//!
+//! ```text
+//!   sl-I-ext (external client, .250)        sl-I-fab: bridge sTAGbr
+//!        eth0 ---- sTAGx ----------------------+------------------- sTAGn1 ---- eth0  sl-I-node2 ...
+//!                                              +-- sTAGn0 ---- eth0 (InternalIP/24)  sl-I-node1
+//!                                                                  lxc... --veth-- eth0  sl-I-node1-ns-pod
+//! ```
+//!
+//! - One namespace per Node (uplink `eth0` with the InternalIP, `ip_forward=1`), one per Pod
+//!   (by `spec.nodeName`), a fabric namespace with a bridge joining the uplinks, and an external
+//!   client namespace on the same bridge. All node InternalIPs share one /24.
+//! - Pods are networked only by the CNI plugin (`sluice-cni ADD`, run in the node namespace as a
+//!   container runtime would), and released by `DEL` on teardown.
+//! - [`Mode::Sluice`] starts `sluice run` in each node namespace and waits for its CNI config and
+//!   socket; [`Mode::Kernel`] is the baseline: the testbed answers the plugin itself and lets the
+//!   node's kernel route (see [`kernel`]).
+//!
+//! Invariants: every name carries the instance name ([`names`]); everything is recorded in
+//! `STATE_ROOT/INSTANCE/state.json` before it is created; a [`Testbed`] returned by
+//! [`Testbed::up`] tears everything down when dropped (unless [`Testbed::keep`]), and a failed
+//! `up` leaves nothing behind. Processes are stopped by pid only.
+pub mod agent;
+pub mod cmd;
+pub mod cni;
+pub mod kernel;
+pub mod names;
+pub mod plan;
+pub mod state;
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+};
+
+use control::api::CNI_CONF_NAME;
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+pub use crate::{
+    agent::AgentError, cmd::CmdError, cni::CniError, kernel::KernelError, names::NameError,
+    plan::PlanError, state::StateError,
+};
+use crate::{
+    names::Names,
+    plan::{Plan, PlanPod},
+    state::{Attachment, State},
+};
+
+/// Default root of the instances' state directories.
+pub const DEFAULT_STATE_ROOT: &str = "/run/sluice-testbed";
+/// Name of the node uplink inside each node namespace.
+pub const UPLINK: &str = "eth0";
+/// Binary names looked up next to the running executable.
+pub const SLUICE_BIN_NAME: &str = "sluice";
+pub const CNI_BIN_NAME: &str = "sluice-cni";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    #[error("cluster file {path}: {source}")]
+    ClusterFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(
+        "testbed instance {instance} already exists ({dir} or its namespaces are present): run \
+         `sluice-testbed down` for it first"
+    )]
+    AlreadyExists { instance: String, dir: PathBuf },
+    #[error("no testbed instance {instance}: {dir} does not exist (was it brought up with another --instance?)")]
+    NotFound { instance: String, dir: PathBuf },
+    #[error("{what} {path} does not exist: {hint}")]
+    MissingBinary {
+        what: &'static str,
+        path: PathBuf,
+        hint: &'static str,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    #[error(transparent)]
+    Cni(#[from] CniError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("testbed instance {instance} has no pod {key} (pods: {known}); pods are named namespace/name")]
+    UnknownPod {
+        instance: String,
+        key: String,
+        known: String,
+    },
+    #[error("testbed instance {instance} has no node {node} (nodes: {known})")]
+    UnknownNode {
+        instance: String,
+        node: String,
+        known: String,
+    },
+    #[error("node {node} has no running sluice agent")]
+    NoAgent { node: String },
+    #[error("the sluice agent of node {node} is already running (pid {pid}); stop it first")]
+    AgentRunning { node: String, pid: u32 },
+    #[error("testbed instance {instance} runs in kernel mode: it has no sluice agents")]
+    NotSluiceMode { instance: String },
+    #[error("empty command: give a program to run")]
+    EmptyCommand,
+    #[error("running `{command}`: {source}")]
+    Exec {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("tearing down testbed instance {instance} left things behind (run `down` again):\n{problems}")]
+    Teardown { instance: String, problems: String },
+}
+
+/// Who moves pod packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Mode {
+    /// A sluice agent per node, with this many workers.
+    Sluice { workers: u32 },
+    /// No agent: kernel routing in the node namespaces (the baseline).
+    Kernel,
+}
+
+/// What [`Testbed::up`] builds and with which binaries.
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    pub cluster_file: PathBuf,
+    /// Defaults to a name derived from the cluster file's canonical path.
+    pub instance: Option<String>,
+    pub mode: Mode,
+    pub sluice_bin: PathBuf,
+    pub cni_bin: PathBuf,
+    pub state_root: PathBuf,
+    /// Appended to every `sluice run` command line.
+    pub agent_args: Vec<String>,
+}
+
+impl UpOptions {
+    /// Sluice mode with one worker; binaries looked up in the directory of the running
+    /// executable, then its parent (where `cargo test` executables find the workspace's
+    /// binaries: `target/debug/deps/..` -> `target/debug/`); state under [`DEFAULT_STATE_ROOT`].
+    pub fn new(cluster_file: impl Into<PathBuf>) -> Self {
+        Self {
+            cluster_file: cluster_file.into(),
+            instance: None,
+            mode: Mode::Sluice { workers: 1 },
+            sluice_bin: find_next_to_exe(SLUICE_BIN_NAME),
+            cni_bin: find_next_to_exe(CNI_BIN_NAME),
+            state_root: PathBuf::from(DEFAULT_STATE_ROOT),
+            agent_args: Vec::new(),
+        }
+    }
+}
+
+/// `name` in the running executable's directory or its parent, whichever has it (the former if
+/// neither does, so the error names a sensible path).
+pub fn find_next_to_exe(name: &str) -> PathBuf {
+    let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(Path::to_path_buf))
+    else {
+        return PathBuf::from(name);
+    };
+    let candidates = [Some(dir.join(name)), dir.parent().map(|p| p.join(name))];
+    candidates
+        .iter()
+        .flatten()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| dir.join(name))
+}
+
+/// One node of a running testbed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeHandle {
+    pub name: String,
+    pub netns: String,
+    /// The uplink inside the node namespace (`eth0`).
+    pub uplink: String,
+    /// The node's InternalIP (on the uplink, /24).
+    pub ip: Ipv4Addr,
+    pub pod_cidr: Ipv4Net,
+    /// The pods' gateway: first address of the pod CIDR.
+    pub gateway: Ipv4Addr,
+    /// `STATE_ROOT/INSTANCE/NODE`: the agent's `--state-dir`.
+    pub state_dir: PathBuf,
+    /// `STATE_DIR/net.d`: the CNI config directory.
+    pub cni_conf_dir: PathBuf,
+    pub agent_socket: PathBuf,
+    pub agent_pid: Option<u32>,
+}
+
+/// One pod of a running testbed, as its CNI ADD made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodHandle {
+    /// `namespace/name`.
+    pub key: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub container_id: String,
+    /// Host side of the pod's veth, in the node namespace.
+    pub host_ifname: String,
+}
+
+/// A running testbed instance. See the crate doc for what tears it down.
+pub struct Testbed {
+    state: State,
+    dir: PathBuf,
+    names: Names,
+    /// Agents started by this process (reaped on stop); others are known by pid only.
+    agents: HashMap<String, Child>,
+    kernel_servers: Vec<kernel::KernelServer>,
+    teardown_on_drop: bool,
+}
+
+impl Testbed {
+    /// Builds the cluster described by `opts.cluster_file`. On error, everything created so far
+    /// is torn down. Refuses an instance that already exists.
+    pub fn up(opts: UpOptions) -> Result<Testbed, TestbedError> {
+        let cluster_file = std::fs::canonicalize(&opts.cluster_file).map_err(|source| {
+            TestbedError::ClusterFile {
+                path: opts.cluster_file.clone(),
+                source,
+            }
+        })?;
+        let plan = plan::load(&cluster_file)?;
+        let instance = match &opts.instance {
+            Some(name) => {
+                names::validate_instance(name)?;
+                name.clone()
+            }
+            None => names::instance_for_path(&cluster_file),
+        };
+        let names = Names::new(&instance);
+        // Every name is computed (and checked) before anything is created.
+        for pod in &plan.pods {
+            names.pod_netns(&pod.node, &pod.namespace, &pod.name)?;
+        }
+        let cni_bin = existing_binary(
+            "CNI plugin",
+            &opts.cni_bin,
+            "build it with `cargo build -p control --bin sluice-cni` or pass --cni",
+        )?;
+        let sluice_bin = match opts.mode {
+            Mode::Sluice { .. } => existing_binary(
+                "sluice agent",
+                &opts.sluice_bin,
+                "build it with `cargo build -p control --bin sluice` or pass --sluice",
+            )?,
+            Mode::Kernel => opts.sluice_bin.clone(),
+        };
+        let dir = opts.state_root.join(&instance);
+        let exists = || TestbedError::AlreadyExists {
+            instance: instance.clone(),
+            dir: dir.clone(),
+        };
+        if cmd::netns_exists(&names.fabric_netns()) {
+            return Err(exists());
+        }
+        std::fs::create_dir_all(&opts.state_root).map_err(|source| TestbedError::Io {
+            what: "creating the state root",
+            path: opts.state_root.clone(),
+            source,
+        })?;
+        // Creating the directory claims the instance (atomically, against a concurrent `up`).
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(exists()),
+            Err(source) => {
+                return Err(TestbedError::Io {
+                    what: "creating the state directory",
+                    path: dir,
+                    source,
+                })
+            }
+        }
+        let state = State {
+            version: state::STATE_VERSION,
+            instance: instance.clone(),
+            cluster_file,
+            mode: opts.mode,
+            sluice_bin,
+            cni_bin,
+            agent_args: opts.agent_args.clone(),
+            fabric_netns: names.fabric_netns(),
+            external_netns: names.external_netns(),
+            external_ip: None,
+            namespaces: Vec::new(),
+            nodes: Vec::new(),
+            attachments: Vec::new(),
+            pods: Vec::new(),
+        };
+        let mut testbed = Testbed {
+            state,
+            dir,
+            names,
+            agents: HashMap::new(),
+            kernel_servers: Vec::new(),
+            teardown_on_drop: true,
+        };
+        testbed.save()?;
+        testbed.build(&plan)?;
+        Ok(testbed)
+    }
+
+    /// Opens an existing instance from its `state.json`. The handle does not tear the instance
+    /// down when dropped; call [`Testbed::down`] for that.
+    pub fn open(state_root: &Path, instance: &str) -> Result<Testbed, TestbedError> {
+        names::validate_instance(instance)?;
+        let dir = state_root.join(instance);
+        let path = dir.join(state::STATE_FILE);
+        if !path.exists() {
+            return Err(TestbedError::NotFound {
+                instance: instance.to_string(),
+                dir,
+            });
+        }
+        let state = state::load(&path)?;
+        Ok(Testbed {
+            names: Names::new(&state.instance),
+            state,
+            dir,
+            agents: HashMap::new(),
+            kernel_servers: Vec::new(),
+            teardown_on_drop: false,
+        })
+    }
+
+    /// The instance name `up` derives for a cluster file (when no `--instance` is given).
+    pub fn instance_for_file(path: &Path) -> Result<String, TestbedError> {
+        let canonical =
+            std::fs::canonicalize(path).map_err(|source| TestbedError::ClusterFile {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(names::instance_for_path(&canonical))
+    }
+
+    /// Leaves the instance running when this handle goes away (agents keep running).
+    pub fn keep(mut self) {
+        self.teardown_on_drop = false;
+    }
+
+    /// Runs CNI DEL for every pod, stops the agents, deletes all namespaces and the state
+    /// directory. Works on half-built instances; DEL failures are warnings (the namespaces go
+    /// anyway), anything left behind is an error.
+    pub fn down(mut self) -> Result<(), TestbedError> {
+        self.teardown_on_drop = false;
+        self.teardown()
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.state.instance
+    }
+    pub fn mode(&self) -> Mode {
+        self.state.mode
+    }
+    pub fn cluster_file(&self) -> &Path {
+        &self.state.cluster_file
+    }
+    /// `STATE_ROOT/INSTANCE`.
+    pub fn state_dir(&self) -> &Path {
+        &self.dir
+    }
+    pub fn fabric_netns(&self) -> &str {
+        &self.state.fabric_netns
+    }
+    pub fn external_netns(&self) -> &str {
+        &self.state.external_netns
+    }
+    /// The external client's address (`.250` of the nodes' /24), once created.
+    pub fn external_ip(&self) -> Option<Ipv4Addr> {
+        self.state.external_ip
+    }
+    pub fn nodes(&self) -> &[NodeHandle] {
+        &self.state.nodes
+    }
+    pub fn pods(&self) -> &[PodHandle] {
+        &self.state.pods
+    }
+
+    pub fn node(&self, name: &str) -> Result<&NodeHandle, TestbedError> {
+        self.state
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| TestbedError::UnknownNode {
+                instance: self.state.instance.clone(),
+                node: name.to_string(),
+                known: self
+                    .state
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// A pod by `namespace/name`.
+    pub fn pod(&self, key: &str) -> Result<&PodHandle, TestbedError> {
+        self.state
+            .pods
+            .iter()
+            .find(|p| p.key == key)
+            .ok_or_else(|| TestbedError::UnknownPod {
+                instance: self.state.instance.clone(),
+                key: key.to_string(),
+                known: self
+                    .state
+                    .pods
+                    .iter()
+                    .map(|p| p.key.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// A command running `argv` in the pod's namespace, to configure and run as the caller
+    /// likes (for long-running servers whose output nobody reads, use this with null stdio).
+    pub fn pod_command(&self, key: &str, argv: &[&str]) -> Result<Command, TestbedError> {
+        let pod = self.pod(key)?;
+        netns_command(&pod.netns, argv)
+    }
+
+    /// Runs `argv` in the pod's namespace to completion, capturing its output.
+    pub fn exec_in_pod(&self, key: &str, argv: &[&str]) -> Result<Output, TestbedError> {
+        output(self.pod_command(key, argv)?)
+    }
+
+    /// Starts `argv` in the pod's namespace: stdin null, stdout and stderr piped (read them, or
+    /// a chatty program blocks once the pipe is full; [`Testbed::pod_command`] gives control).
+    pub fn spawn_in_pod(&self, key: &str, argv: &[&str]) -> Result<Child, TestbedError> {
+        let mut command = self.pod_command(key, argv)?;
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command.spawn().map_err(|source| TestbedError::Exec {
+            command: cmd::describe(&command),
+            source,
+        })
+    }
+
+    /// Runs `argv` in the node's namespace to completion, capturing its output.
+    pub fn exec_in_node(&self, node: &str, argv: &[&str]) -> Result<Output, TestbedError> {
+        let node = self.node(node)?;
+        output(netns_command(&node.netns, argv)?)
+    }
+
+    /// Runs `argv` in the external client's namespace to completion, capturing its output.
+    pub fn exec_in_external(&self, argv: &[&str]) -> Result<Output, TestbedError> {
+        output(netns_command(&self.state.external_netns, argv)?)
+    }
+
+    /// Sends `signal` to the node's agent (by pid) and waits until it has exited (SIGKILL after
+    /// [`agent::STOP_GRACE`]).
+    pub fn stop_agent(&mut self, node: &str, signal: i32) -> Result<(), TestbedError> {
+        let index = self.node_index(node)?;
+        let handle = &self.state.nodes[index];
+        let pid = handle.agent_pid.ok_or_else(|| TestbedError::NoAgent {
+            node: node.to_string(),
+        })?;
+        agent::stop(
+            node,
+            pid,
+            self.agents.get_mut(node),
+            &self.state.sluice_bin,
+            signal,
+        )?;
+        self.agents.remove(node);
+        self.state.nodes[index].agent_pid = None;
+        self.save()
+    }
+
+    /// Starts the node's agent again and waits until it is ready (config written, socket
+    /// answering).
+    pub fn start_agent(&mut self, node: &str) -> Result<(), TestbedError> {
+        let Mode::Sluice { workers } = self.state.mode else {
+            return Err(TestbedError::NotSluiceMode {
+                instance: self.state.instance.clone(),
+            });
+        };
+        let index = self.node_index(node)?;
+        let handle = &self.state.nodes[index];
+        if let Some(pid) = handle.agent_pid {
+            let alive = match self.agents.get_mut(node) {
+                Some(child) => matches!(child.try_wait(), Ok(None)),
+                None => agent::runs_binary(pid, &self.state.sluice_bin),
+            };
+            if alive {
+                return Err(TestbedError::AgentRunning {
+                    node: node.to_string(),
+                    pid,
+                });
+            }
+        }
+        let child = agent::start(&agent::AgentSpec {
+            node: &handle.name,
+            netns: &handle.netns,
+            sluice_bin: &self.state.sluice_bin,
+            cluster_file: &self.state.cluster_file,
+            state_dir: &handle.state_dir,
+            cni_conf_dir: &handle.cni_conf_dir,
+            workers,
+            extra_args: &self.state.agent_args,
+        })?;
+        self.state.nodes[index].agent_pid = Some(child.id());
+        self.agents.insert(node.to_string(), child);
+        self.save()
+    }
+
+    /// Whether the node's agent process is alive.
+    pub fn agent_alive(&mut self, node: &str) -> Result<bool, TestbedError> {
+        let index = self.node_index(node)?;
+        let Some(pid) = self.state.nodes[index].agent_pid else {
+            return Ok(false);
+        };
+        Ok(match self.agents.get_mut(node) {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => agent::runs_binary(pid, &self.state.sluice_bin),
+        })
+    }
+
+    fn node_index(&self, node: &str) -> Result<usize, TestbedError> {
+        self.node(node)?;
+        Ok(self
+            .state
+            .nodes
+            .iter()
+            .position(|n| n.name == node)
+            .unwrap_or_default())
+    }
+
+    fn save(&self) -> Result<(), TestbedError> {
+        state::save(&self.dir.join(state::STATE_FILE), &self.state)?;
+        Ok(())
+    }
+
+    /// Records a namespace, then creates it (with `lo` up).
+    fn create_netns(&mut self, name: &str) -> Result<(), TestbedError> {
+        self.state.namespaces.push(name.to_string());
+        self.save()?;
+        cmd::netns_add(name)?;
+        Ok(())
+    }
+
+    fn build(&mut self, plan: &Plan) -> Result<(), TestbedError> {
+        let fabric = self.state.fabric_netns.clone();
+        let bridge = self.names.bridge();
+        self.create_netns(&fabric)?;
+        cmd::ip_in(&fabric, &["link", "add", &bridge, "type", "bridge"])?;
+        cmd::ip_in(&fabric, &["link", "set", &bridge, "up"])?;
+
+        let external = self.state.external_netns.clone();
+        self.create_netns(&external)?;
+        self.uplink(&external, &self.names.external_veth(), plan.external_ip)?;
+        self.state.external_ip = Some(plan.external_ip);
+        self.save()?;
+
+        for (index, node) in plan.nodes.iter().enumerate() {
+            let netns = self.names.node_netns(&node.name)?;
+            self.create_netns(&netns)?;
+            self.uplink(&netns, &self.names.fabric_veth(index), node.ip)?;
+            cmd::sysctl_in(&netns, "net.ipv4.ip_forward", "1")?;
+            let state_dir = self.dir.join(names::sanitize(&node.name));
+            let cni_conf_dir = state_dir.join("net.d");
+            std::fs::create_dir_all(&cni_conf_dir).map_err(|source| TestbedError::Io {
+                what: "creating the node's CNI config directory",
+                path: cni_conf_dir.clone(),
+                source,
+            })?;
+            self.state.nodes.push(NodeHandle {
+                name: node.name.clone(),
+                netns,
+                uplink: UPLINK.to_string(),
+                ip: node.ip,
+                pod_cidr: node.pod_cidr,
+                gateway: node.gateway,
+                agent_socket: state_dir.join(control::api::SOCKET_NAME),
+                state_dir,
+                cni_conf_dir,
+                agent_pid: None,
+            });
+            self.save()?;
+        }
+
+        match self.state.mode {
+            Mode::Sluice { .. } => {
+                let nodes: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
+                for node in nodes {
+                    self.start_agent(&node)?;
+                }
+            }
+            Mode::Kernel => {
+                for node in &self.state.nodes {
+                    let conf = kernel::conf(node.pod_cidr, node.gateway, &node.state_dir);
+                    let path = node.cni_conf_dir.join(CNI_CONF_NAME);
+                    let json = serde_json::to_vec_pretty(&conf).map_err(|e| TestbedError::Io {
+                        what: "encoding the CNI config",
+                        path: path.clone(),
+                        source: std::io::Error::other(e),
+                    })?;
+                    std::fs::write(&path, json).map_err(|source| TestbedError::Io {
+                        what: "writing the CNI config",
+                        path: path.clone(),
+                        source,
+                    })?;
+                }
+                self.start_kernel_servers()?;
+            }
+        }
+
+        for pod in &plan.pods {
+            self.add_pod(pod)?;
+        }
+        Ok(())
+    }
+
+    /// A veth from the fabric bridge to `eth0` in `netns`, with `ip/24` on it.
+    fn uplink(&self, netns: &str, fabric_side: &str, ip: Ipv4Addr) -> Result<(), TestbedError> {
+        let fabric = &self.state.fabric_netns;
+        let bridge = self.names.bridge();
+        cmd::ip_in(
+            fabric,
+            &[
+                "link",
+                "add",
+                fabric_side,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                UPLINK,
+                "netns",
+                netns,
+            ],
+        )?;
+        cmd::ip_in(
+            fabric,
+            &["link", "set", fabric_side, "master", &bridge, "up"],
+        )?;
+        let address = format!("{ip}/{}", plan::FABRIC_PREFIX_LEN);
+        cmd::ip_in(netns, &["addr", "add", &address, "dev", UPLINK])?;
+        cmd::ip_in(netns, &["link", "set", UPLINK, "up"])?;
+        Ok(())
+    }
+
+    fn start_kernel_servers(&mut self) -> Result<(), TestbedError> {
+        if !self.kernel_servers.is_empty() {
+            return Ok(());
+        }
+        for node in &self.state.nodes {
+            let server =
+                kernel::KernelServer::start(&node.agent_socket, &node.netns, node.gateway)?;
+            self.kernel_servers.push(server);
+        }
+        Ok(())
+    }
+
+    fn add_pod(&mut self, pod: &PlanPod) -> Result<(), TestbedError> {
+        let node = self.node(&pod.node)?.clone();
+        let netns = self
+            .names
+            .pod_netns(&node.name, &pod.namespace, &pod.name)?;
+        self.create_netns(&netns)?;
+        let attachment = Attachment {
+            key: pod.key(),
+            node: node.name.clone(),
+            pod_namespace: pod.namespace.clone(),
+            pod_name: pod.name.clone(),
+            netns: netns.clone(),
+            container_id: self.names.container_id(&pod.namespace, &pod.name),
+        };
+        self.state.attachments.push(attachment.clone());
+        self.save()?;
+        let conf_path = node.cni_conf_dir.join(CNI_CONF_NAME);
+        let conf = std::fs::read(&conf_path).map_err(|source| TestbedError::Io {
+            what: "reading the node's CNI config",
+            path: conf_path,
+            source,
+        })?;
+        let added = cni::add(&self.invocation(&node, &attachment, &conf))?;
+        self.state.pods.push(PodHandle {
+            key: attachment.key,
+            node: node.name,
+            netns,
+            ip: added.ip,
+            container_id: attachment.container_id,
+            host_ifname: added.host_ifname,
+        });
+        self.save()
+    }
+
+    fn invocation<'a>(
+        &'a self,
+        node: &'a NodeHandle,
+        attachment: &'a Attachment,
+        conf: &'a [u8],
+    ) -> cni::Invocation<'a> {
+        cni::Invocation {
+            plugin: &self.state.cni_bin,
+            node_netns: &node.netns,
+            conf,
+            container_id: &attachment.container_id,
+            pod_netns: &attachment.netns,
+            pod_namespace: &attachment.pod_namespace,
+            pod_name: &attachment.pod_name,
+        }
+    }
+
+    /// Best effort, in reverse order of creation; see [`Testbed::down`].
+    fn teardown(&mut self) -> Result<(), TestbedError> {
+        let mut warnings = Vec::new();
+        let mut problems = Vec::new();
+
+        if !self.state.attachments.is_empty() && self.state.mode == Mode::Kernel {
+            // The plugin talks to the agent socket on DEL too.
+            let nodes: Vec<NodeHandle> = self.state.nodes.clone();
+            if self.kernel_servers.is_empty() {
+                for node in nodes.iter().filter(|n| cmd::netns_exists(&n.netns)) {
+                    match kernel::KernelServer::start(&node.agent_socket, &node.netns, node.gateway)
+                    {
+                        Ok(server) => self.kernel_servers.push(server),
+                        Err(e) => warnings.push(e.to_string()),
+                    }
+                }
+            }
+        }
+        for attachment in self.state.attachments.iter().rev() {
+            let Some(node) = self.state.nodes.iter().find(|n| n.name == attachment.node) else {
+                continue;
+            };
+            if !cmd::netns_exists(&node.netns) {
+                continue;
+            }
+            let conf_path = node.cni_conf_dir.join(CNI_CONF_NAME);
+            match std::fs::read(&conf_path) {
+                Ok(conf) => {
+                    if let Err(e) = cni::del(&self.invocation(node, attachment, &conf)) {
+                        warnings.push(e.to_string());
+                    }
+                }
+                Err(e) => warnings.push(format!(
+                    "no CNI DEL for pod {}: cannot read {}: {e}",
+                    attachment.key,
+                    conf_path.display()
+                )),
+            }
+        }
+        self.kernel_servers.clear();
+
+        for index in 0..self.state.nodes.len() {
+            let node = &self.state.nodes[index];
+            let Some(pid) = node.agent_pid else { continue };
+            let name = node.name.clone();
+            match agent::stop(
+                &name,
+                pid,
+                self.agents.get_mut(&name),
+                &self.state.sluice_bin,
+                libc::SIGTERM,
+            ) {
+                Ok(()) => {
+                    self.agents.remove(&name);
+                    self.state.nodes[index].agent_pid = None;
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+
+        let mut remaining = Vec::new();
+        for netns in self.state.namespaces.iter().rev() {
+            if let Err(e) = cmd::netns_del(netns) {
+                problems.push(e.to_string());
+                remaining.push(netns.clone());
+            }
+        }
+        remaining.reverse();
+        self.state.namespaces = remaining;
+
+        for warning in &warnings {
+            eprintln!("sluice-testbed: warning: {warning}");
+        }
+        if problems.is_empty() {
+            match std::fs::remove_dir_all(&self.dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(TestbedError::Teardown {
+                    instance: self.state.instance.clone(),
+                    problems: format!("removing {}: {e}", self.dir.display()),
+                }),
+            }
+        } else {
+            // Keep the record of what is left so that `down` can be run again.
+            if let Err(e) = self.save() {
+                problems.push(e.to_string());
+            }
+            Err(TestbedError::Teardown {
+                instance: self.state.instance.clone(),
+                problems: problems.join("\n"),
+            })
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if self.teardown_on_drop {
+            self.teardown_on_drop = false;
+            if let Err(e) = self.teardown() {
+                eprintln!("sluice-testbed: {e}");
+            }
+        }
+    }
+}
+
+fn existing_binary(
+    what: &'static str,
+    path: &Path,
+    hint: &'static str,
+) -> Result<PathBuf, TestbedError> {
+    if !path.is_file() {
+        return Err(TestbedError::MissingBinary {
+            what,
+            path: path.to_path_buf(),
+            hint,
+        });
+    }
+    std::fs::canonicalize(path).map_err(|source| TestbedError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn netns_command(netns: &str, argv: &[&str]) -> Result<Command, TestbedError> {
+    if argv.is_empty() {
+        return Err(TestbedError::EmptyCommand);
+    }
+    Ok(cmd::in_netns(netns, argv))
+}
+
+fn output(mut command: Command) -> Result<Output, TestbedError> {
+    command
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| TestbedError::Exec {
+            command: cmd::describe(&command),
+            source,
+        })
+}

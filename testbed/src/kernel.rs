@@ -1,0 +1,267 @@
+//! Kernel mode: the baseline where the node namespace's kernel routes pod traffic, the way a
+//! simple CNI does it, so `sluice-perf` can compare sluice against "the kernel doing the work".
+//!
+//! The same `sluice-cni` plugin creates the pod interfaces; instead of the sluice agent, a thread
+//! of the testbed answers the plugin on the agent socket (one JSON `Request` line in, one
+//! `Response` line out) and, for each `EndpointAdd`, configures the node namespace:
+//! - the pods' gateway address on `lo` (/32), so the node answers ARP for it on every pod veth;
+//! - `proxy_arp=1` on the pod's host veth;
+//! - `ip route replace POD_IP/32 dev HOST_IFNAME`.
+//!
+//! The route disappears with the veth, so `EndpointDel` only needs an answer. The server exists
+//! only while plugins run (ADDs at `up`, DELs at `down`).
+use std::{
+    io::{BufRead, BufReader, ErrorKind, Write},
+    net::Ipv4Addr,
+    os::unix::net::{UnixListener, UnixStream},
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use control::api::{CniConf, Endpoint, Request, Response};
+
+use crate::cmd::{self, CmdError};
+
+/// How often the accept loop checks for a stop request.
+const ACCEPT_POLL: Duration = Duration::from_millis(10);
+/// How long one connection may take to send its request.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot serve the agent socket {path} in kernel mode: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start the kernel-mode socket thread for {path}: {source}")]
+    Thread {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The CNI configuration the testbed writes for a node in kernel mode.
+pub fn conf(pod_cidr: ipnet::Ipv4Net, gateway: Ipv4Addr, node_state_dir: &Path) -> CniConf {
+    CniConf {
+        cni_version: "1.0.0".into(),
+        name: "sluice".into(),
+        plugin_type: "sluice-cni".into(),
+        mtu: 1500,
+        pod_cidr: pod_cidr.to_string(),
+        gateway,
+        agent_socket: node_state_dir.join(control::api::SOCKET_NAME),
+        data_dir: node_state_dir.join("ipam"),
+        queues: 1,
+    }
+}
+
+/// A thread answering the agent socket of one node. Stops (and removes the socket) on drop.
+pub struct KernelServer {
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl KernelServer {
+    /// Binds `socket` (replacing a stale file) and starts answering requests for the node whose
+    /// namespace is `node_netns`.
+    pub fn start(socket: &Path, node_netns: &str, gateway: Ipv4Addr) -> Result<Self, KernelError> {
+        if socket.exists() {
+            std::fs::remove_file(socket).map_err(|source| KernelError::Bind {
+                path: socket.to_path_buf(),
+                source,
+            })?;
+        }
+        let listener = UnixListener::bind(socket).map_err(|source| KernelError::Bind {
+            path: socket.to_path_buf(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|source| KernelError::Bind {
+                path: socket.to_path_buf(),
+                source,
+            })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let netns = node_netns.to_string();
+            thread::Builder::new()
+                .name(format!("kernel-{node_netns}"))
+                .spawn(move || serve(&listener, &stop, &netns, gateway))
+                .map_err(|source| KernelError::Thread {
+                    path: socket.to_path_buf(),
+                    source,
+                })?
+        };
+        Ok(Self {
+            socket: socket.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for KernelServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn serve(listener: &UnixListener, stop: &AtomicBool, netns: &str, gateway: Ipv4Addr) {
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let response = match read_request(&stream) {
+                    Ok(request) => handle(&request, netns, gateway),
+                    Err(message) => Response::error(message),
+                };
+                answer(stream, &response);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(ACCEPT_POLL),
+            Err(_) => thread::sleep(ACCEPT_POLL),
+        }
+    }
+}
+
+fn read_request(stream: &UnixStream) -> Result<Request, String> {
+    stream
+        .set_nonblocking(false)
+        .map_err(|e| format!("socket setup: {e}"))?;
+    stream
+        .set_read_timeout(Some(CONNECTION_TIMEOUT))
+        .map_err(|e| format!("socket setup: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the request: {e}"))?;
+    serde_json::from_str(line.trim_end()).map_err(|e| format!("not a request: {e}"))
+}
+
+fn answer(mut stream: UnixStream, response: &Response) {
+    if let Ok(mut line) = serde_json::to_vec(response) {
+        line.push(b'\n');
+        // The plugin may have given up already; nothing else to do then.
+        let _ = stream.set_write_timeout(Some(CONNECTION_TIMEOUT));
+        let _ = stream.write_all(&line);
+    }
+}
+
+fn handle(request: &Request, netns: &str, gateway: Ipv4Addr) -> Response {
+    match request {
+        Request::EndpointAdd { endpoint } => match route_endpoint(netns, gateway, endpoint) {
+            Ok(()) => Response::ok(),
+            Err(e) => Response::error(format!(
+                "kernel mode: routing pod {}/{} ({}) in {netns}: {e}",
+                endpoint.pod_namespace, endpoint.pod_name, endpoint.ip
+            )),
+        },
+        Request::EndpointDel { .. } | Request::Status => Response::ok(),
+    }
+}
+
+/// Kernel routing for one pod (module doc).
+pub fn route_endpoint(netns: &str, gateway: Ipv4Addr, endpoint: &Endpoint) -> Result<(), CmdError> {
+    let host = endpoint.host_ifname.as_str();
+    cmd::ip_in(
+        netns,
+        &["addr", "replace", &format!("{gateway}/32"), "dev", "lo"],
+    )?;
+    // A route over a link that is down is refused; the plugin may not have set it up yet.
+    cmd::ip_in(netns, &["link", "set", host, "up"])?;
+    cmd::sysctl_in(netns, &format!("net.ipv4.conf.{host}.proxy_arp"), "1")?;
+    cmd::ip_in(
+        netns,
+        &[
+            "route",
+            "replace",
+            &format!("{}/32", endpoint.ip),
+            "dev",
+            host,
+        ],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conf_follows_the_kernel_mode_rules() {
+        let dir = Path::new("/run/sluice-testbed/x/node1");
+        let conf = conf(
+            "10.244.1.0/24".parse().expect("cidr"),
+            Ipv4Addr::new(10, 244, 1, 1),
+            dir,
+        );
+        assert_eq!(conf.queues, 1);
+        assert_eq!(conf.mtu, 1500);
+        assert_eq!(conf.gateway, Ipv4Addr::new(10, 244, 1, 1));
+        assert_eq!(conf.agent_socket, dir.join("sluice.sock"));
+        assert_eq!(conf.data_dir, dir.join("ipam"));
+        assert_eq!(conf.pod_cidr, "10.244.1.0/24");
+    }
+
+    #[test]
+    fn server_answers_requests_and_removes_its_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("sluice.sock");
+        std::fs::write(&socket, b"stale").expect("stale file");
+        let server = KernelServer::start(&socket, "sl-unused-netns", Ipv4Addr::new(10, 244, 1, 1))
+            .expect("binds");
+        let timeout = Duration::from_secs(5);
+        control::api::call(
+            &socket,
+            &Request::EndpointDel {
+                container_id: "c".into(),
+            },
+            timeout,
+        )
+        .expect("DEL answered ok");
+        control::api::call(&socket, &Request::Status, timeout).expect("status answered ok");
+        drop(server);
+        assert!(!socket.exists(), "socket removed on drop");
+    }
+
+    #[test]
+    fn failed_routing_is_an_error_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("sluice.sock");
+        let _server = KernelServer::start(
+            &socket,
+            "sl-no-such-netns-for-testbed",
+            Ipv4Addr::new(10, 0, 0, 1),
+        )
+        .expect("binds");
+        let endpoint = Endpoint {
+            container_id: "c".into(),
+            pod_ifname: "eth0".into(),
+            pod_namespace: "default".into(),
+            pod_name: "p".into(),
+            host_ifname: "lxcnothere".into(),
+            ip: Ipv4Addr::new(10, 0, 0, 5),
+            mac: "02:00:00:00:00:01".into(),
+            netns: "/run/netns/none".into(),
+        };
+        let err = control::api::call(
+            &socket,
+            &Request::EndpointAdd { endpoint },
+            Duration::from_secs(20),
+        )
+        .expect_err("routing in a missing namespace fails");
+        assert!(err.to_string().contains("default/p"), "{err}");
+    }
+}

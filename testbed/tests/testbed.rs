@@ -1,0 +1,426 @@
+//! End-to-end tests of the testbed in kernel mode (no sluice agent) with the real `sluice-cni`
+//! plugin. Root only. Build the plugin first: `cargo build -p control --bin sluice-cni`.
+//!
+//! Every test uses its own instance name (pid + counter) and its own state root, and removes
+//! everything even when it panics (the `Testbed` drop, or an `InstanceGuard`).
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use testbed::{Mode, Testbed, TestbedError, UpOptions};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// `t{pid}n{counter}z`: no instance name is a prefix of another's namespace names.
+fn unique_instance() -> String {
+    format!(
+        "t{}n{}z",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+spec:
+  podCIDR: 10.244.1.0/24
+status:
+  addresses:
+    - type: InternalIP
+      address: 172.31.9.11
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: pod-a
+  namespace: default
+spec:
+  nodeName: node1
+  containers:
+    - name: c
+      image: busybox
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: pod-b
+  namespace: default
+spec:
+  nodeName: node1
+  containers:
+    - name: c
+      image: busybox
+"#;
+
+/// A temporary directory holding the cluster file and the state root.
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).expect("write cluster file");
+        Self { dir }
+    }
+    fn cluster_file(&self) -> PathBuf {
+        self.dir.path().join("cluster.yaml")
+    }
+    fn state_root(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+    fn options(&self, instance: &str) -> UpOptions {
+        let mut opts = UpOptions::new(self.cluster_file());
+        assert!(
+            opts.cni_bin.is_file(),
+            "{} is missing: run `cargo build -p control --bin sluice-cni` first",
+            opts.cni_bin.display()
+        );
+        opts.instance = Some(instance.to_string());
+        opts.mode = Mode::Kernel;
+        opts.state_root = self.state_root();
+        opts
+    }
+}
+
+/// Tears an instance down on drop, for tests that `keep()` one.
+struct InstanceGuard {
+    state_root: PathBuf,
+    instance: String,
+}
+
+impl Drop for InstanceGuard {
+    fn drop(&mut self) {
+        if let Ok(testbed) = Testbed::open(&self.state_root, &self.instance) {
+            let _ = testbed.down();
+        }
+    }
+}
+
+fn namespaces_of(instance: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let prefix = format!("sl-{instance}-");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_nothing_left(instance: &str, state_root: &Path) {
+    assert_eq!(
+        namespaces_of(instance),
+        Vec::<String>::new(),
+        "namespaces left behind"
+    );
+    assert!(
+        !state_root.join(instance).exists(),
+        "state directory left behind"
+    );
+}
+
+fn ping(testbed: &Testbed, from: &str, to: std::net::Ipv4Addr) -> std::process::Output {
+    testbed
+        .exec_in_pod(from, &["ping", "-c", "3", "-W", "1", &to.to_string()])
+        .expect("ping runs")
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipping: needs root");
+            return;
+        }
+    };
+}
+
+#[test]
+fn kernel_mode_pods_ping_each_other_and_down_leaves_nothing() {
+    require_root!();
+    let env = Env::new();
+    let instance = unique_instance();
+    let testbed = Testbed::up(env.options(&instance)).expect("up");
+
+    assert_eq!(testbed.nodes().len(), 1);
+    let node = &testbed.nodes()[0];
+    assert_eq!(node.netns, format!("sl-{instance}-node1"));
+    assert_eq!(node.ip.to_string(), "172.31.9.11");
+    let keys: Vec<&str> = testbed.pods().iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["default/pod-a", "default/pod-b"]);
+    let a = testbed.pod("default/pod-a").expect("pod-a").clone();
+    let b = testbed.pod("default/pod-b").expect("pod-b").clone();
+    assert!(
+        node.pod_cidr.contains(&a.ip) && node.pod_cidr.contains(&b.ip),
+        "{a:?} {b:?}"
+    );
+    assert_ne!(a.ip, b.ip);
+    assert_ne!(a.host_ifname, b.host_ifname);
+    assert_eq!(
+        testbed.external_ip().map(|ip| ip.to_string()).as_deref(),
+        Some("172.31.9.250")
+    );
+
+    // Pod to pod through the node's kernel routing.
+    let out = ping(&testbed, "default/pod-a", b.ip);
+    assert!(
+        out.status.success(),
+        "ping pod-a -> pod-b failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = ping(&testbed, "default/pod-b", a.ip);
+    assert!(
+        out.status.success(),
+        "ping pod-b -> pod-a failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The fabric: the node reaches the external client.
+    let out = testbed
+        .exec_in_node("node1", &["ping", "-c", "1", "-W", "1", "172.31.9.250"])
+        .expect("ping runs");
+    assert!(
+        out.status.success(),
+        "node1 -> external failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = testbed
+        .exec_in_external(&["ping", "-c", "1", "-W", "1", "172.31.9.11"])
+        .expect("runs");
+    assert!(out.status.success(), "external -> node1 failed");
+
+    let root = env.state_root();
+    assert!(root.join(&instance).join("state.json").is_file());
+    testbed.down().expect("down");
+    assert_nothing_left(&instance, &root);
+}
+
+#[test]
+fn failing_cni_leaves_nothing_behind() {
+    require_root!();
+    let env = Env::new();
+    let instance = unique_instance();
+    let mut opts = env.options(&instance);
+    opts.cni_bin = PathBuf::from("/bin/false");
+    let err = Testbed::up(opts)
+        .err()
+        .expect("up with /bin/false as plugin fails");
+    assert!(matches!(err, TestbedError::Cni(_)), "{err}");
+    assert!(
+        err.to_string().contains("default/pod-a"),
+        "error names the pod: {err}"
+    );
+    assert_nothing_left(&instance, &env.state_root());
+}
+
+#[test]
+fn missing_plugin_is_refused_before_anything_is_created() {
+    require_root!();
+    let env = Env::new();
+    let instance = unique_instance();
+    let mut opts = env.options(&instance);
+    opts.cni_bin = env.dir.path().join("no-such-plugin");
+    let err = Testbed::up(opts).err().expect("missing plugin");
+    assert!(matches!(err, TestbedError::MissingBinary { .. }), "{err}");
+    assert_nothing_left(&instance, &env.state_root());
+}
+
+#[test]
+fn up_twice_with_the_same_instance_is_refused() {
+    require_root!();
+    let env = Env::new();
+    let instance = unique_instance();
+    let first = Testbed::up(env.options(&instance)).expect("first up");
+    let err = Testbed::up(env.options(&instance))
+        .err()
+        .expect("second up is refused");
+    assert!(matches!(err, TestbedError::AlreadyExists { .. }), "{err}");
+    assert!(
+        err.to_string().contains("down"),
+        "tells the user what to do: {err}"
+    );
+    // The refused `up` did not touch the first instance.
+    let b = first.pod("default/pod-b").expect("pod-b").ip;
+    assert!(
+        ping(&first, "default/pod-a", b).status.success(),
+        "first instance still works"
+    );
+    first.down().expect("down");
+    assert_nothing_left(&instance, &env.state_root());
+}
+
+#[test]
+fn dropping_the_testbed_tears_it_down() {
+    require_root!();
+    let env = Env::new();
+    let instance = unique_instance();
+    let testbed = Testbed::up(env.options(&instance)).expect("up");
+    assert!(!namespaces_of(&instance).is_empty());
+    drop(testbed);
+    assert_nothing_left(&instance, &env.state_root());
+}
+
+#[test]
+fn kept_instance_is_reopened_from_its_state_and_torn_down() {
+    require_root!();
+    let env = Env::new();
+    let instance = unique_instance();
+    let root = env.state_root();
+    let _guard = InstanceGuard {
+        state_root: root.clone(),
+        instance: instance.clone(),
+    };
+    let testbed = Testbed::up(env.options(&instance)).expect("up");
+    let pods = testbed.pods().to_vec();
+    testbed.keep();
+    assert_eq!(
+        namespaces_of(&instance).len(),
+        5,
+        "fab, ext, node1, pod-a, pod-b"
+    );
+
+    let reopened = Testbed::open(&root, &instance).expect("open");
+    assert_eq!(reopened.pods(), pods.as_slice());
+    assert_eq!(reopened.mode(), Mode::Kernel);
+    let out = reopened.exec_in_pod(
+        "default/pod-b",
+        &["ping", "-c", "1", "-W", "1", &pods[0].ip.to_string()],
+    );
+    assert!(out.expect("runs").status.success());
+    let err = reopened
+        .exec_in_pod("default/nope", &["true"])
+        .expect_err("unknown pod");
+    assert!(
+        err.to_string().contains("default/pod-a"),
+        "lists known pods: {err}"
+    );
+    drop(reopened);
+    assert!(
+        !namespaces_of(&instance).is_empty(),
+        "an opened handle does not tear down on drop"
+    );
+
+    Testbed::open(&root, &instance)
+        .expect("open")
+        .down()
+        .expect("down");
+    assert_nothing_left(&instance, &root);
+}
+
+#[test]
+fn cli_up_status_exec_down() {
+    require_root!();
+    let env = Env::new();
+    let instance = unique_instance();
+    let root = env.state_root();
+    let _guard = InstanceGuard {
+        state_root: root.clone(),
+        instance: instance.clone(),
+    };
+    let cni = env.options(&instance).cni_bin;
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sluice-testbed"))
+            .arg("--state-root")
+            .arg(&root)
+            .args(args)
+            .output()
+            .expect("sluice-testbed runs")
+    };
+    let file = env.cluster_file();
+    let file = file.to_str().expect("utf-8 path");
+    let cni = cni.to_str().expect("utf-8 path");
+
+    let up = cli(&[
+        "up",
+        file,
+        "--instance",
+        &instance,
+        "--mode",
+        "kernel",
+        "--cni",
+        cni,
+    ]);
+    assert!(
+        up.status.success(),
+        "up: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let again = cli(&[
+        "up",
+        file,
+        "--instance",
+        &instance,
+        "--mode",
+        "kernel",
+        "--cni",
+        cni,
+    ]);
+    assert!(!again.status.success(), "second up refused");
+
+    let status = cli(&["status", "--instance", &instance]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success() && text.contains("default/pod-a") && text.contains("node1"),
+        "{text}"
+    );
+
+    let exec = cli(&[
+        "exec",
+        "default/pod-a",
+        "--instance",
+        &instance,
+        "--",
+        "sh",
+        "-c",
+        "exit 7",
+    ]);
+    assert_eq!(exec.status.code(), Some(7), "exit code passes through");
+    let exec = cli(&[
+        "exec",
+        "default/pod-a",
+        "--instance",
+        &instance,
+        "--",
+        "ip",
+        "-4",
+        "-o",
+        "addr",
+        "show",
+        "eth0",
+    ]);
+    let shown = String::from_utf8_lossy(&exec.stdout);
+    let a = Testbed::open(&root, &instance)
+        .expect("open")
+        .pod("default/pod-a")
+        .expect("pod")
+        .ip;
+    assert!(
+        exec.status.success() && shown.contains(&a.to_string()),
+        "{shown}"
+    );
+
+    let down = cli(&["down", "--instance", &instance]);
+    assert!(
+        down.status.success(),
+        "down: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert_nothing_left(&instance, &root);
+    let down = cli(&["down", "--instance", &instance]);
+    assert!(
+        down.status.success(),
+        "down of a missing instance is a no-op"
+    );
+}
