@@ -32,6 +32,8 @@ pub enum HistError {
 /// Percentiles and extremes, in nanoseconds. All zero when nothing was recorded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencySummary {
+    /// Values recorded (named apart from packet counts when flattened into a report).
+    #[serde(rename = "latency_samples")]
     pub count: u64,
     pub min_ns: u64,
     pub mean_ns: f64,

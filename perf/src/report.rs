@@ -403,6 +403,7 @@ mod tests {
         assert_eq!(v["results"]["sink"]["lost"], 0);
         assert_eq!(v["results"]["sink"]["p50_ns"], 5000);
         assert_eq!(v["results"]["sink"]["p99_ns"], 9000);
+        assert_eq!(v["results"]["sink"]["latency_samples"], 1000);
         assert!(v["results"]["sink"].get("histogram").is_none());
         assert!(v["results"]["pingpong"].is_null());
         assert_eq!(v["agent_status_after"]["anything"][1], 2);
