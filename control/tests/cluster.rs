@@ -147,6 +147,47 @@ fn two_node_file_has_two_usable_nodes_and_a_cross_node_service() {
     assert_eq!(web[0].ports.as_deref().expect("ports")[0].port, Some(8080));
 }
 
+#[test]
+fn kubectl_dump_parses_with_server_fields_and_skipped_kinds() {
+    let state =
+        load_file(&clusters_dir().join("kubectl-get-all.yaml")).expect("kubectl dump parses");
+    assert_eq!(state.nodes.len(), 1);
+    assert_eq!(state.namespaces.len(), 1);
+    assert_eq!(state.pods.len(), 1, "Deployment and ReplicaSet are skipped");
+    assert_eq!(state.services.len(), 2);
+    assert_eq!(state.endpoint_slices.len(), 2);
+    let node = state.node_info("talos-cp-1").expect("node");
+    assert_eq!(node.gateway, Ipv4Addr::new(10, 244, 0, 1));
+    assert_eq!(node.internal_ip, Ipv4Addr::new(192, 168, 122, 10));
+    // Every Service is covered by a slice in the dump: nothing is derived.
+    assert_eq!(state.effective_endpoint_slices(), state.endpoint_slices);
+}
+
+#[test]
+fn derived_slice_matches_what_the_controller_wrote_in_the_dump() {
+    let mut state =
+        load_file(&clusters_dir().join("kubectl-get-all.yaml")).expect("kubectl dump parses");
+    let is_kube_dns = |s: &EndpointSlice| s.metadata.name.as_deref() == Some("kube-dns-m7r4q");
+    let written = state
+        .endpoint_slices
+        .iter()
+        .find(|s| is_kube_dns(s))
+        .cloned()
+        .expect("controller-written slice in the dump");
+    state.endpoint_slices.retain(|s| !is_kube_dns(s));
+    let slices = state.effective_endpoint_slices();
+    let derived = derived_for(&slices, "kube-dns");
+    assert_eq!(derived.len(), 1);
+    assert_eq!(derived[0].address_type, written.address_type);
+    assert_eq!(derived[0].endpoints, written.endpoints);
+    let mut derived_ports = derived[0].ports.clone().expect("ports");
+    let mut written_ports = written.ports.clone().expect("ports");
+    let by_name = |p: &k8s_openapi::api::discovery::v1::EndpointPort| p.name.clone();
+    derived_ports.sort_by_key(by_name);
+    written_ports.sort_by_key(by_name);
+    assert_eq!(derived_ports, written_ports);
+}
+
 // ---------------------------------------------------------------- stream shapes
 
 #[test]
