@@ -181,13 +181,15 @@ impl Ctx<'_> {
         self.path(name).display().to_string()
     }
 
-    /// Starts `argv` (after this binary) in `pod`, stdout discarded, stderr to `NAME.log`.
+    /// Starts `argv` (after this binary) in `pod`, stdout discarded, stderr to `argv[0].log`
+    /// (the subcommand's name).
     fn spawn(&self, pod: &str, name: &'static str, argv: &[String]) -> Result<ChildGuard> {
+        let stem = argv.first().map_or("child", String::as_str);
         let mut full: Vec<&str> = vec![&self.exe];
         full.extend(argv.iter().map(String::as_str));
         let mut cmd = self.tb.pod_command(pod, &full)?;
-        let log = std::fs::File::create(self.path(&format!("{name}.log")))
-            .with_context(|| format!("creating {name}.log in {}", self.dir.display()))?;
+        let log = std::fs::File::create(self.path(&format!("{stem}.log")))
+            .with_context(|| format!("creating {stem}.log in {}", self.dir.display()))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let child = cmd
             .spawn()
