@@ -10,6 +10,11 @@
 //!
 //! The route disappears with the veth, so `EndpointDel` only needs an answer. The server exists
 //! only while plugins run (ADDs at `up`, DELs at `down`).
+//!
+//! Between nodes, kernel mode does what Flannel's vxlan backend does ([`link_nodes`]): a vxlan
+//! device (VNI 1, UDP 8472, as sluice) per node with a MAC derived from the node's address, and
+//! for every other node a route to its pod CIDR via its VTEP, a permanent neighbour entry and a
+//! forwarding entry to its InternalIP. No learning, no flooding.
 use std::{
     io::{BufRead, BufReader, ErrorKind, Write},
     net::Ipv4Addr,
@@ -172,6 +177,93 @@ fn handle(request: &Request, netns: &str, gateway: Ipv4Addr) -> Response {
     }
 }
 
+/// The kernel-mode vxlan device in every node namespace.
+pub const VXLAN_DEV: &str = "sluice-vx";
+/// VNI and UDP port of the kernel-mode overlay (Cilium's and sluice's defaults).
+pub const VXLAN_VNI: &str = "1";
+pub const VXLAN_PORT: &str = "8472";
+
+/// A node as [`link_nodes`] sees it.
+pub struct OverlayNode<'a> {
+    pub netns: &'a str,
+    pub ip: Ipv4Addr,
+    pub pod_cidr: ipnet::Ipv4Net,
+}
+
+/// The VTEP MAC of a node: locally administered, from its InternalIP (unique on the fabric).
+pub fn vtep_mac(ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = ip.octets();
+    format!("02:73:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
+}
+
+/// Flannel-style vxlan routing between all nodes (module doc). Idempotent.
+pub fn link_nodes(nodes: &[OverlayNode<'_>], uplink: &str) -> Result<(), CmdError> {
+    for node in nodes {
+        let ip = node.ip.to_string();
+        let mac = vtep_mac(node.ip);
+        if cmd::ip_in(node.netns, &["link", "show", VXLAN_DEV]).is_err() {
+            cmd::ip_in(
+                node.netns,
+                &[
+                    "link",
+                    "add",
+                    VXLAN_DEV,
+                    "address",
+                    &mac,
+                    "type",
+                    "vxlan",
+                    "id",
+                    VXLAN_VNI,
+                    "dstport",
+                    VXLAN_PORT,
+                    "local",
+                    &ip,
+                    "dev",
+                    uplink,
+                    "nolearning",
+                ],
+            )?;
+        }
+        cmd::ip_in(node.netns, &["link", "set", VXLAN_DEV, "up"])?;
+        let vtep = format!("{}/32", node.pod_cidr.network());
+        cmd::ip_in(node.netns, &["addr", "replace", &vtep, "dev", VXLAN_DEV])?;
+        for peer in nodes.iter().filter(|p| p.netns != node.netns) {
+            let peer_vtep = peer.pod_cidr.network().to_string();
+            let peer_mac = vtep_mac(peer.ip);
+            let cidr = peer.pod_cidr.to_string();
+            cmd::ip_in(
+                node.netns,
+                &[
+                    "route", "replace", &cidr, "via", &peer_vtep, "dev", VXLAN_DEV, "onlink",
+                ],
+            )?;
+            cmd::ip_in(
+                node.netns,
+                &[
+                    "neigh",
+                    "replace",
+                    &peer_vtep,
+                    "lladdr",
+                    &peer_mac,
+                    "dev",
+                    VXLAN_DEV,
+                    "nud",
+                    "permanent",
+                ],
+            )?;
+            let peer_ip = peer.ip.to_string();
+            cmd::run(
+                "bridge",
+                &[
+                    "-n", node.netns, "fdb", "replace", &peer_mac, "dev", VXLAN_DEV, "dst",
+                    &peer_ip,
+                ],
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Kernel routing for one pod (module doc).
 pub fn route_endpoint(netns: &str, gateway: Ipv4Addr, endpoint: &Endpoint) -> Result<(), CmdError> {
     let host = endpoint.host_ifname.as_str();
@@ -198,6 +290,15 @@ pub fn route_endpoint(netns: &str, gateway: Ipv4Addr, endpoint: &Endpoint) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vtep_macs_are_local_unicast_and_per_node() {
+        assert_eq!(vtep_mac(Ipv4Addr::new(172, 18, 0, 11)), "02:73:ac:12:00:0b");
+        assert_ne!(
+            vtep_mac(Ipv4Addr::new(172, 18, 0, 11)),
+            vtep_mac(Ipv4Addr::new(172, 18, 0, 12))
+        );
+    }
 
     #[test]
     fn conf_follows_the_kernel_mode_rules() {

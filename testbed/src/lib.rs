@@ -628,6 +628,17 @@ impl Testbed {
                         source,
                     })?;
                 }
+                let overlay: Vec<kernel::OverlayNode<'_>> = self
+                    .state
+                    .nodes
+                    .iter()
+                    .map(|n| kernel::OverlayNode {
+                        netns: &n.netns,
+                        ip: n.ip,
+                        pod_cidr: n.pod_cidr,
+                    })
+                    .collect();
+                kernel::link_nodes(&overlay, UPLINK)?;
                 self.start_kernel_servers()?;
             }
         }

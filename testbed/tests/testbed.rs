@@ -62,6 +62,52 @@ spec:
       image: busybox
 "#;
 
+const TWO_NODES: &str = r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+spec:
+  podCIDR: 10.244.1.0/24
+status:
+  addresses:
+    - type: InternalIP
+      address: 172.31.9.11
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node2
+spec:
+  podCIDR: 10.244.2.0/24
+status:
+  addresses:
+    - type: InternalIP
+      address: 172.31.9.12
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: pod-a
+  namespace: default
+spec:
+  nodeName: node1
+  containers:
+    - name: c
+      image: busybox
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: pod-c
+  namespace: other
+spec:
+  nodeName: node2
+  containers:
+    - name: c
+      image: busybox
+"#;
+
 /// A temporary directory holding the cluster file and the state root.
 struct Env {
     dir: tempfile::TempDir,
@@ -69,8 +115,11 @@ struct Env {
 
 impl Env {
     fn new() -> Self {
+        Self::with_cluster(CLUSTER)
+    }
+    fn with_cluster(yaml: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("cluster.yaml"), CLUSTER).expect("write cluster file");
+        std::fs::write(dir.path().join("cluster.yaml"), yaml).expect("write cluster file");
         Self { dir }
     }
     fn cluster_file(&self) -> PathBuf {
@@ -205,6 +254,54 @@ fn kernel_mode_pods_ping_each_other_and_down_leaves_nothing() {
     assert!(root.join(&instance).join("state.json").is_file());
     testbed.down().expect("down");
     assert_nothing_left(&instance, &root);
+}
+
+#[test]
+fn kernel_mode_routes_between_nodes_over_vxlan() {
+    require_root!();
+    let env = Env::with_cluster(TWO_NODES);
+    let instance = unique_instance();
+    let testbed = Testbed::up(env.options(&instance)).expect("up");
+    let a = testbed.pod("default/pod-a").expect("pod-a").clone();
+    let c = testbed.pod("other/pod-c").expect("pod-c").clone();
+    assert_eq!((a.node.as_str(), c.node.as_str()), ("node1", "node2"));
+    assert_eq!(c.netns, format!("sl-{instance}-node2-other-pod-c"));
+    assert!(c.ip.to_string().starts_with("10.244.2."), "{c:?}");
+    let out = ping(&testbed, "default/pod-a", c.ip);
+    assert!(
+        out.status.success(),
+        "cross-node ping failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = ping(&testbed, "other/pod-c", a.ip);
+    assert!(out.status.success(), "cross-node ping back failed");
+    // The packets went through the overlay device, not some other path.
+    let out = testbed
+        .exec_in_node(
+            "node2",
+            &["cat", "/sys/class/net/sluice-vx/statistics/rx_packets"],
+        )
+        .expect("cat runs");
+    let rx: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a counter");
+    assert!(rx >= 3, "node2's vxlan device received {rx} packets");
+    testbed.down().expect("down");
+    assert_nothing_left(&instance, &env.state_root());
+}
+
+#[test]
+fn nodes_outside_one_subnet_are_refused_before_anything_is_created() {
+    require_root!();
+    let env = Env::with_cluster(&TWO_NODES.replace("172.31.9.12", "172.31.10.12"));
+    let instance = unique_instance();
+    let err = Testbed::up(env.options(&instance))
+        .err()
+        .expect("two subnets");
+    assert!(matches!(err, TestbedError::Plan(_)), "{err}");
+    assert!(err.to_string().contains("node2"), "{err}");
+    assert_nothing_left(&instance, &env.state_root());
 }
 
 #[test]
