@@ -64,16 +64,26 @@ pub struct Response {
 
 impl Response {
     pub fn ok() -> Self {
-        Self { ok: true, error: None, status: None }
+        Self {
+            ok: true,
+            error: None,
+            status: None,
+        }
     }
     pub fn error(msg: impl Into<String>) -> Self {
-        Self { ok: false, error: Some(msg.into()), status: None }
+        Self {
+            ok: false,
+            error: Some(msg.into()),
+            status: None,
+        }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("cannot reach the sluice agent at {path}: {source} (is `sluice run` running on this node?)")]
+    #[error(
+        "cannot reach the sluice agent at {path}: {source} (is `sluice run` running on this node?)"
+    )]
     Connect {
         path: PathBuf,
         #[source]
@@ -98,9 +108,14 @@ pub enum ApiError {
 /// Sends one request to the agent at `socket` and waits at most `timeout` for the answer.
 /// A response with `ok: false` becomes [`ApiError::Refused`].
 pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ApiError> {
-    let io = |source| ApiError::Io { path: socket.to_path_buf(), source };
-    let mut stream = UnixStream::connect(socket)
-        .map_err(|source| ApiError::Connect { path: socket.to_path_buf(), source })?;
+    let io = |source| ApiError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|source| ApiError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
     let mut line = serde_json::to_vec(request).expect("requests always serialize");
@@ -108,10 +123,15 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     stream.write_all(&line).map_err(io)?;
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
-    let response: Response = serde_json::from_str(answer.trim_end())
-        .map_err(|source| ApiError::Decode { path: socket.to_path_buf(), source })?;
+    let response: Response =
+        serde_json::from_str(answer.trim_end()).map_err(|source| ApiError::Decode {
+            path: socket.to_path_buf(),
+            source,
+        })?;
     if !response.ok {
-        return Err(ApiError::Refused(response.error.unwrap_or_else(|| "no reason given".into())));
+        return Err(ApiError::Refused(
+            response.error.unwrap_or_else(|| "no reason given".into()),
+        ));
     }
     Ok(response)
 }

@@ -206,13 +206,14 @@ fn tail_lines(path: &Path) -> String {
     }
 }
 
-/// Whether `pid` is a live (not zombie) process running `binary` (its argv[0]).
+/// Whether `pid` is a live (not zombie) process running `binary`: its argv[0], or argv[1] when
+/// `binary` is a script run by an interpreter.
 pub fn runs_binary(pid: u32, binary: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
-    argv0 == binary.as_os_str().as_encoded_bytes() && !is_zombie(pid)
+    let binary = binary.as_os_str().as_encoded_bytes();
+    cmdline.split(|&b| b == 0).take(2).any(|arg| arg == binary) && !is_zombie(pid)
 }
 
 fn is_zombie(pid: u32) -> bool {

@@ -521,3 +521,122 @@ fn cli_up_status_exec_down() {
         "down of a missing instance is a no-op"
     );
 }
+
+/// A stand-in agent for the lifecycle tests of sluice mode (start, readiness, stop, restart): it
+/// writes the CNI config and answers every request with ok. It moves no packets.
+const FAKE_AGENT: &str = r#"#!/usr/bin/env python3
+import json, os, socket, sys
+args = sys.argv[1:]
+opt = lambda name: args[args.index(name) + 1]
+state, confdir = opt("--state-dir"), opt("--cni-conf-dir")
+print("fake agent", " ".join(args), flush=True)
+sock_path = os.path.join(state, "sluice.sock")
+listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+listener.bind(sock_path)
+listener.listen(8)
+conf = {"cniVersion": "1.0.0", "name": "sluice", "type": "sluice-cni", "mtu": 1500,
+        "podCIDR": "10.244.1.0/24", "gateway": "10.244.1.1", "agentSocket": sock_path,
+        "dataDir": os.path.join(state, "ipam"), "queues": 1}
+with open(os.path.join(confdir, "05-sluice.conf"), "w") as f:
+    json.dump(conf, f)
+while True:
+    conn, _ = listener.accept()
+    conn.makefile().readline()
+    conn.sendall(b'{"ok":true}\n')
+    conn.close()
+"#;
+
+fn fake_agent(env: &Env, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = env.dir.path().join("fake-sluice");
+    std::fs::write(&path, body).expect("write fake agent");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+#[test]
+fn sluice_mode_agent_lifecycle_with_a_stand_in_agent() {
+    require_root!();
+    if Command::new("python3").arg("--version").output().is_err() {
+        eprintln!("skipping: needs python3 for the stand-in agent");
+        return;
+    }
+    let env = Env::new();
+    let instance = unique_instance();
+    let mut opts = env.options(&instance);
+    opts.mode = Mode::Sluice { workers: 2 };
+    opts.sluice_bin = fake_agent(&env, FAKE_AGENT);
+    let mut testbed = Testbed::up(opts).expect("up with the stand-in agent");
+    let node = testbed.nodes()[0].clone();
+    let first_pid = node.agent_pid.expect("agent pid recorded");
+    assert!(testbed.agent_alive("node1").expect("node1"));
+    assert_eq!(
+        testbed.pods().len(),
+        2,
+        "CNI ADD went through the agent socket"
+    );
+    let log = std::fs::read_to_string(node.state_dir.join("agent.log")).expect("agent log");
+    for arg in [
+        "run --source file:",
+        "--node node1",
+        "--workers 2",
+        "--cni-conf-dir",
+    ] {
+        assert!(log.contains(arg), "agent command line lacks {arg:?}: {log}");
+    }
+    // The agent runs inside the node namespace.
+    let agent_ns = std::fs::read_link(format!("/proc/{first_pid}/ns/net")).expect("agent netns");
+    let node_ns = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &node.netns,
+            "readlink",
+            "/proc/self/ns/net",
+        ])
+        .output()
+        .expect("readlink");
+    assert_eq!(
+        agent_ns.to_string_lossy(),
+        String::from_utf8_lossy(&node_ns.stdout).trim()
+    );
+
+    let err = testbed.start_agent("node1").expect_err("already running");
+    assert!(matches!(err, TestbedError::AgentRunning { .. }), "{err}");
+    testbed.stop_agent("node1", libc::SIGKILL).expect("stop");
+    assert!(!testbed.agent_alive("node1").expect("node1"));
+    assert_eq!(testbed.nodes()[0].agent_pid, None);
+    assert!(
+        std::fs::metadata(format!("/proc/{first_pid}")).is_err(),
+        "process gone"
+    );
+    testbed.start_agent("node1").expect("restart");
+    let second_pid = testbed.nodes()[0].agent_pid.expect("new pid");
+    assert_ne!(first_pid, second_pid);
+    assert!(testbed.agent_alive("node1").expect("node1"));
+
+    testbed.down().expect("down");
+    assert!(
+        std::fs::metadata(format!("/proc/{second_pid}")).is_err(),
+        "down stopped the agent"
+    );
+    assert_nothing_left(&instance, &env.state_root());
+}
+
+#[test]
+fn sluice_mode_agent_that_exits_early_fails_up_with_its_log() {
+    require_root!();
+    let env = Env::new();
+    let instance = unique_instance();
+    let mut opts = env.options(&instance);
+    opts.mode = Mode::Sluice { workers: 1 };
+    opts.sluice_bin = fake_agent(&env, "#!/bin/sh\necho \"agent boom: $*\" >&2\nexit 3\n");
+    let err = Testbed::up(opts).err().expect("agent exits");
+    let text = err.to_string();
+    assert!(matches!(err, TestbedError::Agent(_)), "{text}");
+    assert!(
+        text.contains("agent boom: run --source file:") && text.contains("exited early"),
+        "{text}"
+    );
+    assert_nothing_left(&instance, &env.state_root());
+}
