@@ -9,13 +9,29 @@ fn main() {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let ebpf_dir = manifest_dir.join("ebpf");
-    for rel in ["ebpf/src", "ebpf/Cargo.toml", "common/src", "common/Cargo.toml"] {
-        println!("cargo:rerun-if-changed={}", manifest_dir.join(rel).display());
+    for rel in [
+        "ebpf/src",
+        "ebpf/Cargo.toml",
+        "common/src",
+        "common/Cargo.toml",
+    ] {
+        println!(
+            "cargo:rerun-if-changed={}",
+            manifest_dir.join(rel).display()
+        );
     }
     let target_dir = out_dir.join("ebpf-target");
     let mut cmd = Command::new("rustup");
     cmd.current_dir(&ebpf_dir)
-        .args(["run", "nightly", "cargo", "build", "--release", "-Z", "build-std=core"])
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "build",
+            "--release",
+            "-Z",
+            "build-std=core",
+        ])
         .args(["--target", "bpfel-unknown-none", "--bins", "--locked"])
         .arg("--manifest-path")
         .arg(ebpf_dir.join("Cargo.toml"))
@@ -38,7 +54,10 @@ fn main() {
         cmd.env_remove(key);
     }
     // BTF in the object (aya loads BTF-less objects too; BTF gives bpftool readable maps).
-    cmd.env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf");
+    cmd.env(
+        "CARGO_ENCODED_RUSTFLAGS",
+        "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+    );
     let status = cmd.status().unwrap_or_else(|e| {
         panic!("xdp-redirect: cannot run `rustup run nightly cargo` ({e}); run .ci/run or install rustup")
     });

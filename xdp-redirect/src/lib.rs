@@ -11,8 +11,8 @@ use aya::{
     programs::{Xdp, XdpMode},
     Ebpf,
 };
-pub use xdp_redirect_common::{Action, PassKey, RuleAction, MAX_QUEUES};
 use xdp_redirect_common::CONFIG_DEFAULT_ACTION;
+pub use xdp_redirect_common::{Action, PassKey, RuleAction, MAX_QUEUES};
 
 /// The eBPF object built by `build.rs` (nightly, bpfel-unknown-none, with BTF).
 pub static PROGRAM_OBJECT: &[u8] =
@@ -36,7 +36,11 @@ pub enum Error {
         source: Box<aya::programs::ProgramError>,
     },
     #[error("attaching XDP to {ifname} failed in native mode ({native}) and in generic mode ({generic})")]
-    Attach { ifname: String, native: String, generic: String },
+    Attach {
+        ifname: String,
+        native: String,
+        generic: String,
+    },
     #[error("XDP map {map} on {ifname}: {source}")]
     Map {
         ifname: String,
@@ -49,7 +53,11 @@ pub enum Error {
     #[error("interface {ifname} does not exist")]
     NoInterface { ifname: String },
     #[error("rx queue {queue} on {ifname} is beyond the XSKMAP size {max}")]
-    QueueTooLarge { ifname: String, queue: u32, max: u32 },
+    QueueTooLarge {
+        ifname: String,
+        queue: u32,
+        max: u32,
+    },
 }
 
 /// How the program ended up attached.
@@ -95,11 +103,15 @@ impl std::fmt::Debug for Attachment {
 
 /// Interface index of `ifname` in the current network namespace.
 pub fn ifindex(ifname: &str) -> Result<u32, Error> {
-    let c = std::ffi::CString::new(ifname).map_err(|_| Error::NoInterface { ifname: ifname.into() })?;
+    let c = std::ffi::CString::new(ifname).map_err(|_| Error::NoInterface {
+        ifname: ifname.into(),
+    })?;
     // SAFETY: c is a valid NUL-terminated string for the duration of the call.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if idx == 0 {
-        return Err(Error::NoInterface { ifname: ifname.into() });
+        return Err(Error::NoInterface {
+            ifname: ifname.into(),
+        });
     }
     Ok(idx)
 }
@@ -109,9 +121,15 @@ impl Attachment {
     /// allows, else in generic mode (logged as a warning: generic mode is several times slower).
     pub fn attach(ifname: &str, allow_generic: bool) -> Result<Self, Error> {
         let ifindex = ifindex(ifname)?;
-        let mut ebpf = Ebpf::load(PROGRAM_OBJECT)
-            .map_err(|e| Error::Load { ifname: ifname.into(), source: Box::new(e) })?;
-        let prog_err = |what, e| Error::Program { ifname: ifname.into(), what, source: Box::new(e) };
+        let mut ebpf = Ebpf::load(PROGRAM_OBJECT).map_err(|e| Error::Load {
+            ifname: ifname.into(),
+            source: Box::new(e),
+        })?;
+        let prog_err = |what, e| Error::Program {
+            ifname: ifname.into(),
+            what,
+            source: Box::new(e),
+        };
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
             .ok_or(Error::MissingMap { map: PROGRAM_NAME })?
@@ -120,7 +138,8 @@ impl Attachment {
         program.load().map_err(|e| prog_err("load", e))?;
         let mode = match program.attach_to_if_index(ifindex, XdpMode::Driver) {
             Ok(_) => AttachMode::Native,
-            Err(native) if allow_generic => match program.attach_to_if_index(ifindex, XdpMode::Skb) {
+            Err(native) if allow_generic => match program.attach_to_if_index(ifindex, XdpMode::Skb)
+            {
                 Ok(_) => {
                     tracing::warn!(ifname, %native, "native XDP unavailable; attached in generic (SKB) mode");
                     AttachMode::Generic
@@ -141,17 +160,41 @@ impl Attachment {
                 })
             }
         };
-        let map_err = |map, e| Error::Map { ifname: ifname.into(), map, source: Box::new(e) };
-        let xsks = XskMap::try_from(ebpf.take_map("XSKS").ok_or(Error::MissingMap { map: "XSKS" })?)
-            .map_err(|e| map_err("XSKS", e))?;
-        let rules = HashMap::try_from(ebpf.take_map("RULES").ok_or(Error::MissingMap { map: "RULES" })?)
-            .map_err(|e| map_err("RULES", e))?;
-        let config = Array::try_from(ebpf.take_map("CONFIG").ok_or(Error::MissingMap { map: "CONFIG" })?)
-            .map_err(|e| map_err("CONFIG", e))?;
-        let actions =
-            PerCpuArray::try_from(ebpf.take_map("ACTIONS").ok_or(Error::MissingMap { map: "ACTIONS" })?)
-                .map_err(|e| map_err("ACTIONS", e))?;
-        Ok(Self { ifname: ifname.into(), ifindex, mode, xsks, rules, config, actions, _ebpf: ebpf })
+        let map_err = |map, e| Error::Map {
+            ifname: ifname.into(),
+            map,
+            source: Box::new(e),
+        };
+        let xsks = XskMap::try_from(
+            ebpf.take_map("XSKS")
+                .ok_or(Error::MissingMap { map: "XSKS" })?,
+        )
+        .map_err(|e| map_err("XSKS", e))?;
+        let rules = HashMap::try_from(
+            ebpf.take_map("RULES")
+                .ok_or(Error::MissingMap { map: "RULES" })?,
+        )
+        .map_err(|e| map_err("RULES", e))?;
+        let config = Array::try_from(
+            ebpf.take_map("CONFIG")
+                .ok_or(Error::MissingMap { map: "CONFIG" })?,
+        )
+        .map_err(|e| map_err("CONFIG", e))?;
+        let actions = PerCpuArray::try_from(
+            ebpf.take_map("ACTIONS")
+                .ok_or(Error::MissingMap { map: "ACTIONS" })?,
+        )
+        .map_err(|e| map_err("ACTIONS", e))?;
+        Ok(Self {
+            ifname: ifname.into(),
+            ifindex,
+            mode,
+            xsks,
+            rules,
+            config,
+            actions,
+            _ebpf: ebpf,
+        })
     }
 
     pub fn ifname(&self) -> &str {
@@ -165,16 +208,26 @@ impl Attachment {
     }
 
     fn map_err(&self, map: &'static str, e: aya::maps::MapError) -> Error {
-        Error::Map { ifname: self.ifname.clone(), map, source: Box::new(e) }
+        Error::Map {
+            ifname: self.ifname.clone(),
+            map,
+            source: Box::new(e),
+        }
     }
 
     /// Starts redirecting frames of rx `queue` to the AF_XDP socket `fd`.
     pub fn register_socket(&mut self, queue: u32, fd: BorrowedFd<'_>) -> Result<(), Error> {
         if queue >= MAX_QUEUES {
-            return Err(Error::QueueTooLarge { ifname: self.ifname.clone(), queue, max: MAX_QUEUES });
+            return Err(Error::QueueTooLarge {
+                ifname: self.ifname.clone(),
+                queue,
+                max: MAX_QUEUES,
+            });
         }
         let raw = fd.as_fd().as_raw_fd();
-        self.xsks.set(queue, raw, 0).map_err(|e| self.map_err("XSKS", e))
+        self.xsks
+            .set(queue, raw, 0)
+            .map_err(|e| self.map_err("XSKS", e))
     }
 
     /// Stops redirecting rx `queue`: its frames go to the kernel again.
@@ -193,12 +246,16 @@ impl Attachment {
 
     /// What happens to traffic no rule matches. A fresh attachment redirects everything.
     pub fn set_default(&mut self, action: RuleAction) -> Result<(), Error> {
-        self.config.set(CONFIG_DEFAULT_ACTION, action as u32, 0).map_err(|e| self.map_err("CONFIG", e))
+        self.config
+            .set(CONFIG_DEFAULT_ACTION, action as u32, 0)
+            .map_err(|e| self.map_err("CONFIG", e))
     }
 
     /// Adds or replaces the rule for traffic matching `key`.
     pub fn set_rule(&mut self, key: PassKey, action: RuleAction) -> Result<(), Error> {
-        self.rules.insert(key, action as u8, 0).map_err(|e| self.map_err("RULES", e))
+        self.rules
+            .insert(key, action as u8, 0)
+            .map_err(|e| self.map_err("RULES", e))
     }
 
     /// Removes the rule for `key`, if any.
@@ -218,7 +275,10 @@ impl Attachment {
     pub fn counters(&self) -> Result<[u64; Action::COUNT as usize], Error> {
         let mut out = [0u64; Action::COUNT as usize];
         for action in Action::ALL {
-            let per_cpu = self.actions.get(&(action as u32), 0).map_err(|e| self.map_err("ACTIONS", e))?;
+            let per_cpu = self
+                .actions
+                .get(&(action as u32), 0)
+                .map_err(|e| self.map_err("ACTIONS", e))?;
             out[action as usize] = per_cpu.iter().sum();
         }
         Ok(out)

@@ -44,10 +44,22 @@ pub struct PassKey {
 
 impl PassKey {
     pub const fn ethertype(ethertype: u16) -> Self {
-        Self { ethertype, ip_proto: 0, pad: 0, dst_port: 0, pad2: 0 }
+        Self {
+            ethertype,
+            ip_proto: 0,
+            pad: 0,
+            dst_port: 0,
+            pad2: 0,
+        }
     }
     pub const fn ipv4(ip_proto: u8, dst_port: u16) -> Self {
-        Self { ethertype: 0x0800, ip_proto, pad: 0, dst_port, pad2: 0 }
+        Self {
+            ethertype: 0x0800,
+            ip_proto,
+            pad: 0,
+            dst_port,
+            pad2: 0,
+        }
     }
 }
 
@@ -71,8 +83,12 @@ pub enum Action {
 
 impl Action {
     pub const COUNT: u32 = 4;
-    pub const ALL: [Action; 4] =
-        [Action::Redirected, Action::PassNoSocket, Action::PassRule, Action::PassShort];
+    pub const ALL: [Action; 4] = [
+        Action::Redirected,
+        Action::PassNoSocket,
+        Action::PassRule,
+        Action::PassShort,
+    ];
     pub const fn as_str(self) -> &'static str {
         match self {
             Action::Redirected => "redirected",

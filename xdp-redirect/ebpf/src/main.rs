@@ -10,13 +10,13 @@
 #![no_std]
 #![no_main]
 
+use aya_ebpf::maps::Array;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
     maps::{HashMap, PerCpuArray, XskMap},
     programs::XdpContext,
 };
-use aya_ebpf::maps::Array;
 use xdp_redirect_common::{
     Action, PassKey, RuleAction, CONFIG_DEFAULT_ACTION, CONFIG_ENTRIES, MAX_QUEUES, MAX_RULES,
 };
@@ -66,7 +66,9 @@ fn rule(key: &PassKey) -> Option<bool> {
 /// `Ok(true)`: leave to the kernel. `Err`: too short to classify.
 #[inline(always)]
 fn kernel_keeps(ctx: &XdpContext) -> Result<bool, ()> {
-    let default_pass = CONFIG.get(CONFIG_DEFAULT_ACTION).map(|v| *v == RuleAction::Pass as u32);
+    let default_pass = CONFIG
+        .get(CONFIG_DEFAULT_ACTION)
+        .map(|v| *v == RuleAction::Pass as u32);
     let default_pass = default_pass.unwrap_or(false);
     let ethertype = u16::from_be(load::<u16>(ctx, 12).ok_or(())?);
     if let Some(pass) = rule(&PassKey::ethertype(ethertype)) {
@@ -112,7 +114,8 @@ pub fn xdp_redirect(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     }
     count(Action::Redirected);
-    XSKS.redirect(queue, xdp_action::XDP_PASS as u64).unwrap_or(xdp_action::XDP_PASS)
+    XSKS.redirect(queue, xdp_action::XDP_PASS as u64)
+        .unwrap_or(xdp_action::XDP_PASS)
 }
 
 #[cfg(not(test))]
