@@ -31,7 +31,8 @@ pub struct DataplaneConfig {
     pub umem: UmemConfig,
     pub rings: RingSizes,
     pub batch: u32,
-    pub idle_spins: u32,
+    /// See [`WorkerConfig::idle_spin`].
+    pub idle_spin: Duration,
     pub idle_poll_ms: i32,
 }
 
@@ -43,7 +44,7 @@ impl Default for DataplaneConfig {
             umem: UmemConfig::default(),
             rings: RingSizes::default(),
             batch: 64,
-            idle_spins: 256,
+            idle_spin: Duration::from_micros(200),
             idle_poll_ms: 100,
         }
     }
@@ -138,7 +139,7 @@ impl Dataplane {
                 umem: config.umem,
                 rings: config.rings,
                 batch: config.batch,
-                idle_spins: config.idle_spins,
+                idle_spin: config.idle_spin,
                 idle_poll_ms: config.idle_poll_ms,
             };
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);

@@ -50,6 +50,8 @@ pub enum Error {
     },
     #[error("XDP map {map} missing from the program object (rebuild xdp-redirect)")]
     MissingMap { map: &'static str },
+    #[error("XDP program {program} missing from the program object (rebuild xdp-redirect)")]
+    MissingProgram { program: &'static str },
     #[error("interface {ifname} does not exist")]
     NoInterface { ifname: String },
     #[error("rx queue {queue} on {ifname} is beyond the XSKMAP size {max}")]
@@ -132,7 +134,9 @@ impl Attachment {
         };
         let program: &mut Xdp = ebpf
             .program_mut(PROGRAM_NAME)
-            .ok_or(Error::MissingMap { map: PROGRAM_NAME })?
+            .ok_or(Error::MissingProgram {
+                program: PROGRAM_NAME,
+            })?
             .try_into()
             .map_err(|e| prog_err("type", e))?;
         program.load().map_err(|e| prog_err("load", e))?;

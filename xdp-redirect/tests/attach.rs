@@ -791,9 +791,6 @@ fn ipv4_header_length_is_honoured() {
 /// Fragments of one UDP datagram must be classified alike, or the first fragment goes one way
 /// (kernel or AF_XDP) and the rest the other, and neither side can reassemble the datagram.
 #[test]
-#[ignore = "bug: ebpf/src/main.rs reads the UDP/TCP destination port of non-first IPv4 \
-            fragments from payload bytes and looks up port rules with the first fragment's \
-            port, so the fragments of one datagram are split between kernel and AF_XDP"]
 fn fragments_of_one_datagram_are_classified_alike() {
     require_root!();
     let pair = Pair::new();

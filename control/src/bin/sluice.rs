@@ -42,9 +42,10 @@ enum Cmd {
         /// Worker threads (each owns queue q of every interface where q % workers == its id).
         #[arg(long, default_value_t = 1)]
         workers: usize,
-        /// Cores to pin workers to, comma separated (worker i -> i-th core).
-        #[arg(long, value_delimiter = ',')]
-        cores: Option<Vec<usize>>,
+        /// Cores to pin workers to: `auto` (the last cores of the machine, worker 0 on the
+        /// last one, leaving core 0 to the kernel and control), `none`, or a list `2,3`.
+        #[arg(long, default_value = "auto")]
+        cores: String,
         /// Do not try 2 MiB hugepages for the UMEM.
         #[arg(long)]
         no_hugepages: bool,
@@ -102,6 +103,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 Some(n) => n,
                 None => hostname()?,
             };
+            let cores = parse_cores(&cores, workers)?;
             let stop = Arc::new(AtomicBool::new(false));
             for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                 signal_hook::flag::register(sig, Arc::clone(&stop))?;
@@ -138,6 +140,38 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", status.render());
             }
             Ok(())
+        }
+    }
+}
+
+/// `auto`: worker i on core `ncpus - 1 - (i % ncpus)`; `none`: unpinned; else a list.
+fn parse_cores(spec: &str, workers: usize) -> anyhow::Result<Option<Vec<usize>>> {
+    let ncpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match spec {
+        "none" => Ok(None),
+        "auto" => Ok(Some(
+            (0..workers).map(|i| ncpus - 1 - (i % ncpus)).collect(),
+        )),
+        list => {
+            let cores = list
+                .split(',')
+                .map(|c| c.trim().parse::<usize>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    anyhow::anyhow!("--cores {list:?}: {e}; use auto, none or a list like 2,3")
+                })?;
+            if cores.len() < workers {
+                anyhow::bail!(
+                    "--cores {list:?} names {} cores for {workers} workers",
+                    cores.len()
+                );
+            }
+            if let Some(c) = cores.iter().find(|c| **c >= ncpus) {
+                anyhow::bail!(
+                    "--cores {list:?}: core {c} does not exist (this machine has {ncpus})"
+                );
+            }
+            Ok(Some(cores))
         }
     }
 }

@@ -83,7 +83,12 @@ fn kernel_keeps(ctx: &XdpContext) -> Result<bool, ()> {
         return Ok(default_pass);
     }
     let proto: u8 = load(ctx, ETH_HDR_LEN + 9).ok_or(())?;
-    if proto == IPPROTO_TCP || proto == IPPROTO_UDP {
+    // Fragments carry no port after the first one: every fragment of a datagram must take the
+    // same way (kernel or AF_XDP), or neither side can reassemble it. So a fragment (MF set or
+    // offset non-zero) is decided by the (proto, 0) rule or the default, never by its "port".
+    let frag = u16::from_be(load::<u16>(ctx, ETH_HDR_LEN + 6).ok_or(())?);
+    let fragment = frag & 0x3fff != 0;
+    if !fragment && (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
         // ihl is 20..=60: a constant-bounded offset the verifier accepts.
         let off = ETH_HDR_LEN + (ihl & 0x3c) + 2;
         let port = u16::from_be(load::<u16>(ctx, off).ok_or(())?);
