@@ -488,7 +488,7 @@ impl Agent {
                 other.endpoint.container_id
             );
         }
-        let mut attachment = Attachment::attach(&ep.host_ifname, true)
+        let attachment = Attachment::attach(&ep.host_ifname, true)
             .with_context(|| format!("attaching XDP to {}", ep.host_ifname))?;
         let ifindex = attachment.ifindex();
         let host_mac = read_mac(&ep.host_ifname)?;
@@ -499,44 +499,36 @@ impl Agent {
                 "interface has fewer queues than workers: workers without a queue on it cannot send to it"
             );
         }
-        let mut added = Vec::new();
-        let mut result = Ok(());
+        // Order matters. Persist first (a restart must know about every socket we create);
+        // then the sockets; then publish the snapshot that knows the interface; only then put
+        // the sockets in the XSKMAP, so the first frames redirected find a worker that knows
+        // where they came from. Every failure undoes what was done.
+        let file = self.endpoint_file(&ep.container_id);
+        let bytes = serde_json::to_vec_pretty(&ep)?;
+        write_atomic(&file, &bytes)
+            .with_context(|| format!("persisting endpoint {}", ep.container_id))?;
+        let mut ports = Vec::new();
         for q in 0..queues {
             match self.dp.add_port(ifindex, q) {
-                Ok(info) => {
-                    added.push(q);
-                    // SAFETY: the worker keeps this socket open until we remove the port, which
-                    // only this thread does, after unregistering it.
-                    let fd = unsafe { BorrowedFd::borrow_raw(info.fd) };
-                    if let Err(e) = attachment.register_socket(q, fd) {
-                        result = Err(anyhow::Error::new(e));
-                        break;
-                    }
-                }
+                Ok(info) => ports.push(info),
                 Err(e) => {
-                    result = Err(anyhow::Error::new(e)
+                    drop(attachment);
+                    for p in &ports {
+                        let _ = self.dp.remove_port(ifindex, p.queue);
+                    }
+                    let _ = std::fs::remove_file(&file);
+                    return Err(anyhow::Error::new(e)
                         .context(format!("AF_XDP socket on {} queue {q}", ep.host_ifname)));
-                    break;
                 }
             }
         }
-        if let Err(e) = result {
-            drop(attachment);
-            std::thread::sleep(REDIRECT_QUIESCE);
-            for q in added {
-                let _ = self.dp.remove_port(ifindex, q);
-            }
-            return Err(e);
-        }
-        let bytes = serde_json::to_vec_pretty(&ep)?;
-        write_atomic(&self.endpoint_file(&ep.container_id), &bytes)
-            .with_context(|| format!("persisting endpoint {}", ep.container_id))?;
+        let id = ep.container_id.clone();
         tracing::info!(
             container = %ep.container_id, pod = %format!("{}/{}", ep.pod_namespace, ep.pod_name),
             ifname = %ep.host_ifname, ip = %ep.ip, queues, xdp = attachment.mode().as_str(), "endpoint attached"
         );
         self.endpoints.insert(
-            ep.container_id.clone(),
+            id.clone(),
             Attached {
                 endpoint: ep,
                 attachment,
@@ -547,6 +539,22 @@ impl Agent {
             },
         );
         self.publish();
+        let mut failed = None;
+        if let Some(a) = self.endpoints.get_mut(&id) {
+            for p in &ports {
+                // SAFETY: the worker keeps this socket open until we remove the port, which only
+                // this thread does, after unregistering it (detach).
+                let fd = unsafe { BorrowedFd::borrow_raw(p.fd) };
+                if let Err(e) = a.attachment.register_socket(p.queue, fd) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            self.detach(&id);
+            return Err(anyhow::Error::new(e).context("registering AF_XDP sockets in the XSKMAP"));
+        }
         Ok(())
     }
 

@@ -37,6 +37,8 @@ pub struct Ipv4Meta {
     pub src_mac: Mac,
     /// True for non-first fragments (no transport header).
     pub later_fragment: bool,
+    /// True for any fragment (MF set or offset non-zero).
+    pub fragment: bool,
 }
 
 /// Classifies an Ethernet frame. Every failure is a drop reason; nothing here panics.
@@ -73,6 +75,7 @@ pub fn classify(frame: &[u8]) -> Result<Class, DropReason> {
                 dst: ip.dst(),
                 src_mac: eth.src(),
                 later_fragment: ip.frag_offset() != 0,
+                fragment: ip.frag_offset() != 0 || ip.more_fragments(),
             }))
         }
         ethernet::ETHERTYPE_IPV6 => Err(DropReason::Ipv6Unsupported),

@@ -39,11 +39,13 @@ pub enum DropReason {
     Ipv4BadSource = 15,
     /// Destination is a multicast or broadcast address (not forwarded).
     Ipv4Multicast = 16,
+    /// A pod sent from an address that is not its own (spoofing; policy would be bypassable).
+    SourceNotOwned = 17,
 }
 
 impl DropReason {
     /// Every reason, in number order (metrics export all of them, even at zero).
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::FrameTooShort,
         DropReason::UnsupportedEthertype,
         DropReason::Ipv6Unsupported,
@@ -60,9 +62,10 @@ impl DropReason {
         DropReason::UnknownInterface,
         DropReason::Ipv4BadSource,
         DropReason::Ipv4Multicast,
+        DropReason::SourceNotOwned,
     ];
     /// Size of a counter array indexed by `reason as usize` (index 0 unused).
-    pub const SLOTS: usize = 17;
+    pub const SLOTS: usize = 18;
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -82,6 +85,7 @@ impl DropReason {
             DropReason::UnknownInterface => "unknown_interface",
             DropReason::Ipv4BadSource => "ipv4_bad_source",
             DropReason::Ipv4Multicast => "ipv4_multicast",
+            DropReason::SourceNotOwned => "source_not_owned",
         }
     }
 

@@ -80,7 +80,7 @@ impl<'a> PacketBuf<'a> {
         new_len: usize,
     ) -> Result<(), NoRoom> {
         let end = self.head.checked_add(new_len).ok_or(NoRoom)?;
-        if end > self.buf.len() || src + n > self.len.max(new_len) || dst + n > new_len {
+        if end > self.buf.len() || src + n > self.len || dst + n > new_len {
             return Err(NoRoom);
         }
         let h = self.head;

@@ -12,7 +12,7 @@ use crate::{
     classify::{classify, Class},
     drop_reason::DropReason,
     packet::PacketBuf,
-    snapshot::Snapshot,
+    snapshot::{InterfaceRole, Snapshot},
     stages::{arp, gateway, icmp_error, route},
     Verdict,
 };
@@ -34,6 +34,13 @@ pub fn process(snap: &Snapshot, rx_ifindex: u32, pkt: &mut PacketBuf<'_>) -> Ver
             if src.is_multicast() || src.is_broadcast() || src.is_unspecified() || src.is_loopback()
             {
                 return Verdict::Drop(DropReason::Ipv4BadSource);
+            }
+            // A pod may only send from its own address (anti-spoofing, as Cilium's
+            // source-IP verification): later policy stages key on the source.
+            if rx.role == InterfaceRole::Pod
+                && snap.endpoint(src).map(|e| e.ifindex) != Some(rx.ifindex)
+            {
+                return Verdict::Drop(DropReason::SourceNotOwned);
             }
             if meta.dst == snap.gateway() {
                 return gateway::answer(rx, &meta, pkt);

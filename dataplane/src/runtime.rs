@@ -54,6 +54,8 @@ impl Default for DataplaneConfig {
 pub enum RuntimeError {
     #[error("dataplane needs at least one worker")]
     NoWorkers,
+    #[error("{ring} ring size {size} must be a power of two in 16..=65536 (batch: 1..=rx)")]
+    Rings { ring: &'static str, size: u32 },
     #[error("worker {worker}: {what}")]
     Worker { worker: usize, what: String },
     #[error("creating the wake-up eventfd for worker {worker}: {source}")]
@@ -76,10 +78,18 @@ struct WorkerHandle {
 
 impl WorkerHandle {
     fn send(&self, cmd: Command) -> Result<(), RuntimeError> {
-        self.commands.send(cmd).map_err(|_| RuntimeError::Worker {
-            worker: self.id,
-            what: "worker thread has exited".into(),
-        })?;
+        // Never block control on a stuck worker: a full queue is an error to report.
+        self.commands
+            .try_send(cmd)
+            .map_err(|e| RuntimeError::Worker {
+                worker: self.id,
+                what: match e {
+                    mpsc::TrySendError::Full(_) => {
+                        "command queue full (worker not keeping up)".into()
+                    }
+                    mpsc::TrySendError::Disconnected(_) => "worker thread has exited".into(),
+                },
+            })?;
         let one: u64 = 1;
         // SAFETY: writing 8 bytes to our own eventfd from a local u64.
         unsafe {
@@ -113,6 +123,26 @@ impl Dataplane {
     pub fn start(config: DataplaneConfig) -> Result<Self, RuntimeError> {
         if config.workers == 0 {
             return Err(RuntimeError::NoWorkers);
+        }
+        let r = config.rings;
+        for (name, n) in [
+            ("rx", r.rx),
+            ("tx", r.tx),
+            ("fill", r.fill),
+            ("completion", r.completion),
+        ] {
+            if !n.is_power_of_two() || !(16..=65536).contains(&n) {
+                return Err(RuntimeError::Rings {
+                    ring: name,
+                    size: n,
+                });
+            }
+        }
+        if config.batch == 0 || config.batch > r.rx {
+            return Err(RuntimeError::Rings {
+                ring: "batch",
+                size: config.batch,
+            });
         }
         let snapshot = Arc::new(ArcSwapOption::empty());
         let mut workers = Vec::with_capacity(config.workers);
@@ -290,7 +320,17 @@ impl Dataplane {
 
     fn stop(&mut self) {
         for w in &self.workers {
-            let _ = w.send(Command::Shutdown);
+            // Blocking send: the worker drains its queue every iteration.
+            let _ = w.commands.send(Command::Shutdown);
+            let one: u64 = 1;
+            // SAFETY: writing 8 bytes to our own eventfd from a local u64.
+            unsafe {
+                libc::write(
+                    w.wake.as_raw_fd(),
+                    &one as *const u64 as *const libc::c_void,
+                    8,
+                )
+            };
         }
         for w in &mut self.workers {
             if let Some(t) = w.thread.take() {

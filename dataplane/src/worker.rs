@@ -13,6 +13,12 @@
 //!    per packet), publish counters and sleep in poll(2) on all sockets and the worker's eventfd
 //!    (control writes it after sending a command).
 //!
+//! Frame ownership: `owner[frame]` says where every UMEM frame is: with the worker (free list
+//! or being processed) or given to the kernel through one port's fill or tx ring. Rx and
+//! completion descriptors are checked against it (a frame the port does not hold is counted as
+//! a bad descriptor, never reused twice), and removing a port reclaims exactly the frames it
+//! held, after its socket is closed (copy mode: the kernel touches none after close).
+//!
 //! Queue ownership: worker `w` of `n` owns queue `q` of every interface where `q % n == w`, so
 //! it has a socket (hence a tx ring) on every interface and forwarding never crosses workers.
 //! This needs every interface to have at least `n` queues (the CNI plugin creates pod veths
@@ -96,10 +102,15 @@ pub enum Command {
     Shutdown,
 }
 
+/// `owner` value of a frame the worker holds (free list, or in the middle of the pipeline).
+const OWNER_WORKER: u16 = u16::MAX;
+/// `owner` value of a frame a zero-copy port still held when removed: never reused.
+const OWNER_LEAKED: u16 = u16::MAX - 1;
+
 struct Port {
+    /// Stable id (index positions shift when ports are removed).
+    id: u16,
     sock: XskSocket,
-    /// Frames handed to the kernel through this socket's fill and tx rings and not yet back.
-    in_kernel: u32,
     tx_dirty: bool,
 }
 
@@ -108,6 +119,12 @@ pub struct Worker {
     ports: Vec<Port>,
     umem: UmemArea,
     free: Vec<u64>,
+    /// Per frame: [`OWNER_WORKER`], [`OWNER_LEAKED`], or the id of the port whose rings hold it.
+    owner: Vec<u16>,
+    frame_shift: u32,
+    next_port_id: u16,
+    /// Where `refill` starts, rotated so no port is always served last.
+    refill_from: usize,
     /// (ifindex, port index) sorted by ifindex: the tx socket for each interface.
     tx_port: Vec<(u32, usize)>,
     pollfds: Vec<libc::pollfd>,
@@ -138,6 +155,10 @@ impl Worker {
             ports: Vec::new(),
             umem,
             free,
+            owner: vec![OWNER_WORKER; frames as usize],
+            frame_shift: config.umem.frame_size.trailing_zeros(),
+            next_port_id: 0,
+            refill_from: 0,
             tx_port: Vec::new(),
             pollfds: Vec::new(),
             fill_target: 0,
@@ -240,7 +261,11 @@ impl Worker {
                     reply,
                 }) => {
                     let r = self.add_port(ifindex, queue);
-                    let _ = reply.send(r);
+                    let added = r.is_ok();
+                    if reply.send(r).is_err() && added {
+                        // Control gave up waiting: nobody will register or remove this socket.
+                        self.remove_port(ifindex, queue);
+                    }
                 }
                 Ok(Command::RemovePort {
                     ifindex,
@@ -305,14 +330,25 @@ impl Worker {
             fd: sock.fd().as_raw_fd(),
             mode: sock.mode(),
         };
+        let id = self.allocate_port_id();
         self.ports.push(Port {
+            id,
             sock,
-            in_kernel: 0,
             tx_dirty: false,
         });
         self.rebuild_tables();
         self.refill();
         Ok(info)
+    }
+
+    fn allocate_port_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_port_id;
+            self.next_port_id = if id + 1 >= OWNER_LEAKED { 0 } else { id + 1 };
+            if !self.ports.iter().any(|p| p.id == id) {
+                return id;
+            }
+        }
     }
 
     fn remove_port(&mut self, ifindex: u32, queue: u32) -> bool {
@@ -323,36 +359,26 @@ impl Worker {
         else {
             return false;
         };
-        let mut port = self.ports.remove(at);
-        let mask = !(u64::from(self.config.umem.frame_size) - 1);
-        let mut reclaimed = 0u32;
-        let n = port.sock.rx.available(u32::MAX);
-        for i in 0..n {
-            self.free.push(port.sock.rx.get(i).addr & mask);
-        }
-        port.sock.rx.release(n);
-        reclaimed += n;
-        let n = port.sock.completion.available(u32::MAX);
-        for i in 0..n {
-            self.free.push(port.sock.completion.get(i) & mask);
-        }
-        port.sock.completion.release(n);
-        reclaimed += n;
-        let (first, n) = port.sock.fill.unconsumed();
-        for i in 0..n {
-            self.free
-                .push(port.sock.fill.entry(first.wrapping_add(i)) & mask);
-        }
-        reclaimed += n;
-        let (first, n) = port.sock.tx.unconsumed();
-        for i in 0..n {
-            self.free
-                .push(port.sock.tx.entry(first.wrapping_add(i)).addr & mask);
-        }
-        reclaimed += n;
-        let leaked = port.in_kernel.saturating_sub(reclaimed);
-        self.counters.frames_leaked += u64::from(leaked);
+        let port = self.ports.remove(at);
+        let (id, zero_copy) = (port.id, port.sock.mode() == BindMode::ZeroCopy);
+        // Close first: in copy mode the kernel touches no frame of a closed socket (unbind
+        // waits for in-flight NAPI with synchronize_net; transmitted skbs are copies). Then
+        // every frame this port held comes back, wherever it sat (fill, rx, tx, completion).
         drop(port);
+        let shift = self.frame_shift;
+        for (i, o) in self.owner.iter_mut().enumerate() {
+            if *o != id {
+                continue;
+            }
+            if zero_copy {
+                // A driver may still DMA into it until its deferred teardown: never reuse.
+                *o = OWNER_LEAKED;
+                self.counters.frames_leaked += 1;
+            } else {
+                *o = OWNER_WORKER;
+                self.free.push((i as u64) << shift);
+            }
+        }
         self.rebuild_tables();
         true
     }
@@ -366,7 +392,7 @@ impl Worker {
                 queue: p.sock.queue(),
                 mode: p.sock.mode(),
                 kernel: p.sock.kernel_stats().unwrap_or_default(),
-                frames_in_kernel: p.in_kernel,
+                frames_in_kernel: self.owner.iter().filter(|o| **o == p.id).count() as u32,
             })
             .collect()
     }
@@ -392,14 +418,17 @@ impl Worker {
                 revents: 0,
             });
         }
+        // At most half the UMEM waits in fill rings; the rest carries frames in flight
+        // (rx -> tx -> completion). With many ports each gets fewer, down to a floor.
         let ports = self.ports.len().max(1) as u32;
+        let budget = self.config.umem.frames / 2;
         self.fill_target =
-            (self.config.umem.frames / (2 * ports)).clamp(64, self.config.rings.fill);
+            (budget / ports).clamp(16.min(self.config.rings.fill), self.config.rings.fill);
     }
 
     #[inline]
     fn reap_completions(&mut self) -> u32 {
-        let mask = !(u64::from(self.config.umem.frame_size) - 1);
+        let shift = self.frame_shift;
         let mut total = 0;
         for p in &mut self.ports {
             let n = p.sock.completion.available(self.config.rings.completion);
@@ -407,10 +436,16 @@ impl Worker {
                 continue;
             }
             for i in 0..n {
-                self.free.push(p.sock.completion.get(i) & mask);
+                let frame = (p.sock.completion.get(i) >> shift) as usize;
+                match self.owner.get_mut(frame) {
+                    Some(o) if *o == p.id => {
+                        *o = OWNER_WORKER;
+                        self.free.push((frame as u64) << shift);
+                    }
+                    _ => self.counters.bad_descriptors += 1,
+                }
             }
             p.sock.completion.release(n);
-            p.in_kernel -= n;
             total += n;
         }
         total
@@ -423,13 +458,23 @@ impl Worker {
             return 0;
         }
         let rx_ifindex = self.ports[p].sock.ifindex();
-        let frame_size = u64::from(self.config.umem.frame_size);
+        let rx_id = self.ports[p].id;
+        let shift = self.frame_shift;
         for i in 0..n {
             let desc = self.ports[p].sock.rx.get(i);
-            self.ports[p].in_kernel -= 1;
-            let base = desc.addr & !(frame_size - 1);
+            let frame = (desc.addr >> shift) as usize;
+            // Only a frame this port's fill ring held may come back on its rx ring.
+            match self.owner.get_mut(frame) {
+                Some(o) if *o == rx_id => *o = OWNER_WORKER,
+                _ => {
+                    self.counters.bad_descriptors += 1;
+                    continue;
+                }
+            }
+            let base = (frame as u64) << shift;
             let Some((chunk, off)) = self.umem.chunk_mut(desc.addr) else {
                 self.counters.bad_descriptors += 1;
+                self.free.push(base);
                 continue;
             };
             self.counters.rx_packets += 1;
@@ -455,7 +500,7 @@ impl Worker {
                         Ok(at) => {
                             let port = &mut self.ports[self.tx_port[at].1];
                             if port.sock.tx.push(out) {
-                                port.in_kernel += 1;
+                                self.owner[frame] = port.id;
                                 port.tx_dirty = true;
                                 self.counters.tx_packets += 1;
                                 self.counters.tx_bytes += len;
@@ -499,8 +544,13 @@ impl Worker {
                         Ok(()) => {}
                         Err(e) if e == libc::EAGAIN || e == libc::EBUSY => {}
                         Err(_) => {
+                            // ENETDOWN/ENXIO/ENOBUFS: the interface is down or going away.
+                            // Frames stay in the ring (reclaimed if the port is removed); the
+                            // next frame queued for it kicks again. Not "pending": the worker
+                            // must not spin on an interface that cannot send.
                             self.counters.tx_kick_errors += 1;
-                            break;
+                            p.tx_dirty = false;
+                            continue;
                         }
                     }
                 }
@@ -513,27 +563,32 @@ impl Worker {
 
     #[inline]
     fn refill(&mut self) {
-        for p in &mut self.ports {
+        let nports = self.ports.len();
+        if nports == 0 {
+            return;
+        }
+        self.refill_from = (self.refill_from + 1) % nports;
+        for k in 0..nports {
+            let p = &mut self.ports[(self.refill_from + k) % nports];
             let outstanding = p.sock.fill.pending();
-            if outstanding >= self.fill_target {
-                continue;
-            }
-            let want = self.fill_target - outstanding;
-            let mut pushed = 0;
-            while pushed < want {
-                let Some(addr) = self.free.pop() else {
-                    self.counters.fill_starved += 1;
-                    break;
-                };
-                if !p.sock.fill.push(addr) {
-                    self.free.push(addr);
-                    break;
+            if outstanding < self.fill_target {
+                let want = self.fill_target - outstanding;
+                let mut pushed = 0;
+                while pushed < want {
+                    let Some(addr) = self.free.pop() else {
+                        self.counters.fill_starved += 1;
+                        break;
+                    };
+                    if !p.sock.fill.push(addr) {
+                        self.free.push(addr);
+                        break;
+                    }
+                    self.owner[(addr >> self.frame_shift) as usize] = p.id;
+                    pushed += 1;
                 }
-                pushed += 1;
-            }
-            if pushed > 0 {
-                p.in_kernel += pushed;
-                p.sock.fill.submit();
+                if pushed > 0 {
+                    p.sock.fill.submit();
+                }
             }
             if p.sock.fill.needs_wakeup() {
                 self.counters.fill_kicks += 1;

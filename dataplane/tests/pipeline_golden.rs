@@ -246,6 +246,51 @@ fn every_unhandled_case_has_its_drop_reason() {
 }
 
 #[test]
+fn a_pod_may_only_send_from_its_own_address() {
+    // Pod A claiming pod B's address, and an address of nobody.
+    let mut spoofed = eth(LXC_A_MAC, POD_A_MAC, 0x0800);
+    let l4 = udp(1, 2, b"spoof");
+    spoofed.extend(ipv4(POD_B, POD_B, 17, 64, l4.len()));
+    spoofed.extend_from_slice(&l4);
+    assert_eq!(drop_of(IF_A, &spoofed), DropReason::SourceNotOwned);
+    let mut stranger = eth(LXC_A_MAC, POD_A_MAC, 0x0800);
+    stranger.extend(ipv4(
+        "10.244.1.77".parse().unwrap(),
+        POD_B,
+        17,
+        64,
+        l4.len(),
+    ));
+    stranger.extend_from_slice(&l4);
+    assert_eq!(drop_of(IF_A, &stranger), DropReason::SourceNotOwned);
+    // The same frame from its real owner's interface is forwarded.
+    let mut real = eth(LXC_B_MAC, POD_B_MAC, 0x0800);
+    real.extend(ipv4(POD_B, POD_A, 17, 64, l4.len()));
+    real.extend_from_slice(&l4);
+    assert_eq!(
+        run(IF_B, &real).0,
+        Verdict::Tx {
+            ifindex: IF_A,
+            kind: TxKind::Forward
+        }
+    );
+}
+
+#[test]
+fn fragmented_ping_to_the_gateway_is_not_answered() {
+    let mut f = from_a(GATEWAY, 1, 64, &icmp_echo(1, 1, b"frag-one"));
+    f[14 + 6] = 0x20; // MF, offset 0
+    let c = checksum::checksum(&{
+        let mut h = f[14..34].to_vec();
+        h[10] = 0;
+        h[11] = 0;
+        h
+    });
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(drop_of(IF_A, &f), DropReason::GatewayUnhandled);
+}
+
+#[test]
 fn malformed_ipv4_headers_are_named() {
     let good = from_a(POD_B, 17, 64, &udp(1, 2, b"x"));
     let mut bad_csum = good.clone();

@@ -11,7 +11,8 @@ use crate::{
 
 #[inline]
 pub fn answer(rx: &InterfaceEntry, meta: &Ipv4Meta, pkt: &mut PacketBuf<'_>) -> Verdict {
-    if meta.protocol != ipv4::PROTO_ICMP || meta.later_fragment {
+    // A fragmented echo request would need reassembly: not answered.
+    if meta.protocol != ipv4::PROTO_ICMP || meta.fragment {
         return Verdict::Drop(DropReason::GatewayUnhandled);
     }
     let data = pkt.data_mut();

@@ -31,10 +31,10 @@ pub fn forward(
         return Err(TtlExpired);
     }
     let data = pkt.data_mut();
-    let Ok(mut ip) = ipv4::Packet::new_checked(&mut data[meta.l3..]) else {
+    // The header was validated by classify: use its offset, never parse again.
+    if ipv4::decrement_ttl(&mut data[meta.l3..]).is_err() {
         return Ok(Verdict::Drop(DropReason::Ipv4Malformed));
-    };
-    ip.decrement_ttl();
+    }
     if ethernet::emit(data, dst.mac, out.mac, ethernet::ETHERTYPE_IPV4).is_err() {
         return Ok(Verdict::Drop(DropReason::FrameTooShort));
     }

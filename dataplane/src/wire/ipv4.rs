@@ -67,6 +67,10 @@ impl<T: AsRef<[u8]>> Packet<T> {
     pub fn frag_offset(&self) -> u16 {
         be16(self.buf.as_ref(), 6) & 0x1fff
     }
+    /// The MF (more fragments) flag.
+    pub fn more_fragments(&self) -> bool {
+        be16(self.buf.as_ref(), 6) & 0x2000 != 0
+    }
     pub fn verify_checksum(&self) -> bool {
         checksum::verify(&self.buf.as_ref()[..self.header_len()])
     }
@@ -75,16 +79,20 @@ impl<T: AsRef<[u8]>> Packet<T> {
     }
 }
 
-impl<T: AsRef<[u8]> + AsMut<[u8]>> Packet<T> {
-    /// Decrements TTL and updates the checksum incrementally (RFC 1624). TTL must be > 0.
-    pub fn decrement_ttl(&mut self) {
-        let b = self.buf.as_mut();
-        let old = be16(b, 8);
-        b[8] = b[8].wrapping_sub(1);
-        let new = be16(b, 8);
-        let c = checksum::update16(be16(b, 10), old, new);
-        put16(b, 10, c);
+/// Decrements the TTL of the IPv4 header at the start of `header` (already validated by
+/// [`Packet::new_checked`]: at least 20 bytes) and updates its checksum incrementally
+/// (RFC 1624). TTL must be > 0. Returns `Err` if `header` is shorter than 20 bytes.
+#[inline]
+pub fn decrement_ttl(header: &mut [u8]) -> Result<(), Truncated> {
+    if header.len() < MIN_HEADER_LEN {
+        return Err(Truncated);
     }
+    let old = be16(header, 8);
+    header[8] = header[8].wrapping_sub(1);
+    let new = be16(header, 8);
+    let c = checksum::update16(be16(header, 10), old, new);
+    put16(header, 10, c);
+    Ok(())
 }
 
 /// What [`emit`] writes: a 20-byte header without options.
