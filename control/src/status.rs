@@ -29,6 +29,9 @@ pub struct WorkerStatus {
     pub core: Option<usize>,
     pub hugepages: bool,
     pub generation: u64,
+    /// UMEM frames free / owned in all.
+    pub free_frames: u64,
+    pub total_frames: u64,
     pub counters: Vec<(String, u64)>,
 }
 
@@ -88,6 +91,8 @@ pub fn worker_status(r: &WorkerReport) -> WorkerStatus {
         core: r.core,
         hugepages: r.hugepages,
         generation: r.generation,
+        free_frames: r.free_frames,
+        total_frames: r.total_frames,
         counters: counters_list(&r.counters),
     }
 }
@@ -143,11 +148,13 @@ impl Status {
             };
             let _ = writeln!(
                 s,
-                "  worker {} core {} hugepages {} gen {}: rx {} tx {} forwarded {} dropped {}",
+                "  worker {} core {} hugepages {} gen {} frames free {}/{}: rx {} tx {} forwarded {} dropped {}",
                 w.id,
                 w.core.map_or("-".to_string(), |c| c.to_string()),
                 w.hugepages,
                 w.generation,
+                w.free_frames,
+                w.total_frames,
                 get("rx_packets"),
                 get("tx_packets"),
                 get("forwarded"),

@@ -111,11 +111,17 @@ pub struct WorkerReport {
     pub hugepages: bool,
     /// Generation of the snapshot the worker ran when it last published.
     pub generation: u64,
+    /// UMEM frames in the worker's free list at its last publication (not in any ring, not in
+    /// flight). With no ports, all `total_frames`; a lower figure then means a leak.
+    pub free_frames: u64,
+    /// UMEM frames the worker owns in all.
+    pub total_frames: u64,
     pub counters: Counters,
 }
 
 pub struct Dataplane {
     workers: Vec<WorkerHandle>,
+    frames_per_worker: u32,
     snapshot: Arc<ArcSwapOption<Snapshot>>,
 }
 
@@ -213,7 +219,11 @@ impl Dataplane {
                 hugepages,
             });
         }
-        Ok(Self { workers, snapshot })
+        Ok(Self {
+            workers,
+            frames_per_worker: config.umem.frames,
+            snapshot,
+        })
     }
 
     pub fn workers(&self) -> usize {
@@ -281,6 +291,8 @@ impl Dataplane {
                     core: w.core,
                     hugepages: w.hugepages,
                     generation,
+                    free_frames: w.shared.free_frames(),
+                    total_frames: u64::from(self.frames_per_worker),
                     counters,
                 }
             })

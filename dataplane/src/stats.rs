@@ -122,6 +122,7 @@ impl Counters {
 pub struct SharedCounters {
     slots: Box<[AtomicU64]>,
     generation: AtomicU64,
+    free_frames: AtomicU64,
 }
 
 impl Default for SharedCounters {
@@ -129,16 +130,22 @@ impl Default for SharedCounters {
         Self {
             slots: (0..Counters::SLOTS).map(|_| AtomicU64::new(0)).collect(),
             generation: AtomicU64::new(0),
+            free_frames: AtomicU64::new(0),
         }
     }
 }
 
 impl SharedCounters {
     /// Called by the owning worker only.
-    pub fn publish(&self, c: &Counters, snapshot_generation: u64) {
+    pub fn publish(&self, c: &Counters, snapshot_generation: u64, free_frames: u64) {
         c.store(&self.slots);
         self.generation
             .store(snapshot_generation, Ordering::Relaxed);
+        self.free_frames.store(free_frames, Ordering::Relaxed);
+    }
+    /// Frames in the worker's free list at its last publication (a gauge).
+    pub fn free_frames(&self) -> u64 {
+        self.free_frames.load(Ordering::Relaxed)
     }
     pub fn read(&self) -> (Counters, u64) {
         (
@@ -163,7 +170,8 @@ mod tests {
         c.count_drop(DropReason::Ipv4Multicast);
         c.count_tx_kind(TxKind::ArpReply);
         let shared = SharedCounters::default();
-        shared.publish(&c, 42);
+        shared.publish(&c, 42, 7);
+        assert_eq!(shared.free_frames(), 7);
         let (back, generation) = shared.read();
         assert_eq!(back, c);
         assert_eq!(generation, 42);

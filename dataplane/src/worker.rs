@@ -209,7 +209,8 @@ impl Worker {
                 self.counters.batches += 1;
                 since_publish += 1;
                 if since_publish >= PUBLISH_EVERY_BATCHES {
-                    self.shared.publish(&self.counters, generation);
+                    self.shared
+                        .publish(&self.counters, generation, self.free.len() as u64);
                     since_publish = 0;
                 }
                 continue;
@@ -217,14 +218,16 @@ impl Worker {
             let now = std::time::Instant::now();
             let since = *idle_since.get_or_insert(now);
             if now.duration_since(since) >= self.config.idle_spin {
-                self.shared.publish(&self.counters, generation);
+                self.shared
+                    .publish(&self.counters, generation, self.free.len() as u64);
                 since_publish = 0;
                 self.sleep();
                 idle_since = None;
             }
         }
         let generation = self.snapshot.load().as_ref().map_or(0, |s| s.generation());
-        self.shared.publish(&self.counters, generation);
+        self.shared
+            .publish(&self.counters, generation, self.free.len() as u64);
     }
 
     fn sleep(&mut self) {
@@ -276,6 +279,10 @@ impl Worker {
                     let _ = reply.send(found);
                 }
                 Ok(Command::PortStats { reply }) => {
+                    // Publish too, so counters and gauges read right after are current.
+                    let generation = self.snapshot.load().as_ref().map_or(0, |s| s.generation());
+                    self.shared
+                        .publish(&self.counters, generation, self.free.len() as u64);
                     let _ = reply.send(self.port_stats());
                 }
                 Ok(Command::Shutdown) => return false,
