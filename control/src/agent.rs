@@ -401,12 +401,12 @@ impl Agent {
         match req {
             Request::Status => match serde_json::to_value(self.status()) {
                 Ok(v) => Response {
-                    ok: true,
-                    error: None,
                     status: Some(v),
+                    ..Response::ok()
                 },
                 Err(e) => Response::error(format!("encoding status: {e}")),
             },
+            Request::Histograms => Response::error("histograms: not available in this build yet"),
             Request::EndpointAdd { endpoint } => match self.attach(endpoint) {
                 Ok(()) => Response::ok(),
                 Err(e) => Response::error(format!("{e:#}")),

@@ -45,6 +45,9 @@ pub struct Endpoint {
 pub enum Request {
     /// Counters, workers, interfaces, drop reasons.
     Status,
+    /// The workers' latency histograms (time per batch and per packet in the pipeline), merged
+    /// on demand without stopping the workers. See [`Histograms`].
+    Histograms,
     /// A pod interface exists: attach it and start forwarding to it. The answer comes once the
     /// interface is attached (or attaching failed).
     EndpointAdd { endpoint: Endpoint },
@@ -60,6 +63,34 @@ pub struct Response {
     /// `Status` answers carry [`crate::status::Status`] as JSON.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    /// `Histograms` answers carry [`Histograms`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub histograms: Option<Histograms>,
+}
+
+/// HDR histograms of the workers, each serialised as HdrHistogram V2 + deflate, then base64
+/// (standard alphabet, padded): what `hdrhistogram::serialization::V2DeflateSerializer` writes
+/// and every HdrHistogram implementation reads. Values are nanoseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Histograms {
+    /// Time-stamp counter frequency used to turn cycles into nanoseconds.
+    pub tsc_hz: u64,
+    pub workers: Vec<WorkerHistograms>,
+    /// All workers merged.
+    pub merged: WorkerHistograms,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerHistograms {
+    /// Worker id (0 for `merged`).
+    pub id: usize,
+    /// Nanoseconds per batch: rx ring to tx rings published, one value per batch that had work.
+    pub batch_ns: String,
+    /// Nanoseconds per packet in the pipeline: batch time / packets in the batch, recorded with
+    /// the batch's packet count (so the histogram weighs packets, not batches).
+    pub packet_ns: String,
+    /// Packets per batch.
+    pub batch_packets: String,
 }
 
 impl Response {
@@ -68,6 +99,7 @@ impl Response {
             ok: true,
             error: None,
             status: None,
+            histograms: None,
         }
     }
     pub fn error(msg: impl Into<String>) -> Self {
@@ -75,6 +107,7 @@ impl Response {
             ok: false,
             error: Some(msg.into()),
             status: None,
+            histograms: None,
         }
     }
 }
