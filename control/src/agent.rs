@@ -45,6 +45,7 @@ use xdp_redirect::{Attachment, MAX_QUEUES};
 use crate::{
     api::{self, CniConf, Endpoint, Request, Response},
     cluster::{self, ClusterState, FileSource, NodeInfo},
+    metrics,
     status::{self, InterfaceStatus, Status},
 };
 
@@ -71,6 +72,8 @@ pub struct RunOptions {
     /// Pod MTU; default: the uplink's MTU minus [`OVERLAY_OVERHEAD_BYTES`].
     pub mtu: Option<u32>,
     pub source_poll: Duration,
+    /// Where to serve /metrics, /healthz and /readyz (None: not served).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 struct Attached {
@@ -93,7 +96,11 @@ struct Agent {
     mtu: u32,
 }
 
-type ApiRequest = (Request, mpsc::SyncSender<Response>);
+/// Work for the control loop from the API and metrics threads.
+enum Job {
+    Api(Request, mpsc::SyncSender<Response>),
+    Scrape(metrics::Scrape),
+}
 
 /// Parses `file:PATH`.
 pub fn file_source_path(source: &str) -> anyhow::Result<PathBuf> {
@@ -198,7 +205,20 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     agent.restore_endpoints();
     agent.write_cni_conf()?;
 
-    let (req_tx, req_rx) = mpsc::sync_channel::<ApiRequest>(16);
+    let (req_tx, req_rx) = mpsc::sync_channel::<Job>(16);
+    if let Some(addr) = agent.opts.metrics_addr {
+        let metrics_listener = metrics::bind(addr)?;
+        let to_control = req_tx.clone();
+        std::thread::Builder::new()
+            .name("sluice-metrics".into())
+            .spawn(move || {
+                metrics::serve(metrics_listener, move |s| {
+                    to_control.try_send(Job::Scrape(s)).is_ok()
+                })
+            })
+            .context("starting the metrics thread")?;
+        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    }
     std::thread::Builder::new()
         .name("sluice-api".into())
         .spawn(move || serve_api(listener, req_tx))
@@ -217,9 +237,15 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mut last_reconcile = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match req_rx.recv_timeout(LOOP_TICK) {
-            Ok((req, reply)) => {
+            Ok(Job::Api(req, reply)) => {
                 let resp = agent.handle(req);
                 let _ = reply.send(resp);
+            }
+            Ok(Job::Scrape(metrics::Scrape::Ping(reply))) => {
+                let _ = reply.send(());
+            }
+            Ok(Job::Scrape(metrics::Scrape::Metrics(reply))) => {
+                let _ = reply.send(agent.render_metrics());
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the API thread stopped"),
@@ -243,7 +269,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn serve_api(listener: UnixListener, to_control: mpsc::SyncSender<ApiRequest>) {
+fn serve_api(listener: UnixListener, to_control: mpsc::SyncSender<Job>) {
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
@@ -258,7 +284,7 @@ fn serve_api(listener: UnixListener, to_control: mpsc::SyncSender<ApiRequest>) {
                 }
                 Ok(req) => {
                     let (tx, rx) = mpsc::sync_channel(1);
-                    if to_control.send((req, tx)).is_err() {
+                    if to_control.send(Job::Api(req, tx)).is_err() {
                         return;
                     }
                     rx.recv_timeout(Duration::from_secs(30))
@@ -272,6 +298,19 @@ fn serve_api(listener: UnixListener, to_control: mpsc::SyncSender<ApiRequest>) {
         out.push(b'\n');
         let _ = (&stream).write_all(&out);
     }
+}
+
+/// HdrHistogram V2 + deflate, base64 (the format of [`api::Histograms`]).
+fn encode_histogram(h: &hdrhistogram::Histogram<u64>) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let mut buf = Vec::new();
+    hdrhistogram::serialization::Serializer::serialize(
+        &mut hdrhistogram::serialization::V2DeflateSerializer::new(),
+        h,
+        &mut buf,
+    )
+    .map_err(|e| anyhow::anyhow!("serialising a histogram: {e:?}"))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(buf))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -406,7 +445,13 @@ impl Agent {
                 },
                 Err(e) => Response::error(format!("encoding status: {e}")),
             },
-            Request::Histograms => Response::error("histograms: not available in this build yet"),
+            Request::Histograms => match self.histograms() {
+                Ok(h) => Response {
+                    histograms: Some(h),
+                    ..Response::ok()
+                },
+                Err(e) => Response::error(format!("{e:#}")),
+            },
             Request::EndpointAdd { endpoint } => match self.attach(endpoint) {
                 Ok(()) => Response::ok(),
                 Err(e) => Response::error(format!("{e:#}")),
@@ -619,6 +664,44 @@ impl Agent {
                 self.source_error = Some(e.to_string());
             }
         }
+    }
+
+    fn histograms(&self) -> anyhow::Result<api::Histograms> {
+        let (per_worker, merged) = self.dp.histograms()?;
+        let encode = |id: usize,
+                      h: &dataplane::latency::LatencyHistograms|
+         -> anyhow::Result<api::WorkerHistograms> {
+            Ok(api::WorkerHistograms {
+                id,
+                batch_ns: encode_histogram(&h.batch_ns)?,
+                packet_ns: encode_histogram(&h.packet_ns)?,
+                batch_packets: encode_histogram(&h.batch_packets)?,
+            })
+        };
+        Ok(api::Histograms {
+            tsc_hz: dataplane::latency::CycleClock::get().hz(),
+            workers: per_worker
+                .iter()
+                .enumerate()
+                .map(|(i, h)| encode(i, h))
+                .collect::<anyhow::Result<_>>()?,
+            merged: encode(0, &merged)?,
+        })
+    }
+
+    fn render_metrics(&self) -> String {
+        let status = self.status();
+        let reports = self.dp.reports();
+        let hists = self.dp.histograms().ok().map(|(w, _)| w);
+        metrics::render(&metrics::Snapshot {
+            node: &self.node.name,
+            generation: self.generation,
+            source_error: self.source_error.is_some(),
+            endpoints: self.endpoints.len(),
+            workers: &reports,
+            interfaces: &status.interfaces,
+            histograms: hists.as_deref(),
+        })
     }
 
     fn status(&self) -> Status {

@@ -9,4 +9,5 @@ pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod cni;
+pub mod metrics;
 pub mod status;

@@ -18,6 +18,7 @@
 //! - Frames live in UMEM chunks with headroom in front for later encapsulation.
 pub mod classify;
 pub mod drop_reason;
+pub mod latency;
 pub mod packet;
 pub mod pipeline;
 pub mod runtime;

@@ -14,6 +14,7 @@ use std::{
 use arc_swap::ArcSwapOption;
 
 use crate::{
+    latency::LatencyHistograms,
     snapshot::Snapshot,
     stats::{Counters, SharedCounters},
     worker::{Command, PortInfo, PortStatus, Worker, WorkerConfig},
@@ -306,6 +307,29 @@ impl Dataplane {
             t.add(&r.counters);
         }
         t
+    }
+
+    /// Each worker's latency histograms, and all of them merged. Each worker adds its own into a
+    /// buffer sent to it, between two batches: nothing stops, nothing on the worker allocates.
+    pub fn histograms(&self) -> Result<(Vec<LatencyHistograms>, LatencyHistograms), RuntimeError> {
+        let mut per_worker = Vec::with_capacity(self.workers.len());
+        let mut merged = LatencyHistograms::new();
+        for w in &self.workers {
+            let (tx, rx) = mpsc::sync_channel(1);
+            w.send(Command::Histograms {
+                into: Box::new(LatencyHistograms::new()),
+                reply: tx,
+            })?;
+            let h = rx
+                .recv_timeout(COMMAND_TIMEOUT)
+                .map_err(|_| RuntimeError::Worker {
+                    worker: w.id,
+                    what: "did not answer Histograms".into(),
+                })?;
+            merged.add(&h);
+            per_worker.push(*h);
+        }
+        Ok((per_worker, merged))
     }
 
     /// Per-socket kernel statistics, asked of each worker between its batches.

@@ -35,6 +35,7 @@ use arc_swap::ArcSwapOption;
 
 use crate::{
     drop_reason::DropReason,
+    latency::{cycles, CycleClock, LatencyHistograms},
     packet::PacketBuf,
     pipeline,
     snapshot::Snapshot,
@@ -99,6 +100,11 @@ pub enum Command {
     PortStats {
         reply: SyncSender<Vec<PortStatus>>,
     },
+    /// Add this worker's latency histograms into `into` and send it back.
+    Histograms {
+        into: Box<LatencyHistograms>,
+        reply: SyncSender<Box<LatencyHistograms>>,
+    },
     Shutdown,
 }
 
@@ -130,6 +136,8 @@ pub struct Worker {
     pollfds: Vec<libc::pollfd>,
     fill_target: u32,
     counters: Counters,
+    latency: LatencyHistograms,
+    clock: CycleClock,
     shared: Arc<SharedCounters>,
     snapshot: Arc<ArcSwapOption<Snapshot>>,
     commands: Receiver<Command>,
@@ -163,6 +171,8 @@ impl Worker {
             pollfds: Vec::new(),
             fill_target: 0,
             counters: Counters::default(),
+            latency: LatencyHistograms::new(),
+            clock: CycleClock::get(),
             shared,
             snapshot,
             commands,
@@ -198,11 +208,18 @@ impl Worker {
             }
             let snap = cache.load();
             let generation = snap.as_ref().map_or(0, |s| s.generation());
+            let t0 = cycles();
             let mut work = self.reap_completions();
+            let mut frames = 0;
             for p in 0..self.ports.len() {
-                work += self.rx_batch(p, snap.as_deref());
+                frames += self.rx_batch(p, snap.as_deref());
             }
+            work += frames;
             let tx_pending = self.flush_tx();
+            if frames > 0 {
+                let ns = self.clock.to_ns(cycles().wrapping_sub(t0));
+                self.latency.record_batch(ns, u64::from(frames));
+            }
             self.refill();
             if work > 0 || tx_pending {
                 idle_since = None;
@@ -284,6 +301,10 @@ impl Worker {
                     self.shared
                         .publish(&self.counters, generation, self.free.len() as u64);
                     let _ = reply.send(self.port_stats());
+                }
+                Ok(Command::Histograms { mut into, reply }) => {
+                    into.add(&self.latency);
+                    let _ = reply.send(into);
                 }
                 Ok(Command::Shutdown) => return false,
                 Err(std::sync::mpsc::TryRecvError::Empty) => return true,

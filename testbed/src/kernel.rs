@@ -174,6 +174,9 @@ fn handle(request: &Request, netns: &str, gateway: Ipv4Addr) -> Response {
             )),
         },
         Request::EndpointDel { .. } | Request::Status => Response::ok(),
+        Request::Histograms => {
+            Response::error("kernel mode has no sluice workers, so no histograms")
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use std::{
     io::{BufRead, BufReader, Read},
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, ChildStdout, Output},
+    process::{Child, ChildStdout, Command, Output},
     sync::{
         atomic::{AtomicU32, Ordering},
         Mutex, MutexGuard,
@@ -998,4 +998,95 @@ fn malformed_frames_are_counted_not_fatal() {
         "the agent died on malformed frames"
     );
     assert_pod_ping(&tb, POD_A, POD_B, 3);
+}
+
+/// `/metrics` in the node's namespace and the `Histograms` API: the latency histograms fill
+/// with the traffic just sent, every counter is exported, probes answer.
+#[test]
+fn metrics_and_latency_histograms_follow_traffic() {
+    require_root!();
+    let env = Env::new();
+    let tb = env.up(&demo_cluster(), 1);
+    assert_pod_ping(&tb, POD_A, POD_B, 10);
+    let after = status_when(&tb, COUNTERS_SETTLE, |s| s.total("forwarded") >= 20);
+    // Histograms over the local API, decoded as any HdrHistogram reader would.
+    let resp = control::api::call(
+        &socket(&tb),
+        &control::api::Request::Histograms,
+        STATUS_TIMEOUT,
+    )
+    .expect("Histograms request");
+    let h = resp.histograms.expect("histograms in the answer");
+    assert!(h.tsc_hz > 1_000_000, "TSC frequency {}", h.tsc_hz);
+    assert_eq!(h.workers.len(), 1);
+    let decode = |b64: &str| -> hdrhistogram::Histogram<u64> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .expect("base64");
+        hdrhistogram::serialization::Deserializer::new()
+            .deserialize(&mut &bytes[..])
+            .expect("HdrHistogram V2")
+    };
+    let packets = decode(&h.merged.packet_ns);
+    let batches = decode(&h.merged.batch_ns);
+    assert!(
+        packets.len() >= 20,
+        "packet histogram holds {} packets after 20 forwarded (rx {}):\n{}",
+        packets.len(),
+        after.total("rx_packets"),
+        after.render()
+    );
+    assert_eq!(
+        packets.len(),
+        decode(&h.workers[0].packet_ns).len(),
+        "merged == the one worker"
+    );
+    assert!(batches.len() >= 1 && batches.len() <= packets.len());
+    assert!(packets.value_at_quantile(0.5) > 0 && packets.max() < 1_000_000_000);
+    // /metrics, /healthz and /readyz in the node's network namespace.
+    let node_ns = tb.node(NODE).expect("node").netns.clone();
+    let curl = |path: &str| -> Output {
+        Command::new("timeout")
+            .args([
+                "-s",
+                "KILL",
+                "10",
+                "ip",
+                "netns",
+                "exec",
+                &node_ns,
+                "curl",
+                "-s",
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg(format!("http://127.0.0.1:9962{path}"))
+            .output()
+            .expect("curl")
+    };
+    let m = String::from_utf8_lossy(&curl("/metrics").stdout).into_owned();
+    assert!(m.trim_end().ends_with("200"), "metrics answer:\n{m}");
+    let value = |key: &str| -> Option<f64> {
+        m.lines()
+            .find_map(|l| l.strip_prefix(key).and_then(|v| v.trim().parse().ok()))
+    };
+    let forwarded = value("sluice_forwarded_total{worker=\"0\"} ").expect("forwarded exported");
+    assert!(forwarded >= 20.0, "forwarded {forwarded}");
+    let count = value("sluice_pipeline_packet_duration_seconds_count{worker=\"0\"} ")
+        .expect("histogram exported");
+    assert!(count >= 20.0, "packet histogram count {count}");
+    for r in ["no_route", "ipv6_unsupported", "source_not_owned"] {
+        assert!(
+            m.contains(&format!("reason=\"{r}\"")),
+            "drop reason {r} missing from /metrics"
+        );
+    }
+    for probe in ["/healthz", "/readyz"] {
+        let out = String::from_utf8_lossy(&curl(probe).stdout).into_owned();
+        assert!(out.trim_end().ends_with("200"), "{probe}: {out}");
+    }
+    assert!(String::from_utf8_lossy(&curl("/nope").stdout)
+        .trim_end()
+        .ends_with("404"));
 }

@@ -55,6 +55,10 @@ enum Cmd {
         /// Pod MTU (default: uplink MTU minus 110 for VXLAN + WireGuard).
         #[arg(long)]
         mtu: Option<u32>,
+        /// Serve /metrics, /healthz and /readyz here (`none` to disable). Inside the node's
+        /// network namespace; 9962 is Cilium's agent metrics port.
+        #[arg(long, default_value = "127.0.0.1:9962")]
+        metrics_addr: String,
         /// How often to check the cluster file for changes, in milliseconds.
         #[arg(long, default_value_t = 500)]
         source_poll_ms: u64,
@@ -98,7 +102,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             frames,
             mtu,
             source_poll_ms,
+            metrics_addr,
         } => {
+            let metrics_addr = match metrics_addr.as_str() {
+                "none" => None,
+                a => Some(a.parse().map_err(|e| {
+                    anyhow::anyhow!("--metrics-addr {a:?}: {e} (host:port or none)")
+                })?),
+            };
             let node = match node.or_else(|| std::env::var("NODE_NAME").ok()) {
                 Some(n) => n,
                 None => hostname()?,
@@ -120,6 +131,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     frames_per_worker: frames,
                     mtu,
                     source_poll: Duration::from_millis(source_poll_ms),
+                    metrics_addr,
                 },
                 stop,
             )

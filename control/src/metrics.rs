@@ -1,0 +1,500 @@
+//! Prometheus text exposition (format 0.0.4) of the agent's state, and the tiny HTTP server
+//! that serves it with `/healthz` and `/readyz`.
+//!
+//! Everything the workers count is exported: every scalar counter of
+//! [`dataplane::stats::Counters`] per worker, every drop reason per worker (zeros included), the
+//! XDP program's actions per interface, the kernel's AF_XDP ring statistics per queue, the
+//! free-frame gauge, the snapshot generation per worker, and the pipeline latency histograms
+//! (per batch, per packet, packets per batch) as Prometheus histograms.
+use std::{
+    fmt::Write as _,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpListener},
+    sync::mpsc,
+    time::Duration,
+};
+
+use dataplane::{latency::LatencyHistograms, runtime::WorkerReport, DropReason};
+use hdrhistogram::Histogram;
+
+use crate::status::InterfaceStatus;
+
+/// Upper bounds (seconds) of the duration histograms' buckets.
+pub const DURATION_BUCKETS_S: [f64; 16] = [
+    50e-9, 100e-9, 250e-9, 500e-9, 1e-6, 2.5e-6, 5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6,
+    1e-3, 10e-3, 100e-3,
+];
+/// Upper bounds of the packets-per-batch histogram's buckets.
+pub const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+
+/// What one scrape shows.
+pub struct Snapshot<'a> {
+    pub node: &'a str,
+    pub generation: u64,
+    pub source_error: bool,
+    pub endpoints: usize,
+    pub workers: &'a [WorkerReport],
+    pub interfaces: &'a [InterfaceStatus],
+    /// Per worker, in `workers` order.
+    pub histograms: Option<&'a [LatencyHistograms]>,
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn histogram(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    h: &Histogram<u64>,
+    bounds: &[f64],
+    scale: f64,
+) {
+    // Cumulative counts at each bound; HDR values are integers in `1/scale` units.
+    for b in bounds {
+        let limit = (b / scale).round() as u64;
+        let count = if limit == 0 {
+            0
+        } else {
+            h.count_between(0, limit)
+        };
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {count}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", h.len());
+    let sum = h.mean() * h.len() as f64 * scale;
+    let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+    let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.len());
+}
+
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders one scrape.
+pub fn render(s: &Snapshot<'_>) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let node = esc(s.node);
+    header(
+        &mut out,
+        "sluice_up",
+        "gauge",
+        "1 while the agent's control loop answers.",
+    );
+    let _ = writeln!(out, "sluice_up{{node=\"{node}\"}} 1");
+    header(
+        &mut out,
+        "sluice_source_error",
+        "gauge",
+        "1 when the cluster source is broken and the last good state runs.",
+    );
+    let _ = writeln!(
+        out,
+        "sluice_source_error{{node=\"{node}\"}} {}",
+        u8::from(s.source_error)
+    );
+    header(
+        &mut out,
+        "sluice_endpoints",
+        "gauge",
+        "Pod endpoints attached on this node.",
+    );
+    let _ = writeln!(out, "sluice_endpoints{{node=\"{node}\"}} {}", s.endpoints);
+    header(
+        &mut out,
+        "sluice_snapshot_generation",
+        "gauge",
+        "Snapshot generation published by control.",
+    );
+    let _ = writeln!(
+        out,
+        "sluice_snapshot_generation{{node=\"{node}\"}} {}",
+        s.generation
+    );
+    header(
+        &mut out,
+        "sluice_worker_snapshot_generation",
+        "gauge",
+        "Snapshot generation each worker runs.",
+    );
+    for w in s.workers {
+        let _ = writeln!(
+            out,
+            "sluice_worker_snapshot_generation{{worker=\"{}\"}} {}",
+            w.id, w.generation
+        );
+    }
+    header(
+        &mut out,
+        "sluice_worker_frames_free",
+        "gauge",
+        "UMEM frames in the worker's free list.",
+    );
+    for w in s.workers {
+        let _ = writeln!(
+            out,
+            "sluice_worker_frames_free{{worker=\"{}\"}} {}",
+            w.id, w.free_frames
+        );
+    }
+    header(
+        &mut out,
+        "sluice_worker_frames",
+        "gauge",
+        "UMEM frames the worker owns.",
+    );
+    for w in s.workers {
+        let _ = writeln!(
+            out,
+            "sluice_worker_frames{{worker=\"{}\"}} {}",
+            w.id, w.total_frames
+        );
+    }
+    for name in dataplane::stats::Counters::NAMES {
+        let metric = format!("sluice_{name}_total");
+        header(
+            &mut out,
+            &metric,
+            "counter",
+            &format!("Worker counter {name}."),
+        );
+        for w in s.workers {
+            let v = w
+                .counters
+                .values()
+                .into_iter()
+                .find(|(k, _)| k == name)
+                .map_or(0, |(_, v)| v);
+            let _ = writeln!(out, "{metric}{{worker=\"{}\"}} {v}", w.id);
+        }
+    }
+    header(
+        &mut out,
+        "sluice_drops_total",
+        "counter",
+        "Packets dropped, by numbered reason.",
+    );
+    for w in s.workers {
+        for r in DropReason::ALL {
+            let _ = writeln!(
+                out,
+                "sluice_drops_total{{worker=\"{}\",reason=\"{}\",number=\"{}\"}} {}",
+                w.id,
+                r.as_str(),
+                r as u8,
+                w.counters.drops[r as usize]
+            );
+        }
+    }
+    header(
+        &mut out,
+        "sluice_xdp_actions_total",
+        "counter",
+        "What the XDP program did, per interface.",
+    );
+    for i in s.interfaces {
+        for (action, v) in &i.xdp {
+            let _ = writeln!(
+                out,
+                "sluice_xdp_actions_total{{interface=\"{}\",action=\"{}\"}} {v}",
+                esc(&i.name),
+                esc(action)
+            );
+        }
+    }
+    for (metric, help) in [
+        (
+            "sluice_xsk_rx_dropped_total",
+            "Kernel AF_XDP rx_dropped per socket.",
+        ),
+        (
+            "sluice_xsk_rx_ring_full_total",
+            "Kernel AF_XDP rx_ring_full per socket.",
+        ),
+        (
+            "sluice_xsk_rx_fill_ring_empty_total",
+            "Kernel AF_XDP rx_fill_ring_empty_descs per socket.",
+        ),
+        (
+            "sluice_xsk_tx_ring_empty_total",
+            "Kernel AF_XDP tx_ring_empty_descs per socket.",
+        ),
+    ] {
+        header(&mut out, metric, "counter", help);
+        for i in s.interfaces {
+            for q in &i.queues {
+                let v = match metric {
+                    "sluice_xsk_rx_dropped_total" => q.kernel_rx_dropped,
+                    "sluice_xsk_rx_ring_full_total" => q.kernel_rx_ring_full,
+                    "sluice_xsk_rx_fill_ring_empty_total" => q.kernel_rx_fill_ring_empty,
+                    _ => q.kernel_tx_ring_empty,
+                };
+                let _ = writeln!(
+                    out,
+                    "{metric}{{interface=\"{}\",queue=\"{}\",worker=\"{}\"}} {v}",
+                    esc(&i.name),
+                    q.queue,
+                    q.worker
+                );
+            }
+        }
+    }
+    if let Some(hists) = s.histograms {
+        let ns = 1e-9;
+        header(
+            &mut out,
+            "sluice_pipeline_batch_duration_seconds",
+            "histogram",
+            "Time per batch with frames (rx to tx published), from the TSC.",
+        );
+        for (w, h) in s.workers.iter().zip(hists) {
+            histogram(
+                &mut out,
+                "sluice_pipeline_batch_duration_seconds",
+                &format!("worker=\"{}\"", w.id),
+                &h.batch_ns,
+                &DURATION_BUCKETS_S,
+                ns,
+            );
+        }
+        header(
+            &mut out,
+            "sluice_pipeline_packet_duration_seconds",
+            "histogram",
+            "Time per packet (batch time / frames), weighted by frames.",
+        );
+        for (w, h) in s.workers.iter().zip(hists) {
+            histogram(
+                &mut out,
+                "sluice_pipeline_packet_duration_seconds",
+                &format!("worker=\"{}\"", w.id),
+                &h.packet_ns,
+                &DURATION_BUCKETS_S,
+                ns,
+            );
+        }
+        header(
+            &mut out,
+            "sluice_pipeline_batch_packets",
+            "histogram",
+            "Frames per batch.",
+        );
+        for (w, h) in s.workers.iter().zip(hists) {
+            histogram(
+                &mut out,
+                "sluice_pipeline_batch_packets",
+                &format!("worker=\"{}\"", w.id),
+                &h.batch_packets,
+                &BATCH_BUCKETS,
+                1.0,
+            );
+        }
+    }
+    out
+}
+
+/// What the HTTP thread asks the control loop for.
+pub enum Scrape {
+    /// The rendered /metrics body.
+    Metrics(mpsc::SyncSender<String>),
+    /// Liveness/readiness: answered when the control loop runs.
+    Ping(mpsc::SyncSender<()>),
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends. Each request
+/// is answered by asking the control loop (bounded wait), so `/healthz` fails when the loop is
+/// stuck, as a probe should.
+pub fn serve(listener: TcpListener, to_control: impl Fn(Scrape) -> bool) {
+    for conn in listener.incoming() {
+        let Ok(mut stream) = conn else { continue };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        if BufReader::new(&stream).read_line(&mut line).is_err() {
+            continue;
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("");
+        let (code, body, ctype) = match path {
+            "/metrics" => {
+                let (tx, rx) = mpsc::sync_channel(1);
+                let got = if to_control(Scrape::Metrics(tx)) {
+                    rx.recv_timeout(Duration::from_secs(5)).ok()
+                } else {
+                    None
+                };
+                match got {
+                    Some(text) => ("200 OK", text, "text/plain; version=0.0.4"),
+                    None => (
+                        "503 Service Unavailable",
+                        "control loop not answering\n".into(),
+                        "text/plain",
+                    ),
+                }
+            }
+            "/healthz" | "/readyz" => {
+                let (tx, rx) = mpsc::sync_channel(1);
+                let ok =
+                    to_control(Scrape::Ping(tx)) && rx.recv_timeout(Duration::from_secs(2)).is_ok();
+                if ok {
+                    ("200 OK", "ok\n".into(), "text/plain")
+                } else {
+                    (
+                        "503 Service Unavailable",
+                        "control loop not answering\n".into(),
+                        "text/plain",
+                    )
+                }
+            }
+            _ => (
+                "404 Not Found",
+                "try /metrics, /healthz or /readyz\n".into(),
+                "text/plain",
+            ),
+        };
+        let _ = write!(
+            stream,
+            "HTTP/1.1 {code}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    }
+}
+
+/// Binds the metrics address, with an error that names it.
+pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).map_err(|e| {
+        anyhow::anyhow!("binding the metrics address {addr}: {e} (use --metrics-addr)")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::QueueStatus;
+    use dataplane::stats::Counters;
+
+    fn parse(text: &str) -> Vec<(String, f64)> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.rsplit_once(' ').expect("metric line has a value");
+                (k.to_string(), v.parse::<f64>().expect("value parses"))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_counter_and_drop_reason_is_exported_and_parses() {
+        let mut c = Counters::default();
+        for r in DropReason::ALL {
+            c.count_drop(r);
+        }
+        c.rx_packets = 5;
+        let workers = vec![WorkerReport {
+            id: 0,
+            core: Some(1),
+            hugepages: true,
+            generation: 3,
+            free_frames: 10,
+            total_frames: 20,
+            counters: c,
+        }];
+        let interfaces = vec![InterfaceStatus {
+            name: "lxc1".into(),
+            ifindex: 3,
+            mac: "02:00:00:00:00:01".into(),
+            xdp_mode: "native".into(),
+            pod: None,
+            ip: None,
+            queues: vec![QueueStatus {
+                queue: 0,
+                worker: 0,
+                mode: "copy".into(),
+                kernel_rx_dropped: 1,
+                kernel_rx_ring_full: 2,
+                kernel_rx_fill_ring_empty: 3,
+                kernel_tx_ring_empty: 4,
+                frames_in_kernel: 5,
+            }],
+            xdp: vec![("redirected".into(), 7)],
+        }];
+        let mut h = LatencyHistograms::new();
+        h.record_batch(3_000, 30);
+        h.record_batch(400_000, 4);
+        let hists = vec![h];
+        let text = render(&Snapshot {
+            node: "n1",
+            generation: 3,
+            source_error: false,
+            endpoints: 1,
+            workers: &workers,
+            interfaces: &interfaces,
+            histograms: Some(&hists),
+        });
+        let m = parse(&text);
+        let get = |k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        for name in Counters::NAMES {
+            assert!(
+                get(&format!("sluice_{name}_total{{worker=\"0\"}}")).is_some(),
+                "{name} not exported"
+            );
+        }
+        for r in DropReason::ALL {
+            let key = format!(
+                "sluice_drops_total{{worker=\"0\",reason=\"{}\",number=\"{}\"}}",
+                r.as_str(),
+                r as u8
+            );
+            assert_eq!(get(&key), Some(1.0), "{key}");
+        }
+        assert_eq!(get("sluice_rx_packets_total{worker=\"0\"}"), Some(5.0));
+        assert_eq!(
+            get("sluice_xdp_actions_total{interface=\"lxc1\",action=\"redirected\"}"),
+            Some(7.0)
+        );
+        assert_eq!(
+            get("sluice_xsk_rx_ring_full_total{interface=\"lxc1\",queue=\"0\",worker=\"0\"}"),
+            Some(2.0)
+        );
+        assert_eq!(get("sluice_worker_frames_free{worker=\"0\"}"), Some(10.0));
+        // Histograms: cumulative, ending at the count; 30 packets at 100 ns, 4 at 100 us.
+        assert_eq!(
+            get("sluice_pipeline_packet_duration_seconds_count{worker=\"0\"}"),
+            Some(34.0)
+        );
+        assert_eq!(
+            get("sluice_pipeline_packet_duration_seconds_bucket{worker=\"0\",le=\"0.0000001\"}"),
+            Some(30.0)
+        );
+        assert_eq!(
+            get("sluice_pipeline_packet_duration_seconds_bucket{worker=\"0\",le=\"0.0001\"}"),
+            Some(34.0)
+        );
+        assert_eq!(
+            get("sluice_pipeline_batch_duration_seconds_bucket{worker=\"0\",le=\"+Inf\"}"),
+            Some(2.0)
+        );
+        let mut last = 0.0;
+        for (k, v) in &m {
+            if k.starts_with("sluice_pipeline_batch_duration_seconds_bucket") {
+                assert!(*v >= last, "buckets are cumulative");
+                last = *v;
+            }
+        }
+        // Every sample line belongs to a declared metric family.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let family = line.split(['{', ' ']).next().expect("name");
+            let base = family
+                .trim_end_matches("_bucket")
+                .trim_end_matches("_sum")
+                .trim_end_matches("_count");
+            assert!(
+                text.contains(&format!("# TYPE {family} "))
+                    || text.contains(&format!("# TYPE {base} histogram")),
+                "{family} undeclared"
+            );
+        }
+    }
+}
