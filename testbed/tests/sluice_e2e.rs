@@ -1042,7 +1042,7 @@ fn metrics_and_latency_histograms_follow_traffic() {
         decode(&h.workers[0].packet_ns).len(),
         "merged == the one worker"
     );
-    assert!(batches.len() >= 1 && batches.len() <= packets.len());
+    assert!(!batches.is_empty() && batches.len() <= packets.len());
     assert!(packets.value_at_quantile(0.5) > 0 && packets.max() < 1_000_000_000);
     // /metrics, /healthz and /readyz in the node's network namespace.
     let node_ns = tb.node(NODE).expect("node").netns.clone();
