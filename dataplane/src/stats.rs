@@ -1,6 +1,11 @@
 //! Per-worker counters: plain `u64`s owned by the worker, published every few batches into a
 //! single-writer array of atomics (Relaxed stores, no read-modify-write, no sharing of a cache
 //! line between writers), read by control at any time without stopping the worker.
+//!
+//! A read is not a consistent cut: fields are stored one by one, so a reader racing a
+//! publication can see e.g. `dropped` one batch ahead of the per-reason `drops`. Each field is
+//! exact and monotonic; sums across fields agree once the worker is idle (it publishes before
+//! sleeping) or after the next publication.
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -82,7 +87,8 @@ counters! {
     idle_sleeps,
     /// sendto(2) kicks of tx rings.
     tx_kicks,
-    /// Kicks that failed transiently (EAGAIN/EBUSY/ENOBUFS/ENETDOWN); frames stay queued.
+    /// Kicks that failed for a reason other than EAGAIN/EBUSY (ENETDOWN, ENXIO, ENOBUFS: the
+    /// interface is down or going away); frames stay queued until the next frame for it.
     tx_kick_errors,
     /// recvfrom(2) kicks for fill rings that asked for one.
     fill_kicks,
