@@ -7,6 +7,8 @@ pub mod checksum;
 pub mod ethernet;
 pub mod icmp;
 pub mod ipv4;
+pub mod udp;
+pub mod vxlan;
 
 /// A view's buffer is shorter than the header it claims to hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
