@@ -39,6 +39,8 @@ pub struct Ipv4Meta {
     pub later_fragment: bool,
     /// True for any fragment (MF set or offset non-zero).
     pub fragment: bool,
+    /// The DF (don't fragment) flag.
+    pub dont_fragment: bool,
 }
 
 /// Classifies an Ethernet frame. Every failure is a drop reason; nothing here panics.
@@ -76,6 +78,7 @@ pub fn classify(frame: &[u8]) -> Result<Class, DropReason> {
                 src_mac: eth.src(),
                 later_fragment: ip.frag_offset() != 0,
                 fragment: ip.frag_offset() != 0 || ip.more_fragments(),
+                dont_fragment: ip.dont_fragment(),
             }))
         }
         ethernet::ETHERTYPE_IPV6 => Err(DropReason::Ipv6Unsupported),

@@ -41,11 +41,26 @@ pub enum DropReason {
     Ipv4Multicast = 16,
     /// A pod sent from an address that is not its own (spoofing; policy would be bypassable).
     SourceNotOwned = 17,
+    /// VXLAN packet with a bad UDP length, truncated header or inner frame.
+    VxlanMalformed = 18,
+    /// VXLAN packet for a VNI this node does not use.
+    VxlanBadVni = 19,
+    /// Fragmented outer packet (the dataplane does not reassemble; pod MTU prevents them).
+    VxlanFragment = 20,
+    /// Something on the uplink that is not VXLAN for this node reached the dataplane.
+    UplinkUnexpected = 21,
+    /// The next hop's MAC is unknown: an ARP request went out instead (rate limited).
+    NeighborUnresolved = 22,
+    /// Too big for the uplink after encapsulation and DF clear: not fragmented, dropped (with
+    /// DF set the sender gets ICMP fragmentation-needed instead). Pod MTU prevents both.
+    OversizeNoDf = 23,
+    /// The frame inside VXLAN is not IPv4 (inner ARP/IPv6 are not carried).
+    VxlanInnerUnsupported = 24,
 }
 
 impl DropReason {
     /// Every reason, in number order (metrics export all of them, even at zero).
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::FrameTooShort,
         DropReason::UnsupportedEthertype,
         DropReason::Ipv6Unsupported,
@@ -63,9 +78,16 @@ impl DropReason {
         DropReason::Ipv4BadSource,
         DropReason::Ipv4Multicast,
         DropReason::SourceNotOwned,
+        DropReason::VxlanMalformed,
+        DropReason::VxlanBadVni,
+        DropReason::VxlanFragment,
+        DropReason::UplinkUnexpected,
+        DropReason::NeighborUnresolved,
+        DropReason::OversizeNoDf,
+        DropReason::VxlanInnerUnsupported,
     ];
     /// Size of a counter array indexed by `reason as usize` (index 0 unused).
-    pub const SLOTS: usize = 18;
+    pub const SLOTS: usize = 25;
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -86,6 +108,13 @@ impl DropReason {
             DropReason::Ipv4BadSource => "ipv4_bad_source",
             DropReason::Ipv4Multicast => "ipv4_multicast",
             DropReason::SourceNotOwned => "source_not_owned",
+            DropReason::VxlanMalformed => "vxlan_malformed",
+            DropReason::VxlanBadVni => "vxlan_bad_vni",
+            DropReason::VxlanFragment => "vxlan_fragment",
+            DropReason::UplinkUnexpected => "uplink_unexpected",
+            DropReason::NeighborUnresolved => "neighbor_unresolved",
+            DropReason::OversizeNoDf => "oversize_no_df",
+            DropReason::VxlanInnerUnsupported => "vxlan_inner_unsupported",
         }
     }
 

@@ -40,8 +40,23 @@ pub enum TxKind {
     ArpReply,
     /// ICMP echo reply from the gateway.
     GatewayEcho,
-    /// ICMP error (time exceeded) back to the sender.
+    /// ICMP error (time exceeded, fragmentation needed) back to the sender.
     IcmpError,
+    /// Encapsulated in VXLAN and sent on the uplink to another node.
+    Encap,
+    /// Received in VXLAN from another node, decapsulated and delivered to a local pod.
+    Decap,
+    /// The frame was turned into an ARP request for an unresolved next hop (the original packet
+    /// counts as dropped with `NeighborUnresolved`).
+    ArpRequest,
+}
+
+/// What the pipeline may use besides the snapshot and the frame: the batch's time (read once
+/// per batch by the worker) and the worker's own small mutable tables.
+pub struct Ctx<'a> {
+    /// Monotonic nanoseconds at the start of the batch (0 when there is no clock: tests).
+    pub now_ns: u64,
+    pub arp: &'a mut stages::neighbor::ArpThrottle,
 }
 
 /// The outcome of the pipeline for one frame.

@@ -77,8 +77,14 @@ counters! {
     arp_replies,
     /// ICMP echo replies from the gateway.
     gateway_echo_replies,
-    /// ICMP time-exceeded errors sent.
+    /// ICMP errors sent (time exceeded, fragmentation needed).
     icmp_errors_sent,
+    /// Sent to another node in VXLAN.
+    encapsulated,
+    /// Received from another node in VXLAN and delivered.
+    decapsulated,
+    /// ARP requests sent for unresolved next hops on the uplink.
+    arp_requests,
     /// Frames dropped (sum of `drops`).
     dropped,
     /// Loop iterations that found work.
@@ -113,6 +119,12 @@ impl Counters {
             TxKind::ArpReply => self.arp_replies += 1,
             TxKind::GatewayEcho => self.gateway_echo_replies += 1,
             TxKind::IcmpError => self.icmp_errors_sent += 1,
+            TxKind::Encap => self.encapsulated += 1,
+            TxKind::Decap => self.decapsulated += 1,
+            TxKind::ArpRequest => {
+                self.arp_requests += 1;
+                self.count_drop(DropReason::NeighborUnresolved);
+            }
         }
     }
     /// Drops per reason, every reason listed (zeros included).

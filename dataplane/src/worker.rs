@@ -39,9 +39,10 @@ use crate::{
     packet::PacketBuf,
     pipeline,
     snapshot::Snapshot,
+    stages::neighbor::ArpThrottle,
     stats::{Counters, SharedCounters},
     xsk::{sys::xdp_desc, BindMode, RingSizes, UmemArea, UmemConfig, XskSocket},
-    Verdict,
+    Ctx, Verdict,
 };
 
 /// How many tx kicks one flush may spend on one socket (copy mode sends 32 frames per kick).
@@ -138,6 +139,9 @@ pub struct Worker {
     counters: Counters,
     latency: LatencyHistograms,
     clock: CycleClock,
+    arp: ArpThrottle,
+    /// The batch's time (from the TSC read at its start), handed to the pipeline.
+    now_ns: u64,
     shared: Arc<SharedCounters>,
     snapshot: Arc<ArcSwapOption<Snapshot>>,
     commands: Receiver<Command>,
@@ -173,6 +177,8 @@ impl Worker {
             counters: Counters::default(),
             latency: LatencyHistograms::new(),
             clock: CycleClock::get(),
+            arp: ArpThrottle::default(),
+            now_ns: 0,
             shared,
             snapshot,
             commands,
@@ -209,6 +215,7 @@ impl Worker {
             let snap = cache.load();
             let generation = snap.as_ref().map_or(0, |s| s.generation());
             let t0 = cycles();
+            self.now_ns = self.clock.to_ns(t0);
             let mut work = self.reap_completions();
             let mut frames = 0;
             for p in 0..self.ports.len() {
@@ -513,7 +520,13 @@ impl Worker {
                 continue;
             };
             let verdict = match snap {
-                Some(s) => pipeline::process(s, rx_ifindex, &mut pkt),
+                Some(s) => {
+                    let mut ctx = Ctx {
+                        now_ns: self.now_ns,
+                        arp: &mut self.arp,
+                    };
+                    pipeline::process_ctx(&mut ctx, s, rx_ifindex, &mut pkt)
+                }
                 None => Verdict::Drop(DropReason::NoSnapshot),
             };
             match verdict {

@@ -1,5 +1,8 @@
 //! The pipeline's stages, one module each, each with a verb for its entry point.
 pub mod arp;
+pub mod decap;
+pub mod encap;
 pub mod gateway;
 pub mod icmp_error;
+pub mod neighbor;
 pub mod route;

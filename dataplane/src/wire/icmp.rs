@@ -10,6 +10,8 @@ pub const TYPE_ECHO_REQUEST: u8 = 8;
 pub const TYPE_TIME_EXCEEDED: u8 = 11;
 pub const TYPE_PARAMETER_PROBLEM: u8 = 12;
 pub const CODE_TTL_EXCEEDED_IN_TRANSIT: u8 = 0;
+/// Destination unreachable: fragmentation needed and DF set (RFC 792, RFC 1191).
+pub const CODE_FRAG_NEEDED: u8 = 4;
 
 /// True for ICMP error messages, about which no ICMP error is sent (RFC 1122 3.2.2).
 pub fn is_error(icmp_type: u8) -> bool {

@@ -67,6 +67,10 @@ impl<T: AsRef<[u8]>> Packet<T> {
     pub fn frag_offset(&self) -> u16 {
         be16(self.buf.as_ref(), 6) & 0x1fff
     }
+    /// The DF (don't fragment) flag.
+    pub fn dont_fragment(&self) -> bool {
+        be16(self.buf.as_ref(), 6) & 0x4000 != 0
+    }
     /// The MF (more fragments) flag.
     pub fn more_fragments(&self) -> bool {
         be16(self.buf.as_ref(), 6) & 0x2000 != 0
@@ -103,6 +107,19 @@ pub struct Repr {
     pub protocol: u8,
     pub ttl: u8,
     pub payload_len: usize,
+}
+
+/// Flags/fragment-offset word with DF set (identification may then be anything: RFC 6864).
+pub const FLAGS_DF: u16 = 0x4000;
+
+/// Like [`emit`], with DF set.
+pub fn emit_df(buf: &mut [u8], repr: &Repr) -> Result<(), Truncated> {
+    emit(buf, repr)?;
+    let old = be16(buf, 6);
+    put16(buf, 6, FLAGS_DF);
+    let c = checksum::update16(be16(buf, 10), old, FLAGS_DF);
+    put16(buf, 10, c);
+    Ok(())
 }
 
 /// Writes `repr` as a 20-byte header (DF clear, id 0, checksum computed) at the start of `buf`.

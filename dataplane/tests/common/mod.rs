@@ -121,3 +121,108 @@ pub fn chunk_with(frame: &[u8]) -> Vec<u8> {
     buf[HEADROOM..HEADROOM + frame.len()].copy_from_slice(frame);
     buf
 }
+
+// --- Overlay fixtures: this node is 172.18.0.11 (pods 10.244.1.0/24), the remote node is
+// 172.18.0.12 (pods 10.244.2.0/24), both on the uplink's subnet.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
+pub const PEER_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 12);
+pub const REMOTE_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 2, 5);
+pub const IF_UPLINK: u32 = 2;
+pub const UPLINK_MAC: Mac = Mac([0x02, 0, 0, 0, 0x11, 0x11]);
+pub const PEER_UPLINK_MAC: Mac = Mac([0x02, 0, 0, 0, 0x12, 0x12]);
+pub const VNI: u32 = 1;
+pub const VXLAN_PORT: u16 = 8472;
+pub const UPLINK_MTU: u16 = 1500;
+
+pub fn overlay_config(node_ip: Ipv4Addr) -> dataplane::snapshot::OverlayConfig {
+    dataplane::snapshot::OverlayConfig {
+        node_ip,
+        vtep_mac: dataplane::stages::encap::derived_vtep_mac(node_ip),
+        uplink_ifindex: IF_UPLINK,
+        uplink_mtu: UPLINK_MTU,
+        port: VXLAN_PORT,
+        vni: VNI,
+    }
+}
+
+/// Node 1 (pods A and B local) with node 2 reachable; `resolved`: node 2's MAC is known.
+pub fn node1(resolved: bool) -> Snapshot {
+    let mut b = SnapshotBuilder::new(1, GATEWAY);
+    b.interface(InterfaceEntry {
+        ifindex: IF_A,
+        mac: LXC_A_MAC,
+        role: InterfaceRole::Pod,
+    });
+    b.interface(InterfaceEntry {
+        ifindex: IF_B,
+        mac: LXC_B_MAC,
+        role: InterfaceRole::Pod,
+    });
+    b.interface(InterfaceEntry {
+        ifindex: IF_UPLINK,
+        mac: UPLINK_MAC,
+        role: InterfaceRole::Uplink,
+    });
+    b.endpoint(
+        POD_A,
+        EndpointEntry {
+            ifindex: IF_A,
+            mac: POD_A_MAC,
+        },
+    );
+    b.endpoint(
+        POD_B,
+        EndpointEntry {
+            ifindex: IF_B,
+            mac: POD_B_MAC,
+        },
+    );
+    b.overlay(overlay_config(NODE_IP));
+    b.remote(dataplane::snapshot::RemoteNode {
+        pod_net: Ipv4Addr::new(10, 244, 2, 0),
+        prefix_len: 24,
+        vtep_ip: PEER_IP,
+        vtep_mac: dataplane::stages::encap::derived_vtep_mac(PEER_IP),
+        next_hop: PEER_IP,
+    });
+    if resolved {
+        b.neighbor(PEER_IP, PEER_UPLINK_MAC);
+    }
+    b.build()
+}
+
+/// Node 2, where REMOTE_POD lives behind IF_B's slot, and node 1 is the remote.
+pub fn node2() -> Snapshot {
+    let mut b = SnapshotBuilder::new(1, Ipv4Addr::new(10, 244, 2, 1));
+    b.interface(InterfaceEntry {
+        ifindex: IF_B,
+        mac: LXC_B_MAC,
+        role: InterfaceRole::Pod,
+    });
+    b.interface(InterfaceEntry {
+        ifindex: IF_UPLINK,
+        mac: PEER_UPLINK_MAC,
+        role: InterfaceRole::Uplink,
+    });
+    b.endpoint(
+        REMOTE_POD,
+        EndpointEntry {
+            ifindex: IF_B,
+            mac: POD_B_MAC,
+        },
+    );
+    b.overlay(overlay_config(PEER_IP));
+    b.build()
+}
+
+/// A VXLAN frame as node 1 would send it to node 2 (hand-built, independent of `encap`).
+pub fn vxlan_frame(outer_dst: Ipv4Addr, dport: u16, flags: u8, vni: u32, inner: &[u8]) -> Vec<u8> {
+    let mut f = eth(PEER_UPLINK_MAC, UPLINK_MAC, 0x0800);
+    let mut vx = vec![flags, 0, 0, 0];
+    vx.extend_from_slice(&(vni << 8).to_be_bytes());
+    vx.extend_from_slice(inner);
+    let u = udp(40000, dport, &vx);
+    f.extend(ipv4(NODE_IP, outer_dst, 17, 64, u.len()));
+    f.extend(u);
+    f
+}
