@@ -82,6 +82,11 @@ impl LatencyHistogram {
         }
     }
 
+    /// The underlying HdrHistogram (for interval logs and plots).
+    pub fn hdr(&self) -> &Histogram<u64> {
+        &self.h
+    }
+
     pub fn merge(&mut self, other: &LatencyHistogram) -> Result<(), HistError> {
         self.h.add(&other.h)?;
         Ok(())

@@ -15,11 +15,14 @@
 //!   and every run report says that generator, sink and dataplane share the CPUs ([`report`]).
 //!
 //! Layout: pure pieces without I/O and testable without root ([`payload`], [`seq`], [`pacing`],
-//! [`hist`], [`report`], [`scenario`]); socket loops ([`gen`], [`sink`], [`pingpong`]) over
-//! [`mmsg`] and [`sys`]; the binary `sluice-perf` wires them to a CLI and to the testbed.
+//! [`hist`], [`metrics`] (figures, sluice/baseline ratios, comparisons), [`report`],
+//! [`scenario`] (the table of scenarios)); socket loops ([`gen`], [`sink`], [`pingpong`],
+//! [`tcp`]) over [`mmsg`] and [`sys`]; the binary `sluice-perf` wires them to a CLI and to the
+//! testbed, running every scenario with sluice and with the kernel baseline.
 
 pub mod gen;
 pub mod hist;
+pub mod metrics;
 pub mod mmsg;
 pub mod pacing;
 pub mod payload;
@@ -29,3 +32,4 @@ pub mod scenario;
 pub mod seq;
 pub mod sink;
 pub mod sys;
+pub mod tcp;

@@ -117,12 +117,38 @@ fn loopback_gen_to_sink_and_pingpong() {
         reply_timeout: Duration::from_millis(200),
         cpu: None,
         include_histogram: false,
+        rate_pps: None,
     })
     .expect("ping-pong runs");
     assert_eq!((p.sent, p.received, p.timeouts), (1_000, 1_000, 0), "{p:?}");
     assert_ordered(&p.latency);
+    // Open loop: 2000 requests at 10 000/s, every reply matched by its sequence number.
+    let o = perf::pingpong::run_pingpong(&perf::pingpong::PingConfig {
+        dst: server_addr,
+        frame_bytes: 64,
+        count: 2_000,
+        duration: Duration::from_secs(2),
+        reply_timeout: Duration::from_millis(200),
+        cpu: None,
+        include_histogram: true,
+        rate_pps: Some(10_000),
+    })
+    .expect("open-loop ping-pong runs");
+    assert_eq!(
+        (o.sent, o.received, o.lost, o.duplicates),
+        (2_000, 2_000, 0, 0),
+        "{o:?}"
+    );
+    assert_eq!(o.target_pps, Some(10_000));
+    assert!(o.rate_reached, "{o:?}");
+    assert!(
+        o.duration_ns >= 190_000_000,
+        "2000 at 10k/s take ~0.2 s: {o:?}"
+    );
+    assert_eq!(o.latency.count, 2_000);
+    assert_ordered(&o.latency);
     let served = server.join().expect("server thread").expect("server runs");
-    assert_eq!(served.served, 1_000);
+    assert_eq!(served.served, 3_000);
 }
 
 /// Two namespaces joined by a veth pair; deleted (with the veth) on drop.

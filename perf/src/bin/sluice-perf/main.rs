@@ -1,5 +1,7 @@
-//! `sluice-perf`: bounded UDP generator, sink, ping-pong, and end-to-end runs on the testbed.
-//! Every subcommand prints one JSON line on stdout (and writes it to `--json-out` if given).
+//! `sluice-perf`: scenarios on the testbed with a kernel baseline in the same run (`list`,
+//! `run`, `compare`), and the bounded programs they start inside pods (UDP generator and sink,
+//! request/response client and server, TCP sender and receiver). The programs print one JSON
+//! line on stdout (and write it to `--json-out` if given).
 
 use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
@@ -12,7 +14,9 @@ use serde::Serialize;
 use perf::gen::{run_gen, GenConfig};
 use perf::pingpong::{run_pingpong, PingConfig, PingServerConfig};
 use perf::sink::{run_sink, SinkConfig};
+use perf::tcp::{run_tcp_recv, run_tcp_send, TcpRecvConfig, TcpSendConfig};
 
+mod export;
 mod run;
 
 #[derive(Parser)]
@@ -119,11 +123,107 @@ enum Cmd {
         cpu: Option<usize>,
         #[arg(long)]
         histogram: bool,
+        /// Open loop: requests per second whatever the replies do (default: closed loop,
+        /// one request outstanding).
+        #[arg(long)]
+        rate: Option<u64>,
         #[arg(long)]
         json_out: Option<PathBuf>,
     },
-    /// Bring up the testbed, run a scenario, tear it down, report.
+    /// TCP receiver: accepts --flows connections, reads each to its end, counts bytes.
+    TcpRecv {
+        #[arg(long)]
+        bind: SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        flows: u16,
+        #[arg(long, value_parser = seconds)]
+        duration: Duration,
+        /// Give up on a connection this long after its last byte.
+        #[arg(long, default_value_t = 2000)]
+        idle_timeout_ms: u64,
+        #[arg(long)]
+        cpu: Option<usize>,
+        #[arg(long)]
+        ready_file: Option<PathBuf>,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// TCP sender: --flows connections writing until --bytes (in total) or --duration.
+    TcpSend {
+        #[arg(long)]
+        dst: SocketAddrV4,
+        #[arg(long, default_value_t = 1)]
+        flows: u16,
+        /// Total over all connections (default: no limit but the duration).
+        #[arg(long)]
+        bytes: Option<u64>,
+        #[arg(long, value_parser = seconds)]
+        duration: Duration,
+        #[arg(long, default_value_t = 128 * 1024)]
+        write_bytes: usize,
+        #[arg(long)]
+        cpu: Option<usize>,
+        #[arg(long)]
+        json_out: Option<PathBuf>,
+    },
+    /// The scenarios `run` knows: name, what it measures, topology, traffic.
+    List,
+    /// Bring up a testbed per mode (kernel baseline, sluice), run a scenario, tear down, report
+    /// with ratios; writes report.json, .hlog interval logs and latency.svg.
     Run(run::RunArgs),
+    /// Compare two report.json files: per figure A, B, B/A, change, regressions (exits 0).
+    Compare {
+        a: PathBuf,
+        b: PathBuf,
+        /// Changes for the worse beyond this many percent are marked as regressions.
+        #[arg(long, default_value_t = 5.0)]
+        threshold_pct: f64,
+    },
+}
+
+fn list() {
+    println!(
+        "{:<16} {:<22} {:<32} measures",
+        "scenario", "traffic", "topology"
+    );
+    for s in perf::scenario::SCENARIOS {
+        println!(
+            "{:<16} {:<22} {:<32} {}",
+            s.name,
+            s.traffic.as_str(),
+            s.topology,
+            s.measures
+        );
+    }
+}
+
+fn compare(a: &Path, b: &Path, threshold_pct: f64) -> Result<()> {
+    let read = |p: &Path| -> Result<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{} is not JSON; pass two report.json files", p.display()))
+    };
+    let (ra, rb) = (read(a)?, read(b)?);
+    for (label, path, r) in [("A", a, &ra), ("B", b, &rb)] {
+        println!(
+            "{label}: {} ({} {}, commit {})",
+            path.display(),
+            r["scenario"]["name"].as_str().unwrap_or("?"),
+            r["parameters"]["rate_pps"]
+                .as_u64()
+                .map_or("closed loop".to_string(), |x| format!("{x} pps")),
+            r["machine"]["git_commit"]
+                .as_str()
+                .map_or("?", |c| &c[..c.len().min(12)]),
+        );
+    }
+    if ra["scenario"]["name"] != rb["scenario"]["name"] {
+        println!("note: A and B ran different scenarios");
+    }
+    let rows = perf::metrics::compare(&ra, &rb, threshold_pct);
+    print!("{}", perf::metrics::render_compare(&rows, threshold_pct));
+    Ok(())
 }
 
 /// Prints `value` as one JSON line and writes it to `json_out` (via a temporary file and a
@@ -219,6 +319,7 @@ fn main() -> Result<()> {
             reply_timeout_ms,
             cpu,
             histogram,
+            rate,
             json_out,
         } => {
             let cfg = PingConfig {
@@ -229,9 +330,57 @@ fn main() -> Result<()> {
                 reply_timeout: Duration::from_millis(reply_timeout_ms),
                 cpu,
                 include_histogram: histogram,
+                rate_pps: rate,
             };
             emit(&run_pingpong(&cfg)?, json_out.as_deref())
         }
+        Cmd::TcpRecv {
+            bind,
+            flows,
+            duration,
+            idle_timeout_ms,
+            cpu,
+            ready_file,
+            json_out,
+        } => {
+            let cfg = TcpRecvConfig {
+                bind,
+                flows,
+                duration,
+                idle_timeout: Duration::from_millis(idle_timeout_ms),
+                cpu,
+                ready_file,
+            };
+            emit(&run_tcp_recv(&cfg)?, json_out.as_deref())
+        }
+        Cmd::TcpSend {
+            dst,
+            flows,
+            bytes,
+            duration,
+            write_bytes,
+            cpu,
+            json_out,
+        } => {
+            let cfg = TcpSendConfig {
+                dst,
+                flows,
+                bytes: bytes.unwrap_or(u64::MAX),
+                duration,
+                write_bytes,
+                cpu,
+            };
+            emit(&run_tcp_send(&cfg)?, json_out.as_deref())
+        }
+        Cmd::List => {
+            list();
+            Ok(())
+        }
         Cmd::Run(args) => run::run(&args),
+        Cmd::Compare {
+            a,
+            b,
+            threshold_pct,
+        } => compare(&a, &b, threshold_pct),
     }
 }

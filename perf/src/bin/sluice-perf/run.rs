@@ -1,10 +1,15 @@
-//! `sluice-perf run SCENARIO`: testbed up, sink + generator, ping-pong, testbed down, report.
+//! `sluice-perf run SCENARIO`: for each mode (the kernel baseline, then sluice), a testbed from
+//! the scenario's cluster file, the scenario's traffic between its pods, the agents' status and
+//! histograms, testbed down; then ratios, warnings, `report.json`, interval logs and a plot in
+//! `--out DIR/<scenario>-<UTC timestamp>/`.
 //!
 //! The measuring programs are this same binary (`current_exe()`), started inside the pods'
-//! namespaces through the testbed. They report through `--json-out` files in the run's output
-//! directory (their stderr goes to `*.log` files there); nothing waits without a bound.
+//! namespaces through the testbed. They report through `--json-out` files in the mode's
+//! subdirectory (their stderr goes to `*.log` files there); nothing waits without a bound, and a
+//! testbed is torn down by its `Drop` whatever fails.
 
-use std::net::SocketAddrV4;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -13,14 +18,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde::de::DeserializeOwned;
 
-use perf::gen::GenReport;
-use perf::pingpong::PingReport;
+use perf::hist::LatencyHistogram;
+use perf::metrics::ratios;
 use perf::report::{
-    caveats, render_table, write_report, MachineInfo, RunParameters, RunReport, RunResults,
+    core_warnings, metrics_for, mode_warnings, render_table, utc_stamp, worker_cores, write_report,
+    AgentRecord, Cores, MachineInfo, ModeReport, ModeResults, RunParameters, RunReport,
     ScenarioRecord, REPORT_SCHEMA_VERSION,
 };
-use perf::scenario::{self, Scenario};
-use perf::sink::SinkReport;
+use perf::scenario::{self, Scenario, Target, Traffic};
 use testbed::{Mode, Testbed, UpOptions};
 
 use crate::seconds;
@@ -30,68 +35,133 @@ const CHILD_GRACE: Duration = Duration::from_secs(10);
 /// How long to wait for a server to bind.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 const AGENT_API_TIMEOUT: Duration = Duration::from_secs(5);
-const DEFAULT_CLUSTER: &str = "testbed/clusters/demo.yaml";
+/// Closed-loop request/response: how long one request may wait for its reply.
+const REPLY_TIMEOUT_MS: u64 = 200;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum ModeArg {
-    /// sluice agents move the packets.
-    Sluice,
-    /// Kernel routing, no agent (the baseline).
+pub enum BaselineArg {
+    /// Also run the scenario with kernel routing and no agent, and report ratios.
     Kernel,
+    /// sluice only.
+    None,
 }
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// Scenario name (see `perf::scenario::SCENARIOS`): pod-to-pod.
+    /// Scenario name (`sluice-perf list`).
     scenario: String,
-    #[arg(long, value_enum, default_value_t = ModeArg::Sluice)]
-    mode: ModeArg,
-    /// sluice workers per node (sluice mode).
-    #[arg(long, default_value_t = 1)]
-    workers: u32,
-    /// Ethernet frame size in bytes, FCS included.
-    #[arg(long, default_value_t = 64)]
-    size: usize,
-    /// Seconds of generator traffic (and the ping-pong's bound).
-    #[arg(long, default_value = "5", value_parser = seconds)]
-    duration: Duration,
-    /// Generator target rate in packets per second; closed loop without.
+    /// Seconds of traffic per mode (default: the scenario's).
+    #[arg(long, value_parser = seconds)]
+    duration: Option<Duration>,
+    /// UDP: Ethernet frame bytes, FCS included (64..=1518). TCP: bytes per write.
+    #[arg(long)]
+    size: Option<usize>,
+    /// Packets (or requests) per second; leave out for closed loop.
     #[arg(long)]
     rate: Option<u64>,
-    #[arg(long, default_value_t = 1)]
-    flows: u16,
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
-    /// Pin the generator and the ping-pong client to this CPU.
+    /// UDP source ports, or parallel TCP connections.
     #[arg(long)]
-    gen_cpu: Option<usize>,
-    /// Pin the sink and the ping-pong server to this CPU.
-    #[arg(long)]
-    sink_cpu: Option<usize>,
-    #[arg(long, default_value_t = 10_000)]
-    pingpong_count: u64,
-    /// Cluster file (default testbed/clusters/demo.yaml, from the current directory or the
-    /// source tree).
-    #[arg(long)]
-    cluster: Option<PathBuf>,
-    /// Testbed instance name (default perf-PID).
-    #[arg(long)]
-    instance: Option<String>,
+    flows: Option<u16>,
+    /// Reports go to DIR/<scenario>-<UTC timestamp>/.
     #[arg(long, default_value = "perf-out")]
     out: PathBuf,
+    /// sluice workers per node.
+    #[arg(long, default_value_t = 1)]
+    workers: u32,
+    #[arg(long, value_enum, default_value_t = BaselineArg::Kernel)]
+    baseline: BaselineArg,
+    /// Pin the client (generator, sender, requester) to this CPU.
+    #[arg(long)]
+    gen_cpu: Option<usize>,
+    /// Pin the server (sink, receiver, responder) to this CPU.
+    #[arg(long)]
+    sink_cpu: Option<usize>,
+    /// UDP generator: packets per sendmmsg.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Closed-loop request/response: stop after this many round trips (else the duration).
+    #[arg(long)]
+    rr_count: Option<u64>,
+    /// TCP: stop after this many bytes over all connections (else the duration).
+    #[arg(long)]
+    tcp_bytes: Option<u64>,
+    /// Run sluice before the baseline (default: baseline first).
+    #[arg(long)]
+    sluice_first: bool,
+    /// Cluster file instead of the scenario's.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// Testbed instance name prefix (default perf-PID); `-k`/`-s` is appended per mode.
+    #[arg(long)]
+    instance: Option<String>,
 }
 
-fn cluster_file(arg: Option<&Path>) -> PathBuf {
+/// The parameters in force: the command line over the scenario's defaults.
+#[derive(Clone, Debug)]
+struct Params {
+    duration: Duration,
+    size: usize,
+    rate: Option<u64>,
+    flows: u16,
+    batch: usize,
+    gen_cpu: Option<usize>,
+    sink_cpu: Option<usize>,
+    rr_count: Option<u64>,
+    tcp_bytes: Option<u64>,
+}
+
+impl Params {
+    fn new(a: &RunArgs, s: &Scenario) -> Self {
+        Self {
+            duration: a
+                .duration
+                .unwrap_or(Duration::from_secs(u64::from(s.defaults.duration_s))),
+            size: a.size.unwrap_or(s.defaults.size),
+            rate: a.rate.or(s.defaults.rate_pps),
+            flows: a.flows.unwrap_or(s.defaults.flows),
+            batch: a.batch,
+            gen_cpu: a.gen_cpu,
+            sink_cpu: a.sink_cpu,
+            rr_count: a.rr_count,
+            tcp_bytes: a.tcp_bytes,
+        }
+    }
+
+    /// Refuses what the programs would refuse, before any testbed exists.
+    fn check(&self, s: &Scenario) -> Result<()> {
+        if s.traffic != Traffic::TcpStream {
+            perf::payload::payload_len_for_frame(self.size)
+                .with_context(|| format!("--size {} for scenario {}", self.size, s.name))?;
+        } else if !(1..=perf::tcp::MAX_WRITE_BYTES).contains(&self.size) {
+            bail!(
+                "--size {} (bytes per TCP write) is outside 1..={}",
+                self.size,
+                perf::tcp::MAX_WRITE_BYTES
+            );
+        }
+        if self.rate == Some(0) {
+            bail!("--rate 0 would never send; leave --rate out for closed loop");
+        }
+        if self.flows == 0 {
+            bail!("--flows must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// The scenario's cluster file: as given, else from the current directory, else from the
+/// source tree this binary was built from.
+fn cluster_file(arg: Option<&Path>, s: &Scenario) -> PathBuf {
     if let Some(p) = arg {
         return p.to_path_buf();
     }
-    let here = PathBuf::from(DEFAULT_CLUSTER);
+    let here = PathBuf::from(s.cluster);
     if here.is_file() {
         return here;
     }
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")
-        .join(DEFAULT_CLUSTER)
+        .join(s.cluster)
 }
 
 /// A child process killed (by its pid, through `Child`) and reaped if still running on drop.
@@ -126,7 +196,7 @@ impl ChildGuard {
                     self.what
                 );
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 }
@@ -153,7 +223,7 @@ fn wait_for_file(path: &Path, limit: Duration, guard: &mut ChildGuard) -> Result
                 path.display()
             );
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
 }
@@ -164,267 +234,580 @@ fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(text.trim()).with_context(|| format!("parsing {}", path.display()))
 }
 
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_string()).collect()
+}
+
+/// One mode's traffic on one testbed.
 struct Ctx<'a> {
     tb: &'a Testbed,
     exe: String,
+    /// This mode's directory (logs and the programs' JSON).
     dir: PathBuf,
     scenario: &'static Scenario,
-    args: &'a RunArgs,
+    p: &'a Params,
 }
 
 impl Ctx<'_> {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
     }
 
-    fn path_str(&self, name: &str) -> String {
-        self.path(name).display().to_string()
-    }
-
-    /// Starts `argv` (after this binary) in `pod`, stdout discarded, stderr to `argv[0].log`
-    /// (the subcommand's name).
-    fn spawn(&self, pod: &str, name: &'static str, argv: &[String]) -> Result<ChildGuard> {
+    /// Starts this binary with `argv` in `pod`; stdout discarded, stderr to `<argv[0]>.log`.
+    fn spawn(&self, pod: &str, what: &'static str, argv: &[String]) -> Result<ChildGuard> {
         let stem = argv.first().map_or("child", String::as_str);
         let mut full: Vec<&str> = vec![&self.exe];
         full.extend(argv.iter().map(String::as_str));
         let mut cmd = self.tb.pod_command(pod, &full)?;
-        let log = std::fs::File::create(self.path(&format!("{stem}.log")))
+        let log = std::fs::File::create(self.dir.join(format!("{stem}.log")))
             .with_context(|| format!("creating {stem}.log in {}", self.dir.display()))?;
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting the {name} in {pod}"))?;
-        Ok(ChildGuard { child, what: name })
+            .with_context(|| format!("starting the {what} in {pod}"))?;
+        Ok(ChildGuard { child, what })
     }
 
-    fn cpu_args(cpu: Option<usize>) -> Vec<String> {
+    fn cpu(cpu: Option<usize>) -> Vec<String> {
         cpu.map(|c| vec!["--cpu".into(), c.to_string()])
             .unwrap_or_default()
     }
 
-    fn load_phase(&self, server_ip: std::net::Ipv4Addr) -> Result<(GenReport, SinkReport)> {
-        let a = self.args;
-        let s = self.scenario;
-        let secs = a.duration.as_secs_f64();
-        let (ready, sink_json) = (self.path_str("sink.ready"), self.path_str("sink.json"));
-        let mut sink_argv: Vec<String> = vec![
-            "sink".into(),
-            "--bind".into(),
-            format!("0.0.0.0:{}", s.sink_port),
-            "--duration".into(),
-            format!("{}", secs + 5.0),
-            "--idle-timeout-ms".into(),
-            "1000".into(),
-            "--histogram".into(),
-            "--ready-file".into(),
-            ready.clone(),
-            "--json-out".into(),
-            sink_json.clone(),
-        ];
-        sink_argv.extend(Self::cpu_args(a.sink_cpu));
-        let mut sink = self.spawn(s.server_pod, "sink", &sink_argv)?;
-        wait_for_file(Path::new(&ready), READY_TIMEOUT, &mut sink)?;
-        // Open loop sends exactly rate x duration; closed loop is bounded by the duration.
-        let count = a.rate.map_or(u64::MAX, |r| (r as f64 * secs).ceil() as u64);
-        let gen_json = self.path_str("gen.json");
-        let mut gen_argv: Vec<String> = vec![
-            "gen".into(),
-            "--dst".into(),
-            SocketAddrV4::new(server_ip, s.sink_port).to_string(),
-            "--size".into(),
-            a.size.to_string(),
-            "--count".into(),
-            count.to_string(),
-            "--duration".into(),
-            secs.to_string(),
-            "--flows".into(),
-            a.flows.to_string(),
-            "--batch".into(),
-            a.batch.to_string(),
-            "--json-out".into(),
-            gen_json.clone(),
-        ];
-        if let Some(r) = a.rate {
-            gen_argv.extend(["--rate".into(), r.to_string()]);
-        }
-        gen_argv.extend(Self::cpu_args(a.gen_cpu));
-        let mut gen = self.spawn(s.client_pod, "generator", &gen_argv)?;
-        gen.wait(a.duration + CHILD_GRACE)?;
-        let gen_report: GenReport = read_json(Path::new(&gen_json))?;
-        // The sink stops 1 s after the last packet (idle timeout).
-        sink.wait(a.duration + CHILD_GRACE)?;
-        let sink_report: SinkReport = read_json(Path::new(&sink_json))?;
-        Ok((gen_report, sink_report))
+    /// Starts the server with `--ready-file`, waits until it is ready.
+    fn start_server(&self, what: &'static str, mut argv: Vec<String>) -> Result<ChildGuard> {
+        let ready = self.path(&format!("{}.ready", argv[0]));
+        argv.extend(["--ready-file".into(), ready.clone()]);
+        argv.extend(Self::cpu(self.p.sink_cpu));
+        let mut g = self.spawn(self.scenario.server_pod, what, &argv)?;
+        wait_for_file(Path::new(&ready), READY_TIMEOUT, &mut g)?;
+        Ok(g)
     }
 
-    fn latency_phase(&self, server_ip: std::net::Ipv4Addr) -> Result<PingReport> {
-        let a = self.args;
-        let s = self.scenario;
-        let secs = a.duration.as_secs_f64();
-        let ready = self.path_str("pingpong-server.ready");
-        let mut server_argv: Vec<String> = vec![
-            "pingpong-server".into(),
-            "--bind".into(),
-            format!("0.0.0.0:{}", s.pingpong_port),
+    /// Runs the client to completion.
+    fn run_client(&self, what: &'static str, mut argv: Vec<String>) -> Result<()> {
+        argv.extend(Self::cpu(self.p.gen_cpu));
+        let mut g = self.spawn(self.scenario.client_pod, what, &argv)?;
+        g.wait(self.p.duration + CHILD_GRACE)
+    }
+
+    fn secs(&self) -> String {
+        self.p.duration.as_secs_f64().to_string()
+    }
+
+    /// The server's own bound: the traffic plus time to start and drain.
+    fn server_secs(&self) -> String {
+        (self.p.duration.as_secs_f64() + 5.0).to_string()
+    }
+
+    fn udp_stream(&self, dst: SocketAddrV4, r: &mut ModeResults) -> Result<()> {
+        let p = self.p;
+        let count = p
+            .rate
+            .map(|rate| (rate as f64 * p.duration.as_secs_f64()).ceil() as u64);
+        let sink_json = self.path("sink.json");
+        let mut sink_argv = strings(&["sink", "--bind"]);
+        sink_argv.extend([
+            format!("0.0.0.0:{}", dst.port()),
             "--duration".into(),
-            format!("{}", secs + 5.0),
-            "--ready-file".into(),
-            ready.clone(),
+            self.server_secs(),
+            "--idle-timeout-ms".into(),
+            "500".into(),
+            "--histogram".into(),
             "--json-out".into(),
-            self.path_str("pingpong-server.json"),
-        ];
-        server_argv.extend(Self::cpu_args(a.sink_cpu));
-        let mut server = self.spawn(s.server_pod, "ping-pong server", &server_argv)?;
-        wait_for_file(Path::new(&ready), READY_TIMEOUT, &mut server)?;
-        let json = self.path_str("pingpong.json");
-        let mut argv: Vec<String> = vec![
-            "pingpong".into(),
-            "--dst".into(),
-            SocketAddrV4::new(server_ip, s.pingpong_port).to_string(),
-            "--count".into(),
-            a.pingpong_count.to_string(),
-            "--duration".into(),
-            secs.to_string(),
+            sink_json.clone(),
+        ]);
+        if let Some(c) = count {
+            // Open loop: stop as soon as everything arrived.
+            sink_argv.extend(["--expect".into(), c.to_string()]);
+        }
+        let mut sink = self.start_server("sink", sink_argv)?;
+        let gen_json = self.path("gen.json");
+        let mut gen_argv = strings(&["gen", "--dst"]);
+        gen_argv.extend([
+            dst.to_string(),
             "--size".into(),
-            a.size.to_string(),
+            p.size.to_string(),
+            "--count".into(),
+            count.unwrap_or(u64::MAX).to_string(),
+            "--duration".into(),
+            self.secs(),
+            "--flows".into(),
+            p.flows.to_string(),
+            "--batch".into(),
+            p.batch.to_string(),
+            "--json-out".into(),
+            gen_json.clone(),
+        ]);
+        if let Some(rate) = p.rate {
+            gen_argv.extend(["--rate".into(), rate.to_string()]);
+        }
+        self.run_client("generator", gen_argv)?;
+        r.gen = Some(read_json(Path::new(&gen_json))?);
+        sink.wait(p.duration + CHILD_GRACE)?;
+        r.sink = Some(read_json(Path::new(&sink_json))?);
+        Ok(())
+    }
+
+    fn tcp_stream(&self, dst: SocketAddrV4, r: &mut ModeResults) -> Result<()> {
+        let p = self.p;
+        let recv_json = self.path("tcp-recv.json");
+        let mut recv_argv = strings(&["tcp-recv", "--bind"]);
+        recv_argv.extend([
+            format!("0.0.0.0:{}", dst.port()),
+            "--flows".into(),
+            p.flows.to_string(),
+            "--duration".into(),
+            self.server_secs(),
+            "--json-out".into(),
+            recv_json.clone(),
+        ]);
+        let mut recv = self.start_server("TCP receiver", recv_argv)?;
+        let send_json = self.path("tcp-send.json");
+        let mut send_argv = strings(&["tcp-send", "--dst"]);
+        send_argv.extend([
+            dst.to_string(),
+            "--flows".into(),
+            p.flows.to_string(),
+            "--duration".into(),
+            self.secs(),
+            "--write-bytes".into(),
+            p.size.to_string(),
+            "--json-out".into(),
+            send_json.clone(),
+        ]);
+        if let Some(b) = p.tcp_bytes {
+            send_argv.extend(["--bytes".into(), b.to_string()]);
+        }
+        self.run_client("TCP sender", send_argv)?;
+        r.tcp_send = Some(read_json(Path::new(&send_json))?);
+        recv.wait(p.duration + CHILD_GRACE)?;
+        r.tcp_recv = Some(read_json(Path::new(&recv_json))?);
+        Ok(())
+    }
+
+    fn request_response(&self, dst: SocketAddrV4, r: &mut ModeResults) -> Result<()> {
+        let p = self.p;
+        let mut server_argv = strings(&["pingpong-server", "--bind"]);
+        server_argv.extend([
+            format!("0.0.0.0:{}", dst.port()),
+            "--duration".into(),
+            self.server_secs(),
+            "--json-out".into(),
+            self.path("pingpong-server.json"),
+        ]);
+        let server = self.start_server("request/response server", server_argv)?;
+        let json = self.path("pingpong.json");
+        let mut argv = strings(&["pingpong", "--dst"]);
+        argv.extend([
+            dst.to_string(),
+            "--count".into(),
+            p.rr_count.unwrap_or(u64::MAX).to_string(),
+            "--duration".into(),
+            self.secs(),
+            "--size".into(),
+            p.size.to_string(),
+            "--reply-timeout-ms".into(),
+            REPLY_TIMEOUT_MS.to_string(),
             "--histogram".into(),
             "--json-out".into(),
             json.clone(),
-        ];
-        argv.extend(Self::cpu_args(a.gen_cpu));
-        let mut client = self.spawn(s.client_pod, "ping-pong client", &argv)?;
-        client.wait(a.duration + CHILD_GRACE)?;
+        ]);
+        if let Some(rate) = p.rate {
+            argv.extend(["--rate".into(), rate.to_string()]);
+        }
+        self.run_client("request/response client", argv)?;
         // The server's own report is not needed: stop it now rather than at its deadline.
         drop(server);
-        read_json(Path::new(&json))
+        r.pingpong = Some(read_json(Path::new(&json))?);
+        Ok(())
     }
 }
 
-fn agent_status(tb: &Testbed, pod: &str) -> Result<serde_json::Value> {
-    let node = tb.node(&tb.pod(pod)?.node)?;
-    let resp = control::api::call(
-        &node.agent_socket,
-        &control::api::Request::Status,
-        AGENT_API_TIMEOUT,
-    )
-    .with_context(|| {
+fn agent_call(
+    tb: &Testbed,
+    node: &str,
+    req: &control::api::Request,
+) -> Result<control::api::Response> {
+    let n = tb.node(node)?;
+    let resp = control::api::call(&n.agent_socket, req, AGENT_API_TIMEOUT)
+        .with_context(|| format!("asking the agent at {}", n.agent_socket.display()))?;
+    if !resp.ok {
+        bail!(
+            "the agent at {} refused: {}",
+            n.agent_socket.display(),
+            resp.error.unwrap_or_default()
+        );
+    }
+    Ok(resp)
+}
+
+/// The decoded histograms a mode produced, for the interval logs and the plot.
+#[derive(Default)]
+pub struct ModeHistograms {
+    /// One-way (UDP stream) or round trip (request/response).
+    pub latency: Option<LatencyHistogram>,
+    /// `(tag, batch_ns, packet_ns)` per agent worker and merged, sluice mode only.
+    pub agent: Vec<(String, LatencyHistogram, LatencyHistogram)>,
+}
+
+struct ModeOutcome {
+    report: ModeReport,
+    hists: ModeHistograms,
+}
+
+fn decode_agent(
+    node: &str,
+    multi_node: bool,
+    h: &control::api::Histograms,
+) -> Result<Vec<(String, LatencyHistogram, LatencyHistogram)>> {
+    let prefix = if multi_node {
+        format!("{node}/")
+    } else {
+        String::new()
+    };
+    let mut out = Vec::new();
+    let all = std::iter::once(("merged".to_string(), &h.merged))
+        .chain(h.workers.iter().map(|w| (format!("worker{}", w.id), w)));
+    for (tag, w) in all {
+        let b = LatencyHistogram::from_base64(&w.batch_ns)
+            .with_context(|| format!("{node} {tag} batch_ns"))?;
+        let p = LatencyHistogram::from_base64(&w.packet_ns)
+            .with_context(|| format!("{node} {tag} packet_ns"))?;
+        out.push((format!("{prefix}{tag}"), b, p));
+    }
+    Ok(out)
+}
+
+/// What every mode of a run shares.
+struct Plan<'a> {
+    cluster: &'a Path,
+    scenario: &'static Scenario,
+    p: &'a Params,
+    run_start: Instant,
+}
+
+/// Brings up a testbed in `mode`, runs the traffic, collects, tears down. Failures become
+/// `errors` in the mode's report; the testbed goes away in every case.
+fn run_mode(
+    plan: &Plan<'_>,
+    mode: Mode,
+    order: usize,
+    instance: String,
+    dir: &Path,
+) -> ModeOutcome {
+    let scenario = plan.scenario;
+    let name = match mode {
+        Mode::Sluice { .. } => "sluice",
+        Mode::Kernel => "kernel",
+    };
+    let mut report = ModeReport {
+        mode: name.into(),
+        order,
+        instance: instance.clone(),
+        server_addr: String::new(),
+        traffic_start_s: 0.0,
+        traffic_end_s: 0.0,
+        results: ModeResults::default(),
+        metrics: Vec::new(),
+        agents: BTreeMap::new(),
+        warnings: Vec::new(),
+        errors: Vec::new(),
+    };
+    let mut hists = ModeHistograms::default();
+    if let Err(e) = run_mode_inner(plan, mode, &instance, dir, &mut report, &mut hists) {
+        report.errors.push(format!("{e:#}"));
+    }
+    report.metrics = metrics_for(scenario.traffic, &report.results);
+    report
+        .warnings
+        .extend(mode_warnings(scenario.traffic, &report.results));
+    hists.latency = report
+        .results
+        .sink
+        .as_ref()
+        .and_then(|s| s.histogram.as_deref())
+        .or(report
+            .results
+            .pingpong
+            .as_ref()
+            .and_then(|x| x.histogram.as_deref()))
+        .and_then(|b64| match LatencyHistogram::from_base64(b64) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                report.errors.push(format!("latency histogram: {e}"));
+                None
+            }
+        });
+    ModeOutcome { report, hists }
+}
+
+fn run_mode_inner(
+    plan: &Plan<'_>,
+    mode: Mode,
+    instance: &str,
+    dir: &Path,
+    report: &mut ModeReport,
+    hists: &mut ModeHistograms,
+) -> Result<()> {
+    let Plan {
+        cluster,
+        scenario,
+        p,
+        run_start,
+    } = *plan;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let exe = std::env::current_exe().context("finding this binary to run it in the pods")?;
+    let mut opts = UpOptions::new(cluster);
+    opts.mode = mode;
+    opts.instance = Some(instance.to_string());
+    let tb = Testbed::up(opts).with_context(|| {
         format!(
-            "asking the agent at {} for its status",
-            node.agent_socket.display()
+            "bringing up the {} testbed {instance} from {}",
+            report.mode,
+            cluster.display()
         )
     })?;
-    if !resp.ok {
-        return Err(anyhow!(
-            "the agent refused Status: {}",
-            resp.error.unwrap_or_default()
-        ));
+    let server_ip: Ipv4Addr = match scenario.target {
+        Target::PodIp => tb.pod(scenario.server_pod)?.ip,
+    };
+    tb.pod(scenario.client_pod)?;
+    let dst = SocketAddrV4::new(server_ip, scenario.port);
+    report.server_addr = dst.to_string();
+    let sluice = matches!(mode, Mode::Sluice { .. });
+    let nodes: Vec<String> = tb.nodes().iter().map(|n| n.name.clone()).collect();
+    if sluice {
+        for node in &nodes {
+            let mut a = AgentRecord::default();
+            match agent_call(&tb, node, &control::api::Request::Status) {
+                Ok(r) => {
+                    a.worker_cores = r.status.as_ref().map(worker_cores).unwrap_or_default();
+                    a.status_before = r.status;
+                }
+                Err(e) => report.errors.push(format!("agent status on {node}: {e:#}")),
+            }
+            report.agents.insert(node.clone(), a);
+        }
     }
-    Ok(resp.status.unwrap_or(serde_json::Value::Null))
+    let ctx = Ctx {
+        tb: &tb,
+        exe: exe.display().to_string(),
+        dir: dir.to_path_buf(),
+        scenario,
+        p,
+    };
+    report.traffic_start_s = run_start.elapsed().as_secs_f64();
+    let traffic = match scenario.traffic {
+        Traffic::UdpStream => ctx.udp_stream(dst, &mut report.results),
+        Traffic::TcpStream => ctx.tcp_stream(dst, &mut report.results),
+        Traffic::UdpRequestResponse => ctx.request_response(dst, &mut report.results),
+    };
+    report.traffic_end_s = run_start.elapsed().as_secs_f64();
+    if let Err(e) = traffic {
+        report.errors.push(format!("traffic: {e:#}"));
+    }
+    if sluice {
+        let multi = nodes.len() > 1;
+        for node in &nodes {
+            let Some(a) = report.agents.get_mut(node) else {
+                continue;
+            };
+            match agent_call(&tb, node, &control::api::Request::Status) {
+                Ok(r) => a.status_after = r.status,
+                Err(e) => report.errors.push(format!("agent status on {node}: {e:#}")),
+            }
+            let got = agent_call(&tb, node, &control::api::Request::Histograms).and_then(|r| {
+                r.histograms
+                    .ok_or_else(|| anyhow!("the answer carried no histograms"))
+            });
+            match got {
+                Ok(h) => {
+                    match decode_agent(node, multi, &h) {
+                        Ok(d) => hists.agent.extend(d),
+                        Err(e) => report
+                            .warnings
+                            .push(format!("agent histograms on {node} do not decode: {e:#}")),
+                    }
+                    a.histograms = Some(h);
+                }
+                Err(e) => {
+                    let msg = format!("agent histograms unavailable on {node}: {e:#}");
+                    report.warnings.push(msg.clone());
+                    a.histograms_error = Some(msg);
+                }
+            }
+        }
+    }
+    tb.down()
+        .with_context(|| format!("tearing down testbed {instance}"))?;
+    Ok(())
+}
+
+/// A fresh directory `out/<scenario>-<stamp>[-N]`.
+fn output_dir(out: &Path, scenario: &str, unix_s: u64) -> Result<PathBuf> {
+    let base = format!("{scenario}-{}", utc_stamp(unix_s));
+    for n in 0..100u32 {
+        let name = if n == 0 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
+        let dir = out.join(name);
+        match std::fs::create_dir_all(out).and_then(|()| std::fs::create_dir(&dir)) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("creating the output directory {}", dir.display()))
+            }
+        }
+    }
+    bail!(
+        "100 output directories {base}-N already exist in {}",
+        out.display()
+    )
 }
 
 pub fn run(args: &RunArgs) -> Result<()> {
     let scenario = scenario::find(&args.scenario).ok_or_else(|| {
         anyhow!(
-            "no scenario {:?}; known: {}",
+            "no scenario {:?}; known: {} (see `sluice-perf list`)",
             args.scenario,
             scenario::names().join(", ")
         )
     })?;
-    let exe = std::env::current_exe().context("finding this binary to run it in the pods")?;
-    let cluster = cluster_file(args.cluster.as_deref());
-    let instance = args
+    let p = Params::new(args, scenario);
+    p.check(scenario)?;
+    let cluster = cluster_file(args.cluster.as_deref(), scenario);
+    let prefix = args
         .instance
         .clone()
         .unwrap_or_else(|| format!("perf-{}", std::process::id()));
-    let dir = args.out.join(format!("{}-{}", scenario.name, instance));
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("creating the output directory {}", dir.display()))?;
-    let started_unix_s = SystemTime::now()
+    let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+        .unwrap_or_default();
+    let dir = output_dir(&args.out, scenario.name, started.as_secs())?;
     let machine = MachineInfo::collect();
-
-    let mut opts = UpOptions::new(&cluster);
-    opts.mode = match args.mode {
-        ModeArg::Sluice => Mode::Sluice {
-            workers: args.workers,
-        },
-        ModeArg::Kernel => Mode::Kernel,
+    let sluice_mode = Mode::Sluice {
+        workers: args.workers,
     };
-    opts.instance = Some(instance.clone());
-    let tb = Testbed::up(opts)
-        .with_context(|| format!("bringing up the testbed from {}", cluster.display()))?;
-
-    let mut errors = Vec::new();
-    let server_ip = tb.pod(scenario.server_pod)?.ip;
-    tb.pod(scenario.client_pod)?;
-    let sluice = args.mode == ModeArg::Sluice;
-    let status = |errors: &mut Vec<String>, when: &str| {
-        if !sluice {
-            return None;
-        }
-        agent_status(&tb, scenario.server_pod)
-            .map_err(|e| errors.push(format!("agent status {when}: {e:#}")))
-            .ok()
+    let mut modes: Vec<Mode> = match args.baseline {
+        BaselineArg::Kernel => vec![Mode::Kernel, sluice_mode],
+        BaselineArg::None => vec![sluice_mode],
     };
-    let agent_status_before = status(&mut errors, "before");
-    let ctx = Ctx {
-        tb: &tb,
-        exe: exe.display().to_string(),
-        dir: dir.clone(),
+    if args.sluice_first {
+        modes.reverse();
+    }
+    let plan = Plan {
+        cluster: &cluster,
         scenario,
-        args,
+        p: &p,
+        run_start: Instant::now(),
     };
-    let mut results = RunResults::default();
-    match ctx.load_phase(server_ip) {
-        Ok((g, s)) => {
-            results.gen = Some(g);
-            results.sink = Some(s);
+    let mut outcomes = Vec::new();
+    for (order, mode) in modes.into_iter().enumerate() {
+        let (name, suffix) = match mode {
+            Mode::Sluice { .. } => ("sluice", "s"),
+            Mode::Kernel => ("kernel", "k"),
+        };
+        eprintln!("sluice-perf: {} with {name} ...", scenario.name);
+        outcomes.push(run_mode(
+            &plan,
+            mode,
+            order,
+            format!("{prefix}-{suffix}"),
+            &dir.join(name),
+        ));
+    }
+    let get = |m: &str| outcomes.iter().find(|o| o.report.mode == m);
+    let ratios = match (get("sluice"), get("kernel")) {
+        (Some(s), Some(k)) => ratios(&s.report.metrics, &k.report.metrics),
+        _ => Vec::new(),
+    };
+    let cores = Cores {
+        generator: p.gen_cpu,
+        sink: p.sink_cpu,
+        workers: get("sluice")
+            .map(|s| {
+                s.report
+                    .agents
+                    .values()
+                    .flat_map(|a| a.worker_cores.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    let mut warnings = core_warnings(machine.nproc, &cores);
+    let mut errors = Vec::new();
+    for o in &outcomes {
+        warnings.extend(
+            o.report
+                .warnings
+                .iter()
+                .map(|w| format!("{}: {w}", o.report.mode)),
+        );
+        errors.extend(
+            o.report
+                .errors
+                .iter()
+                .map(|e| format!("{}: {e}", o.report.mode)),
+        );
+    }
+    if machine.build == "debug" {
+        warnings.push(
+            "debug build: figures are several times below a release build's \
+             (cargo build --release --workspace --bins)"
+                .into(),
+        );
+    }
+    let hists: Vec<(&str, &ModeHistograms, f64, f64)> = outcomes
+        .iter()
+        .map(|o| {
+            (
+                o.report.mode.as_str(),
+                &o.hists,
+                o.report.traffic_start_s,
+                o.report.traffic_end_s - o.report.traffic_start_s,
+            )
+        })
+        .collect();
+    let files = match crate::export::write_all(&dir, scenario, started.as_secs_f64(), &hists) {
+        Ok(f) => f,
+        Err(e) => {
+            errors.push(format!("exporting histograms: {e:#}"));
+            Vec::new()
         }
-        Err(e) => errors.push(format!("load phase: {e:#}")),
-    }
-    match ctx.latency_phase(server_ip) {
-        Ok(p) => results.pingpong = Some(p),
-        Err(e) => errors.push(format!("latency phase: {e:#}")),
-    }
-    let agent_status_after = status(&mut errors, "after");
-    if let Err(e) = tb.down() {
-        errors.push(format!("testbed teardown: {e:#}"));
-    }
-
+    };
     let report = RunReport {
         schema_version: REPORT_SCHEMA_VERSION,
         tool: "sluice-perf".into(),
-        started_unix_s,
-        caveats: caveats(&results, machine.nproc),
+        started_unix_s: started.as_secs_f64(),
         machine,
-        scenario: ScenarioRecord {
-            name: scenario.name.into(),
-            description: scenario.description.into(),
-            client_pod: scenario.client_pod.into(),
-            server_pod: scenario.server_pod.into(),
-            server_addr: SocketAddrV4::new(server_ip, scenario.sink_port).to_string(),
-        },
+        scenario: ScenarioRecord::new(scenario, &cluster),
         parameters: RunParameters {
-            mode: match args.mode {
-                ModeArg::Sluice => "sluice".into(),
-                ModeArg::Kernel => "kernel".into(),
+            duration_s: p.duration.as_secs_f64(),
+            size: p.size,
+            rate_pps: p.rate,
+            flows: p.flows,
+            batch: p.batch,
+            workers: args.workers,
+            baseline: match args.baseline {
+                BaselineArg::Kernel => "kernel".into(),
+                BaselineArg::None => "none".into(),
             },
-            workers: sluice.then_some(args.workers as usize),
-            cluster_file: cluster.display().to_string(),
-            frame_bytes: args.size,
-            duration_s: args.duration.as_secs_f64(),
-            rate_pps: args.rate,
-            flows: args.flows,
-            batch: args.batch,
-            gen_cpu: args.gen_cpu,
-            sink_cpu: args.sink_cpu,
-            pingpong_count: args.pingpong_count,
+            gen_cpu: p.gen_cpu,
+            sink_cpu: p.sink_cpu,
+            rr_count: p.rr_count,
+            tcp_bytes: p.tcp_bytes,
         },
-        results,
-        agent_status_before,
-        agent_status_after,
+        modes: outcomes
+            .into_iter()
+            .map(|o| (o.report.mode.clone(), o.report))
+            .collect(),
+        ratios,
+        cores,
+        warnings,
         errors,
+        files,
     };
     let path = write_report(&dir, &report)
         .with_context(|| format!("writing report.json into {}", dir.display()))?;
