@@ -18,16 +18,21 @@
 //! [`hist`], [`metrics`] (figures, sluice/baseline ratios, comparisons), [`report`],
 //! [`scenario`] (the table of scenarios)); socket loops ([`gen`], [`sink`], [`pingpong`],
 //! [`tcp`]) over [`mmsg`] and [`sys`]; the binary `sluice-perf` wires them to a CLI and to the
-//! testbed, running every scenario with sluice and with the kernel baseline.
+//! testbed, running every scenario with sluice and with the kernel baseline. Exports: [`hlog`]
+//! (HdrHistogram interval logs) and [`plot`] (SVG latency spectra and curves); [`scale`] is the
+//! pipeline's cost-versus-table-size curve.
 
 pub mod gen;
 pub mod hist;
+pub mod hlog;
 pub mod metrics;
 pub mod mmsg;
 pub mod pacing;
 pub mod payload;
 pub mod pingpong;
+pub mod plot;
 pub mod report;
+pub mod scale;
 pub mod scenario;
 pub mod seq;
 pub mod sink;

@@ -171,6 +171,24 @@ enum Cmd {
     /// Bring up a testbed per mode (kernel baseline, sluice), run a scenario, tear down, report
     /// with ratios; writes report.json, .hlog interval logs and latency.svg.
     Run(run::RunArgs),
+    /// Pipeline cost per packet over table sizes (no testbed): writes scale.json and scale.svg.
+    Scale {
+        /// Table that grows (endpoints).
+        #[arg(long, default_value = "endpoints")]
+        table: String,
+        /// Comma-separated table sizes.
+        #[arg(long, value_delimiter = ',', default_values_t = [1u32, 16, 256, 4096, 65536])]
+        sizes: Vec<u32>,
+        /// Packets per timed repeat.
+        #[arg(long, default_value_t = 200_000)]
+        packets: u32,
+        /// Timed repeats per size.
+        #[arg(long, default_value_t = 5)]
+        repeats: u32,
+        /// Writes DIR/scale-<table>-<UTC timestamp>.{json,svg}.
+        #[arg(long, default_value = "perf-out")]
+        out: PathBuf,
+    },
     /// Compare two report.json files: per figure A, B, B/A, change, regressions (exits 0).
     Compare {
         a: PathBuf,
@@ -195,6 +213,49 @@ fn list() {
             s.measures
         );
     }
+}
+
+fn scale(table: &str, opts: &perf::scale::ScaleOptions, out: &Path) -> Result<()> {
+    let t = perf::scale::ScaleTable::from_name(table).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no scale table {table:?}; known: {}",
+            perf::scale::ScaleTable::ALL
+                .iter()
+                .map(|t| t.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    let report = perf::scale::run_scale_table(t, opts);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating the output directory {}", out.display()))?;
+    let stem = out.join(format!(
+        "scale-{}-{}",
+        t.as_str(),
+        perf::report::utc_stamp(now)
+    ));
+    let json = stem.with_extension("json");
+    let svg = stem.with_extension("svg");
+    let value = report.to_json();
+    std::fs::write(&json, serde_json::to_string_pretty(&value)? + "\n")
+        .with_context(|| format!("writing {}", json.display()))?;
+    perf::plot::write_svg(&svg, &report.to_svg())
+        .with_context(|| format!("writing {}", svg.display()))?;
+    println!(
+        "{:>10} {:>14} {:>14}",
+        "size", "ns/pkt min", "ns/pkt median"
+    );
+    for p in &report.points {
+        println!(
+            "{:>10} {:>14.1} {:>14.1}",
+            p.size, p.ns_per_packet_min, p.ns_per_packet_median
+        );
+    }
+    println!("scale: {} and {}", json.display(), svg.display());
+    Ok(())
 }
 
 fn compare(a: &Path, b: &Path, threshold_pct: f64) -> Result<()> {
@@ -377,6 +438,21 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run::run(&args),
+        Cmd::Scale {
+            table,
+            sizes,
+            packets,
+            repeats,
+            out,
+        } => scale(
+            &table,
+            &perf::scale::ScaleOptions {
+                sizes,
+                packets,
+                repeats,
+            },
+            &out,
+        ),
         Cmd::Compare {
             a,
             b,
