@@ -487,6 +487,25 @@ pub fn core_warnings(nproc: usize, cores: &Cores) -> Vec<String> {
     w
 }
 
+/// The run's warnings: [`core_warnings`], then every mode's own warnings prefixed with its
+/// name (in the order the modes ran), then a note when the binary is a debug build.
+pub fn run_warnings(machine: &MachineInfo, cores: &Cores, modes: &[&ModeReport]) -> Vec<String> {
+    let mut w = core_warnings(machine.nproc, cores);
+    let mut ordered: Vec<&&ModeReport> = modes.iter().collect();
+    ordered.sort_by_key(|m| m.order);
+    for m in ordered {
+        w.extend(m.warnings.iter().map(|x| format!("{}: {x}", m.mode)));
+    }
+    if machine.build == "debug" {
+        w.push(
+            "debug build: figures are several times below a release build's \
+             (cargo build --release --workspace --bins)"
+                .into(),
+        );
+    }
+    w
+}
+
 /// Each worker's core from an agent's `Status` JSON (`workers[].core`).
 pub fn worker_cores(status: &serde_json::Value) -> Vec<Option<usize>> {
     status
@@ -857,6 +876,117 @@ mod tests {
             unpinned.iter().any(|x| x.contains("--sink-cpu")),
             "{unpinned:?}"
         );
+    }
+
+    fn run_report() -> RunReport {
+        let mode = |name: &str, order: usize, received: u64| {
+            let results = udp(Some(1000), 1000.0, received);
+            ModeReport {
+                mode: name.into(),
+                order,
+                instance: format!("t-{name}"),
+                server_addr: "10.244.1.3:9000".into(),
+                traffic_start_s: 1.0,
+                traffic_end_s: 2.0,
+                metrics: metrics_for(Traffic::UdpStream, &results),
+                warnings: mode_warnings(Traffic::UdpStream, &results),
+                results,
+                agents: BTreeMap::new(),
+                errors: vec![],
+            }
+        };
+        let (k, s) = (mode("kernel", 0, 1000), mode("sluice", 1, 990));
+        let ratios = crate::metrics::ratios(&s.metrics, &k.metrics);
+        let cores = Cores {
+            generator: Some(0),
+            sink: Some(0),
+            workers: vec![Some(1)],
+        };
+        RunReport {
+            schema_version: REPORT_SCHEMA_VERSION,
+            tool: "sluice-perf".into(),
+            started_unix_s: 1.5,
+            machine: MachineInfo {
+                nproc: 2,
+                ..Default::default()
+            },
+            scenario: ScenarioRecord::new(&crate::scenario::SCENARIOS[0], Path::new("c.yaml")),
+            parameters: RunParameters {
+                duration_s: 1.0,
+                size: 64,
+                rate_pps: Some(1000),
+                flows: 1,
+                batch: 32,
+                workers: 1,
+                baseline: "kernel".into(),
+                gen_cpu: Some(0),
+                sink_cpu: Some(0),
+                rr_count: None,
+                tcp_bytes: None,
+            },
+            warnings: run_warnings(
+                &MachineInfo {
+                    nproc: 2,
+                    build: "debug".into(),
+                    ..Default::default()
+                },
+                &cores,
+                &[&s, &k],
+            ),
+            cores,
+            modes: [k, s].into_iter().map(|m| (m.mode.clone(), m)).collect(),
+            ratios,
+            errors: vec![],
+            files: vec!["one-way.hlog".into()],
+        }
+    }
+
+    #[test]
+    fn report_json_shape_and_round_trip() {
+        let r = run_report();
+        let v = serde_json::to_value(&r).expect("serialises");
+        assert_eq!(v["schema_version"], 2);
+        assert_eq!(v["scenario"]["traffic"], "udp_stream");
+        assert_eq!(v["modes"]["kernel"]["order"], 0);
+        assert_eq!(v["modes"]["sluice"]["results"]["sink"]["received"], 990);
+        assert!(v["modes"]["sluice"]["results"].get("pingpong").is_none());
+        assert_eq!(v["modes"]["sluice"]["metrics"][1]["name"], "rx_pps");
+        assert_eq!(v["ratios"][1]["metric"], "rx_pps");
+        assert_eq!(v["ratios"][1]["ratio"], 0.99);
+        assert_eq!(v["cores"]["workers"][0], 1);
+        let back: RunReport = serde_json::from_value(v).expect("deserialises");
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn table_has_a_column_per_mode_the_ratio_and_the_warnings() {
+        let t = render_table(&run_report());
+        let header = t.lines().find(|l| l.starts_with("metric")).expect("header");
+        let (k, s) = (
+            header.find("kernel").expect("kernel column"),
+            header.find("sluice").expect("sluice column"),
+        );
+        assert!(k < s, "baseline ran first: {header}");
+        assert!(header.contains("ratio"));
+        let rx = t
+            .lines()
+            .find(|l| l.starts_with("rx_pps"))
+            .expect("rx_pps row");
+        assert!(
+            rx.contains("higher is better") && rx.contains("0.990"),
+            "{rx}"
+        );
+        let p99 = t
+            .lines()
+            .find(|l| l.starts_with("one_way_p99_us"))
+            .expect("p99 row");
+        assert!(
+            p99.contains("lower is better") && p99.contains("9.00"),
+            "{p99}"
+        );
+        assert!(t.contains("OVERLAP"), "{t}");
+        assert!(t.contains("warning: sluice: 10 of 1000"), "{t}");
+        assert!(t.contains("debug build"), "{t}");
     }
 
     #[test]

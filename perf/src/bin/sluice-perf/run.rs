@@ -21,7 +21,7 @@ use serde::de::DeserializeOwned;
 use perf::hist::LatencyHistogram;
 use perf::metrics::ratios;
 use perf::report::{
-    core_warnings, metrics_for, mode_warnings, render_table, utc_stamp, worker_cores, write_report,
+    metrics_for, mode_warnings, render_table, run_warnings, utc_stamp, worker_cores, write_report,
     AgentRecord, Cores, MachineInfo, ModeReport, ModeResults, RunParameters, RunReport,
     ScenarioRecord, REPORT_SCHEMA_VERSION,
 };
@@ -736,27 +736,18 @@ pub fn run(args: &RunArgs) -> Result<()> {
             })
             .unwrap_or_default(),
     };
-    let mut warnings = core_warnings(machine.nproc, &cores);
+    let warnings = run_warnings(
+        &machine,
+        &cores,
+        &outcomes.iter().map(|o| &o.report).collect::<Vec<_>>(),
+    );
     let mut errors = Vec::new();
     for o in &outcomes {
-        warnings.extend(
-            o.report
-                .warnings
-                .iter()
-                .map(|w| format!("{}: {w}", o.report.mode)),
-        );
         errors.extend(
             o.report
                 .errors
                 .iter()
                 .map(|e| format!("{}: {e}", o.report.mode)),
-        );
-    }
-    if machine.build == "debug" {
-        warnings.push(
-            "debug build: figures are several times below a release build's \
-             (cargo build --release --workspace --bins)"
-                .into(),
         );
     }
     let hists: Vec<(&str, &ModeHistograms, f64, f64)> = outcomes
