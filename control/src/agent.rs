@@ -36,7 +36,7 @@ use std::{
 use anyhow::{bail, Context as _};
 use dataplane::{
     runtime::{Dataplane, DataplaneConfig},
-    snapshot::{EndpointEntry, InterfaceEntry, InterfaceRole, SnapshotBuilder},
+    snapshot::{EndpointEntry, InterfaceEntry, InterfaceRole, OverlayConfig, SnapshotBuilder},
     wire::Mac,
     xsk::{RingSizes, UmemConfig},
 };
@@ -45,14 +45,17 @@ use xdp_redirect::{Attachment, MAX_QUEUES};
 use crate::{
     api::{self, CniConf, Endpoint, Request, Response},
     cluster::{self, ClusterState, FileSource, NodeInfo},
-    metrics,
+    metrics, overlay,
     status::{self, InterfaceStatus, Status},
 };
 
 /// Bytes the overlay and encryption add (DESIGN.md): VXLAN 50 + WireGuard over IPv4 60.
 pub const OVERLAY_OVERHEAD_BYTES: u32 = 50 + 60;
 const REQUEST_MAX_BYTES: u64 = 64 * 1024;
-const LOOP_TICK: Duration = Duration::from_millis(100);
+const LOOP_TICK: Duration = Duration::from_millis(50);
+/// A snooped neighbour not heard from for this long is no longer used; the next packet for it
+/// sends a fresh ARP request.
+const NEIGHBOR_STALE: Duration = Duration::from_secs(300);
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
 /// After removing a socket from the XSKMAP, frames already being redirected to it (in a NAPI
 /// poll on another CPU) land within microseconds; wait this long before reclaiming its rings.
@@ -74,6 +77,9 @@ pub struct RunOptions {
     pub source_poll: Duration,
     /// Where to serve /metrics, /healthz and /readyz (None: not served).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// VXLAN UDP port and VNI.
+    pub vxlan_port: u16,
+    pub vni: u32,
 }
 
 struct Attached {
@@ -85,8 +91,22 @@ struct Attached {
     queues: u32,
 }
 
+/// The node's uplink: VXLAN in and out, ARP snooped for next hops.
+struct Uplink {
+    ifname: String,
+    ifindex: u32,
+    mac: Mac,
+    mtu: u16,
+    attachment: Attachment,
+    queues: u32,
+}
+
 struct Agent {
     opts: RunOptions,
+    uplink: Option<Uplink>,
+    /// Next hops learned on the uplink, as last published.
+    neighbors: Vec<(Ipv4Addr, Mac)>,
+    routes: Vec<overlay::Route>,
     dp: Dataplane,
     node: NodeInfo,
     cluster: ClusterState,
@@ -193,6 +213,9 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     }
     let mut agent = Agent {
         opts,
+        uplink: None,
+        neighbors: Vec::new(),
+        routes: Vec::new(),
         dp,
         node,
         cluster,
@@ -202,6 +225,9 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         mtu,
     };
     agent.publish();
+    if let Err(e) = agent.attach_uplink() {
+        tracing::error!(error = %format!("{e:#}"), "uplink not attached: pods on other nodes are unreachable");
+    }
     agent.restore_endpoints();
     agent.write_cni_conf()?;
 
@@ -258,8 +284,10 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 agent.source_error = Some(e.to_string());
             }
         }
+        agent.poll_neighbors();
         if last_reconcile.elapsed() >= RECONCILE_EVERY {
             agent.reconcile_interfaces();
+            agent.refresh_routes();
             last_reconcile = Instant::now();
         }
     }
@@ -311,6 +339,17 @@ fn encode_histogram(h: &hdrhistogram::Histogram<u64>) -> anyhow::Result<String> 
     )
     .map_err(|e| anyhow::anyhow!("serialising a histogram: {e:?}"))?;
     Ok(base64::engine::general_purpose::STANDARD.encode(buf))
+}
+
+/// CLOCK_MONOTONIC in ns (the clock of `bpf_ktime_get_ns`).
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -408,7 +447,133 @@ impl Agent {
                 },
             );
         }
-        self.dp.publish(b.build());
+        if let Some(u) = &self.uplink {
+            b.interface(InterfaceEntry {
+                ifindex: u.ifindex,
+                mac: u.mac,
+                role: InterfaceRole::Uplink,
+            });
+            let this = self.cluster.node(&self.node.name);
+            b.overlay(OverlayConfig {
+                node_ip: self.node.internal_ip,
+                vtep_mac: this.map_or_else(
+                    || dataplane::stages::encap::derived_vtep_mac(self.node.internal_ip),
+                    |n| overlay::vtep_mac(n, self.node.internal_ip),
+                ),
+                uplink_ifindex: u.ifindex,
+                uplink_mtu: u.mtu,
+                port: self.opts.vxlan_port,
+                vni: self.opts.vni,
+            });
+            let (remotes, _) = overlay::remote_nodes(&self.cluster, &self.node.name, &self.routes);
+            for r in remotes {
+                b.remote(r);
+            }
+            for (ip, mac) in &self.neighbors {
+                b.neighbor(*ip, *mac);
+            }
+        }
+        let (snap, refused) = b.build_checked();
+        for r in refused {
+            tracing::error!(vtep = %r.vtep_ip, pod_cidr = %format!("{}/{}", r.pod_net, r.prefix_len), "node's pod CIDR overlaps another node's: not routed");
+        }
+        self.dp.publish(snap);
+    }
+
+    /// Attaches the uplink (the interface holding the node's InternalIP): XDP passes everything
+    /// to the kernel except VXLAN for us, and snoops ARP so the dataplane learns next hops.
+    fn attach_uplink(&mut self) -> anyhow::Result<()> {
+        let Some(ifname) = uplink_of(self.node.internal_ip) else {
+            bail!(
+                "no interface holds the node's InternalIP {}",
+                self.node.internal_ip
+            );
+        };
+        let mut attachment = Attachment::attach(&ifname, true)
+            .with_context(|| format!("attaching XDP to the uplink {ifname}"))?;
+        attachment.set_default(xdp_redirect::RuleAction::Pass)?;
+        attachment.set_rule(
+            xdp_redirect::PassKey::ipv4(17, self.opts.vxlan_port),
+            xdp_redirect::RuleAction::Redirect,
+        )?;
+        attachment.set_arp_snooping(true)?;
+        let ifindex = attachment.ifindex();
+        let mac = read_mac(&ifname)?;
+        let mtu = std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u16>().ok())
+            .unwrap_or(1500);
+        let queues = rx_queues(&ifname).min(MAX_QUEUES);
+        if (queues as usize) < self.dp.workers() {
+            tracing::warn!(%ifname, queues, workers = self.dp.workers(), "uplink has fewer queues than workers: workers without a queue on it cannot send to other nodes");
+        }
+        let mut ports = Vec::new();
+        for q in 0..queues {
+            match self.dp.add_port(ifindex, q) {
+                Ok(p) => ports.push(p),
+                Err(e) => {
+                    drop(attachment);
+                    for p in &ports {
+                        let _ = self.dp.remove_port(ifindex, p.queue);
+                    }
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("AF_XDP socket on the uplink {ifname} queue {q}")));
+                }
+            }
+        }
+        self.routes = overlay::parse_proc_routes(
+            &std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
+            &ifname,
+        );
+        tracing::info!(%ifname, ifindex, mtu, queues, xdp = attachment.mode().as_str(), port = self.opts.vxlan_port, vni = self.opts.vni, "uplink attached");
+        self.uplink = Some(Uplink {
+            ifname,
+            ifindex,
+            mac,
+            mtu,
+            attachment,
+            queues,
+        });
+        self.publish();
+        if let Some(u) = &mut self.uplink {
+            for p in &ports {
+                // SAFETY: as for endpoints: the worker keeps the socket until we remove it.
+                let fd = unsafe { BorrowedFd::borrow_raw(p.fd) };
+                u.attachment.register_socket(p.queue, fd)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Picks up next hops the XDP program learned from ARP; republishes when they changed.
+    fn poll_neighbors(&mut self) {
+        let Some(u) = &self.uplink else { return };
+        let now = monotonic_ns();
+        let mut fresh: Vec<(Ipv4Addr, Mac)> = u
+            .attachment
+            .neighbors()
+            .into_iter()
+            .filter(|(_, _, seen)| now.saturating_sub(*seen) < NEIGHBOR_STALE.as_nanos() as u64)
+            .map(|(ip, mac, _)| (ip, Mac(mac)))
+            .collect();
+        fresh.sort();
+        if fresh != self.neighbors {
+            tracing::debug!(neighbors = fresh.len(), "uplink neighbours changed");
+            self.neighbors = fresh;
+            self.publish();
+        }
+    }
+
+    fn refresh_routes(&mut self) {
+        let Some(u) = &self.uplink else { return };
+        let routes = overlay::parse_proc_routes(
+            &std::fs::read_to_string("/proc/net/route").unwrap_or_default(),
+            &u.ifname,
+        );
+        if routes != self.routes {
+            self.routes = routes;
+            self.publish();
+        }
     }
 
     fn write_cni_conf(&self) -> anyhow::Result<()> {
@@ -711,7 +876,7 @@ impl Agent {
         for r in &reports {
             totals.add(&r.counters);
         }
-        let interfaces = self
+        let mut interfaces: Vec<InterfaceStatus> = self
             .endpoints
             .values()
             .map(|a| InterfaceStatus {
@@ -741,6 +906,36 @@ impl Agent {
                     .unwrap_or_default(),
             })
             .collect();
+        if let Some(u) = &self.uplink {
+            interfaces.push(InterfaceStatus {
+                name: u.ifname.clone(),
+                ifindex: u.ifindex,
+                mac: u.mac.to_string(),
+                xdp_mode: u.attachment.mode().as_str().into(),
+                pod: None,
+                ip: Some(format!(
+                    "{} (uplink, {} queues, {} neighbours)",
+                    self.node.internal_ip,
+                    u.queues,
+                    self.neighbors.len()
+                )),
+                queues: ports
+                    .iter()
+                    .filter(|p| p.ifindex == u.ifindex)
+                    .map(status::queue_status)
+                    .collect(),
+                xdp: u
+                    .attachment
+                    .counters()
+                    .map(|c| {
+                        xdp_redirect::Action::ALL
+                            .iter()
+                            .map(|x| (x.as_str().to_string(), c[*x as usize]))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            });
+        }
         Status {
             node: self.node.name.clone(),
             source: self.opts.source.clone(),
@@ -760,6 +955,7 @@ impl Agent {
         for a in std::mem::take(&mut self.endpoints).into_values() {
             drop(a.attachment);
         }
+        drop(self.uplink.take());
         self.dp.shutdown();
     }
 }

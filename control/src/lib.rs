@@ -10,4 +10,5 @@ pub mod api;
 pub mod cluster;
 pub mod cni;
 pub mod metrics;
+pub mod overlay;
 pub mod status;

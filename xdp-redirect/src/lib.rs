@@ -11,8 +11,8 @@ use aya::{
     programs::{Xdp, XdpMode},
     Ebpf,
 };
-use xdp_redirect_common::CONFIG_DEFAULT_ACTION;
 pub use xdp_redirect_common::{Action, PassKey, RuleAction, MAX_QUEUES};
+use xdp_redirect_common::{NeighEntry, CONFIG_DEFAULT_ACTION, CONFIG_SNOOP_ARP};
 
 /// The eBPF object built by `build.rs` (nightly, bpfel-unknown-none, with BTF).
 pub static PROGRAM_OBJECT: &[u8] =
@@ -88,6 +88,7 @@ pub struct Attachment {
     xsks: XskMap<MapData>,
     rules: HashMap<MapData, PassKey, u8>,
     config: Array<MapData, u32>,
+    neigh: HashMap<MapData, u32, NeighEntry>,
     actions: PerCpuArray<MapData, u64>,
     // Owns the program and its bpf_link: dropped last, which detaches the program.
     _ebpf: Ebpf,
@@ -179,6 +180,11 @@ impl Attachment {
                 .ok_or(Error::MissingMap { map: "RULES" })?,
         )
         .map_err(|e| map_err("RULES", e))?;
+        let neigh = HashMap::try_from(
+            ebpf.take_map("NEIGH")
+                .ok_or(Error::MissingMap { map: "NEIGH" })?,
+        )
+        .map_err(|e| map_err("NEIGH", e))?;
         let config = Array::try_from(
             ebpf.take_map("CONFIG")
                 .ok_or(Error::MissingMap { map: "CONFIG" })?,
@@ -196,6 +202,7 @@ impl Attachment {
             xsks,
             rules,
             config,
+            neigh,
             actions,
             _ebpf: ebpf,
         })
@@ -253,6 +260,22 @@ impl Attachment {
         self.config
             .set(CONFIG_DEFAULT_ACTION, action as u32, 0)
             .map_err(|e| self.map_err("CONFIG", e))
+    }
+
+    /// Records every ARP sender seen on this interface in the `NEIGH` map (used on the uplink).
+    pub fn set_arp_snooping(&mut self, on: bool) -> Result<(), Error> {
+        self.config
+            .set(CONFIG_SNOOP_ARP, u32::from(on), 0)
+            .map_err(|e| self.map_err("CONFIG", e))
+    }
+
+    /// ARP senders the program has seen: (address, MAC, CLOCK_MONOTONIC ns when last seen).
+    pub fn neighbors(&self) -> Vec<(std::net::Ipv4Addr, [u8; 6], u64)> {
+        self.neigh
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ip, e)| (std::net::Ipv4Addr::from(u32::from_be(ip)), e.mac, e.seen_ns))
+            .collect()
     }
 
     /// Adds or replaces the rule for traffic matching `key`.

@@ -59,6 +59,12 @@ enum Cmd {
         /// network namespace; 9962 is Cilium's agent metrics port.
         #[arg(long, default_value = "127.0.0.1:9962")]
         metrics_addr: String,
+        /// VXLAN UDP port (8472: Cilium's and Flannel's default).
+        #[arg(long, default_value_t = control::overlay::DEFAULT_VXLAN_PORT)]
+        vxlan_port: u16,
+        /// VXLAN network identifier (24 bits).
+        #[arg(long, default_value_t = control::overlay::DEFAULT_VNI, value_parser = clap::value_parser!(u32).range(0..=0xff_ffff))]
+        vni: u32,
         /// How often to check the cluster file for changes, in milliseconds.
         #[arg(long, default_value_t = 500)]
         source_poll_ms: u64,
@@ -103,6 +109,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             mtu,
             source_poll_ms,
             metrics_addr,
+            vxlan_port,
+            vni,
         } => {
             let metrics_addr = match metrics_addr.as_str() {
                 "none" => None,
@@ -132,6 +140,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     mtu,
                     source_poll: Duration::from_millis(source_poll_ms),
                     metrics_addr,
+                    vxlan_port,
+                    vni,
                 },
                 stop,
             )

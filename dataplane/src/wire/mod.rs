@@ -15,7 +15,7 @@ pub mod vxlan;
 pub struct Truncated;
 
 /// A MAC address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, serde::Serialize)]
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {

@@ -7,6 +7,7 @@
 //!   [`RuleAction`]. Pod veths redirect everything; an uplink passes everything to the kernel
 //!   except what the agent claims (VXLAN, WireGuard, NodePorts).
 //! - `ACTIONS` (per-CPU array of `u64`, index = [`Action`]): what the program did.
+//! - `NEIGH` (LRU hash, IPv4 -> [`NeighEntry`]): ARP senders seen, when snooping is on.
 #![no_std]
 
 /// Maximum rx queues per interface that can carry an AF_XDP socket.
@@ -15,9 +16,28 @@ pub const MAX_QUEUES: u32 = 64;
 pub const MAX_RULES: u32 = 256;
 
 /// Entries in `CONFIG`.
-pub const CONFIG_ENTRIES: u32 = 1;
+pub const CONFIG_ENTRIES: u32 = 2;
 /// `CONFIG[CONFIG_DEFAULT_ACTION]`: the [`RuleAction`] for traffic no rule matches.
 pub const CONFIG_DEFAULT_ACTION: u32 = 0;
+/// `CONFIG[CONFIG_SNOOP_ARP]` = 1: record the sender of every ARP packet in `NEIGH` (the
+/// uplink: the dataplane learns next-hop MACs while the kernel keeps answering ARP itself).
+pub const CONFIG_SNOOP_ARP: u32 = 1;
+/// Entries in the `NEIGH` LRU map.
+pub const MAX_NEIGHBORS: u32 = 1024;
+
+/// Value of `NEIGH` (key: the sender's IPv4 address as a network-order `u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NeighEntry {
+    pub mac: [u8; 6],
+    pub pad: [u8; 2],
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when last seen.
+    pub seen_ns: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: NeighEntry is repr(C), Copy, explicit padding, no pointers.
+unsafe impl aya::Pod for NeighEntry {}
 
 /// What a `RULES` entry (or the default) says to do with matching traffic.
 #[repr(u8)]

@@ -10,7 +10,8 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::maps::Array;
+use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::maps::{Array, LruHashMap};
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
@@ -18,7 +19,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use xdp_redirect_common::{
-    Action, PassKey, RuleAction, CONFIG_DEFAULT_ACTION, CONFIG_ENTRIES, MAX_QUEUES, MAX_RULES,
+    Action, NeighEntry, PassKey, RuleAction, CONFIG_DEFAULT_ACTION, CONFIG_ENTRIES,
+    CONFIG_SNOOP_ARP, MAX_NEIGHBORS, MAX_QUEUES, MAX_RULES,
 };
 
 #[map]
@@ -32,6 +34,43 @@ static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_ENTRIES, 0);
 
 #[map]
 static ACTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Action::COUNT, 0);
+
+#[map]
+static NEIGH: LruHashMap<u32, NeighEntry> = LruHashMap::with_max_entries(MAX_NEIGHBORS, 0);
+
+const ETHERTYPE_ARP: u16 = 0x0806;
+
+/// `CONFIG[i]`, 0 when absent. Read through a volatile load so the value, not the pointer,
+/// reaches later arithmetic (the verifier refuses bit operations on map pointers).
+#[inline(always)]
+fn config(i: u32) -> u32 {
+    match CONFIG.get_ptr(i) {
+        // SAFETY: a valid pointer into the array map's value for index i.
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => 0,
+    }
+}
+
+/// Records the sender (IPv4 -> MAC) of an Ethernet/IPv4 ARP packet in `NEIGH`.
+#[inline(always)]
+fn snoop_arp(ctx: &XdpContext) {
+    // htype 1, ptype 0x0800, hlen 6, plen 4 (RFC 826), as one 48-bit check.
+    let Some(hdr) = load::<[u8; 6]>(ctx, ETH_HDR_LEN) else { return };
+    if hdr != [0, 1, 8, 0, 6, 4] {
+        return;
+    }
+    // One bounds check for sender MAC and address together (bytes 8..18 of the ARP header):
+    // separate checks let LLVM fold them into a path the verifier cannot follow.
+    let Some(sender) = load::<[u8; 10]>(ctx, ETH_HDR_LEN + 8) else { return };
+    let sha = [sender[0], sender[1], sender[2], sender[3], sender[4], sender[5]];
+    let spa = u32::from_ne_bytes([sender[6], sender[7], sender[8], sender[9]]);
+    if spa == 0 || sha[0] & 1 == 1 {
+        return; // ARP probes (sender 0.0.0.0) and multicast senders teach nothing
+    }
+    // SAFETY: a helper with no arguments.
+    let seen_ns = unsafe { bpf_ktime_get_ns() };
+    let _ = NEIGH.insert(&spa, &NeighEntry { mac: sha, pad: [0; 2], seen_ns }, 0);
+}
 
 const ETH_HDR_LEN: usize = 14;
 const ETHERTYPE_IPV4: u16 = 0x0800;
@@ -71,6 +110,9 @@ fn kernel_keeps(ctx: &XdpContext) -> Result<bool, ()> {
         .map(|v| *v == RuleAction::Pass as u32);
     let default_pass = default_pass.unwrap_or(false);
     let ethertype = u16::from_be(load::<u16>(ctx, 12).ok_or(())?);
+    if ethertype == ETHERTYPE_ARP && config(CONFIG_SNOOP_ARP) == 1 {
+        snoop_arp(ctx);
+    }
     if let Some(pass) = rule(&PassKey::ethertype(ethertype)) {
         return Ok(pass);
     }
