@@ -9,7 +9,9 @@ use std::{hint::black_box, net::Ipv4Addr};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use dataplane::{
     packet::PacketBuf,
-    pipeline::process,
+    pipeline::{process, process_ctx},
+    stages::neighbor::ArpThrottle,
+    Ctx,
     snapshot::{EndpointEntry, InterfaceEntry, InterfaceRole, SnapshotBuilder},
     wire::Mac,
 };
@@ -21,6 +23,9 @@ use common::*;
 const RESTORE: usize = 64;
 
 fn bench_cases(c: &mut Criterion) {
+    // One ARP memory for the whole run, as a worker has (process() would zero a fresh one per
+    // packet).
+    let mut arp_mem = ArpThrottle::default();
     let snap = two_pods();
     let cases: Vec<(&str, u32, Vec<u8>)> = vec![
         ("forward_64B", IF_A, {
@@ -58,7 +63,7 @@ fn bench_cases(c: &mut Criterion) {
             b.iter(|| {
                 buf[HEADROOM..HEADROOM + head.len()].copy_from_slice(&head);
                 let mut pkt = PacketBuf::new(&mut buf, HEADROOM, frame.len()).expect("fits");
-                black_box(process(&snap, black_box(*rx), &mut pkt))
+                black_box(process_ctx(&mut Ctx { now_ns: 0, arp: &mut arp_mem }, &snap, black_box(*rx), &mut pkt))
             })
         });
     }
@@ -71,6 +76,41 @@ fn bench_cases(c: &mut Criterion) {
             black_box(&mut buf);
         })
     });
+    g.finish();
+
+    // Overlay: encapsulation on the sending node (64 B and 1400 B inner frames), and
+    // decapsulation + delivery on the receiving node of the very frames encap produced.
+    let mut g = c.benchmark_group("overlay");
+    g.throughput(Throughput::Elements(1));
+    let node1 = node1(true);
+    let node2 = node2();
+    for (name, payload) in [("64B", 18usize), ("1400B", 1400 - 42)] {
+        let inner = from_a(REMOTE_POD, 17, 64, &udp(5000, 80, &vec![0; payload]));
+        let mut buf = chunk_with(&inner);
+        g.bench_function(format!("encap_{name}"), |b| {
+            b.iter(|| {
+                buf[HEADROOM..HEADROOM + RESTORE.min(inner.len())]
+                    .copy_from_slice(&inner[..RESTORE.min(inner.len())]);
+                let mut pkt = PacketBuf::new(&mut buf, HEADROOM, inner.len()).expect("fits");
+                black_box(process_ctx(&mut Ctx { now_ns: 0, arp: &mut arp_mem }, &node1, black_box(IF_A), &mut pkt))
+            })
+        });
+        let wire = {
+            let mut buf = chunk_with(&inner);
+            let mut pkt = PacketBuf::new(&mut buf, HEADROOM, inner.len()).expect("fits");
+            let _ = process(&node1, IF_A, &mut pkt);
+            pkt.data().to_vec()
+        };
+        let mut buf = chunk_with(&wire);
+        let restore = (RESTORE + 50).min(wire.len());
+        g.bench_function(format!("decap_{name}"), |b| {
+            b.iter(|| {
+                buf[HEADROOM..HEADROOM + restore].copy_from_slice(&wire[..restore]);
+                let mut pkt = PacketBuf::new(&mut buf, HEADROOM, wire.len()).expect("fits");
+                black_box(process_ctx(&mut Ctx { now_ns: 0, arp: &mut arp_mem }, &node2, black_box(IF_UPLINK), &mut pkt))
+            })
+        });
+    }
     g.finish();
 
     let mut g = c.benchmark_group("endpoints");
@@ -112,7 +152,7 @@ fn bench_cases(c: &mut Criterion) {
             bch.iter(|| {
                 buf[HEADROOM..HEADROOM + frame.len()].copy_from_slice(&frame);
                 let mut pkt = PacketBuf::new(&mut buf, HEADROOM, frame.len()).expect("fits");
-                black_box(process(&snap, IF_A, &mut pkt))
+                black_box(process_ctx(&mut Ctx { now_ns: 0, arp: &mut arp_mem }, &snap, IF_A, &mut pkt))
             })
         });
     }
