@@ -11,10 +11,14 @@
 //! The route disappears with the veth, so `EndpointDel` only needs an answer. The server exists
 //! only while plugins run (ADDs at `up`, DELs at `down`).
 //!
-//! Between nodes, kernel mode does what Flannel's vxlan backend does ([`link_nodes`]): a vxlan
-//! device (VNI 1, UDP 8472, as sluice) per node with a MAC derived from the node's address, and
-//! for every other node a route to its pod CIDR via its VTEP, a permanent neighbour entry and a
-//! forwarding entry to its InternalIP. No learning, no flooding.
+//! Between nodes, a kernel node does what Flannel's vxlan backend does ([`link_nodes`]): a vxlan
+//! device (VNI 1, UDP 8472, as sluice) with the node's VTEP MAC, and for every other node
+//! (sluice or kernel) a route to its pod CIDR via its VTEP, a permanent neighbour entry and a
+//! forwarding entry to its InternalIP. No learning, no flooding. VTEP MACs follow the agents'
+//! scheme (`control::overlay::vtep_mac`: the Node's `sluice.io/vtep-mac` annotation, else
+//! `0a:58:` + the InternalIP's octets), so kernel and sluice nodes accept each other's frames.
+//! Pods of a kernel node get the uplink MTU minus the VXLAN overhead ([`pod_mtu`], 1450 on a
+//! 1500-byte fabric, as Flannel).
 use std::{
     io::{BufRead, BufReader, ErrorKind, Write},
     net::Ipv4Addr,
@@ -30,7 +34,10 @@ use std::{
 
 use control::api::{CniConf, Endpoint, Request, Response};
 
-use crate::cmd::{self, CmdError};
+use crate::{
+    cmd::{self, CmdError},
+    NodeKind,
+};
 
 /// How often the accept loop checks for a stop request.
 const ACCEPT_POLL: Duration = Duration::from_millis(10);
@@ -53,13 +60,26 @@ pub enum KernelError {
     },
 }
 
-/// The CNI configuration the testbed writes for a node in kernel mode.
-pub fn conf(pod_cidr: ipnet::Ipv4Net, gateway: Ipv4Addr, node_state_dir: &Path) -> CniConf {
+/// Outer IPv4, UDP, VXLAN and inner Ethernet headers: what the kernel's vxlan device needs.
+pub const VXLAN_OVERHEAD_BYTES: u32 = 50;
+
+/// The MTU of a kernel node's pods on an uplink of `uplink_mtu` bytes.
+pub fn pod_mtu(uplink_mtu: u32) -> u32 {
+    uplink_mtu.saturating_sub(VXLAN_OVERHEAD_BYTES)
+}
+
+/// The CNI configuration the testbed writes for a kernel node.
+pub fn conf(
+    pod_cidr: ipnet::Ipv4Net,
+    gateway: Ipv4Addr,
+    node_state_dir: &Path,
+    mtu: u32,
+) -> CniConf {
     CniConf {
         cni_version: "1.0.0".into(),
         name: "sluice".into(),
         plugin_type: "sluice-cni".into(),
-        mtu: 1500,
+        mtu,
         pod_cidr: pod_cidr.to_string(),
         gateway,
         agent_socket: node_state_dir.join(control::api::SOCKET_NAME),
@@ -191,19 +211,17 @@ pub struct OverlayNode<'a> {
     pub netns: &'a str,
     pub ip: Ipv4Addr,
     pub pod_cidr: ipnet::Ipv4Net,
+    /// `aa:bb:cc:dd:ee:ff` (module doc).
+    pub vtep_mac: &'a str,
+    pub kind: NodeKind,
 }
 
-/// The VTEP MAC of a node: locally administered, from its InternalIP (unique on the fabric).
-pub fn vtep_mac(ip: Ipv4Addr) -> String {
-    let [a, b, c, d] = ip.octets();
-    format!("02:73:{a:02x}:{b:02x}:{c:02x}:{d:02x}")
-}
-
-/// Flannel-style vxlan routing between all nodes (module doc). Idempotent.
+/// Flannel-style vxlan routing (module doc) on every kernel node of `nodes`, towards all the
+/// others. Sluice nodes are only peers here: their agents do their side. Idempotent.
 pub fn link_nodes(nodes: &[OverlayNode<'_>], uplink: &str) -> Result<(), CmdError> {
-    for node in nodes {
+    for node in nodes.iter().filter(|n| n.kind == NodeKind::Kernel) {
         let ip = node.ip.to_string();
-        let mac = vtep_mac(node.ip);
+        let mac = node.vtep_mac;
         if cmd::ip_in(node.netns, &["link", "show", VXLAN_DEV]).is_err() {
             cmd::ip_in(
                 node.netns,
@@ -212,7 +230,7 @@ pub fn link_nodes(nodes: &[OverlayNode<'_>], uplink: &str) -> Result<(), CmdErro
                     "add",
                     VXLAN_DEV,
                     "address",
-                    &mac,
+                    mac,
                     "type",
                     "vxlan",
                     "id",
@@ -232,7 +250,7 @@ pub fn link_nodes(nodes: &[OverlayNode<'_>], uplink: &str) -> Result<(), CmdErro
         cmd::ip_in(node.netns, &["addr", "replace", &vtep, "dev", VXLAN_DEV])?;
         for peer in nodes.iter().filter(|p| p.netns != node.netns) {
             let peer_vtep = peer.pod_cidr.network().to_string();
-            let peer_mac = vtep_mac(peer.ip);
+            let peer_mac = peer.vtep_mac;
             let cidr = peer.pod_cidr.to_string();
             cmd::ip_in(
                 node.netns,
@@ -247,7 +265,7 @@ pub fn link_nodes(nodes: &[OverlayNode<'_>], uplink: &str) -> Result<(), CmdErro
                     "replace",
                     &peer_vtep,
                     "lladdr",
-                    &peer_mac,
+                    peer_mac,
                     "dev",
                     VXLAN_DEV,
                     "nud",
@@ -258,7 +276,7 @@ pub fn link_nodes(nodes: &[OverlayNode<'_>], uplink: &str) -> Result<(), CmdErro
             cmd::run(
                 "bridge",
                 &[
-                    "-n", node.netns, "fdb", "replace", &peer_mac, "dev", VXLAN_DEV, "dst",
+                    "-n", node.netns, "fdb", "replace", peer_mac, "dev", VXLAN_DEV, "dst",
                     &peer_ip,
                 ],
             )?;
@@ -295,12 +313,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vtep_macs_are_local_unicast_and_per_node() {
-        assert_eq!(vtep_mac(Ipv4Addr::new(172, 18, 0, 11)), "02:73:ac:12:00:0b");
-        assert_ne!(
-            vtep_mac(Ipv4Addr::new(172, 18, 0, 11)),
-            vtep_mac(Ipv4Addr::new(172, 18, 0, 12))
-        );
+    fn kernel_pods_leave_room_for_vxlan() {
+        assert_eq!(pod_mtu(1500), 1450);
+        assert_eq!(pod_mtu(9000), 8950);
+        assert_eq!(pod_mtu(20), 0);
     }
 
     #[test]
@@ -310,9 +326,10 @@ mod tests {
             "10.244.1.0/24".parse().expect("cidr"),
             Ipv4Addr::new(10, 244, 1, 1),
             dir,
+            1450,
         );
         assert_eq!(conf.queues, 1);
-        assert_eq!(conf.mtu, 1500);
+        assert_eq!(conf.mtu, 1450);
         assert_eq!(conf.gateway, Ipv4Addr::new(10, 244, 1, 1));
         assert_eq!(conf.agent_socket, dir.join("sluice.sock"));
         assert_eq!(conf.data_dir, dir.join("ipam"));

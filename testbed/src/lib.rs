@@ -31,7 +31,7 @@ pub mod plan;
 pub mod state;
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
@@ -55,6 +55,8 @@ use crate::{
 pub const DEFAULT_STATE_ROOT: &str = "/run/sluice-testbed";
 /// Name of the node uplink inside each node namespace.
 pub const UPLINK: &str = "eth0";
+/// MTU of the fabric veths (the kernel's default for veth).
+pub const FABRIC_MTU: u32 = 1500;
 /// Binary names looked up next to the running executable.
 pub const SLUICE_BIN_NAME: &str = "sluice";
 pub const CNI_BIN_NAME: &str = "sluice-cni";
@@ -119,6 +121,20 @@ pub enum TestbedError {
     AgentRunning { node: String, pid: u32 },
     #[error("testbed instance {instance} runs in kernel mode: it has no sluice agents")]
     NotSluiceMode { instance: String },
+    #[error(
+        "node {node} is a kernel node (annotation {}: kernel): it has no sluice agent",
+        plan::DATAPLANE_ANNOTATION
+    )]
+    KernelNode { node: String },
+    #[error(
+        "agent cluster file given for node {node}, which is not a sluice node of {path} \
+         (sluice nodes: {known})"
+    )]
+    AgentFileNode {
+        node: String,
+        path: PathBuf,
+        known: String,
+    },
     #[error("empty command: give a program to run")]
     EmptyCommand,
     #[error("running `{command}`: {source}")]
@@ -141,6 +157,27 @@ pub enum Mode {
     Kernel,
 }
 
+/// What moves one node's pod packets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeKind {
+    /// A sluice agent (in [`Mode::Sluice`]).
+    #[default]
+    Sluice,
+    /// No agent: kernel routing and the kernel's vxlan device ([`kernel`]). Every node in
+    /// [`Mode::Kernel`]; in sluice mode, a node annotated [`plan::DATAPLANE_ANNOTATION`]`: kernel`.
+    Kernel,
+}
+
+impl NodeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeKind::Sluice => "sluice",
+            NodeKind::Kernel => "kernel",
+        }
+    }
+}
+
 /// What [`Testbed::up`] builds and with which binaries.
 #[derive(Clone, Debug)]
 pub struct UpOptions {
@@ -153,6 +190,10 @@ pub struct UpOptions {
     pub state_root: PathBuf,
     /// Appended to every `sluice run` command line.
     pub agent_args: Vec<String>,
+    /// Per node name: the file its agent reads (`--source file:`) instead of the cluster file,
+    /// so a test can change one agent's view of the cluster (nodes joining and leaving) while
+    /// the testbed itself stays as built.
+    pub agent_cluster_files: BTreeMap<String, PathBuf>,
 }
 
 impl UpOptions {
@@ -168,6 +209,7 @@ impl UpOptions {
             cni_bin: find_next_to_exe(CNI_BIN_NAME),
             state_root: PathBuf::from(DEFAULT_STATE_ROOT),
             agent_args: Vec::new(),
+            agent_cluster_files: BTreeMap::new(),
         }
     }
 }
@@ -208,6 +250,13 @@ pub struct NodeHandle {
     pub cni_conf_dir: PathBuf,
     pub agent_socket: PathBuf,
     pub agent_pid: Option<u32>,
+    /// Absent in state files written before node kinds existed: sluice.
+    #[serde(default)]
+    pub kind: NodeKind,
+    /// The file the agent reads, when not the instance's cluster file
+    /// ([`UpOptions::agent_cluster_files`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_cluster_file: Option<PathBuf>,
 }
 
 /// One pod of a running testbed, as its CNI ADD made it.
@@ -253,6 +302,29 @@ impl Testbed {
             None => names::instance_for_path(&cluster_file),
         };
         let names = Names::new(&instance);
+        let mut agent_files = BTreeMap::new();
+        for (node, file) in &opts.agent_cluster_files {
+            let sluice_nodes = || {
+                plan.nodes
+                    .iter()
+                    .filter(|n| node_kind(opts.mode, n.kind) == NodeKind::Sluice)
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+            };
+            if !sluice_nodes().contains(&node.as_str()) {
+                return Err(TestbedError::AgentFileNode {
+                    node: node.clone(),
+                    path: cluster_file.clone(),
+                    known: sluice_nodes().join(", "),
+                });
+            }
+            let canonical =
+                std::fs::canonicalize(file).map_err(|source| TestbedError::ClusterFile {
+                    path: file.clone(),
+                    source,
+                })?;
+            agent_files.insert(node.clone(), canonical);
+        }
         // Every name is computed (and checked) before anything is created.
         for pod in &plan.pods {
             names.pod_netns(&pod.node, &pod.namespace, &pod.name)?;
@@ -320,7 +392,7 @@ impl Testbed {
             teardown_on_drop: true,
         };
         testbed.save()?;
-        testbed.build(&plan)?;
+        testbed.build(&plan, &agent_files)?;
         Ok(testbed)
     }
 
@@ -504,6 +576,11 @@ impl Testbed {
         };
         let index = self.node_index(node)?;
         let handle = &self.state.nodes[index];
+        if handle.kind == NodeKind::Kernel {
+            return Err(TestbedError::KernelNode {
+                node: node.to_string(),
+            });
+        }
         if let Some(pid) = handle.agent_pid {
             let alive = match self.agents.get_mut(node) {
                 Some(child) => matches!(child.try_wait(), Ok(None)),
@@ -520,7 +597,10 @@ impl Testbed {
             node: &handle.name,
             netns: &handle.netns,
             sluice_bin: &self.state.sluice_bin,
-            cluster_file: &self.state.cluster_file,
+            cluster_file: handle
+                .agent_cluster_file
+                .as_deref()
+                .unwrap_or(&self.state.cluster_file),
             state_dir: &handle.state_dir,
             cni_conf_dir: &handle.cni_conf_dir,
             workers,
@@ -566,7 +646,11 @@ impl Testbed {
         Ok(())
     }
 
-    fn build(&mut self, plan: &Plan) -> Result<(), TestbedError> {
+    fn build(
+        &mut self,
+        plan: &Plan,
+        agent_files: &BTreeMap<String, PathBuf>,
+    ) -> Result<(), TestbedError> {
         let fabric = self.state.fabric_netns.clone();
         let bridge = self.names.bridge();
         self.create_netns(&fabric)?;
@@ -575,14 +659,20 @@ impl Testbed {
 
         let external = self.state.external_netns.clone();
         self.create_netns(&external)?;
-        self.uplink(&external, &self.names.external_veth(), plan.external_ip)?;
+        self.uplink(&external, &self.names.external_veth(), plan.external_ip, 1)?;
         self.state.external_ip = Some(plan.external_ip);
         self.save()?;
 
         for (index, node) in plan.nodes.iter().enumerate() {
             let netns = self.names.node_netns(&node.name)?;
+            let kind = node_kind(self.state.mode, node.kind);
+            // Every worker gets a queue on a sluice node's uplink.
+            let queues = match (self.state.mode, kind) {
+                (Mode::Sluice { workers }, NodeKind::Sluice) => workers.max(1),
+                _ => 1,
+            };
             self.create_netns(&netns)?;
-            self.uplink(&netns, &self.names.fabric_veth(index), node.ip)?;
+            self.uplink(&netns, &self.names.fabric_veth(index), node.ip, queues)?;
             cmd::sysctl_in(&netns, "net.ipv4.ip_forward", "1")?;
             let state_dir = self.dir.join(names::sanitize(&node.name));
             let cni_conf_dir = state_dir.join("net.d");
@@ -602,45 +692,58 @@ impl Testbed {
                 state_dir,
                 cni_conf_dir,
                 agent_pid: None,
+                kind,
+                agent_cluster_file: agent_files.get(&node.name).cloned(),
             });
             self.save()?;
         }
 
-        match self.state.mode {
-            Mode::Sluice { .. } => {
-                let nodes: Vec<String> = self.state.nodes.iter().map(|n| n.name.clone()).collect();
-                for node in nodes {
-                    self.start_agent(&node)?;
-                }
-            }
-            Mode::Kernel => {
-                for node in &self.state.nodes {
-                    let conf = kernel::conf(node.pod_cidr, node.gateway, &node.state_dir);
-                    let path = node.cni_conf_dir.join(CNI_CONF_NAME);
-                    let json = serde_json::to_vec_pretty(&conf).map_err(|e| TestbedError::Io {
-                        what: "encoding the CNI config",
-                        path: path.clone(),
-                        source: std::io::Error::other(e),
-                    })?;
-                    std::fs::write(&path, json).map_err(|source| TestbedError::Io {
-                        what: "writing the CNI config",
-                        path: path.clone(),
-                        source,
-                    })?;
-                }
-                let overlay: Vec<kernel::OverlayNode<'_>> = self
-                    .state
-                    .nodes
-                    .iter()
-                    .map(|n| kernel::OverlayNode {
-                        netns: &n.netns,
-                        ip: n.ip,
-                        pod_cidr: n.pod_cidr,
-                    })
-                    .collect();
-                kernel::link_nodes(&overlay, UPLINK)?;
-                self.start_kernel_servers()?;
-            }
+        for node in self.state.nodes.iter().filter(|n| n.kind == NodeKind::Kernel) {
+            let conf = kernel::conf(
+                node.pod_cidr,
+                node.gateway,
+                &node.state_dir,
+                kernel::pod_mtu(FABRIC_MTU),
+            );
+            let path = node.cni_conf_dir.join(CNI_CONF_NAME);
+            let json = serde_json::to_vec_pretty(&conf).map_err(|e| TestbedError::Io {
+                what: "encoding the CNI config",
+                path: path.clone(),
+                source: std::io::Error::other(e),
+            })?;
+            std::fs::write(&path, json).map_err(|source| TestbedError::Io {
+                what: "writing the CNI config",
+                path: path.clone(),
+                source,
+            })?;
+        }
+        if self.state.nodes.iter().any(|n| n.kind == NodeKind::Kernel) {
+            // Peers are all nodes, sluice ones included, with the VTEP MACs the agents use.
+            let overlay: Vec<kernel::OverlayNode<'_>> = self
+                .state
+                .nodes
+                .iter()
+                .zip(&plan.nodes)
+                .map(|(n, p)| kernel::OverlayNode {
+                    netns: &n.netns,
+                    ip: n.ip,
+                    pod_cidr: n.pod_cidr,
+                    vtep_mac: &p.vtep_mac,
+                    kind: n.kind,
+                })
+                .collect();
+            kernel::link_nodes(&overlay, UPLINK)?;
+            self.start_kernel_servers()?;
+        }
+        let sluice_nodes: Vec<String> = self
+            .state
+            .nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::Sluice)
+            .map(|n| n.name.clone())
+            .collect();
+        for node in sluice_nodes {
+            self.start_agent(&node)?;
         }
 
         for pod in &plan.pods {
@@ -649,10 +752,18 @@ impl Testbed {
         Ok(())
     }
 
-    /// A veth from the fabric bridge to `eth0` in `netns`, with `ip/24` on it.
-    fn uplink(&self, netns: &str, fabric_side: &str, ip: Ipv4Addr) -> Result<(), TestbedError> {
+    /// A veth from the fabric bridge to `eth0` in `netns`, with `ip/24` on it and `queues` rx
+    /// and tx queues on the `eth0` side.
+    fn uplink(
+        &self,
+        netns: &str,
+        fabric_side: &str,
+        ip: Ipv4Addr,
+        queues: u32,
+    ) -> Result<(), TestbedError> {
         let fabric = &self.state.fabric_netns;
         let bridge = self.names.bridge();
+        let queues = queues.to_string();
         cmd::ip_in(
             fabric,
             &[
@@ -666,6 +777,10 @@ impl Testbed {
                 UPLINK,
                 "netns",
                 netns,
+                "numrxqueues",
+                &queues,
+                "numtxqueues",
+                &queues,
             ],
         )?;
         cmd::ip_in(
@@ -682,7 +797,7 @@ impl Testbed {
         if !self.kernel_servers.is_empty() {
             return Ok(());
         }
-        for node in &self.state.nodes {
+        for node in self.state.nodes.iter().filter(|n| n.kind == NodeKind::Kernel) {
             let server =
                 kernel::KernelServer::start(&node.agent_socket, &node.netns, node.gateway)?;
             self.kernel_servers.push(server);
@@ -746,11 +861,17 @@ impl Testbed {
         let mut warnings = Vec::new();
         let mut problems = Vec::new();
 
-        if !self.state.attachments.is_empty() && self.state.mode == Mode::Kernel {
+        let kernel_nodes: Vec<NodeHandle> = self
+            .state
+            .nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::Kernel || self.state.mode == Mode::Kernel)
+            .cloned()
+            .collect();
+        if !self.state.attachments.is_empty() && !kernel_nodes.is_empty() {
             // The plugin talks to the agent socket on DEL too.
-            let nodes: Vec<NodeHandle> = self.state.nodes.clone();
             if self.kernel_servers.is_empty() {
-                for node in nodes.iter().filter(|n| cmd::netns_exists(&n.netns)) {
+                for node in kernel_nodes.iter().filter(|n| cmd::netns_exists(&n.netns)) {
                     match kernel::KernelServer::start(&node.agent_socket, &node.netns, node.gateway)
                     {
                         Ok(server) => self.kernel_servers.push(server),
@@ -844,6 +965,15 @@ impl Drop for Testbed {
                 eprintln!("sluice-testbed: {e}");
             }
         }
+    }
+}
+
+/// A node's kind: every node is a kernel node in [`Mode::Kernel`]; in sluice mode, what the
+/// cluster file says.
+fn node_kind(mode: Mode, planned: NodeKind) -> NodeKind {
+    match mode {
+        Mode::Kernel => NodeKind::Kernel,
+        Mode::Sluice { .. } => planned,
     }
 }
 

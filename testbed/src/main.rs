@@ -217,8 +217,12 @@ fn print_status(testbed: &Testbed, alive: &mut dyn FnMut(&str) -> Option<bool>) 
             (Some(pid), None) => format!("agent pid {pid}"),
         };
         println!(
-            "  {:<16} {:<15} pods {:<18} netns {:<28} {agent}",
-            node.name, node.ip, node.pod_cidr, node.netns
+            "  {:<16} {:<6} {:<15} pods {:<18} netns {:<28} {agent}",
+            node.name,
+            node.kind.as_str(),
+            node.ip,
+            node.pod_cidr,
+            node.netns
         );
     }
     println!("pods:");

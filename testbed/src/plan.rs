@@ -11,10 +11,15 @@ use std::{net::Ipv4Addr, path::Path};
 use control::cluster::{self, ClusterError, ClusterState};
 use ipnet::Ipv4Net;
 
+use crate::NodeKind;
+
 /// Host part of the external client's address in the nodes' /24.
 pub const EXTERNAL_HOST: u8 = 250;
 /// Prefix length of the fabric subnet.
 pub const FABRIC_PREFIX_LEN: u8 = 24;
+/// Node annotation choosing what moves the node's pod packets in sluice mode: `kernel` (kernel
+/// routing and the kernel's vxlan device, no agent) or `sluice` (the default).
+pub const DATAPLANE_ANNOTATION: &str = "sluice.io/testbed-dataplane";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -64,6 +69,15 @@ pub enum PlanError {
         pod: String,
         node: String,
     },
+    #[error(
+        "cluster file {path}: node {node} has annotation {DATAPLANE_ANNOTATION}: {value:?}; \
+         use \"kernel\" or \"sluice\" (or leave it out: sluice)"
+    )]
+    BadDataplane {
+        path: String,
+        node: String,
+        value: String,
+    },
     #[error("cluster file {path}: pod {pod} appears twice")]
     DuplicatePod { path: String, pod: String },
 }
@@ -74,6 +88,11 @@ pub struct PlanNode {
     pub ip: Ipv4Addr,
     pub pod_cidr: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// From [`DATAPLANE_ANNOTATION`].
+    pub kind: NodeKind,
+    /// `aa:bb:cc:dd:ee:ff`, as the agents compute it (`control::overlay::vtep_mac`: the
+    /// `sluice.io/vtep-mac` annotation, else derived from the InternalIP).
+    pub vtep_mac: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,11 +142,29 @@ fn from_state(path: &str, state: &ClusterState) -> Result<Plan, PlanError> {
                 path: path.into(),
                 source,
             })?;
+        let annotation = node
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DATAPLANE_ANNOTATION));
+        let kind = match annotation.map(|v| v.trim()) {
+            None | Some("sluice") => NodeKind::Sluice,
+            Some("kernel") => NodeKind::Kernel,
+            Some(other) => {
+                return Err(PlanError::BadDataplane {
+                    path: path.into(),
+                    node: name,
+                    value: other.to_string(),
+                })
+            }
+        };
         nodes.push(PlanNode {
+            vtep_mac: control::overlay::vtep_mac(node, info.internal_ip).to_string(),
             name,
             ip: info.internal_ip,
             pod_cidr: info.pod_cidr,
             gateway: info.gateway,
+            kind,
         });
     }
     let mut pods = Vec::new();
@@ -220,6 +257,8 @@ mod tests {
             ip: Ipv4Addr::from(ip),
             pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 244, third, 0), 24).expect("valid"),
             gateway: Ipv4Addr::new(10, 244, third, 1),
+            kind: NodeKind::Sluice,
+            vtep_mac: "0a:58:00:00:00:00".into(),
         }
     }
 
@@ -288,6 +327,43 @@ mod tests {
         assert!(matches!(err, PlanError::UnknownNode { .. }), "{err}");
         let err = build("f", nodes, vec![pod("a", "n1"), pod("a", "n1")]).expect_err("dup pod");
         assert!(matches!(err, PlanError::DuplicatePod { .. }), "{err}");
+    }
+
+    const ANNOTATED: &str = "
+apiVersion: v1
+kind: Node
+metadata: {name: n1}
+spec: {podCIDR: 10.244.1.0/24}
+status: {addresses: [{type: InternalIP, address: 172.18.0.11}]}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: n2
+  annotations: {sluice.io/testbed-dataplane: kernel, sluice.io/vtep-mac: \"02:aa:bb:cc:dd:ee\"}
+spec: {podCIDR: 10.244.2.0/24}
+status: {addresses: [{type: InternalIP, address: 172.18.0.12}]}
+";
+
+    #[test]
+    fn node_kinds_and_vtep_macs_come_from_annotations() {
+        let state = cluster::parse_str(ANNOTATED, "t.yaml").expect("parses");
+        let plan = from_state("t.yaml", &state).expect("valid plan");
+        assert_eq!(plan.nodes[0].kind, NodeKind::Sluice);
+        assert_eq!(plan.nodes[0].vtep_mac, "0a:58:ac:12:00:0b", "derived");
+        assert_eq!(plan.nodes[1].kind, NodeKind::Kernel);
+        assert_eq!(plan.nodes[1].vtep_mac, "02:aa:bb:cc:dd:ee", "annotated");
+    }
+
+    #[test]
+    fn an_unknown_dataplane_is_refused() {
+        let text = ANNOTATED.replace("dataplane: kernel", "dataplane: cilium");
+        let state = cluster::parse_str(&text, "t.yaml").expect("parses");
+        let err = from_state("t.yaml", &state).expect_err("unknown kind");
+        assert!(
+            matches!(err, PlanError::BadDataplane { ref node, ref value, .. } if node == "n2" && value == "cilium"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Mode, NodeHandle, PodHandle};
+use crate::{Mode, NodeHandle, NodeKind, PodHandle};
 
 /// Bumped when the layout changes incompatibly.
 pub const STATE_VERSION: u32 = 1;
@@ -126,6 +126,8 @@ mod tests {
                 cni_conf_dir: "/run/x/n1/net.d".into(),
                 agent_socket: "/run/x/n1/sluice.sock".into(),
                 agent_pid: Some(42),
+                kind: NodeKind::Kernel,
+                agent_cluster_file: None,
             }],
             attachments: vec![],
             pods: vec![PodHandle {
@@ -149,6 +151,21 @@ mod tests {
         assert_eq!(back.nodes, sample().nodes);
         assert_eq!(back.pods, sample().pods);
         assert!(!path.with_extension("json.tmp").exists());
+    }
+
+    #[test]
+    fn nodes_without_a_kind_are_sluice_nodes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(STATE_FILE);
+        save(&path, &sample()).expect("save");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        assert_eq!(json["nodes"][0]["kind"], "kernel", "{json}");
+        let node = json["nodes"][0].as_object_mut().expect("node object");
+        node.remove("kind");
+        std::fs::write(&path, serde_json::to_vec(&json).expect("encode")).expect("write");
+        let back = load(&path).expect("a state file without node kinds loads");
+        assert_eq!(back.nodes[0].kind, NodeKind::Sluice);
     }
 
     #[test]

@@ -472,6 +472,11 @@ fn cli_up_status_exec_down() {
         status.status.success() && text.contains("default/pod-a") && text.contains("node1"),
         "{text}"
     );
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("node1") && l.contains(" kernel ")),
+        "status shows node1's kind: {text}"
+    );
 
     let exec = cli(&[
         "exec",
