@@ -9,7 +9,7 @@ log() { printf '[deps] %s\n' "$*"; }
 # clang/libelf: eBPF tooling; llvm-22-dev (+ polly, zlib, zstd): bpf-linker links LLVM 22;
 # iproute2/ethtool/iputils-ping/iperf3/python3: testbed, CNI plugin and end-to-end tests.
 APT_PACKAGES=(clang llvm-22-dev libpolly-22-dev libelf-dev zlib1g-dev libzstd-dev pkg-config
-              iproute2 ethtool iputils-ping iperf3 python3 util-linux procps curl)
+              iproute2 ethtool iputils-ping iperf3 python3 util-linux procps curl tcpdump)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

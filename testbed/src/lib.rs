@@ -766,10 +766,16 @@ impl Testbed {
         let queues = queues.to_string();
         cmd::ip_in(
             fabric,
+            // The kernel makes the queues active (not just possible) only when the device
+            // being created is given a count, so both sides get one.
             &[
                 "link",
                 "add",
                 fabric_side,
+                "numrxqueues",
+                &queues,
+                "numtxqueues",
+                &queues,
                 "type",
                 "veth",
                 "peer",
