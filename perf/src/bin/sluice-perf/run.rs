@@ -46,6 +46,13 @@ pub enum BaselineArg {
     None,
 }
 
+/// One mode only (kept for scripts written before the baseline ran in the same run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    Sluice,
+    Kernel,
+}
+
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// Scenario name (`sluice-perf list`).
@@ -70,6 +77,9 @@ pub struct RunArgs {
     workers: u32,
     #[arg(long, value_enum, default_value_t = BaselineArg::Kernel)]
     baseline: BaselineArg,
+    /// Run this one mode only (no ratios); overrides --baseline.
+    #[arg(long, value_enum, hide = true)]
+    mode: Option<ModeArg>,
     /// Pin the client (generator, sender, requester) to this CPU.
     #[arg(long)]
     gen_cpu: Option<usize>,
@@ -80,7 +90,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 32)]
     batch: usize,
     /// Closed-loop request/response: stop after this many round trips (else the duration).
-    #[arg(long)]
+    #[arg(long, alias = "pingpong-count")]
     rr_count: Option<u64>,
     /// TCP: stop after this many bytes over all connections (else the duration).
     #[arg(long)]
@@ -690,9 +700,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let sluice_mode = Mode::Sluice {
         workers: args.workers,
     };
-    let mut modes: Vec<Mode> = match args.baseline {
-        BaselineArg::Kernel => vec![Mode::Kernel, sluice_mode],
-        BaselineArg::None => vec![sluice_mode],
+    let mut modes: Vec<Mode> = match (args.mode, args.baseline) {
+        (Some(ModeArg::Sluice), _) | (None, BaselineArg::None) => vec![sluice_mode],
+        (Some(ModeArg::Kernel), _) => vec![Mode::Kernel],
+        (None, BaselineArg::Kernel) => vec![Mode::Kernel, sluice_mode],
     };
     if args.sluice_first {
         modes.reverse();
@@ -781,9 +792,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
             flows: p.flows,
             batch: p.batch,
             workers: args.workers,
-            baseline: match args.baseline {
-                BaselineArg::Kernel => "kernel".into(),
-                BaselineArg::None => "none".into(),
+            baseline: match (args.mode, args.baseline) {
+                (Some(ModeArg::Kernel), _) => "kernel only".into(),
+                (Some(ModeArg::Sluice), _) | (None, BaselineArg::None) => "none".into(),
+                (None, BaselineArg::Kernel) => "kernel".into(),
             },
             gen_cpu: p.gen_cpu,
             sink_cpu: p.sink_cpu,
