@@ -3,8 +3,9 @@
 //! ```text
 //!   pod-a netns                                   pod-b netns
 //!   gen  --sendmmsg batches, F source ports-->  sink (recvmmsg, per-flow seq, one-way latency)
-//!   pingpong --one request outstanding------->  pingpong-server (echo)
-//!              (kernel path or sluice's workers in between)
+//!   pingpong --closed loop, or open loop at a rate-> pingpong-server (echo)
+//!   tcp-send --F connections, bytes/time bound--> tcp-recv (bytes per connection)
+//!              (kernel path or sluice's workers in between; `run` measures both)
 //! ```
 //!
 //! Invariants:
