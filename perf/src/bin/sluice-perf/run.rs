@@ -584,7 +584,13 @@ fn run_mode_inner(
     let dst = SocketAddrV4::new(server_ip, scenario.port);
     report.server_addr = dst.to_string();
     let sluice = matches!(mode, Mode::Sluice { .. });
-    let nodes: Vec<String> = tb.nodes().iter().map(|n| n.name.clone()).collect();
+    // Nodes that run an agent (a cluster file may leave some nodes to the kernel).
+    let nodes: Vec<String> = tb
+        .nodes()
+        .iter()
+        .filter(|n| n.agent_pid.is_some())
+        .map(|n| n.name.clone())
+        .collect();
     if sluice {
         for node in &nodes {
             let mut a = AgentRecord::default();
