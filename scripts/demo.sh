@@ -41,8 +41,9 @@ cleanup
 trap - EXIT
 
 for size in 64 1400; do
-  section "sluice-perf: pod-to-pod UDP, ${size} B frames, 3 s closed loop, then request/response latency"
-  "$bin/sluice-perf" run pod-to-pod --mode sluice --size "$size" --duration 3 --pingpong-count 5000 \
-    --gen-cpu 0 --sink-cpu 1 --out target/demo-perf
+  section "sluice-perf: pod-to-pod UDP, ${size} B frames, 3 s closed loop; kernel baseline in the same run"
+  "$bin/sluice-perf" run pod-to-pod --size "$size" --duration 3 --gen-cpu 0 --sink-cpu 1 --out target/demo-perf
 done
-section "done: reports in target/demo-perf/"
+section "sluice-perf: request/response latency (UDP ping-pong, one outstanding), sluice vs kernel"
+"$bin/sluice-perf" run pod-to-pod-rr --duration 3 --gen-cpu 0 --sink-cpu 1 --out target/demo-perf
+section "done: reports (JSON, .hlog, latency.svg) in target/demo-perf/"
