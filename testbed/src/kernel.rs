@@ -276,8 +276,7 @@ pub fn link_nodes(nodes: &[OverlayNode<'_>], uplink: &str) -> Result<(), CmdErro
             cmd::run(
                 "bridge",
                 &[
-                    "-n", node.netns, "fdb", "replace", peer_mac, "dev", VXLAN_DEV, "dst",
-                    &peer_ip,
+                    "-n", node.netns, "fdb", "replace", peer_mac, "dev", VXLAN_DEV, "dst", &peer_ip,
                 ],
             )?;
         }

@@ -698,7 +698,12 @@ impl Testbed {
             self.save()?;
         }
 
-        for node in self.state.nodes.iter().filter(|n| n.kind == NodeKind::Kernel) {
+        for node in self
+            .state
+            .nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::Kernel)
+        {
             let conf = kernel::conf(
                 node.pod_cidr,
                 node.gateway,
@@ -803,7 +808,12 @@ impl Testbed {
         if !self.kernel_servers.is_empty() {
             return Ok(());
         }
-        for node in self.state.nodes.iter().filter(|n| n.kind == NodeKind::Kernel) {
+        for node in self
+            .state
+            .nodes
+            .iter()
+            .filter(|n| n.kind == NodeKind::Kernel)
+        {
             let server =
                 kernel::KernelServer::start(&node.agent_socket, &node.netns, node.gateway)?;
             self.kernel_servers.push(server);

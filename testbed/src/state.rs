@@ -7,7 +7,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Mode, NodeHandle, NodeKind, PodHandle};
+use crate::{Mode, NodeHandle, PodHandle};
 
 /// Bumped when the layout changes incompatibly.
 pub const STATE_VERSION: u32 = 1;
@@ -101,6 +101,7 @@ pub fn save(path: &Path, state: &State) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::NodeKind;
 
     fn sample() -> State {
         State {
