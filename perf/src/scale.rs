@@ -28,7 +28,7 @@ use std::time::Instant;
 
 use dataplane::{
     packet::PacketBuf,
-    pipeline::{process, process_ctx},
+    pipeline::process_ctx,
     snapshot::{EndpointEntry, InterfaceEntry, InterfaceRole, Snapshot, SnapshotBuilder},
     wire::{checksum, Mac},
 };
@@ -356,7 +356,7 @@ mod tests {
                 let mut chunk = [0u8; CHUNK_BYTES];
                 chunk[HEADROOM..HEADROOM + FRAME_BYTES].copy_from_slice(frame);
                 let mut pkt = PacketBuf::new(&mut chunk[..], HEADROOM, FRAME_BYTES).expect("fits");
-                let v = process(&bench.snap, bench.rx_ifindex, &mut pkt);
+                let v = dataplane::pipeline::process(&bench.snap, bench.rx_ifindex, &mut pkt);
                 let Verdict::Tx { ifindex, kind } = v else {
                     panic!("size {size}: frame dropped: {v:?}");
                 };
