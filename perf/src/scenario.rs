@@ -73,6 +73,10 @@ pub struct Scenario {
 }
 
 const DEMO: &str = "testbed/clusters/demo.yaml";
+const TWO_NODE: &str = "testbed/clusters/two-node.yaml";
+/// Cross-node scenarios: sluice VXLAN in the workers vs the kernel's vxlan device (Flannel's
+/// vxlan backend shape: VNI 1, port 8472) on the same two-node topology.
+const CROSS_NODE: &str = "pod-a1 (node1) -> pod-b1's IP (node2), over VXLAN";
 
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -116,6 +120,57 @@ pub const SCENARIOS: &[Scenario] = &[
         cluster: DEMO,
         client_pod: "default/pod-a",
         server_pod: "default/pod-b",
+        target: Target::PodIp,
+        traffic: Traffic::UdpRequestResponse,
+        port: 9001,
+        defaults: Defaults {
+            duration_s: 5,
+            size: 64,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
+    Scenario {
+        name: "node-to-node",
+        measures: "UDP packet rate, loss and one-way latency between nodes, over VXLAN",
+        topology: CROSS_NODE,
+        cluster: TWO_NODE,
+        client_pod: "default/pod-a1",
+        server_pod: "default/pod-b1",
+        target: Target::PodIp,
+        traffic: Traffic::UdpStream,
+        port: 9000,
+        defaults: Defaults {
+            duration_s: 5,
+            size: 64,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
+    Scenario {
+        name: "node-to-node-tcp",
+        measures: "TCP throughput between nodes, over VXLAN",
+        topology: CROSS_NODE,
+        cluster: TWO_NODE,
+        client_pod: "default/pod-a1",
+        server_pod: "default/pod-b1",
+        target: Target::PodIp,
+        traffic: Traffic::TcpStream,
+        port: 9002,
+        defaults: Defaults {
+            duration_s: 5,
+            size: 128 * 1024,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
+    Scenario {
+        name: "node-to-node-rr",
+        measures: "UDP request/response round-trip latency between nodes, over VXLAN",
+        topology: CROSS_NODE,
+        cluster: TWO_NODE,
+        client_pod: "default/pod-a1",
+        server_pod: "default/pod-b1",
         target: Target::PodIp,
         traffic: Traffic::UdpRequestResponse,
         port: 9001,
