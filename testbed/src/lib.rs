@@ -15,8 +15,11 @@
 //! - Pods are networked only by the CNI plugin (`sluice-cni ADD`, run in the node namespace as a
 //!   container runtime would), and released by `DEL` on teardown.
 //! - [`Mode::Sluice`] starts `sluice run` in each node namespace and waits for its CNI config and
-//!   socket; [`Mode::Kernel`] is the baseline: the testbed answers the plugin itself and lets the
-//!   node's kernel route (see [`kernel`]).
+//!   socket (the uplink gets one queue per worker); [`Mode::Kernel`] is the baseline: the testbed
+//!   answers the plugin itself and lets the node's kernel route, with the kernel's vxlan device
+//!   between nodes (see [`kernel`]). In sluice mode, a Node annotated
+//!   `sluice.io/testbed-dataplane: kernel` is such a kernel node among sluice nodes
+//!   ([`NodeKind`]), for interop with the kernel's vxlan device (`clusters/mixed.yaml`).
 //!
 //! Invariants: every name carries the instance name ([`names`]); everything is recorded in
 //! `STATE_ROOT/INSTANCE/state.json` before it is created; a [`Testbed`] returned by
