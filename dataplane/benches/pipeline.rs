@@ -10,10 +10,10 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use dataplane::{
     packet::PacketBuf,
     pipeline::{process, process_ctx},
-    stages::neighbor::ArpThrottle,
-    Ctx,
     snapshot::{EndpointEntry, InterfaceEntry, InterfaceRole, SnapshotBuilder},
+    stages::neighbor::ArpThrottle,
     wire::Mac,
+    Ctx,
 };
 
 #[path = "../tests/common/mod.rs"]
@@ -63,7 +63,15 @@ fn bench_cases(c: &mut Criterion) {
             b.iter(|| {
                 buf[HEADROOM..HEADROOM + head.len()].copy_from_slice(&head);
                 let mut pkt = PacketBuf::new(&mut buf, HEADROOM, frame.len()).expect("fits");
-                black_box(process_ctx(&mut Ctx { now_ns: 0, arp: &mut arp_mem }, &snap, black_box(*rx), &mut pkt))
+                black_box(process_ctx(
+                    &mut Ctx {
+                        now_ns: 0,
+                        arp: &mut arp_mem,
+                    },
+                    &snap,
+                    black_box(*rx),
+                    &mut pkt,
+                ))
             })
         });
     }
@@ -92,7 +100,15 @@ fn bench_cases(c: &mut Criterion) {
                 buf[HEADROOM..HEADROOM + RESTORE.min(inner.len())]
                     .copy_from_slice(&inner[..RESTORE.min(inner.len())]);
                 let mut pkt = PacketBuf::new(&mut buf, HEADROOM, inner.len()).expect("fits");
-                black_box(process_ctx(&mut Ctx { now_ns: 0, arp: &mut arp_mem }, &node1, black_box(IF_A), &mut pkt))
+                black_box(process_ctx(
+                    &mut Ctx {
+                        now_ns: 0,
+                        arp: &mut arp_mem,
+                    },
+                    &node1,
+                    black_box(IF_A),
+                    &mut pkt,
+                ))
             })
         });
         let wire = {
@@ -107,7 +123,15 @@ fn bench_cases(c: &mut Criterion) {
             b.iter(|| {
                 buf[HEADROOM..HEADROOM + restore].copy_from_slice(&wire[..restore]);
                 let mut pkt = PacketBuf::new(&mut buf, HEADROOM, wire.len()).expect("fits");
-                black_box(process_ctx(&mut Ctx { now_ns: 0, arp: &mut arp_mem }, &node2, black_box(IF_UPLINK), &mut pkt))
+                black_box(process_ctx(
+                    &mut Ctx {
+                        now_ns: 0,
+                        arp: &mut arp_mem,
+                    },
+                    &node2,
+                    black_box(IF_UPLINK),
+                    &mut pkt,
+                ))
             })
         });
     }
@@ -152,7 +176,15 @@ fn bench_cases(c: &mut Criterion) {
             bch.iter(|| {
                 buf[HEADROOM..HEADROOM + frame.len()].copy_from_slice(&frame);
                 let mut pkt = PacketBuf::new(&mut buf, HEADROOM, frame.len()).expect("fits");
-                black_box(process_ctx(&mut Ctx { now_ns: 0, arp: &mut arp_mem }, &snap, IF_A, &mut pkt))
+                black_box(process_ctx(
+                    &mut Ctx {
+                        now_ns: 0,
+                        arp: &mut arp_mem,
+                    },
+                    &snap,
+                    IF_A,
+                    &mut pkt,
+                ))
             })
         });
     }

@@ -56,11 +56,14 @@ pub enum DropReason {
     OversizeNoDf = 23,
     /// The frame inside VXLAN is not IPv4 (inner ARP/IPv6 are not carried).
     VxlanInnerUnsupported = 24,
+    /// The inner source is not in the pod CIDR of the node the VXLAN packet came from
+    /// (spoofing across nodes, or an unknown node).
+    VxlanSourceMismatch = 25,
 }
 
 impl DropReason {
     /// Every reason, in number order (metrics export all of them, even at zero).
-    pub const ALL: [DropReason; 24] = [
+    pub const ALL: [DropReason; 25] = [
         DropReason::FrameTooShort,
         DropReason::UnsupportedEthertype,
         DropReason::Ipv6Unsupported,
@@ -85,9 +88,10 @@ impl DropReason {
         DropReason::NeighborUnresolved,
         DropReason::OversizeNoDf,
         DropReason::VxlanInnerUnsupported,
+        DropReason::VxlanSourceMismatch,
     ];
     /// Size of a counter array indexed by `reason as usize` (index 0 unused).
-    pub const SLOTS: usize = 25;
+    pub const SLOTS: usize = 26;
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -115,6 +119,7 @@ impl DropReason {
             DropReason::NeighborUnresolved => "neighbor_unresolved",
             DropReason::OversizeNoDf => "oversize_no_df",
             DropReason::VxlanInnerUnsupported => "vxlan_inner_unsupported",
+            DropReason::VxlanSourceMismatch => "vxlan_source_mismatch",
         }
     }
 

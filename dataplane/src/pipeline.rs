@@ -117,6 +117,11 @@ fn from_overlay(snap: &Snapshot, outer: &Ipv4Meta, pkt: &mut PacketBuf<'_>) -> V
         }
         Err(reason) => return Verdict::Drop(reason),
     };
+    // The inner source must belong to the node that sent the packet: a node can only speak
+    // for its own pods.
+    if snap.remote(inner.src).map(|r| r.vtep_ip) != Some(outer.src) {
+        return Verdict::Drop(DropReason::VxlanSourceMismatch);
+    }
     if snap.endpoint(inner.dst).is_none() {
         return Verdict::Drop(DropReason::NoRoute);
     }

@@ -205,6 +205,38 @@ fn malformed_vxlan_has_its_drop_reason() {
 }
 
 #[test]
+fn a_node_may_only_speak_for_its_own_pods() {
+    let (input, _) = remote_udp();
+    // Right inner source (node 1's pod), but the outer source is another host.
+    let mut wire = vxlan_frame(PEER_IP, VXLAN_PORT, 0x08, VNI, &input);
+    wire[26..30].copy_from_slice(&[172, 18, 0, 99]);
+    wire[24] = 0;
+    wire[25] = 0;
+    let c = checksum::checksum(&wire[14..34]);
+    wire[24..26].copy_from_slice(&c.to_be_bytes());
+    assert_eq!(
+        run_on(&node2(), IF_UPLINK, &wire).0,
+        Verdict::Drop(DropReason::VxlanSourceMismatch)
+    );
+    // Right outer source, inner source outside node 1's pod CIDR.
+    let mut stranger = eth(POD_B_MAC, POD_A_MAC, 0x0800);
+    let l4 = udp(1, 2, b"x");
+    stranger.extend(ipv4(
+        std::net::Ipv4Addr::new(10, 9, 0, 1),
+        REMOTE_POD,
+        17,
+        64,
+        l4.len(),
+    ));
+    stranger.extend_from_slice(&l4);
+    let wire = vxlan_frame(PEER_IP, VXLAN_PORT, 0x08, VNI, &stranger);
+    assert_eq!(
+        run_on(&node2(), IF_UPLINK, &wire).0,
+        Verdict::Drop(DropReason::VxlanSourceMismatch)
+    );
+}
+
+#[test]
 fn unresolved_next_hop_sends_one_arp_request_per_interval() {
     let snap = node1(false);
     let (input, _) = remote_udp();

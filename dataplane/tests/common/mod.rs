@@ -212,6 +212,13 @@ pub fn node2() -> Snapshot {
         },
     );
     b.overlay(overlay_config(PEER_IP));
+    b.remote(dataplane::snapshot::RemoteNode {
+        pod_net: Ipv4Addr::new(10, 244, 1, 0),
+        prefix_len: 24,
+        vtep_ip: NODE_IP,
+        vtep_mac: dataplane::stages::encap::derived_vtep_mac(NODE_IP),
+        next_hop: NODE_IP,
+    });
     b.build()
 }
 
