@@ -206,7 +206,7 @@ fn tail_lines(path: &Path) -> String {
     }
 }
 
-/// Whether `pid` is a live (not zombie) process running `binary`: its argv[0], or argv[1] when
+/// Whether `pid` is a live (not zombie) process running `binary`: its `argv[0]`, or `argv[1]` when
 /// `binary` is a script run by an interpreter.
 pub fn runs_binary(pid: u32, binary: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
