@@ -52,7 +52,9 @@ use crate::{
 /// Bytes the overlay and encryption add (DESIGN.md): VXLAN 50 + WireGuard over IPv4 60.
 pub const OVERLAY_OVERHEAD_BYTES: u32 = 50 + 60;
 const REQUEST_MAX_BYTES: u64 = 64 * 1024;
-const LOOP_TICK: Duration = Duration::from_millis(50);
+/// The control loop wakes at least this often: neighbour learning (the XDP program's ARP map)
+/// is picked up within one tick, so it bounds how long a new next hop stays unresolved.
+const LOOP_TICK: Duration = Duration::from_millis(10);
 /// A snooped neighbour not heard from for this long is no longer used; the next packet for it
 /// sends a fresh ARP request.
 const NEIGHBOR_STALE: Duration = Duration::from_secs(300);

@@ -241,7 +241,12 @@ impl Worker {
             }
             let now = std::time::Instant::now();
             let since = *idle_since.get_or_insert(now);
-            if now.duration_since(since) >= self.config.idle_spin {
+            if now.duration_since(since) < self.config.idle_spin {
+                // Spinning, but let any other runnable thread on this core go first (another
+                // node's worker on a shared test machine, the sink): sched_yield returns at once
+                // when nothing else wants the core.
+                std::thread::yield_now();
+            } else {
                 self.shared
                     .publish(&self.counters, generation, self.free.len() as u64);
                 since_publish = 0;

@@ -596,6 +596,18 @@ impl Testbed {
                 });
             }
         }
+        // Agents of different nodes share this one machine: spread their workers over the
+        // cores (node i's worker w on core ncpus-1-((i*workers+w) % ncpus)) instead of every
+        // agent's `--cores auto` putting worker 0 of every node on the same last core.
+        let mut extra_args = self.state.agent_args.clone();
+        if !extra_args.iter().any(|a| a.starts_with("--cores")) {
+            let ncpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let cores: Vec<String> = (0..workers as usize)
+                .map(|w| (ncpus - 1 - ((index * workers as usize + w) % ncpus)).to_string())
+                .collect();
+            extra_args.push("--cores".into());
+            extra_args.push(cores.join(","));
+        }
         let child = agent::start(&agent::AgentSpec {
             node: &handle.name,
             netns: &handle.netns,
@@ -607,7 +619,7 @@ impl Testbed {
             state_dir: &handle.state_dir,
             cni_conf_dir: &handle.cni_conf_dir,
             workers,
-            extra_args: &self.state.agent_args,
+            extra_args: &extra_args,
         })?;
         self.state.nodes[index].agent_pid = Some(child.id());
         self.agents.insert(node.to_string(), child);
