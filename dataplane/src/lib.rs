@@ -17,6 +17,7 @@
 //!   bounded channels polled between batches.
 //! - Frames live in UMEM chunks with headroom in front for later encapsulation.
 pub mod classify;
+pub mod conntrack;
 pub mod drop_reason;
 pub mod latency;
 pub mod packet;

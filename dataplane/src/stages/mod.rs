@@ -4,5 +4,6 @@ pub mod decap;
 pub mod encap;
 pub mod gateway;
 pub mod icmp_error;
+pub mod nat;
 pub mod neighbor;
 pub mod route;

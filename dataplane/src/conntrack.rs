@@ -1,0 +1,797 @@
+//! A per-worker connection tracking table: preallocated, bounded, lock-free (single owner),
+//! no allocation after [`Conntrack::new`], no clock reads (every call takes `now_ns`).
+//!
+//! ```text
+//!   index: buckets of 8 slots (64 B, one cache line)      entries: [Entry; capacity]
+//!   +-----------------------------------+                  +-------------------------------+
+//!   | tag u32 | entry<<1 | dir   x 8    | --------------> | keys[Original], keys[Reply]   |
+//!   +-----------------------------------+                  | Flow { nat, expires, state .. }|
+//!   a key lives in one of two buckets (two-choice hashing)  +-------------------------------+
+//! ```
+//!
+//! **Both directions.** A flow is one [`Entry`] holding its original key (as the first packet
+//! arrived, before NAT) and its reply key (what replies carry: the translated packet's key,
+//! reversed; [`FlowKey::reply_key`]). Both keys are inserted in the index, each slot pointing
+//! at the same entry with a direction bit, so a lookup with either key finds the one flow and
+//! learns the direction ([`Conntrack::lookup_dir`]), as Linux's two `tuplehash` entries per
+//! `nf_conn`. When the two keys are equal (a flow to itself) only one slot is used.
+//! Normalising keys (sorting the endpoints) was rejected: with NAT the two directions carry
+//! different addresses, so they would not normalise to the same key anyway.
+//!
+//! **Index.** `4 x capacity` slots in buckets of 8 (at most half full when the table is full).
+//! A key hashes (seeded per table, so keys chosen by an attacker cannot be precomputed) to two
+//! buckets; lookup reads both (two cache lines) and compares a 32-bit tag before the full key.
+//! An insert takes any empty slot of the two buckets, so there are no tombstones and deletion
+//! just clears the slot. Lookup cost is bounded (16 slots) whatever the fill level.
+//!
+//! **Eviction**, always counted per [`EvictReason`]: when every entry is in use, or both buckets
+//! of a new key are full, a victim is taken among the flows referenced from the new keys'
+//! buckets (and, if those are empty, from the next 8 entries after a rotating hand): an expired
+//! one if there is one, else the one closest to expiry. [`Conntrack::insert`] reports a live
+//! flow it evicted as `Err(Evicted)` (the new flow is in the table all the same).
+//!
+//! **Expiry.** A flow whose `expires_ns <= now_ns` is absent for lookups; its memory is
+//! reclaimed by [`Conntrack::gc`] (bounded work per call: `budget` entries examined, a hand
+//! sweeping the entry array, so `capacity / budget` calls cover the whole table) or by an
+//! insert that needs room.
+//!
+//! **Timeouts** ([`Timeouts::default`]), refreshed on every packet, after Linux
+//! `nf_conntrack_tcp_timeout_*` / `nf_conntrack_udp_timeout*` / `nf_conntrack_icmp_timeout`:
+//!
+//! | state | default | Linux | note |
+//! |---|---|---|---|
+//! | TCP SYN_SENT | 120 s | 120 s | |
+//! | TCP SYN_RECV | 60 s | 60 s | |
+//! | TCP ESTABLISHED | 6 h | 5 days | Cilium's `CT_CONNECTION_LIFETIME_TCP` (21600 s): a dead peer's flow must not hold an entry for days |
+//! | TCP FIN seen one way | 10 s | 120 s (FIN_WAIT) | Cilium's `CT_CLOSE_TIMEOUT`: refreshed while the half-open side still talks |
+//! | TCP FIN both ways (TIME_WAIT) | 120 s | 120 s | |
+//! | TCP RST (CLOSE) | 10 s | 10 s | |
+//! | UDP | 30 s | 30 s | until a reply is seen |
+//! | UDP assured | 120 s | 120 s (stream) | after a reply |
+//! | ICMP | 30 s | 30 s | |
+//! | other protocols | 60 s | 600 s | Cilium's non-TCP lifetime |
+//!
+//! TCP state follows the flags ([`Flow::observe`]): RST in any state -> CLOSE; SYN (no ACK)
+//! -> SYN_SENT; SYN-ACK from the reply side -> SYN_RECV; then ACK from the original side ->
+//! ESTABLISHED; FIN -> FIN seen (one way) / TIME_WAIT (both ways); a new SYN on a closed or
+//! TIME_WAIT flow reopens it. A flow first seen mid-stream (no SYN: e.g. after an agent
+//! restart) is picked up as ESTABLISHED, as Linux's default `nf_conntrack_tcp_loose=1`. No
+//! sequence-number window tracking.
+//!
+//! **Size.** [`BYTES_PER_ENTRY`] = 72 B entry + 4 index slots of 8 B + 4 B of free list
+//! = 108 B per flow (Cilium: two map entries of about 70 B, one per direction). A table for
+//! 2^21 flows takes about 216 MiB.
+//!
+//! **Limits.** Per worker: both directions of a flow must be steered to the same worker by the
+//! caller (not this module's concern). ICMP echo uses the identifier as a port: an echo
+//! request's key is `sport = id, dport = 0`, its reply's `sport = 0, dport = id`.
+use std::net::Ipv4Addr;
+
+use crate::{stages::nat::NatRewrite, wire::ipv4};
+
+pub const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// TCP flag bits as in the header's 14th byte (RFC 793 / RFC 9293).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+const SLOTS_PER_BUCKET: usize = 8;
+/// Index slots per entry: two keys per flow, index at most half full.
+const SLOTS_PER_ENTRY: usize = 4;
+/// Entries examined after the hand when a key's buckets reference no evictable flow.
+const HAND_SCAN: usize = 8;
+/// Largest capacity (an entry number shifted left by one must fit a `u32`).
+pub const MAX_CAPACITY: usize = 1 << 30;
+
+/// Memory per flow: the entry, its index slots and its free-list word.
+pub const BYTES_PER_ENTRY: usize = std::mem::size_of::<Entry>()
+    + SLOTS_PER_ENTRY * std::mem::size_of::<Slot>()
+    + std::mem::size_of::<u32>();
+
+/// A flow's 5-tuple as one packet carries it (ICMP echo: identifier as a port, see module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+impl FlowKey {
+    const ZERO: FlowKey = FlowKey {
+        src: Ipv4Addr::UNSPECIFIED,
+        dst: Ipv4Addr::UNSPECIFIED,
+        sport: 0,
+        dport: 0,
+        proto: 0,
+    };
+
+    /// The same flow seen from the other end.
+    pub const fn reversed(&self) -> FlowKey {
+        FlowKey {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+            proto: self.proto,
+        }
+    }
+
+    /// The key of this packet after `rw`. For ICMP echo only the identifier's side takes a
+    /// port: the source of a request (`dport == 0`), the destination of a reply.
+    pub fn translated(&self, rw: &NatRewrite) -> FlowKey {
+        let mut k = *self;
+        let icmp = self.proto == ipv4::PROTO_ICMP;
+        if let Some((addr, port)) = rw.src {
+            k.src = addr;
+            if !icmp || self.dport == 0 {
+                k.sport = port;
+            }
+        }
+        if let Some((addr, port)) = rw.dst {
+            k.dst = addr;
+            if !icmp || self.dport != 0 {
+                k.dport = port;
+            }
+        }
+        k
+    }
+
+    /// The key replies carry when this packet leaves rewritten by `rw`.
+    pub fn reply_key(&self, rw: &NatRewrite) -> FlowKey {
+        self.translated(rw).reversed()
+    }
+}
+
+/// The rewrite for replies of a flow whose original packets (key `orig`) get `rw`: what `rw`
+/// changed is changed back (a DNAT becomes an SNAT from the service, an SNAT a DNAT back to
+/// the client).
+pub fn reply_rewrite(orig: &FlowKey, rw: &NatRewrite) -> NatRewrite {
+    NatRewrite {
+        src: rw.dst.map(|_| (orig.dst, orig.dport)),
+        dst: rw.src.map(|_| (orig.src, orig.sport)),
+    }
+}
+
+/// Which of a flow's two keys a packet matched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// As the first packet of the flow.
+    Original = 0,
+    /// A reply.
+    Reply = 1,
+}
+
+/// Connection state; decides the timeout.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowState {
+    TcpSynSent,
+    TcpSynRecv,
+    TcpEstablished,
+    /// A FIN seen in one direction.
+    TcpFinWait,
+    /// FINs seen in both directions.
+    TcpTimeWait,
+    /// A RST seen.
+    TcpClose,
+    /// UDP, no reply yet.
+    Udp,
+    /// UDP with a reply seen.
+    UdpAssured,
+    Icmp,
+    /// Any other IP protocol.
+    Other,
+}
+
+impl FlowState {
+    /// The state of a new flow whose first packet has protocol `proto` (and `tcp_flags`).
+    pub fn initial(proto: u8, tcp_flags: u8) -> FlowState {
+        match proto {
+            ipv4::PROTO_TCP if tcp_flags & TCP_RST != 0 => FlowState::TcpClose,
+            ipv4::PROTO_TCP if tcp_flags & TCP_FIN != 0 => FlowState::TcpFinWait,
+            ipv4::PROTO_TCP if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN => FlowState::TcpSynSent,
+            ipv4::PROTO_TCP => FlowState::TcpEstablished,
+            ipv4::PROTO_UDP => FlowState::Udp,
+            ipv4::PROTO_ICMP => FlowState::Icmp,
+            _ => FlowState::Other,
+        }
+    }
+}
+
+/// Idle timeouts per state, in nanoseconds (defaults: module doc table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_syn_sent_ns: u64,
+    pub tcp_syn_recv_ns: u64,
+    pub tcp_established_ns: u64,
+    pub tcp_fin_wait_ns: u64,
+    pub tcp_time_wait_ns: u64,
+    pub tcp_close_ns: u64,
+    pub udp_ns: u64,
+    pub udp_assured_ns: u64,
+    pub icmp_ns: u64,
+    pub other_ns: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_syn_sent_ns: 120 * NS_PER_SEC,
+            tcp_syn_recv_ns: 60 * NS_PER_SEC,
+            tcp_established_ns: 6 * 3600 * NS_PER_SEC,
+            tcp_fin_wait_ns: 10 * NS_PER_SEC,
+            tcp_time_wait_ns: 120 * NS_PER_SEC,
+            tcp_close_ns: 10 * NS_PER_SEC,
+            udp_ns: 30 * NS_PER_SEC,
+            udp_assured_ns: 120 * NS_PER_SEC,
+            icmp_ns: 30 * NS_PER_SEC,
+            other_ns: 60 * NS_PER_SEC,
+        }
+    }
+}
+
+impl Timeouts {
+    pub const fn for_state(&self, state: FlowState) -> u64 {
+        match state {
+            FlowState::TcpSynSent => self.tcp_syn_sent_ns,
+            FlowState::TcpSynRecv => self.tcp_syn_recv_ns,
+            FlowState::TcpEstablished => self.tcp_established_ns,
+            FlowState::TcpFinWait => self.tcp_fin_wait_ns,
+            FlowState::TcpTimeWait => self.tcp_time_wait_ns,
+            FlowState::TcpClose => self.tcp_close_ns,
+            FlowState::Udp => self.udp_ns,
+            FlowState::UdpAssured => self.udp_assured_ns,
+            FlowState::Icmp => self.icmp_ns,
+            FlowState::Other => self.other_ns,
+        }
+    }
+}
+
+/// What the table keeps per flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Flow {
+    /// The rewrite for packets in the original direction (`None`: not translated); replies get
+    /// [`reply_rewrite`] of it ([`Flow::rewrite_for`]).
+    pub nat: Option<NatRewrite>,
+    /// Monotonic time after which the flow is gone.
+    pub expires_ns: u64,
+    /// The backend chosen for the flow (an index of the control plane's snapshot).
+    pub backend: u32,
+    pub state: FlowState,
+    /// FIN seen: bit 0 original direction, bit 1 reply.
+    fins: u8,
+    /// Index slots in use (0: free entry; 1: one key; 2: both keys).
+    slots: u8,
+}
+
+impl Flow {
+    /// A new flow whose first packet has `proto` and `tcp_flags` (0 for other protocols).
+    pub fn new(
+        proto: u8,
+        tcp_flags: u8,
+        nat: Option<NatRewrite>,
+        backend: u32,
+        now_ns: u64,
+        timeouts: &Timeouts,
+    ) -> Flow {
+        let state = FlowState::initial(proto, tcp_flags);
+        Flow {
+            nat,
+            expires_ns: now_ns.saturating_add(timeouts.for_state(state)),
+            backend,
+            state,
+            fins: if state == FlowState::TcpFinWait { 1 } else { 0 },
+            slots: 0,
+        }
+    }
+
+    /// Advances the state for a packet in direction `dir` (with `tcp_flags` for TCP) and
+    /// refreshes the expiry.
+    pub fn observe(&mut self, dir: Direction, tcp_flags: u8, now_ns: u64, timeouts: &Timeouts) {
+        self.state = match self.state {
+            FlowState::Udp | FlowState::UdpAssured if dir == Direction::Reply => {
+                FlowState::UdpAssured
+            }
+            s @ (FlowState::TcpSynSent
+            | FlowState::TcpSynRecv
+            | FlowState::TcpEstablished
+            | FlowState::TcpFinWait
+            | FlowState::TcpTimeWait
+            | FlowState::TcpClose) => self.tcp_next(s, dir, tcp_flags),
+            s => s,
+        };
+        self.expires_ns = now_ns.saturating_add(timeouts.for_state(self.state));
+    }
+
+    fn tcp_next(&mut self, state: FlowState, dir: Direction, flags: u8) -> FlowState {
+        let syn = flags & TCP_SYN != 0;
+        let ack = flags & TCP_ACK != 0;
+        if flags & TCP_RST != 0 {
+            return FlowState::TcpClose;
+        }
+        match (state, dir) {
+            // Port reuse: a new connection on a closed tuple.
+            (FlowState::TcpClose | FlowState::TcpTimeWait, Direction::Original) if syn && !ack => {
+                self.fins = 0;
+                return FlowState::TcpSynSent;
+            }
+            _ => {}
+        }
+        if flags & TCP_FIN != 0 {
+            self.fins |= 1 << dir as u8;
+            return if self.fins == 3 {
+                FlowState::TcpTimeWait
+            } else {
+                FlowState::TcpFinWait
+            };
+        }
+        match (state, dir) {
+            (FlowState::TcpSynSent, Direction::Reply) if syn && ack => FlowState::TcpSynRecv,
+            (FlowState::TcpSynRecv, Direction::Original) if ack && !syn => {
+                FlowState::TcpEstablished
+            }
+            (s, _) => s,
+        }
+    }
+
+    /// The rewrite for a packet of this flow in direction `dir`, given the flow's original key.
+    pub fn rewrite_for(&self, orig: &FlowKey, dir: Direction) -> Option<NatRewrite> {
+        let nat = self.nat?;
+        Some(match dir {
+            Direction::Original => nat,
+            Direction::Reply => reply_rewrite(orig, &nat),
+        })
+    }
+}
+
+/// Why an entry was evicted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvictReason {
+    /// The victim had expired (its memory was reused before GC reached it): harmless.
+    Expired = 0,
+    /// Every entry was in use: a live flow was evicted.
+    TableFull = 1,
+    /// Both index buckets of a new key were full: a live flow was evicted.
+    BucketsFull = 2,
+}
+
+impl EvictReason {
+    pub const ALL: [EvictReason; 3] = [
+        EvictReason::Expired,
+        EvictReason::TableFull,
+        EvictReason::BucketsFull,
+    ];
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EvictReason::Expired => "expired",
+            EvictReason::TableFull => "table_full",
+            EvictReason::BucketsFull => "buckets_full",
+        }
+    }
+}
+
+/// A live flow evicted to make room for a new one (the new one was inserted).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Evicted {
+    /// The evicted flow's original key.
+    pub key: FlowKey,
+    pub reason: EvictReason,
+}
+
+/// Per-table counters (plain integers: the table has one owner).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackStats {
+    /// Entries in use (live or expired but not yet reclaimed): the fill level.
+    pub entries: u64,
+    pub capacity: u64,
+    pub inserts: u64,
+    /// Inserts that replaced an existing flow with the same key.
+    pub replaced: u64,
+    /// Evictions, indexed by `EvictReason as usize`.
+    pub evictions: [u64; 3],
+    pub gc_removed: u64,
+    pub lookup_hits: u64,
+    pub lookup_misses: u64,
+}
+
+/// Sizing and timeouts of a table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Maximum number of flows: a power of two, 1..=2^30.
+    pub capacity: usize,
+    /// Hash seed (per worker, from a random source at start-up).
+    pub seed: u64,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConntrackError {
+    #[error(
+        "conntrack capacity {0} is not a power of two between 1 and 2^30 entries: \
+         set the worker's conntrack capacity to one (e.g. 262144)"
+    )]
+    Capacity(usize),
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    keys: [FlowKey; 2],
+    flow: Flow,
+}
+
+/// An index slot: `tag == 0` is empty; `r` is `entry << 1 | direction`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Slot {
+    tag: u32,
+    r: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(64))]
+struct Bucket([Slot; SLOTS_PER_BUCKET]);
+
+/// The table. See the module doc.
+pub struct Conntrack {
+    buckets: Box<[Bucket]>,
+    bucket_mask: usize,
+    entries: Box<[Entry]>,
+    free: Vec<u32>,
+    seed: u64,
+    timeouts: Timeouts,
+    gc_hand: usize,
+    evict_hand: usize,
+    stats: ConntrackStats,
+}
+
+impl Conntrack {
+    /// Allocates the whole table (`capacity` x [`BYTES_PER_ENTRY`]); nothing allocates after.
+    pub fn new(config: Config) -> Result<Self, ConntrackError> {
+        let cap = config.capacity;
+        if !cap.is_power_of_two() || cap > MAX_CAPACITY {
+            return Err(ConntrackError::Capacity(cap));
+        }
+        let n_buckets = (cap * SLOTS_PER_ENTRY / SLOTS_PER_BUCKET).max(2);
+        let empty = Entry {
+            keys: [FlowKey::ZERO; 2],
+            flow: Flow::new(0, 0, None, 0, 0, &config.timeouts),
+        };
+        let mut free = Vec::with_capacity(cap);
+        // Popped from the end: entry 0 is used first.
+        free.extend((0..cap as u32).rev());
+        Ok(Self {
+            buckets: vec![Bucket::default(); n_buckets].into_boxed_slice(),
+            bucket_mask: n_buckets - 1,
+            entries: vec![empty; cap].into_boxed_slice(),
+            free,
+            seed: config.seed,
+            timeouts: config.timeouts,
+            gc_hand: 0,
+            evict_hand: 0,
+            stats: ConntrackStats {
+                capacity: cap as u64,
+                ..ConntrackStats::default()
+            },
+        })
+    }
+
+    pub fn timeouts(&self) -> &Timeouts {
+        &self.timeouts
+    }
+
+    pub fn stats(&self) -> &ConntrackStats {
+        &self.stats
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Entries in use (including expired ones not yet reclaimed).
+    pub fn len(&self) -> usize {
+        self.entries.len() - self.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A new flow with this table's timeouts (see [`Flow::new`]).
+    pub fn new_flow(
+        &self,
+        proto: u8,
+        tcp_flags: u8,
+        nat: Option<NatRewrite>,
+        backend: u32,
+        now_ns: u64,
+    ) -> Flow {
+        Flow::new(proto, tcp_flags, nat, backend, now_ns, &self.timeouts)
+    }
+
+    /// The live flow with `key` in either direction.
+    #[inline]
+    pub fn lookup(&mut self, key: &FlowKey, now_ns: u64) -> Option<&mut Flow> {
+        self.lookup_dir(key, now_ns).map(|(_, f)| f)
+    }
+
+    /// The live flow with `key` in either direction, and which direction `key` is.
+    #[inline]
+    pub fn lookup_dir(&mut self, key: &FlowKey, now_ns: u64) -> Option<(Direction, &mut Flow)> {
+        let found = self
+            .find(key)
+            .map(|(_, _, r)| r)
+            .filter(|r| self.entries[(r >> 1) as usize].flow.expires_ns > now_ns);
+        let Some(r) = found else {
+            self.stats.lookup_misses += 1;
+            return None;
+        };
+        self.stats.lookup_hits += 1;
+        let dir = if r & 1 == 0 {
+            Direction::Original
+        } else {
+            Direction::Reply
+        };
+        Some((dir, &mut self.entries[(r >> 1) as usize].flow))
+    }
+
+    /// Looks `key` up and, when found, advances its state for this packet ([`Flow::observe`]).
+    #[inline]
+    pub fn track(
+        &mut self,
+        key: &FlowKey,
+        tcp_flags: u8,
+        now_ns: u64,
+    ) -> Option<(Direction, &mut Flow)> {
+        let timeouts = self.timeouts;
+        let (dir, flow) = self.lookup_dir(key, now_ns)?;
+        flow.observe(dir, tcp_flags, now_ns, &timeouts);
+        Some((dir, flow))
+    }
+
+    /// The original key of the live flow that `key` belongs to.
+    pub fn original_key(&self, key: &FlowKey, now_ns: u64) -> Option<FlowKey> {
+        let (_, _, r) = self.find(key)?;
+        let e = &self.entries[(r >> 1) as usize];
+        (e.flow.expires_ns > now_ns).then_some(e.keys[0])
+    }
+
+    /// Inserts a flow under its original `key` and its `reply_key` (equal keys use one slot).
+    /// An existing flow with either key is replaced. `Err` reports a live flow evicted to make
+    /// room; the new flow is in the table in every case.
+    pub fn insert(
+        &mut self,
+        key: &FlowKey,
+        reply_key: &FlowKey,
+        mut flow: Flow,
+        now_ns: u64,
+    ) -> Result<(), Evicted> {
+        self.stats.inserts += 1;
+        for k in [key, reply_key] {
+            if let Some((_, _, r)) = self.find(k) {
+                self.remove_entry(r >> 1);
+                self.stats.replaced += 1;
+            }
+        }
+        let mut evicted = None;
+        let keys = [*key, *reply_key];
+        let n_keys = if key == reply_key { 1 } else { 2 };
+        let idx = loop {
+            if let Some(i) = self.free.pop() {
+                break i;
+            }
+            let windows = [self.buckets_of(key), self.buckets_of(reply_key)];
+            match self.victim(&windows, u32::MAX, now_ns) {
+                Some(v) => Self::note(&mut evicted, self.evict(v, EvictReason::TableFull, now_ns)),
+                // Unreachable with capacity >= 1 (the hand always finds a used entry when
+                // none is free); dropping the new flow keeps the table consistent.
+                None => {
+                    return Err(Evicted {
+                        key: *key,
+                        reason: EvictReason::TableFull,
+                    })
+                }
+            }
+        };
+        flow.slots = n_keys as u8;
+        self.entries[idx as usize] = Entry { keys, flow };
+        self.stats.entries += 1;
+        for (dir, k) in keys.iter().enumerate().take(n_keys) {
+            let r = idx << 1 | dir as u32;
+            // At most one eviction per key: the victim had a slot in one of its buckets.
+            for _ in 0..2 {
+                if self.place(k, r) {
+                    break;
+                }
+                let window = [self.buckets_of(k)];
+                match self.victim(&window, idx, now_ns) {
+                    Some(v) => Self::note(
+                        &mut evicted,
+                        self.evict(v, EvictReason::BucketsFull, now_ns),
+                    ),
+                    None => break,
+                }
+            }
+        }
+        match evicted {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the flow `key` belongs to (either direction, live or expired).
+    pub fn remove(&mut self, key: &FlowKey) -> Option<Flow> {
+        let (_, _, r) = self.find(key)?;
+        let flow = self.entries[(r >> 1) as usize].flow;
+        self.remove_entry(r >> 1);
+        Some(flow)
+    }
+
+    /// Incremental garbage collection: examines at most `budget` entries from where the last
+    /// call stopped and frees the expired ones. Returns how many were freed.
+    pub fn gc(&mut self, now_ns: u64, budget: usize) -> usize {
+        let mask = self.entries.len() - 1;
+        let mut removed = 0;
+        for _ in 0..budget.min(self.entries.len()) {
+            let i = self.gc_hand;
+            self.gc_hand = (i + 1) & mask;
+            let f = &self.entries[i].flow;
+            if f.slots != 0 && f.expires_ns <= now_ns {
+                self.remove_entry(i as u32);
+                removed += 1;
+            }
+        }
+        self.stats.gc_removed += removed as u64;
+        removed
+    }
+
+    fn note(evicted: &mut Option<Evicted>, e: Option<Evicted>) {
+        if evicted.is_none() {
+            *evicted = e;
+        }
+    }
+
+    /// Evicts entry `idx`; reports it when it was live.
+    fn evict(&mut self, idx: u32, live_reason: EvictReason, now_ns: u64) -> Option<Evicted> {
+        let e = &self.entries[idx as usize];
+        let key = e.keys[0];
+        let reason = if e.flow.expires_ns <= now_ns {
+            EvictReason::Expired
+        } else {
+            live_reason
+        };
+        self.remove_entry(idx);
+        self.stats.evictions[reason as usize] += 1;
+        (reason != EvictReason::Expired).then_some(Evicted { key, reason })
+    }
+
+    /// The entry to evict among those referenced from `windows` (bucket pairs), not `exclude`:
+    /// an expired one, else the one closest to expiry. Falls back to the entries after the
+    /// eviction hand when the windows reference nothing.
+    fn victim(&mut self, windows: &[(usize, usize)], exclude: u32, now_ns: u64) -> Option<u32> {
+        let mut best: Option<(u64, u32)> = None;
+        'scan: for &(b1, b2) in windows {
+            for b in [b1, b2] {
+                for s in &self.buckets[b].0 {
+                    let idx = s.r >> 1;
+                    if s.tag != 0 && idx != exclude {
+                        let expires = self.entries[idx as usize].flow.expires_ns;
+                        if closer(&mut best, idx, expires, now_ns) {
+                            break 'scan;
+                        }
+                    }
+                }
+            }
+        }
+        if best.is_none() {
+            let mask = self.entries.len() - 1;
+            for _ in 0..HAND_SCAN.min(self.entries.len()) {
+                let i = self.evict_hand;
+                self.evict_hand = (i + 1) & mask;
+                let f = &self.entries[i].flow;
+                if f.slots != 0
+                    && i as u32 != exclude
+                    && closer(&mut best, i as u32, f.expires_ns, now_ns)
+                {
+                    break;
+                }
+            }
+        }
+        best.map(|(_, idx)| idx)
+    }
+
+    /// Puts `r` in an empty slot of `key`'s buckets; false when both are full.
+    fn place(&mut self, key: &FlowKey, r: u32) -> bool {
+        let h = self.hash(key);
+        let (b1, b2) = self.buckets_from(h);
+        let tag = tag_of(h);
+        for b in [b1, b2] {
+            if let Some(s) = self.buckets[b].0.iter_mut().find(|s| s.tag == 0) {
+                *s = Slot { tag, r };
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Frees entry `idx` and clears its index slots.
+    fn remove_entry(&mut self, idx: u32) {
+        let e = self.entries[idx as usize];
+        for (dir, k) in e.keys.iter().enumerate().take(usize::from(e.flow.slots)) {
+            let r = idx << 1 | dir as u32;
+            let (b1, b2) = self.buckets_of(k);
+            for b in [b1, b2] {
+                if let Some(s) = self.buckets[b]
+                    .0
+                    .iter_mut()
+                    .find(|s| s.tag != 0 && s.r == r)
+                {
+                    *s = Slot::default();
+                    break;
+                }
+            }
+        }
+        self.entries[idx as usize].flow.slots = 0;
+        self.free.push(idx);
+        self.stats.entries -= 1;
+    }
+
+    /// (bucket, slot, r) of `key`, live or expired.
+    #[inline]
+    fn find(&self, key: &FlowKey) -> Option<(usize, usize, u32)> {
+        let h = self.hash(key);
+        let tag = tag_of(h);
+        let (b1, b2) = self.buckets_from(h);
+        for b in [b1, b2] {
+            for (i, s) in self.buckets[b].0.iter().enumerate() {
+                if s.tag == tag {
+                    let e = &self.entries[(s.r >> 1) as usize];
+                    if e.keys[(s.r & 1) as usize] == *key {
+                        return Some((b, i, s.r));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    #[inline]
+    fn buckets_of(&self, key: &FlowKey) -> (usize, usize) {
+        self.buckets_from(self.hash(key))
+    }
+
+    /// Two distinct buckets from one hash (the second derived from the tag bits).
+    #[inline]
+    fn buckets_from(&self, h: u64) -> (usize, usize) {
+        let b1 = h as usize & self.bucket_mask;
+        let alt = ((h >> 32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize & self.bucket_mask;
+        (b1, b1 ^ alt.max(1))
+    }
+
+    #[inline]
+    fn hash(&self, k: &FlowKey) -> u64 {
+        let a = (u64::from(u32::from(k.src)) << 32) | u64::from(u32::from(k.dst));
+        let b = (u64::from(k.sport) << 24) | (u64::from(k.dport) << 8) | u64::from(k.proto);
+        let mut h = (a ^ self.seed).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        h = (h.rotate_left(29) ^ b).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+        h = (h ^ (h >> 32)).wrapping_mul(0xD6E8_FEB8_6659_FD93);
+        h ^ (h >> 29)
+    }
+}
+
+/// A non-zero 32-bit tag from the hash's high half.
+#[inline]
+fn tag_of(h: u64) -> u32 {
+    (h >> 32) as u32 | 1
+}
+
+/// Keeps in `best` the entry closest to expiry; true when `idx` has expired (stop looking).
+#[inline]
+fn closer(best: &mut Option<(u64, u32)>, idx: u32, expires_ns: u64, now_ns: u64) -> bool {
+    if best.is_none_or(|(e, _)| expires_ns < e) {
+        *best = Some((expires_ns, idx));
+    }
+    expires_ns <= now_ns
+}
