@@ -11,4 +11,5 @@ pub mod cluster;
 pub mod cni;
 pub mod metrics;
 pub mod overlay;
+pub mod services;
 pub mod status;

@@ -1,0 +1,600 @@
+//! `translate`: Services and EndpointSlices to a [`ServicePlan`] for one node (see the module doc
+//! of [`crate::services`] for the rules and where they come from).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use super::{
+    maglev, Backend, BackendState, Frontend, FrontendKind, Protocol, Rotation, Scope,
+    SelectionMode, ServiceEntry, ServiceOptions, ServicePlan, SessionAffinity,
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS, SERVICE_PROXY_NAME_LABEL,
+};
+use crate::cluster::{ClusterState, DEFAULT_NAMESPACE, INTERNAL_IP, SERVICE_NAME_LABEL};
+
+const EXTERNAL_IP: &str = "ExternalIP";
+
+/// Translates every Service of `cluster` for node `this_node`: frontends (ClusterIP, NodePort on
+/// this node's addresses, LoadBalancer ingress IPs, externalIPs), backends per service port from
+/// [`ClusterState::effective_endpoint_slices`], rotations and Maglev tables. Never fails: what
+/// cannot be served is listed in [`ServicePlan::skipped`] with the reason.
+pub fn translate(cluster: &ClusterState, this_node: &str, opts: &ServiceOptions) -> ServicePlan {
+    let node_addresses = node_addresses(cluster, this_node);
+    let slices = cluster.effective_endpoint_slices();
+    let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in &slices {
+        if let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            slices_by_service
+                .entry((namespace_of(&slice.metadata), service.as_str()))
+                .or_default()
+                .push(slice);
+        }
+    }
+
+    let mut out = Builder {
+        this_node,
+        node_addresses: &node_addresses,
+        opts,
+        entries: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for service in &cluster.services {
+        let key = (
+            namespace_of(&service.metadata),
+            service.metadata.name.as_deref().unwrap_or(""),
+        );
+        let service_slices = slices_by_service
+            .get(&key)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        out.service(service, service_slices);
+    }
+    out.finish()
+}
+
+/// A frontend before service indices are known.
+struct PendingFrontend {
+    address: Ipv4Addr,
+    port: u16,
+    kind: FrontendKind,
+    scope: Scope,
+    external_traffic_local: bool,
+}
+
+struct Builder<'a> {
+    this_node: &'a str,
+    node_addresses: &'a [Ipv4Addr],
+    opts: &'a ServiceOptions,
+    entries: Vec<(ServiceEntry, Vec<PendingFrontend>)>,
+    skipped: Vec<(String, String)>,
+}
+
+impl Builder<'_> {
+    fn skip(&mut self, service: &str, reason: String) {
+        self.skipped.push((service.to_owned(), reason));
+    }
+
+    fn service(&mut self, service: &Service, slices: &[&EndpointSlice]) {
+        let namespace = namespace_of(&service.metadata);
+        let name = service.metadata.name.as_deref().unwrap_or("");
+        let key = format!("{namespace}/{name}");
+        if let Some(proxy) = service
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+        {
+            self.skip(
+                &key,
+                format!(
+                    "labelled {SERVICE_PROXY_NAME_LABEL}={proxy}: served by that proxy, not \
+                     sluice (kube-proxy ignores it too); remove the label for sluice to serve it"
+                ),
+            );
+            return;
+        }
+        let Some(spec) = &service.spec else {
+            self.skip(&key, "has no spec".to_owned());
+            return;
+        };
+        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        match service_type {
+            "ClusterIP" | "NodePort" | "LoadBalancer" => {}
+            "ExternalName" => {
+                self.skip(
+                    &key,
+                    "type ExternalName: a DNS alias (CNAME) answered by cluster DNS, nothing to \
+                     proxy"
+                        .to_owned(),
+                );
+                return;
+            }
+            other => {
+                self.skip(
+                    &key,
+                    format!(
+                        "spec.type {other:?} is unknown; use ClusterIP, NodePort, LoadBalancer \
+                         or ExternalName"
+                    ),
+                );
+                return;
+            }
+        }
+        let cluster_ip = match spec.cluster_ip.as_deref().unwrap_or("") {
+            "None" => {
+                self.skip(
+                    &key,
+                    "headless (clusterIP: None): cluster DNS returns the pod addresses, nothing \
+                     to proxy"
+                        .to_owned(),
+                );
+                return;
+            }
+            "" => {
+                self.skip(
+                    &key,
+                    "spec.clusterIP is not set (not allocated yet); set it in the cluster file"
+                        .to_owned(),
+                );
+                return;
+            }
+            ip => {
+                match ip.parse::<Ipv4Addr>() {
+                    Ok(ip) => ip,
+                    Err(_) => {
+                        self.skip(
+                        &key,
+                        format!("spec.clusterIP {ip:?} is not an IPv4 address (sluice is IPv4-only)"),
+                    );
+                        return;
+                    }
+                }
+            }
+        };
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        if ports.is_empty() {
+            self.skip(&key, "has no spec.ports".to_owned());
+            return;
+        }
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            let timeout_seconds = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .filter(|t| *t > 0)
+                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS);
+            SessionAffinity { timeout_seconds }
+        });
+        let health_check_node_port = if external_local {
+            spec.health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0)
+        } else {
+            None
+        };
+        let publish_not_ready = spec.publish_not_ready_addresses.unwrap_or(false);
+
+        for service_port in ports {
+            let port_label = port_label(service_port);
+            let protocol = match service_port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" | "" => Protocol::Tcp,
+                "UDP" => Protocol::Udp,
+                other => {
+                    self.skip(
+                        &key,
+                        format!(
+                            "port {port_label}: protocol {other} is not supported (TCP and UDP \
+                             only); its packets are dropped with a counted reason"
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let Some(port) = u16::try_from(service_port.port).ok().filter(|p| *p != 0) else {
+                self.skip(
+                    &key,
+                    format!(
+                        "port {port_label}: port {} is not in 1..=65535",
+                        service_port.port
+                    ),
+                );
+                continue;
+            };
+            let port_name = service_port.name.clone().unwrap_or_default();
+            let backends = backends(
+                slices,
+                &port_name,
+                protocol,
+                publish_not_ready,
+                self.this_node,
+            );
+            let cluster = self.rotation(&key, &port_label, &backends, false);
+            let local = (external_local || internal_local)
+                .then(|| self.rotation(&key, &port_label, &backends, true));
+            let frontends = self.frontends(
+                &key,
+                &port_label,
+                spec,
+                service,
+                service_port,
+                cluster_ip,
+                port,
+            );
+            let frontends = frontends
+                .into_iter()
+                .map(|(address, port, kind)| {
+                    let local_scope = if kind.is_external() {
+                        external_local
+                    } else {
+                        internal_local
+                    };
+                    PendingFrontend {
+                        address,
+                        port,
+                        kind,
+                        scope: if local_scope {
+                            Scope::Local
+                        } else {
+                            Scope::Cluster
+                        },
+                        external_traffic_local: kind.is_external() && external_local,
+                    }
+                })
+                .collect();
+            self.entries.push((
+                ServiceEntry {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                    port_name,
+                    port,
+                    protocol,
+                    cluster_ip,
+                    backends,
+                    cluster,
+                    local,
+                    affinity,
+                    external_traffic_local: external_local,
+                    internal_traffic_local: internal_local,
+                    health_check_node_port,
+                },
+                frontends,
+            ));
+        }
+    }
+
+    /// `(address, port, kind)` of every frontend of one service port.
+    #[allow(clippy::too_many_arguments)]
+    fn frontends(
+        &mut self,
+        key: &str,
+        port_label: &str,
+        spec: &ServiceSpec,
+        service: &Service,
+        service_port: &ServicePort,
+        cluster_ip: Ipv4Addr,
+        port: u16,
+    ) -> Vec<(Ipv4Addr, u16, FrontendKind)> {
+        let mut out = vec![(cluster_ip, port, FrontendKind::ClusterIp)];
+        let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if matches!(service_type, "NodePort" | "LoadBalancer") {
+            match service_port.node_port.map(u16::try_from) {
+                Some(Ok(node_port)) if node_port != 0 => {
+                    if self.node_addresses.is_empty() {
+                        self.skip(
+                            key,
+                            format!(
+                                "port {port_label}: nodePort {node_port}: node {:?} has no IPv4 \
+                                 address in the cluster state to serve it on",
+                                self.this_node
+                            ),
+                        );
+                    }
+                    for &address in self.node_addresses {
+                        out.push((address, node_port, FrontendKind::NodePort));
+                    }
+                }
+                Some(_) => self.skip(
+                    key,
+                    format!(
+                        "port {port_label}: nodePort {:?} is not in 1..=65535",
+                        service_port.node_port
+                    ),
+                ),
+                // LoadBalancer with allocateLoadBalancerNodePorts: false, or not allocated.
+                None => {}
+            }
+        }
+        if service_type == "LoadBalancer" {
+            let ingresses = service
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref());
+            for ingress in ingresses.into_iter().flatten() {
+                let Some(ip) = ingress.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+                    continue; // hostname-only ingress: nothing to answer locally
+                };
+                if ingress.ip_mode.as_deref() == Some("Proxy") {
+                    self.skip(
+                        key,
+                        format!(
+                            "port {port_label}: load balancer ingress {ip} has ipMode Proxy: the \
+                             load balancer forwards to node ports, so it is not served locally \
+                             (as kube-proxy)"
+                        ),
+                    );
+                    continue;
+                }
+                match ip.parse::<Ipv4Addr>() {
+                    Ok(address) => out.push((address, port, FrontendKind::LoadBalancer)),
+                    Err(_) => self.skip(
+                        key,
+                        format!(
+                            "port {port_label}: status.loadBalancer.ingress ip {ip:?} is not \
+                             IPv4 (sluice is IPv4-only)"
+                        ),
+                    ),
+                }
+            }
+        }
+        for ip in spec.external_ips.iter().flatten() {
+            match ip.parse::<Ipv4Addr>() {
+                Ok(address) => out.push((address, port, FrontendKind::ExternalIp)),
+                Err(_) => self.skip(
+                    key,
+                    format!(
+                        "port {port_label}: spec.externalIPs entry {ip:?} is not IPv4 (sluice is \
+                         IPv4-only)"
+                    ),
+                ),
+            }
+        }
+        out
+    }
+
+    /// The rotation of one scope: Active backends, else Terminating ones; and its Maglev table.
+    fn rotation(
+        &mut self,
+        key: &str,
+        port_label: &str,
+        backends: &[Backend],
+        local_only: bool,
+    ) -> Rotation {
+        let pick = |state: BackendState| -> Vec<u32> {
+            backends
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.state == state && (b.local || !local_only))
+                .filter_map(|(i, _)| u32::try_from(i).ok())
+                .collect()
+        };
+        let mut members = pick(BackendState::Active);
+        let mut terminating_fallback = false;
+        if members.is_empty() {
+            members = pick(BackendState::Terminating);
+            terminating_fallback = !members.is_empty();
+        }
+        let maglev = match self.opts.selection() {
+            SelectionMode::Random => Vec::new(),
+            SelectionMode::Maglev => {
+                let keys: Vec<String> = members
+                    .iter()
+                    .filter_map(|&i| backends.get(i as usize).map(Backend::key))
+                    .collect();
+                let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+                match maglev::table(&refs, self.opts.maglev_table_size()) {
+                    Ok(table) => table
+                        .into_iter()
+                        .filter_map(|owner| members.get(owner as usize).copied())
+                        .collect(),
+                    Err(e) => {
+                        self.skip(key, format!("port {port_label}: {e}"));
+                        Vec::new()
+                    }
+                }
+            }
+        };
+        Rotation {
+            backends: members,
+            terminating_fallback,
+            maglev,
+        }
+    }
+
+    fn finish(self) -> ServicePlan {
+        let Builder {
+            mut entries,
+            mut skipped,
+            ..
+        } = self;
+        entries.sort_by(|(a, _), (b, _)| {
+            (&a.namespace, &a.name, &a.port_name, a.protocol, a.port).cmp(&(
+                &b.namespace,
+                &b.name,
+                &b.port_name,
+                b.protocol,
+                b.port,
+            ))
+        });
+        let mut frontends = Vec::new();
+        let mut services = Vec::with_capacity(entries.len());
+        for (index, (entry, pending)) in entries.into_iter().enumerate() {
+            for p in pending {
+                frontends.push(Frontend {
+                    address: p.address,
+                    port: p.port,
+                    protocol: entry.protocol,
+                    kind: p.kind,
+                    service: index,
+                    scope: p.scope,
+                    external_traffic_local: p.external_traffic_local,
+                });
+            }
+            services.push(entry);
+        }
+        // Same key twice (two Services claiming one externalIP:port, or a NodePort on an
+        // address that is also a ClusterIP): the first Service in (namespace, name) order wins.
+        frontends.sort_by_key(|f| (f.address, f.port, f.protocol, f.service, f.kind));
+        let mut unique: Vec<Frontend> = Vec::with_capacity(frontends.len());
+        for f in frontends {
+            match unique.last() {
+                Some(last)
+                    if (last.address, last.port, last.protocol)
+                        == (f.address, f.port, f.protocol) =>
+                {
+                    let winner = services
+                        .get(last.service)
+                        .map(ServiceEntry::service_key)
+                        .unwrap_or_default();
+                    let key = services
+                        .get(f.service)
+                        .map(ServiceEntry::service_key)
+                        .unwrap_or_default();
+                    if winner != key || last.kind != f.kind {
+                        skipped.push((
+                            key,
+                            format!(
+                                "{} frontend {}:{}/{} is already taken by {} ({}); give one of \
+                                 them another address or port",
+                                f.kind.as_str(),
+                                f.address,
+                                f.port,
+                                f.protocol,
+                                winner,
+                                last.kind.as_str()
+                            ),
+                        ));
+                    }
+                }
+                _ => unique.push(f),
+            }
+        }
+        skipped.sort();
+        skipped.dedup();
+        ServicePlan {
+            frontends: unique,
+            services,
+            skipped,
+        }
+    }
+}
+
+/// `name` (`port/PROTO`) or `port/PROTO` for reasons.
+fn port_label(port: &ServicePort) -> String {
+    let protocol = port.protocol.as_deref().unwrap_or("TCP");
+    match port.name.as_deref().filter(|n| !n.is_empty()) {
+        Some(name) => format!("{name} ({}/{protocol})", port.port),
+        None => format!("{}/{protocol}", port.port),
+    }
+}
+
+/// Backends of one service port from its slices, sorted by (address, port), duplicates merged
+/// (keeping the best state).
+fn backends(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    protocol: Protocol,
+    publish_not_ready: bool,
+    this_node: &str,
+) -> Vec<Backend> {
+    let mut by_address: BTreeMap<(Ipv4Addr, u16), Backend> = BTreeMap::new();
+    for slice in slices {
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        // kube-proxy matches a slice port to a service port by name (and protocol).
+        let Some(port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| {
+                p.name.as_deref().unwrap_or("") == port_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == protocol.as_str()
+            })
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let Some(address) = endpoint
+                .addresses
+                .first()
+                .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            else {
+                continue;
+            };
+            let node_name = endpoint.node_name.clone().filter(|n| !n.is_empty());
+            let backend = Backend {
+                address,
+                port,
+                local: node_name.as_deref() == Some(this_node),
+                node_name,
+                state: state_of(endpoint, publish_not_ready),
+            };
+            match by_address.get(&(address, port)) {
+                Some(existing) if existing.state <= backend.state => {}
+                _ => {
+                    by_address.insert((address, port), backend);
+                }
+            }
+        }
+    }
+    by_address.into_values().collect()
+}
+
+/// kube-proxy's reading of endpoint conditions: `ready` and `serving` nil mean true,
+/// `terminating` nil means false.
+fn state_of(endpoint: &Endpoint, publish_not_ready: bool) -> BackendState {
+    if publish_not_ready {
+        return BackendState::Active;
+    }
+    let conditions = endpoint.conditions.as_ref();
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
+    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+    if ready {
+        BackendState::Active
+    } else if serving && terminating {
+        BackendState::Terminating
+    } else {
+        BackendState::NotServing
+    }
+}
+
+/// This node's IPv4 `InternalIP` and `ExternalIP` addresses, sorted: NodePorts answer on every
+/// one of them.
+fn node_addresses(cluster: &ClusterState, this_node: &str) -> Vec<Ipv4Addr> {
+    let mut addresses: Vec<Ipv4Addr> = cluster
+        .node(this_node)
+        .and_then(|n| n.status.as_ref())
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == INTERNAL_IP || a.type_ == EXTERNAL_IP)
+        .filter_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
+fn namespace_of(meta: &ObjectMeta) -> &str {
+    meta.namespace
+        .as_deref()
+        .filter(|ns| !ns.is_empty())
+        .unwrap_or(DEFAULT_NAMESPACE)
+}
