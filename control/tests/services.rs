@@ -1,0 +1,733 @@
+//! Service translation from real Service / EndpointSlice / Pod / Node YAML, table-driven: each
+//! case renders the plan as text lines (frontends, service entries, skip reasons) and compares
+//! them with the expected lines.
+
+use control::cluster::{parse_str, ClusterState};
+use control::services::{
+    translate, BackendState, FrontendKind, Protocol, Scope, SelectionMode, ServiceOptions,
+    ServicePlan, DEFAULT_AFFINITY_TIMEOUT_SECONDS,
+};
+
+const THIS_NODE: &str = "node1";
+
+const NODES: &str = "\
+apiVersion: v1
+kind: Node
+metadata:
+  name: node1
+spec:
+  podCIDR: 10.244.1.0/24
+status:
+  addresses:
+  - type: InternalIP
+    address: 172.18.0.11
+  - type: Hostname
+    address: node1
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node2
+spec:
+  podCIDR: 10.244.2.0/24
+status:
+  addresses:
+  - type: InternalIP
+    address: 172.18.0.12
+";
+
+fn parse(objects: &str) -> ClusterState {
+    let text = format!("{NODES}---\n{objects}");
+    match parse_str(&text, "cluster.yaml") {
+        Ok(state) => state,
+        Err(e) => panic!("fixture does not parse: {e}"),
+    }
+}
+
+fn plan_of(objects: &str) -> ServicePlan {
+    translate(&parse(objects), THIS_NODE, &ServiceOptions::default())
+}
+
+/// `address:port/PROTO kind -> ns/name:port scope[ etp-local]`
+fn frontend_lines(plan: &ServicePlan) -> Vec<String> {
+    plan.frontends
+        .iter()
+        .map(|f| {
+            let service = &plan.services[f.service];
+            format!(
+                "{}:{}/{} {} -> {}:{} {}{}",
+                f.address,
+                f.port,
+                f.protocol,
+                f.kind.as_str(),
+                service.service_key(),
+                service.port_name,
+                match f.scope {
+                    Scope::Cluster => "cluster",
+                    Scope::Local => "local",
+                },
+                if f.external_traffic_local {
+                    " etp-local"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect()
+}
+
+/// `ns/name:port port/PROTO [backend node state local, ...] cluster=[..] local=[..] ...`
+fn service_lines(plan: &ServicePlan) -> Vec<String> {
+    plan.services
+        .iter()
+        .map(|s| {
+            let backends: Vec<String> = s
+                .backends
+                .iter()
+                .map(|b| {
+                    format!(
+                        "{} {} {}{}",
+                        b.key(),
+                        b.node_name.as_deref().unwrap_or("-"),
+                        b.state.as_str(),
+                        if b.local { " local" } else { "" }
+                    )
+                })
+                .collect();
+            let mut line = format!(
+                "{}:{} {}/{} [{}] cluster={:?}",
+                s.service_key(),
+                s.port_name,
+                s.port,
+                s.protocol,
+                backends.join(", "),
+                s.cluster.backends
+            );
+            if s.cluster.terminating_fallback {
+                line.push_str(" fallback");
+            }
+            if let Some(local) = &s.local {
+                line.push_str(&format!(" local={:?}", local.backends));
+                if local.terminating_fallback {
+                    line.push_str(" fallback");
+                }
+            }
+            if let Some(a) = s.affinity {
+                line.push_str(&format!(" affinity={}", a.timeout_seconds));
+            }
+            if let Some(hc) = s.health_check_node_port {
+                line.push_str(&format!(" hc={hc}"));
+            }
+            line
+        })
+        .collect()
+}
+
+struct Case {
+    name: &'static str,
+    objects: &'static str,
+    frontends: &'static [&'static str],
+    services: &'static [&'static str],
+    /// (service, substring of the reason)
+    skipped: &'static [(&'static str, &'static str)],
+}
+
+const WEB_SLICE: &str = "\
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+ports:
+- name: http
+  port: 8080
+  protocol: TCP
+endpoints:
+- addresses: [10.244.1.5]
+  nodeName: node1
+  conditions: {ready: true, serving: true, terminating: false}
+- addresses: [10.244.2.7]
+  nodeName: node2
+  conditions: {ready: true, serving: true, terminating: false}
+";
+
+const CASES: &[Case] = &[
+    Case {
+        name: "clusterip, targetPort by number, slice given",
+        objects: "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  clusterIP: 10.96.0.10
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+ports:
+- name: http
+  port: 8080
+  protocol: TCP
+endpoints:
+- addresses: [10.244.2.7]
+  nodeName: node2
+  conditions: {ready: true, serving: true, terminating: false}
+- addresses: [10.244.1.5]
+  nodeName: node1
+  conditions: {ready: true, serving: true, terminating: false}
+",
+        frontends: &["10.96.0.10:80/TCP clusterip -> default/web:http cluster"],
+        services: &[
+            "default/web:http 80/TCP [10.244.1.5:8080 node1 active local, \
+                     10.244.2.7:8080 node2 active] cluster=[0, 1]",
+        ],
+        skipped: &[],
+    },
+    Case {
+        name: "targetPort by name resolved per backend through derived slice port names",
+        objects: "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: api
+  namespace: shop
+spec:
+  clusterIP: 10.96.0.20
+  selector: {app: api}
+  ports:
+  - name: grpc
+    port: 9000
+    targetPort: grpc
+  - name: metrics
+    port: 9100
+    protocol: UDP
+    targetPort: 9100
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-old, namespace: shop, labels: {app: api}}
+spec:
+  nodeName: node1
+  containers:
+  - name: c
+    image: api:1
+    ports: [{name: grpc, containerPort: 7000}]
+status: {podIP: 10.244.1.8}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: api-new, namespace: shop, labels: {app: api}}
+spec:
+  nodeName: node2
+  containers:
+  - name: c
+    image: api:2
+    ports: [{name: grpc, containerPort: 7001}]
+status: {podIP: 10.244.2.9}
+",
+        frontends: &[
+            "10.96.0.20:9000/TCP clusterip -> shop/api:grpc cluster",
+            "10.96.0.20:9100/UDP clusterip -> shop/api:metrics cluster",
+        ],
+        services: &[
+            "shop/api:grpc 9000/TCP [10.244.1.8:7000 node1 active local, \
+             10.244.2.9:7001 node2 active] cluster=[0, 1]",
+            "shop/api:metrics 9100/UDP [10.244.1.8:9100 node1 active local, \
+             10.244.2.9:9100 node2 active] cluster=[0, 1]",
+        ],
+        skipped: &[],
+    },
+    Case {
+        name:
+            "nodeport on this node's InternalIP and ExternalIP, loadbalancer ingress, externalIPs",
+        objects: "\
+apiVersion: v1
+kind: Service
+metadata:
+  name: web
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalIPs: [198.51.100.7]
+  ports:
+  - name: http
+    port: 80
+    targetPort: 8080
+    nodePort: 30080
+status:
+  loadBalancer:
+    ingress:
+    - ip: 192.0.2.10
+    - hostname: lb.example.com
+    - ip: 192.0.2.11
+      ipMode: Proxy
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-abc
+  labels:
+    kubernetes.io/service-name: web
+addressType: IPv4
+ports:
+- name: http
+  port: 8080
+  protocol: TCP
+endpoints:
+- addresses: [10.244.2.7]
+  nodeName: node2
+",
+        frontends: &[
+            "10.96.0.10:80/TCP clusterip -> default/web:http cluster",
+            "172.18.0.11:30080/TCP nodeport -> default/web:http cluster",
+            "192.0.2.10:80/TCP loadbalancer -> default/web:http cluster",
+            "198.51.100.7:80/TCP externalip -> default/web:http cluster",
+        ],
+        services: &["default/web:http 80/TCP [10.244.2.7:8080 node2 active] cluster=[0]"],
+        skipped: &[("default/web", "192.0.2.11 has ipMode Proxy")],
+    },
+    Case {
+        name: "headless, ExternalName, service-proxy-name label and SCTP are skipped with reasons",
+        objects: "\
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec:
+  clusterIP: None
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext}
+spec:
+  type: ExternalName
+  externalName: example.com
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: other
+  labels: {service.kubernetes.io/service-proxy-name: foo-proxy}
+spec:
+  clusterIP: 10.96.0.30
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sig}
+spec:
+  clusterIP: 10.96.0.40
+  ports:
+  - {name: sctp, port: 3868, protocol: SCTP}
+  - {name: tcp, port: 3868, protocol: TCP}
+",
+        frontends: &["10.96.0.40:3868/TCP clusterip -> default/sig:tcp cluster"],
+        services: &["default/sig:tcp 3868/TCP [] cluster=[]"],
+        skipped: &[
+            ("default/db", "headless"),
+            ("default/ext", "ExternalName"),
+            (
+                "default/other",
+                "service.kubernetes.io/service-proxy-name=foo-proxy",
+            ),
+            (
+                "default/sig",
+                "sctp (3868/SCTP): protocol SCTP is not supported",
+            ),
+        ],
+    },
+    Case {
+        name: "conditions: terminating-only used as fallback, not serving kept, nil means ready",
+        objects: "\
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.5]
+  nodeName: node1
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: [10.244.2.7]
+  nodeName: node2
+  conditions: {ready: false, serving: false, terminating: true}
+- addresses: [10.244.2.8]
+  nodeName: node2
+  conditions: {ready: false, serving: false, terminating: false}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: mixed}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: mixed-1
+  labels: {kubernetes.io/service-name: mixed}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.244.1.6]
+  nodeName: node1
+  conditions: {ready: false, serving: true, terminating: true}
+- addresses: [10.244.2.9]
+  nodeName: node2
+",
+        frontends: &[
+            "10.96.0.10:80/TCP clusterip -> default/web:http cluster",
+            "10.96.0.11:80/TCP clusterip -> default/mixed:http cluster",
+        ],
+        services: &[
+            "default/mixed:http 80/TCP [10.244.1.6:8080 node1 terminating local, \
+             10.244.2.9:8080 node2 active] cluster=[1]",
+            "default/web:http 80/TCP [10.244.1.5:8080 node1 terminating local, \
+             10.244.2.7:8080 node2 not-serving, 10.244.2.8:8080 node2 not-serving] \
+             cluster=[0] fallback",
+        ],
+        skipped: &[],
+    },
+    Case {
+        name: "publishNotReadyAddresses makes every endpoint active",
+        objects: "\
+apiVersion: v1
+kind: Service
+metadata: {name: peers}
+spec:
+  clusterIP: 10.96.0.50
+  publishNotReadyAddresses: true
+  ports: [{name: gossip, port: 7946, protocol: UDP}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: peers-1
+  labels: {kubernetes.io/service-name: peers}
+addressType: IPv4
+ports: [{name: gossip, port: 7946, protocol: UDP}]
+endpoints:
+- addresses: [10.244.1.5]
+  nodeName: node1
+  conditions: {ready: false, serving: false, terminating: false}
+- addresses: [10.244.2.7]
+  nodeName: node2
+  conditions: {ready: false, serving: true, terminating: true}
+",
+        frontends: &["10.96.0.50:7946/UDP clusterip -> default/peers:gossip cluster"],
+        services: &[
+            "default/peers:gossip 7946/UDP [10.244.1.5:7946 node1 active local, \
+                     10.244.2.7:7946 node2 active] cluster=[0, 1]",
+        ],
+        skipped: &[],
+    },
+    Case {
+        name:
+            "externalTrafficPolicy Local: local rotation on external frontends, healthCheckNodePort",
+        objects: "\
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.10
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32100
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+status:
+  loadBalancer:
+    ingress: [{ip: 192.0.2.10}]
+---
+WEB_SLICE",
+        frontends: &[
+            "10.96.0.10:80/TCP clusterip -> default/web:http cluster",
+            "172.18.0.11:30080/TCP nodeport -> default/web:http local etp-local",
+            "192.0.2.10:80/TCP loadbalancer -> default/web:http local etp-local",
+        ],
+        services: &[
+            "default/web:http 80/TCP [10.244.1.5:8080 node1 active local, \
+                     10.244.2.7:8080 node2 active] cluster=[0, 1] local=[0] hc=32100",
+        ],
+        skipped: &[],
+    },
+    Case {
+        name: "internalTrafficPolicy Local: clusterip uses local backends only",
+        objects: "\
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.10
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+WEB_SLICE",
+        frontends: &[
+            "10.96.0.10:80/TCP clusterip -> default/web:http local",
+            "172.18.0.11:30080/TCP nodeport -> default/web:http cluster",
+        ],
+        services: &[
+            "default/web:http 80/TCP [10.244.1.5:8080 node1 active local, \
+                     10.244.2.7:8080 node2 active] cluster=[0, 1] local=[0]",
+        ],
+        skipped: &[],
+    },
+    Case {
+        name: "session affinity ClientIP: default and explicit timeout",
+        objects: "\
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web2}
+spec:
+  clusterIP: 10.96.0.12
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+WEB_SLICE",
+        frontends: &[
+            "10.96.0.10:80/TCP clusterip -> default/web:http cluster",
+            "10.96.0.12:80/TCP clusterip -> default/web2:http cluster",
+        ],
+        services: &[
+            "default/web:http 80/TCP [10.244.1.5:8080 node1 active local, \
+             10.244.2.7:8080 node2 active] cluster=[0, 1] affinity=10800",
+            "default/web2:http 80/TCP [] cluster=[] affinity=60",
+        ],
+        skipped: &[],
+    },
+];
+
+fn objects_of(case: &Case) -> String {
+    case.objects.replace("WEB_SLICE", WEB_SLICE)
+}
+
+#[test]
+fn translation_table() {
+    for case in CASES {
+        let plan = translate(
+            &parse(&objects_of(case)),
+            THIS_NODE,
+            &ServiceOptions::default(),
+        );
+        assert_eq!(
+            frontend_lines(&plan),
+            case.frontends,
+            "case {:?}: frontends",
+            case.name
+        );
+        assert_eq!(
+            service_lines(&plan),
+            case.services,
+            "case {:?}: services",
+            case.name
+        );
+        assert_eq!(
+            plan.skipped.len(),
+            case.skipped.len(),
+            "case {:?}: skipped {:?}",
+            case.name,
+            plan.skipped
+        );
+        for (service, reason) in case.skipped {
+            assert!(
+                plan.skipped
+                    .iter()
+                    .any(|(s, r)| s == service && r.contains(reason)),
+                "case {:?}: no skip of {service} mentioning {reason:?} in {:?}",
+                case.name,
+                plan.skipped
+            );
+        }
+        // Every rotation and Maglev entry points at a backend that may take new flows.
+        for s in &plan.services {
+            for rotation in std::iter::once(&s.cluster).chain(s.local.as_ref()) {
+                assert_eq!(rotation.maglev.is_empty(), rotation.backends.is_empty());
+                for &i in rotation.backends.iter().chain(&rotation.maglev) {
+                    let b = &s.backends[i as usize];
+                    assert_ne!(b.state, BackendState::NotServing, "case {:?}", case.name);
+                    assert!(rotation.backends.contains(&i), "case {:?}", case.name);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn maglev_tables_use_the_configured_size_and_cover_the_rotation() {
+    let objects = objects_of(&CASES[6]); // eTP=Local with two backends
+    let cluster = parse(&objects);
+    let opts = match ServiceOptions::new(251, SelectionMode::Maglev) {
+        Ok(o) => o,
+        Err(e) => panic!("{e}"),
+    };
+    let plan = translate(&cluster, THIS_NODE, &opts);
+    let service = &plan.services[0];
+    assert_eq!(service.cluster.maglev.len(), 251);
+    for b in [0u32, 1] {
+        let share = service.cluster.maglev.iter().filter(|&&x| x == b).count();
+        assert!((125..=126).contains(&share), "backend {b}: {share}");
+    }
+    let local = service.local.as_ref().map(|l| l.maglev.clone());
+    assert_eq!(
+        local,
+        Some(vec![0; 251]),
+        "local rotation holds only node1's backend"
+    );
+}
+
+#[test]
+fn random_selection_builds_no_tables() {
+    let cluster = parse(&objects_of(&CASES[6]));
+    let opts = match ServiceOptions::new(16381, SelectionMode::Random) {
+        Ok(o) => o,
+        Err(e) => panic!("{e}"),
+    };
+    let plan = translate(&cluster, THIS_NODE, &opts);
+    let service = &plan.services[0];
+    assert_eq!(service.cluster.backends, vec![0, 1]);
+    assert!(service.cluster.maglev.is_empty());
+    assert!(service.local.as_ref().is_some_and(|l| l.maglev.is_empty()));
+}
+
+#[test]
+fn affinity_default_timeout_is_kubernetes_default() {
+    assert_eq!(DEFAULT_AFFINITY_TIMEOUT_SECONDS, 10_800);
+    let plan = plan_of(&objects_of(&CASES[8]));
+    assert_eq!(
+        plan.services[0].affinity.map(|a| a.timeout_seconds),
+        Some(DEFAULT_AFFINITY_TIMEOUT_SECONDS)
+    );
+}
+
+#[test]
+fn nodeports_on_every_address_of_this_node_only() {
+    let nodes_extra = "\
+apiVersion: v1
+kind: Service
+metadata: {name: np}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.60
+  ports: [{name: dns, port: 53, protocol: UDP, nodePort: 30053}]
+";
+    // node2's view: its own InternalIP only.
+    let cluster = parse(nodes_extra);
+    let plan = translate(&cluster, "node2", &ServiceOptions::default());
+    assert_eq!(
+        frontend_lines(&plan),
+        [
+            "10.96.0.60:53/UDP clusterip -> default/np:dns cluster",
+            "172.18.0.12:30053/UDP nodeport -> default/np:dns cluster",
+        ]
+    );
+    // A node with an ExternalIP too answers on both.
+    let mut cluster = cluster;
+    if let Some(addresses) = cluster.nodes[0]
+        .status
+        .as_mut()
+        .and_then(|s| s.addresses.as_mut())
+    {
+        addresses.push(k8s_openapi::api::core::v1::NodeAddress {
+            type_: "ExternalIP".to_owned(),
+            address: "203.0.113.11".to_owned(),
+        });
+    }
+    let plan = translate(&cluster, THIS_NODE, &ServiceOptions::default());
+    let nodeports: Vec<_> = plan
+        .frontends
+        .iter()
+        .filter(|f| f.kind == FrontendKind::NodePort)
+        .map(|f| (f.address.to_string(), f.port, f.protocol))
+        .collect();
+    assert_eq!(
+        nodeports,
+        [
+            ("172.18.0.11".to_owned(), 30053, Protocol::Udp),
+            ("203.0.113.11".to_owned(), 30053, Protocol::Udp),
+        ]
+    );
+    // An unknown node has no address: the NodePort is reported, the ClusterIP still served.
+    let plan = translate(&cluster, "node9", &ServiceOptions::default());
+    assert_eq!(plan.frontends.len(), 1);
+    assert!(plan
+        .skipped
+        .iter()
+        .any(|(s, r)| s == "default/np" && r.contains("node9")));
+}
+
+#[test]
+fn frontend_conflict_first_service_wins() {
+    let objects = "\
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec:
+  clusterIP: 10.96.0.70
+  externalIPs: [198.51.100.7]
+  ports: [{name: http, port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec:
+  clusterIP: 10.96.0.71
+  externalIPs: [198.51.100.7]
+  ports: [{name: http, port: 80}]
+";
+    let plan = plan_of(objects);
+    let owner = plan
+        .frontend(std::net::Ipv4Addr::new(198, 51, 100, 7), 80, Protocol::Tcp)
+        .map(|f| plan.services[f.service].service_key());
+    assert_eq!(owner.as_deref(), Some("default/a"));
+    assert!(plan
+        .skipped
+        .iter()
+        .any(|(s, r)| s == "default/b" && r.contains("already taken by default/a")));
+}
+
+#[test]
+fn output_is_deterministic() {
+    // Same objects in a different file order give the same plan, Maglev tables included.
+    let all: Vec<String> = [&CASES[1], &CASES[3], &CASES[4]]
+        .into_iter()
+        .map(objects_of)
+        .collect();
+    let forward = all.join("---\n");
+    let backward = all.iter().rev().cloned().collect::<Vec<_>>().join("---\n");
+    let a = plan_of(&forward);
+    let b = plan_of(&backward);
+    assert!(!a.services.is_empty());
+    assert_eq!(a, b);
+    assert_eq!(a, plan_of(&forward));
+}
