@@ -526,6 +526,55 @@ WEB_SLICE",
         ],
         skipped: &[],
     },
+    Case {
+        name: "duplicate endpoint across slices keeps its best state; IPv6 slices ignored",
+        objects: "\
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-a
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: [10.244.2.7]
+  nodeName: node2
+  conditions: {ready: false, serving: true, terminating: true}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-b
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, port: 8080, protocol: TCP}, {name: other, port: 9999, protocol: TCP}]
+endpoints:
+- addresses: [10.244.2.7]
+  nodeName: node2
+  conditions: {ready: true}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-v6
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv6
+ports: [{name: http, port: 8080, protocol: TCP}]
+endpoints:
+- addresses: ['fd00::7']
+  nodeName: node2
+",
+        frontends: &["10.96.0.10:80/TCP clusterip -> default/web:http cluster"],
+        services: &["default/web:http 80/TCP [10.244.2.7:8080 node2 active] cluster=[0]"],
+        skipped: &[],
+    },
 ];
 
 fn objects_of(case: &Case) -> String {

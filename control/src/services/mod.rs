@@ -15,6 +15,10 @@
 //!
 //! The translation follows kube-proxy (`pkg/proxy/servicechangetracker.go`,
 //! `endpointslicecache.go`, `topology.go`, v1.33) so the same objects behave the same:
+//! - NodePorts are answered on every IPv4 `InternalIP` and `ExternalIP` of this node (kube-proxy's
+//!   `nodePortAddresses` unset, nftables mode: the node's primary addresses); other nodes'
+//!   addresses never are. LoadBalancer ingress IPs with `ipMode: Proxy` are not served (the load
+//!   balancer forwards to node ports), as kube-proxy.
 //! - Services labelled [`SERVICE_PROXY_NAME_LABEL`] belong to another proxy and are ignored;
 //!   ExternalName and headless (`clusterIP: None`) Services have nothing to proxy and are skipped;
 //!   so are Services whose `clusterIP` is not allocated yet.

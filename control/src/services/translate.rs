@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -223,15 +223,8 @@ impl Builder<'_> {
             let cluster = self.rotation(&key, &port_label, &backends, false);
             let local = (external_local || internal_local)
                 .then(|| self.rotation(&key, &port_label, &backends, true));
-            let frontends = self.frontends(
-                &key,
-                &port_label,
-                spec,
-                service,
-                service_port,
-                cluster_ip,
-                port,
-            );
+            let frontends =
+                self.frontends(&key, &port_label, service, service_port, cluster_ip, port);
             let frontends = frontends
                 .into_iter()
                 .map(|(address, port, kind)| {
@@ -275,18 +268,19 @@ impl Builder<'_> {
     }
 
     /// `(address, port, kind)` of every frontend of one service port.
-    #[allow(clippy::too_many_arguments)]
     fn frontends(
         &mut self,
         key: &str,
         port_label: &str,
-        spec: &ServiceSpec,
         service: &Service,
         service_port: &ServicePort,
         cluster_ip: Ipv4Addr,
         port: u16,
     ) -> Vec<(Ipv4Addr, u16, FrontendKind)> {
         let mut out = vec![(cluster_ip, port, FrontendKind::ClusterIp)];
+        let Some(spec) = &service.spec else {
+            return out;
+        };
         let service_type = spec.type_.as_deref().unwrap_or("ClusterIP");
         if matches!(service_type, "NodePort" | "LoadBalancer") {
             match service_port.node_port.map(u16::try_from) {
