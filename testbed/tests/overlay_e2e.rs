@@ -17,22 +17,24 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read},
     net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::{Child, ChildStdout, Command, Output, Stdio},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Mutex, MutexGuard,
-    },
+    process::{Command, Stdio},
+    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
 
-use control::{
-    api::{self, Request},
-    status::Status,
-};
-use testbed::{names::Names, Mode, NodeKind, Testbed, UpOptions};
+use control::status::Status;
+use testbed::{names::Names, NodeKind, Testbed};
 
+mod common;
+use common::{
+    cluster, drops, hold, in_node, in_pod, ping, ping_within, pod_ip, replace_file, require_root,
+    settled_status, status, status_when, tcp_transfer, text, timed, udp_datagrams, Env, Proc,
+    COUNTERS_SETTLE, MAX_PAYLOAD_PER_PACKET,
+};
+
+/// Instance names here are `o{pid}n{counter}z`.
+const INSTANCE_PREFIX: char = 'o';
 const NODE1: &str = "node1";
 const NODE2: &str = "node2";
 /// On node1 in both cluster files.
@@ -43,210 +45,20 @@ const POD_B1: &str = "default/pod-b1";
 const GATEWAY1: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 const NODE1_IP: &str = "172.18.0.11";
 const NODE2_IP: &str = "172.18.0.12";
-/// TCP payload per packet is at most this on the 1390-byte pod MTU.
-const MAX_PAYLOAD_PER_PACKET: u64 = 1400;
 /// At most this many first packets may wait for ARP (one per direction and retry).
 const MAX_UNRESOLVED: u64 = 4;
-const COUNTERS_SETTLE: Duration = Duration::from_secs(3);
-const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the first packet between two nodes may take to get through (ARP on both uplinks).
 const FIRST_PING_WITHIN: Duration = Duration::from_secs(10);
+const TWO_NODE: &str = "two-node.yaml";
+const MIXED: &str = "mixed.yaml";
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Every test here runs two nodes' worth of agents and traffic: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
-    };
-}
-
-/// `o{pid}n{counter}z`: unique per test, and no instance name is a prefix of another's.
-fn unique_instance() -> String {
-    format!(
-        "o{}n{}z",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn serial() -> MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn cluster(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("clusters")
-        .join(name)
-}
-
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").is_file() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-/// A temporary state root (and room for cluster file copies).
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn options(&self, cluster_file: &Path, workers: u32) -> UpOptions {
-        let mut opts = UpOptions::new(cluster_file);
-        for bin in [&opts.sluice_bin, &opts.cni_bin] {
-            assert!(
-                bin.is_file(),
-                "{} is missing: run `cargo build -p control --bins` first",
-                bin.display()
-            );
-        }
-        opts.instance = Some(unique_instance());
-        opts.mode = Mode::Sluice { workers };
-        opts.state_root = self.dir.path().join("state");
-        opts
-    }
-
-    fn up_with(&self, opts: UpOptions) -> Testbed {
-        let started = Instant::now();
-        let tb = Testbed::up(opts).unwrap_or_else(|e| panic!("testbed up: {e}"));
-        eprintln!("testbed {} up in {:?}", tb.instance(), started.elapsed());
-        tb
-    }
-
-    fn up(&self, cluster_file: &Path, workers: u32) -> Testbed {
-        self.up_with(self.options(cluster_file, workers))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Agent status.
-
-fn status(tb: &Testbed, node: &str) -> Status {
-    let socket = &tb.node(node).expect("node").agent_socket;
-    let response = api::call(socket, &Request::Status, STATUS_TIMEOUT)
-        .unwrap_or_else(|e| panic!("status call to {node}'s agent: {e}"));
-    let value = response
-        .status
-        .unwrap_or_else(|| panic!("{node}'s status answer has no status"));
-    serde_json::from_value::<Status>(value).unwrap_or_else(|e| panic!("decoding status: {e}"))
-}
-
-/// The status once the published counters stop moving.
-fn settled_status(tb: &Testbed, node: &str) -> Status {
-    let deadline = Instant::now() + COUNTERS_SETTLE;
-    let mut last = status(tb, node);
-    loop {
-        thread::sleep(Duration::from_millis(150));
-        let now = status(tb, node);
-        if now.totals == last.totals || Instant::now() >= deadline {
-            return now;
-        }
-        last = now;
-    }
-}
-
-/// Polls until `done` holds (bounded); returns the last status either way.
-fn status_when(
-    tb: &Testbed,
-    node: &str,
-    within: Duration,
-    done: impl Fn(&Status) -> bool,
-) -> Status {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = status(tb, node);
-        if done(&s) || Instant::now() >= deadline {
-            return s;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn drops(s: &Status, reason: &str) -> u64 {
-    s.drops
-        .iter()
-        .find(|d| d.reason == reason)
-        .map(|d| d.count)
-        .unwrap_or_else(|| panic!("status has no drop reason {reason:?}: {:?}", s.drops))
-}
-
-/// Drop reasons that grew between two readings, except `ipv6_unsupported` (the pods' kernels
-/// send IPv6 on their own schedule) and up to [`MAX_UNRESOLVED`] `neighbor_unresolved`.
+/// Drop reasons that grew between two readings, except `ipv6_unsupported` and up to
+/// [`MAX_UNRESOLVED`] `neighbor_unresolved`.
 fn unexpected_drops(before: &Status, after: &Status) -> Vec<(String, u64)> {
-    after
-        .drops
-        .iter()
-        .map(|d| (d.reason.clone(), d.count - drops(before, &d.reason)))
-        .filter(|(reason, n)| {
-            *n > 0
-                && reason != "ipv6_unsupported"
-                && !(reason == "neighbor_unresolved" && *n <= MAX_UNRESOLVED)
-        })
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Commands, always under `timeout`.
-
-fn timed<'a>(seconds: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["timeout", "-s", "KILL", seconds];
-    v.extend_from_slice(argv);
-    v
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn in_pod(tb: &Testbed, pod: &str, seconds: &str, argv: &[&str]) -> Output {
-    tb.exec_in_pod(pod, &timed(seconds, argv))
-        .unwrap_or_else(|e| panic!("running {argv:?} in {pod}: {e}"))
-}
-
-fn in_node(tb: &Testbed, node: &str, argv: &[&str]) -> Output {
-    let out = tb
-        .exec_in_node(node, &timed("10", argv))
-        .unwrap_or_else(|e| panic!("running {argv:?} in {node}: {e}"));
-    assert!(out.status.success(), "{argv:?} in {node}:\n{}", text(&out));
-    out
-}
-
-fn pod_ip(tb: &Testbed, pod: &str) -> Ipv4Addr {
-    tb.pod(pod).expect("pod").ip
-}
-
-fn ping(tb: &Testbed, from: &str, to: Ipv4Addr, count: u32) -> Output {
-    let count = count.to_string();
-    let to = to.to_string();
-    in_pod(
-        tb,
-        from,
-        "20",
-        &["ping", "-n", "-c", &count, "-i", "0.2", "-W", "2", &to],
-    )
+    common::unexpected_drops(before, after, &[("neighbor_unresolved", MAX_UNRESOLVED)])
 }
 
 /// Pings `count` times and asserts every echo was answered.
@@ -259,204 +71,6 @@ fn assert_ping_all(tb: &Testbed, from: &str, to: &str, count: u32) {
         "ping {from} -> {to} ({ip}): not all {count} answered:\n{}",
         text(&out)
     );
-}
-
-/// Single pings until one gets through (bounded); the number of attempts.
-fn ping_within(tb: &Testbed, from: &str, to: &str, within: Duration) -> u32 {
-    let ip = pod_ip(tb, to);
-    let deadline = Instant::now() + within;
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let out = in_pod(
-            tb,
-            from,
-            "5",
-            &["ping", "-n", "-c", "1", "-W", "1", &ip.to_string()],
-        );
-        if out.status.success() {
-            return attempts;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no ping {from} -> {to} ({ip}) got through in {within:?} ({attempts} attempts); last:\n{}",
-            text(&out)
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A process we started, killed (by pid) and reaped when dropped.
-struct Proc {
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl Proc {
-    fn new(mut child: Child) -> Self {
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        Self { child, stdout }
-    }
-
-    /// Starts `argv` in `pod` and waits for its first stdout line (a server saying it is ready).
-    fn start_in_pod(tb: &Testbed, pod: &str, seconds: &str, argv: &[&str]) -> (Self, String) {
-        let child = tb
-            .spawn_in_pod(pod, &timed(seconds, argv))
-            .unwrap_or_else(|e| panic!("starting {argv:?} in {pod}: {e}"));
-        let mut process = Self::new(child);
-        let first = process.line();
-        (process, first)
-    }
-
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        let _ = self.stdout.read_line(&mut line);
-        line.trim().to_string()
-    }
-
-    /// The rest of stdout and stderr once the process has exited.
-    fn finish(mut self) -> (String, String, std::process::ExitStatus) {
-        let mut out = String::new();
-        let _ = self.stdout.read_to_string(&mut out);
-        let mut err = String::new();
-        if let Some(mut stderr) = self.child.stderr.take() {
-            let _ = stderr.read_to_string(&mut err);
-        }
-        let status = self.child.wait().expect("wait for the process");
-        (out, err, status)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-const TCP_SINK: &str = r#"
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(1)
-s.settimeout(30)
-print("ready", flush=True)
-c, _ = s.accept()
-c.settimeout(30)
-n = 0
-ok = True
-while True:
-    b = c.recv(1 << 16)
-    if not b:
-        break
-    if b.strip(b"s"):
-        ok = False
-    n += len(b)
-print(n if ok else -1, flush=True)
-"#;
-
-const TCP_SOURCE: &str = r#"
-import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-left = int(sys.argv[3])
-chunk = b"s" * 65536
-while left > 0:
-    n = c.send(chunk[:min(left, len(chunk))])
-    left -= n
-c.shutdown(socket.SHUT_WR)
-c.recv(1)
-c.close()
-print("sent", flush=True)
-"#;
-
-const UDP_SINK: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.settimeout(2)
-expected = int(sys.argv[2])
-print("ready", flush=True)
-seen = set()
-while len(seen) < expected:
-    try:
-        b, _ = s.recvfrom(2048)
-    except socket.timeout:
-        break
-    seen.add(int(b.split(b" ")[0]))
-print(len(seen), flush=True)
-"#;
-
-const UDP_SOURCE: &str = r#"
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-dst = (sys.argv[1], int(sys.argv[2]))
-size = int(sys.argv[4])
-for i in range(int(sys.argv[3])):
-    msg = (str(i) + " ").encode()
-    s.sendto(msg + b"u" * max(0, size - len(msg)), dst)
-    time.sleep(0.001)
-print("sent", flush=True)
-"#;
-
-/// Transfers `bytes` of `s` over TCP from `from` to `to`; returns what the sink counted (-1
-/// when it saw a byte that is not `s`).
-fn tcp_transfer(tb: &Testbed, from: &str, to: &str, bytes: u64) -> i64 {
-    let to_ip = pod_ip(tb, to).to_string();
-    let (sink, ready) = Proc::start_in_pod(tb, to, "45", &[python(), "-c", TCP_SINK, "5201"]);
-    assert_eq!(ready, "ready", "TCP sink in {to} did not start");
-    let started = Instant::now();
-    let size = bytes.to_string();
-    let out = in_pod(
-        tb,
-        from,
-        "40",
-        &[python(), "-c", TCP_SOURCE, &to_ip, "5201", &size],
-    );
-    assert!(
-        out.status.success(),
-        "TCP source {from} -> {to} failed:\n{}",
-        text(&out)
-    );
-    let elapsed = started.elapsed();
-    let (rest, err, status) = sink.finish();
-    let received = rest
-        .trim()
-        .parse::<i64>()
-        .unwrap_or_else(|_| panic!("TCP sink output {rest:?} ({status}), stderr:\n{err}"));
-    eprintln!(
-        "TCP {from} -> {to}: {received} bytes in {elapsed:?} ({:.0} Mbit/s)",
-        received as f64 * 8.0 / elapsed.as_secs_f64() / 1e6
-    );
-    received
-}
-
-/// Sends `count` numbered datagrams of `size` bytes from `from` to `to`; returns how many
-/// distinct ones arrived.
-fn udp_datagrams(tb: &Testbed, from: &str, to: &str, count: u32, size: u32) -> u32 {
-    let to_ip = pod_ip(tb, to).to_string();
-    let expected = count.to_string();
-    let (sink, ready) =
-        Proc::start_in_pod(tb, to, "30", &[python(), "-c", UDP_SINK, "5202", &expected]);
-    assert_eq!(ready, "ready", "UDP sink in {to} did not start");
-    let size = size.to_string();
-    let out = in_pod(
-        tb,
-        from,
-        "25",
-        &[python(), "-c", UDP_SOURCE, &to_ip, "5202", &expected, &size],
-    );
-    assert!(
-        out.status.success(),
-        "UDP source {from} -> {to}:\n{}",
-        text(&out)
-    );
-    let (rest, err, status) = sink.finish();
-    rest.trim()
-        .parse::<u32>()
-        .unwrap_or_else(|_| panic!("UDP sink output {rest:?} ({status}), stderr:\n{err}"))
 }
 
 /// rx and tx packets of the kernel vxlan device in a kernel node.
@@ -482,10 +96,10 @@ fn vxlan_device_packets(tb: &Testbed, node: &str) -> (u64, u64) {
 #[test]
 fn sluice_to_sluice_ping_tcp_udp() {
     require_root!();
-    let _serial = serial();
+    let _serial = hold(&SERIAL);
     let env = Env::new();
     let workers = 2;
-    let tb = env.up(&cluster("two-node.yaml"), workers);
+    let tb = env.up(&cluster(TWO_NODE), workers);
 
     // Every worker has a queue on each node's uplink.
     for node in [NODE1, NODE2] {
@@ -518,7 +132,7 @@ fn sluice_to_sluice_ping_tcp_udp() {
     let bytes = 10 * 1024 * 1024;
     assert_eq!(
         tcp_transfer(&tb, POD_A1, POD_B1, bytes),
-        bytes as i64,
+        bytes,
         "TCP node1 -> node2 not byte-exact"
     );
     let datagrams = 300;
@@ -529,7 +143,7 @@ fn sluice_to_sluice_ping_tcp_udp() {
     );
 
     // node1 -> node2: the echo requests, the TCP data, the datagrams.
-    let sent = u64::from(pings) + bytes / MAX_PAYLOAD_PER_PACKET + u64::from(datagrams);
+    let sent = u64::from(pings) + bytes / MAX_PAYLOAD_PER_PACKET + datagrams;
     let after1 = status_when(&tb, NODE1, COUNTERS_SETTLE, |s| {
         s.total("encapsulated") >= before1.total("encapsulated") + sent
     });
@@ -570,9 +184,9 @@ fn sluice_to_sluice_ping_tcp_udp() {
 #[test]
 fn sluice_and_kernel_vxlan_interoperate() {
     require_root!();
-    let _serial = serial();
+    let _serial = hold(&SERIAL);
     let env = Env::new();
-    let tb = env.up(&cluster("mixed.yaml"), 1);
+    let tb = env.up(&cluster(MIXED), 1);
     assert_eq!(tb.node(NODE1).expect("node1").kind, NodeKind::Sluice);
     let kernel = tb.node(NODE2).expect("node2");
     assert_eq!(kernel.kind, NodeKind::Kernel);
@@ -600,12 +214,12 @@ fn sluice_and_kernel_vxlan_interoperate() {
     let bytes = 4 * 1024 * 1024;
     assert_eq!(
         tcp_transfer(&tb, POD_A1, POD_B1, bytes),
-        bytes as i64,
+        bytes,
         "TCP sluice -> kernel"
     );
     assert_eq!(
         tcp_transfer(&tb, POD_B1, POD_A1, bytes),
-        bytes as i64,
+        bytes,
         "TCP kernel -> sluice"
     );
     let datagrams = 200;
@@ -621,7 +235,7 @@ fn sluice_and_kernel_vxlan_interoperate() {
     );
 
     let (rx_after, tx_after) = vxlan_device_packets(&tb, NODE2);
-    let one_way = u64::from(pings * 2) + u64::from(datagrams);
+    let one_way = u64::from(pings * 2) + datagrams;
     assert!(
         rx_after - rx_before >= one_way + bytes / MAX_PAYLOAD_PER_PACKET,
         "the kernel vxlan device received {} packets",
@@ -652,9 +266,9 @@ fn sluice_and_kernel_vxlan_interoperate() {
 #[test]
 fn capture_on_the_fabric_is_well_formed_vxlan() {
     require_root!();
-    let _serial = serial();
+    let _serial = hold(&SERIAL);
     let env = Env::new();
-    let tb = env.up(&cluster("two-node.yaml"), 1);
+    let tb = env.up(&cluster(TWO_NODE), 1);
     // Neighbours resolved first, so that the capture sees the echoes and nothing else.
     ping_within(&tb, POD_A1, POD_B1, FIRST_PING_WITHIN);
     let bridge = Names::new(tb.instance()).bridge();
@@ -749,24 +363,17 @@ fn without_node(yaml: &str, name: &str) -> String {
     kept.join("\n---\n")
 }
 
-/// Writes `content` by rename, so the agent never reads a half-written file.
-fn replace_file(path: &Path, content: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).expect("write temp file");
-    std::fs::rename(&tmp, path).expect("rename over the cluster file");
-}
-
 #[test]
 fn node_join_and_leave_while_traffic_runs() {
     require_root!();
-    let _serial = serial();
+    let _serial = hold(&SERIAL);
     let env = Env::new();
-    let full = std::fs::read_to_string(cluster("two-node.yaml")).expect("read two-node.yaml");
+    let full = std::fs::read_to_string(cluster(TWO_NODE)).expect("read two-node.yaml");
     let alone = without_node(&full, NODE2);
     // The testbed builds both nodes; node1's agent reads its own copy, which we edit.
     let view = env.dir.path().join("node1-view.yaml");
     std::fs::write(&view, &alone).expect("write node1's view");
-    let mut opts = env.options(&cluster("two-node.yaml"), 1);
+    let mut opts = env.options(&cluster(TWO_NODE), 1);
     opts.agent_cluster_files = BTreeMap::from([(NODE1.to_string(), view.clone())]);
     let mut tb = env.up_with(opts);
     assert_eq!(
@@ -862,9 +469,9 @@ fn node_join_and_leave_while_traffic_runs() {
 #[test]
 fn oversize_with_df_gets_fragmentation_needed() {
     require_root!();
-    let _serial = serial();
+    let _serial = hold(&SERIAL);
     let env = Env::new();
-    let tb = env.up(&cluster("two-node.yaml"), 1);
+    let tb = env.up(&cluster(TWO_NODE), 1);
     ping_within(&tb, POD_A1, POD_B1, FIRST_PING_WITHIN);
     // The pod's own stack refuses packets above its 1390-byte MTU, and a veth drops frames
     // above its peer's MTU before XDP sees them: raise both ends of pod-a1's veth to 1500.

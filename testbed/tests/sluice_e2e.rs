@@ -11,182 +11,38 @@
 //! read once the workers have published them. Every command runs under `timeout`, every wait is
 //! bounded. Traffic-heavy tests hold [`HEAVY`] so that two of them never share the two vCPUs.
 use std::{
-    io::{BufRead, BufReader, Read},
     net::Ipv4Addr,
-    path::{Path, PathBuf},
-    process::{Child, ChildStdout, Command, Output},
-    sync::{
-        atomic::{AtomicU32, Ordering},
-        Mutex, MutexGuard,
-    },
-    thread,
+    process::{Command, Output},
+    sync::Mutex,
     time::{Duration, Instant},
 };
 
-use control::{
-    api::{self, Request},
-    status::Status,
-};
-use testbed::{Mode, Testbed, UpOptions};
+use control::status::Status;
+use testbed::Testbed;
 
+mod common;
+use common::{
+    cluster, drops, hold, in_node, in_pod, ping, pod_ip, python, replace_file, require_root,
+    settled_status, status, status_when, tcp_transfer, text, timed, try_ping_within, udp_datagrams,
+    unexpected_drops, Env, COUNTERS_SETTLE, MAX_PAYLOAD_PER_PACKET, STATUS_TIMEOUT,
+};
+
+/// Instance names here are `e{pid}n{counter}z`.
+const INSTANCE_PREFIX: char = 'e';
 const NODE: &str = "node1";
 const POD_A: &str = "default/pod-a";
 const POD_B: &str = "default/pod-b";
+const DEMO: &str = "demo.yaml";
 /// The demo cluster's pod gateway (first address of node1's pod CIDR 10.244.1.0/24).
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 1);
 /// node1's InternalIP in the demo cluster.
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
-/// Pod MTU is 1390 on the testbed's 1500-byte fabric; no frame carries more than this much TCP
-/// payload, so a transfer of N bytes takes at least N / this many data packets.
-const MAX_PAYLOAD_PER_PACKET: u64 = 1400;
-/// How long the workers may take to publish their counters after traffic stops.
-const COUNTERS_SETTLE: Duration = Duration::from_secs(3);
-/// The agent's status answer.
-const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Held by tests that move a lot of traffic (the machine has 2 vCPUs).
 static HEAVY: Mutex<()> = Mutex::new(());
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
-    };
-}
-
-/// `e{pid}n{counter}z`: unique per test, and no instance name is a prefix of another's
-/// namespace names.
-fn unique_instance() -> String {
-    format!(
-        "e{}n{}z",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn heavy_lock() -> MutexGuard<'static, ()> {
-    // A test that panicked while holding the lock poisons it; the lock itself is still good.
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn demo_cluster() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("clusters/demo.yaml")
-}
-
-fn python() -> &'static str {
-    // Debian's interpreter starts faster than a pyenv shim.
-    if Path::new("/usr/bin/python3").is_file() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-/// A temporary state root (and room for a copy of the cluster file).
-struct Env {
-    dir: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().expect("tempdir"),
-        }
-    }
-
-    fn options(&self, cluster_file: &Path, workers: u32) -> UpOptions {
-        let mut opts = UpOptions::new(cluster_file);
-        for bin in [&opts.sluice_bin, &opts.cni_bin] {
-            assert!(
-                bin.is_file(),
-                "{} is missing: run `cargo build -p control --bins` first",
-                bin.display()
-            );
-        }
-        opts.instance = Some(unique_instance());
-        opts.mode = Mode::Sluice { workers };
-        opts.state_root = self.dir.path().join("state");
-        opts
-    }
-
-    fn up(&self, cluster_file: &Path, workers: u32) -> Testbed {
-        let opts = self.options(cluster_file, workers);
-        let started = Instant::now();
-        let tb = Testbed::up(opts).unwrap_or_else(|e| panic!("testbed up: {e}"));
-        eprintln!(
-            "testbed {} up in {:?} ({workers} worker(s))",
-            tb.instance(),
-            started.elapsed()
-        );
-        tb
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Status over the agent's API.
-
-fn socket(tb: &Testbed) -> PathBuf {
-    tb.node(NODE).expect("node1").agent_socket.clone()
-}
-
-fn try_status(tb: &Testbed) -> Result<Status, String> {
-    let response = api::call(&socket(tb), &Request::Status, STATUS_TIMEOUT)
-        .map_err(|e| format!("status call: {e}"))?;
-    let value = response
-        .status
-        .ok_or_else(|| "status answer without a status".to_string())?;
-    serde_json::from_value::<Status>(value).map_err(|e| format!("decoding status: {e}"))
-}
-
-fn status(tb: &Testbed) -> Status {
-    try_status(tb).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The status once the workers' published counters stop moving (they publish when idle), so
-/// that a "before" reading does not lag traffic that just happened.
-fn settled_status(tb: &Testbed) -> Status {
-    let deadline = Instant::now() + COUNTERS_SETTLE;
-    let mut last = status(tb);
-    loop {
-        thread::sleep(Duration::from_millis(150));
-        let now = status(tb);
-        if now.totals == last.totals || Instant::now() >= deadline {
-            return now;
-        }
-        last = now;
-    }
-}
-
-/// Polls the status until `done` holds (bounded); returns the last status either way so the
-/// caller's assertion shows what was seen.
-fn status_when(tb: &Testbed, within: Duration, done: impl Fn(&Status) -> bool) -> Status {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = status(tb);
-        if done(&s) || Instant::now() >= deadline {
-            return s;
-        }
-        thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A drop counter by its reason name (`frame_too_short`, ...). The testbed crate does not depend
-/// on `dataplane`, so `Status::drop_count(DropReason)` is not reachable from here.
-fn drops(s: &Status, reason: &str) -> u64 {
-    s.drops
-        .iter()
-        .find(|d| d.reason == reason)
-        .map(|d| d.count)
-        .unwrap_or_else(|| panic!("status has no drop reason {reason:?}: {:?}", s.drops))
-}
+// Counters of node1's agent.
 
 /// The XDP program's counter `name` on the host side of `pod`'s veth.
 fn xdp_counter(s: &Status, tb: &Testbed, pod: &str, name: &str) -> u64 {
@@ -224,15 +80,9 @@ impl Delta<'_> {
     fn drops(&self, reason: &str) -> u64 {
         drops(self.after, reason) - drops(self.before, reason)
     }
-    /// Drop reasons that grew, except `ipv6_unsupported`: the pods' kernels send IPv6
-    /// (DAD, router solicitations, MLD reports) on their own schedule, and sluice drops it.
+    /// Drop reasons that grew, except `ipv6_unsupported` (see [`unexpected_drops`]).
     fn unexpected_drops(&self) -> Vec<(String, u64)> {
-        self.after
-            .drops
-            .iter()
-            .map(|d| (d.reason.clone(), d.count - drops(self.before, &d.reason)))
-            .filter(|(reason, n)| *n > 0 && reason != "ipv6_unsupported")
-            .collect()
+        unexpected_drops(self.before, self.after, &[])
     }
     fn xdp(&self, tb: &Testbed, pod: &str, name: &str) -> u64 {
         xdp_counter(self.after, tb, pod, name) - xdp_counter(self.before, tb, pod, name)
@@ -240,68 +90,16 @@ impl Delta<'_> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Commands in the testbed's namespaces, always under `timeout`.
-
-fn timed<'a>(seconds: &'a str, argv: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec!["timeout", "-s", "KILL", seconds];
-    v.extend_from_slice(argv);
-    v
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "exit {}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn in_pod(tb: &Testbed, pod: &str, seconds: &str, argv: &[&str]) -> Output {
-    tb.exec_in_pod(pod, &timed(seconds, argv))
-        .unwrap_or_else(|e| panic!("running {argv:?} in {pod}: {e}"))
-}
-
-fn ping_from_pod(tb: &Testbed, from: &str, to: Ipv4Addr, count: u32) -> Output {
-    let count = count.to_string();
-    let to = to.to_string();
-    in_pod(
-        tb,
-        from,
-        "20",
-        &["ping", "-n", "-c", &count, "-i", "0.2", "-W", "2", &to],
-    )
-}
+// Commands in the testbed's namespaces.
 
 fn assert_pod_ping(tb: &Testbed, from: &str, to: &str, count: u32) {
-    let ip = tb.pod(to).expect("pod").ip;
-    let out = ping_from_pod(tb, from, ip, count);
+    let ip = pod_ip(tb, to);
+    let out = ping(tb, from, ip, count);
     assert!(
         out.status.success(),
         "ping {from} -> {to} ({ip}) failed:\n{}",
         text(&out)
     );
-}
-
-/// Retries a single ping until one gets through (bounded): for an agent that just started.
-fn pod_ping_within(tb: &Testbed, from: &str, to: &str, within: Duration) -> Result<u32, String> {
-    let ip = tb.pod(to).expect("pod").ip;
-    let deadline = Instant::now() + within;
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let out = ping_from_pod(tb, from, ip, 1);
-        if out.status.success() {
-            return Ok(attempts);
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "no ping {from} -> {to} ({ip}) got through in {within:?} ({attempts} attempts); last:\n{}",
-                text(&out)
-            ));
-        }
-        thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn ping_node_from_external(tb: &Testbed) -> Output {
@@ -313,160 +111,9 @@ fn ping_node_from_external(tb: &Testbed) -> Output {
     .expect("ping from the external client runs")
 }
 
-/// A process started in a pod, killed (by pid) and reaped when dropped.
-struct PodProcess {
-    child: Child,
-    stdout: BufReader<ChildStdout>,
-}
-
-impl PodProcess {
-    /// Starts `argv` in `pod` and waits for its first stdout line (a server saying it is ready).
-    fn start(tb: &Testbed, pod: &str, seconds: &str, argv: &[&str]) -> (Self, String) {
-        let mut child = tb
-            .spawn_in_pod(pod, &timed(seconds, argv))
-            .unwrap_or_else(|e| panic!("starting {argv:?} in {pod}: {e}"));
-        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut process = Self { child, stdout };
-        let first = process.line();
-        (process, first)
-    }
-
-    /// The next stdout line ("" at end of output: the `timeout` wrapper bounds the wait).
-    fn line(&mut self) -> String {
-        let mut line = String::new();
-        let _ = self.stdout.read_line(&mut line);
-        line.trim().to_string()
-    }
-
-    /// The rest of stdout and stderr after the process has exited.
-    fn finish(mut self) -> (String, String, std::process::ExitStatus) {
-        let mut out = String::new();
-        let _ = self.stdout.read_to_string(&mut out);
-        let mut err = String::new();
-        if let Some(mut stderr) = self.child.stderr.take() {
-            let _ = stderr.read_to_string(&mut err);
-        }
-        let status = self.child.wait().expect("wait for the pod process");
-        (out, err, status)
-    }
-}
-
-impl Drop for PodProcess {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// Prints "ready PORT", accepts one connection, prints the number of bytes read until EOF.
-const TCP_SINK: &str = r#"
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.listen(1)
-s.settimeout(30)
-print("ready", flush=True)
-c, _ = s.accept()
-c.settimeout(30)
-n = 0
-while True:
-    b = c.recv(1 << 16)
-    if not b:
-        break
-    n += len(b)
-print(n, flush=True)
-"#;
-
-/// Connects and sends argv[3] bytes, then closes.
-const TCP_SOURCE: &str = r#"
-import socket, sys
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
-left = int(sys.argv[3])
-chunk = b"s" * 65536
-while left > 0:
-    n = c.send(chunk[:min(left, len(chunk))])
-    left -= n
-c.shutdown(socket.SHUT_WR)
-c.recv(1)
-c.close()
-print("sent", flush=True)
-"#;
-
-/// Prints "ready", then counts distinct datagram sequence numbers until `expected` arrived or
-/// the socket is quiet for 2 s; prints the count.
-const UDP_SINK: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.settimeout(2)
-expected = int(sys.argv[2])
-print("ready", flush=True)
-seen = set()
-while len(seen) < expected:
-    try:
-        b, _ = s.recvfrom(2048)
-    except socket.timeout:
-        break
-    seen.add(int(b.split(b" ")[0]))
-print(len(seen), flush=True)
-"#;
-
-/// Sends argv[3] numbered datagrams of argv[4] bytes, paced at 1 ms.
-const UDP_SOURCE: &str = r#"
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-dst = (sys.argv[1], int(sys.argv[2]))
-size = int(sys.argv[4])
-for i in range(int(sys.argv[3])):
-    msg = (str(i) + " ").encode()
-    s.sendto(msg + b"u" * max(0, size - len(msg)), dst)
-    time.sleep(0.001)
-print("sent", flush=True)
-"#;
-
-/// Transfers `bytes` over TCP from `from` to `to` (port 5201); returns what the sink counted.
-fn tcp_transfer(tb: &Testbed, from: &str, to: &str, bytes: u64) -> u64 {
-    let to_ip = tb.pod(to).expect("pod").ip.to_string();
-    let (sink, ready) = PodProcess::start(tb, to, "45", &[python(), "-c", TCP_SINK, "5201"]);
-    assert_eq!(ready, "ready", "TCP sink in {to} did not start");
-    let started = Instant::now();
-    let size = bytes.to_string();
-    let out = in_pod(
-        tb,
-        from,
-        "40",
-        &[python(), "-c", TCP_SOURCE, &to_ip, "5201", &size],
-    );
-    assert!(out.status.success(), "TCP source failed:\n{}", text(&out));
-    let elapsed = started.elapsed();
-    let (rest, err, status) = sink.finish();
-    let received = rest
-        .trim()
-        .parse::<u64>()
-        .unwrap_or_else(|_| panic!("TCP sink output {rest:?} ({status}), stderr:\n{err}"));
-    eprintln!(
-        "TCP {from} -> {to}: {received} bytes in {elapsed:?} ({:.0} Mbit/s)",
-        received as f64 * 8.0 / elapsed.as_secs_f64() / 1e6
-    );
-    received
-}
-
 /// `ip -d link show dev IF` in the node namespace.
 fn link_details(tb: &Testbed, ifname: &str) -> String {
-    let out = tb
-        .exec_in_node(
-            NODE,
-            &timed("10", &["ip", "-d", "link", "show", "dev", ifname]),
-        )
-        .expect("ip link show runs");
-    assert!(
-        out.status.success(),
-        "ip link show {ifname}:\n{}",
-        text(&out)
-    );
+    let out = in_node(tb, NODE, &["ip", "-d", "link", "show", "dev", ifname]);
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -492,7 +139,7 @@ fn pod_ifnames(tb: &Testbed) -> Vec<String> {
 fn ping_between_pods_goes_through_the_workers() {
     require_root!();
     let env = Env::new();
-    let tb = env.up(&demo_cluster(), 1);
+    let tb = env.up(&cluster(DEMO), 1);
     for ifname in pod_ifnames(&tb) {
         assert!(
             has_xdp(&link_details(&tb, &ifname)),
@@ -500,9 +147,9 @@ fn ping_between_pods_goes_through_the_workers() {
             link_details(&tb, &ifname)
         );
     }
-    let before = settled_status(&tb);
+    let before = settled_status(&tb, NODE);
     assert_pod_ping(&tb, POD_A, POD_B, 5);
-    let after = status_when(&tb, COUNTERS_SETTLE, |s| {
+    let after = status_when(&tb, NODE, COUNTERS_SETTLE, |s| {
         s.total("forwarded") >= before.total("forwarded") + 10
     });
     let d = Delta {
@@ -541,15 +188,15 @@ fn ping_between_pods_goes_through_the_workers() {
 #[test]
 fn tcp_between_pods() {
     require_root!();
-    let _heavy = heavy_lock();
+    let _heavy = hold(&HEAVY);
     let env = Env::new();
-    let tb = env.up(&demo_cluster(), 1);
+    let tb = env.up(&cluster(DEMO), 1);
     assert_pod_ping(&tb, POD_A, POD_B, 1);
     const BYTES: u64 = 20 * 1024 * 1024;
-    let before = settled_status(&tb);
+    let before = settled_status(&tb, NODE);
     let received = tcp_transfer(&tb, POD_A, POD_B, BYTES);
     assert_eq!(received, BYTES, "the sink received a different byte count");
-    let after = status_when(&tb, COUNTERS_SETTLE, |s| {
+    let after = status_when(&tb, NODE, COUNTERS_SETTLE, |s| {
         s.total("forwarded") >= before.total("forwarded") + BYTES / MAX_PAYLOAD_PER_PACKET
     });
     let d = Delta {
@@ -574,32 +221,12 @@ fn tcp_between_pods() {
 fn udp_between_pods() {
     require_root!();
     let env = Env::new();
-    let tb = env.up(&demo_cluster(), 1);
+    let tb = env.up(&cluster(DEMO), 1);
     assert_pod_ping(&tb, POD_A, POD_B, 1);
     const DATAGRAMS: u64 = 300;
-    let before = settled_status(&tb);
-    let to_ip = tb.pod(POD_B).expect("pod").ip.to_string();
-    let count = DATAGRAMS.to_string();
-    let (sink, ready) = PodProcess::start(
-        &tb,
-        POD_B,
-        "30",
-        &[python(), "-c", UDP_SINK, "5301", &count],
-    );
-    assert_eq!(ready, "ready", "UDP sink did not start");
-    let out = in_pod(
-        &tb,
-        POD_A,
-        "30",
-        &[python(), "-c", UDP_SOURCE, &to_ip, "5301", &count, "1000"],
-    );
-    assert!(out.status.success(), "UDP source:\n{}", text(&out));
-    let (rest, err, status) = sink.finish();
-    let received: u64 = rest
-        .trim()
-        .parse()
-        .unwrap_or_else(|_| panic!("UDP sink output {rest:?} ({status}), stderr:\n{err}"));
-    let after = status_when(&tb, COUNTERS_SETTLE, |s| {
+    let before = settled_status(&tb, NODE);
+    let received = udp_datagrams(&tb, POD_A, POD_B, DATAGRAMS, 1000);
+    let after = status_when(&tb, NODE, COUNTERS_SETTLE, |s| {
         s.total("forwarded") >= before.total("forwarded") + DATAGRAMS
     });
     let d = Delta {
@@ -636,10 +263,10 @@ fn udp_between_pods() {
 fn ttl_expiry_gets_icmp_time_exceeded() {
     require_root!();
     let env = Env::new();
-    let tb = env.up(&demo_cluster(), 1);
+    let tb = env.up(&cluster(DEMO), 1);
     assert_pod_ping(&tb, POD_A, POD_B, 1);
-    let before = settled_status(&tb);
-    let to = tb.pod(POD_B).expect("pod").ip.to_string();
+    let before = settled_status(&tb, NODE);
+    let to = pod_ip(&tb, POD_B).to_string();
     let out = in_pod(
         &tb,
         POD_A,
@@ -652,7 +279,7 @@ fn ttl_expiry_gets_icmp_time_exceeded() {
         "expected 'Time to live exceeded' from the gateway {GATEWAY}:\n{}",
         text(&out)
     );
-    let after = status_when(&tb, COUNTERS_SETTLE, |s| {
+    let after = status_when(&tb, NODE, COUNTERS_SETTLE, |s| {
         s.total("icmp_errors_sent") > before.total("icmp_errors_sent")
     });
     let d = Delta {
@@ -677,7 +304,7 @@ fn ttl_expiry_gets_icmp_time_exceeded() {
 fn fail_open_when_agent_stops() {
     require_root!();
     let env = Env::new();
-    let mut tb = env.up(&demo_cluster(), 1);
+    let mut tb = env.up(&cluster(DEMO), 1);
     assert_pod_ping(&tb, POD_A, POD_B, 2);
     let out = ping_node_from_external(&tb);
     assert!(
@@ -710,7 +337,7 @@ fn fail_open_when_agent_stops() {
         let started = Instant::now();
         tb.start_agent(NODE)
             .unwrap_or_else(|e| panic!("restarting the agent after {name}: {e}"));
-        let s = status_when(&tb, Duration::from_secs(5), |s| {
+        let s = status_when(&tb, NODE, Duration::from_secs(5), |s| {
             ifnames
                 .iter()
                 .all(|i| s.interfaces.iter().any(|x| &x.name == i))
@@ -722,7 +349,7 @@ fn fail_open_when_agent_stops() {
                 s.render()
             );
         }
-        let attempts = pod_ping_within(&tb, POD_A, POD_B, Duration::from_secs(10))
+        let attempts = try_ping_within(&tb, POD_A, POD_B, Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("after {name} and a restart: {e}"));
         eprintln!(
             "after {name}: restarted agent forwards pod-to-pod {:?} after start (ping attempt {attempts})",
@@ -734,7 +361,7 @@ fn fail_open_when_agent_stops() {
                 "restarted agent did not attach XDP to {ifname}"
             );
         }
-        let s = settled_status(&tb);
+        let s = settled_status(&tb, NODE);
         assert!(
             xdp_counter(&s, &tb, POD_A, "redirected") >= 1,
             "pod-a's ping did not go through the restarted agent's XDP redirect:\n{}",
@@ -747,12 +374,12 @@ fn fail_open_when_agent_stops() {
 fn agent_survives_broken_cluster_file() {
     require_root!();
     let env = Env::new();
-    let good = std::fs::read_to_string(demo_cluster()).expect("read demo.yaml");
+    let good = std::fs::read_to_string(cluster(DEMO)).expect("read demo.yaml");
     let copy = env.dir.path().join("cluster.yaml");
     std::fs::write(&copy, &good).expect("write the cluster copy");
     let tb = env.up(&copy, 1);
     assert_pod_ping(&tb, POD_A, POD_B, 1);
-    let s = status(&tb);
+    let s = status(&tb, NODE);
     assert_eq!(s.source_error, None, "fresh agent reports a source error");
     let generation_before = s.generation;
 
@@ -761,7 +388,7 @@ fn agent_survives_broken_cluster_file() {
     let broken = format!("{good}{broken_doc}");
     let broken_line = good.lines().count() + 4;
     replace_file(&copy, &broken);
-    let s = status_when(&tb, Duration::from_secs(3), |s| {
+    let s = status_when(&tb, NODE, Duration::from_secs(3), |s| {
         s.source_error
             .as_deref()
             .is_some_and(|e| e.contains("document 6"))
@@ -785,7 +412,9 @@ fn agent_survives_broken_cluster_file() {
     assert_pod_ping(&tb, POD_A, POD_B, 2);
 
     replace_file(&copy, &good);
-    let s = status_when(&tb, Duration::from_secs(3), |s| s.source_error.is_none());
+    let s = status_when(&tb, NODE, Duration::from_secs(3), |s| {
+        s.source_error.is_none()
+    });
     assert_eq!(
         s.source_error, None,
         "the fixed file still reports an error 3 s later"
@@ -798,20 +427,13 @@ fn agent_survives_broken_cluster_file() {
     assert_pod_ping(&tb, POD_A, POD_B, 1);
 }
 
-/// Writes `content` to `path` by rename, so the agent never reads a half-written file.
-fn replace_file(path: &Path, content: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, content).expect("write temp file");
-    std::fs::rename(&tmp, path).expect("rename over the cluster file");
-}
-
 #[test]
 fn two_workers_forward() {
     require_root!();
-    let _heavy = heavy_lock();
+    let _heavy = hold(&HEAVY);
     let env = Env::new();
-    let tb = env.up(&demo_cluster(), 2);
-    let s = status(&tb);
+    let tb = env.up(&cluster(DEMO), 2);
+    let s = status(&tb, NODE);
     assert_eq!(s.workers.len(), 2, "two workers:\n{}", s.render());
     for ifname in pod_ifnames(&tb) {
         let iface = s
@@ -830,15 +452,15 @@ fn two_workers_forward() {
     }
     assert_pod_ping(&tb, POD_A, POD_B, 5);
     const BYTES: u64 = 10 * 1024 * 1024;
-    let before = settled_status(&tb);
+    let before = settled_status(&tb, NODE);
     assert_eq!(tcp_transfer(&tb, POD_A, POD_B, BYTES), BYTES);
     assert_pod_ping(&tb, POD_B, POD_A, 5);
     // Workers publish when idle: wait for the traffic to show, then for every worker's view
     // to settle.
-    status_when(&tb, COUNTERS_SETTLE, |s| {
+    status_when(&tb, NODE, COUNTERS_SETTLE, |s| {
         s.total("forwarded") >= before.total("forwarded") + BYTES / MAX_PAYLOAD_PER_PACKET
     });
-    let after = settled_status(&tb);
+    let after = settled_status(&tb, NODE);
     for name in ["rx_packets", "tx_packets", "forwarded", "dropped"] {
         let sum: u64 = after.workers.iter().map(|w| worker_counter(w, name)).sum();
         assert_eq!(
@@ -925,9 +547,9 @@ print("sent", len(frames), flush=True)
 fn malformed_frames_are_counted_not_fatal() {
     require_root!();
     let env = Env::new();
-    let mut tb = env.up(&demo_cluster(), 1);
+    let mut tb = env.up(&cluster(DEMO), 1);
     assert_pod_ping(&tb, POD_A, POD_B, 1);
-    let before = settled_status(&tb);
+    let before = settled_status(&tb, NODE);
     let host_mac = before
         .interfaces
         .iter()
@@ -935,8 +557,8 @@ fn malformed_frames_are_counted_not_fatal() {
         .map(|i| i.mac.clone())
         .unwrap_or_else(|| panic!("no interface for {POD_A}:\n{}", before.render()));
     let (a_ip, b_ip) = (
-        tb.pod(POD_A).expect("pod").ip.to_string(),
-        tb.pod(POD_B).expect("pod").ip.to_string(),
+        pod_ip(&tb, POD_A).to_string(),
+        pod_ip(&tb, POD_B).to_string(),
     );
     // Distinct counts, so that a frame counted under the wrong reason shows.
     let (n_short, n_trunc, n_badsum, n_ipv6, n_arp) = (3u64, 4u64, 5u64, 6u64, 7u64);
@@ -946,7 +568,7 @@ fn malformed_frames_are_counted_not_fatal() {
     let out = in_pod(&tb, POD_A, "20", &argv);
     assert!(out.status.success(), "raw frame sender:\n{}", text(&out));
 
-    let after = status_when(&tb, COUNTERS_SETTLE, |s| {
+    let after = status_when(&tb, NODE, COUNTERS_SETTLE, |s| {
         drops(s, "arp_not_for_gateway") >= drops(&before, "arp_not_for_gateway") + n_arp
             && drops(s, "ipv6_unsupported") >= drops(&before, "ipv6_unsupported") + n_ipv6
             && drops(s, "ipv4_checksum") >= drops(&before, "ipv4_checksum") + n_badsum
@@ -1006,12 +628,12 @@ fn malformed_frames_are_counted_not_fatal() {
 fn metrics_and_latency_histograms_follow_traffic() {
     require_root!();
     let env = Env::new();
-    let tb = env.up(&demo_cluster(), 1);
+    let tb = env.up(&cluster(DEMO), 1);
     assert_pod_ping(&tb, POD_A, POD_B, 10);
-    let after = status_when(&tb, COUNTERS_SETTLE, |s| s.total("forwarded") >= 20);
+    let after = status_when(&tb, NODE, COUNTERS_SETTLE, |s| s.total("forwarded") >= 20);
     // Histograms over the local API, decoded as any HdrHistogram reader would.
     let resp = control::api::call(
-        &socket(&tb),
+        &tb.node(NODE).expect("node1").agent_socket,
         &control::api::Request::Histograms,
         STATUS_TIMEOUT,
     )

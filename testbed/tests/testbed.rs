@@ -5,141 +5,72 @@
 //! everything even when it panics (the `Testbed` drop, or an `InstanceGuard`).
 use std::{
     path::{Path, PathBuf},
-    process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    process::{Command, Output},
 };
 
-use testbed::{Mode, Testbed, TestbedError, UpOptions};
+use testbed::{Mode, Testbed, TestbedError};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
+mod common;
+use common::{require_root, unique_instance, Env};
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
+/// Instance names here are `t{pid}n{counter}z`.
+const INSTANCE_PREFIX: char = 't';
 
-/// `t{pid}n{counter}z`: no instance name is a prefix of another's namespace names.
-fn unique_instance() -> String {
+/// A Node document with one InternalIP.
+fn node_doc(name: &str, pod_cidr: &str, ip: &str) -> String {
     format!(
-        "t{}n{}z",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
+        r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: {name}
+spec:
+  podCIDR: {pod_cidr}
+status:
+  addresses:
+    - type: InternalIP
+      address: {ip}
+"#
     )
 }
 
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Node
-metadata:
-  name: node1
-spec:
-  podCIDR: 10.244.1.0/24
-status:
-  addresses:
-    - type: InternalIP
-      address: 172.31.9.11
----
+/// A Pod document `namespace/name` bound to `node`.
+fn pod_doc(namespace: &str, name: &str, node: &str) -> String {
+    format!(
+        r#"
 apiVersion: v1
 kind: Pod
 metadata:
-  name: pod-a
-  namespace: default
+  name: {name}
+  namespace: {namespace}
 spec:
-  nodeName: node1
+  nodeName: {node}
   containers:
     - name: c
       image: busybox
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: pod-b
-  namespace: default
-spec:
-  nodeName: node1
-  containers:
-    - name: c
-      image: busybox
-"#;
-
-const TWO_NODES: &str = r#"
-apiVersion: v1
-kind: Node
-metadata:
-  name: node1
-spec:
-  podCIDR: 10.244.1.0/24
-status:
-  addresses:
-    - type: InternalIP
-      address: 172.31.9.11
----
-apiVersion: v1
-kind: Node
-metadata:
-  name: node2
-spec:
-  podCIDR: 10.244.2.0/24
-status:
-  addresses:
-    - type: InternalIP
-      address: 172.31.9.12
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: pod-a
-  namespace: default
-spec:
-  nodeName: node1
-  containers:
-    - name: c
-      image: busybox
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: pod-c
-  namespace: other
-spec:
-  nodeName: node2
-  containers:
-    - name: c
-      image: busybox
-"#;
-
-/// A temporary directory holding the cluster file and the state root.
-struct Env {
-    dir: tempfile::TempDir,
+"#
+    )
 }
 
-impl Env {
-    fn new() -> Self {
-        Self::with_cluster(CLUSTER)
-    }
-    fn with_cluster(yaml: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("cluster.yaml"), yaml).expect("write cluster file");
-        Self { dir }
-    }
-    fn cluster_file(&self) -> PathBuf {
-        self.dir.path().join("cluster.yaml")
-    }
-    fn state_root(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-    fn options(&self, instance: &str) -> UpOptions {
-        let mut opts = UpOptions::new(self.cluster_file());
-        assert!(
-            opts.cni_bin.is_file(),
-            "{} is missing: run `cargo build -p control --bin sluice-cni` first",
-            opts.cni_bin.display()
-        );
-        opts.instance = Some(instance.to_string());
-        opts.mode = Mode::Kernel;
-        opts.state_root = self.state_root();
-        opts
-    }
+/// node1 (172.31.9.11) with default/pod-a and default/pod-b.
+fn one_node() -> String {
+    [
+        node_doc("node1", "10.244.1.0/24", "172.31.9.11"),
+        pod_doc("default", "pod-a", "node1"),
+        pod_doc("default", "pod-b", "node1"),
+    ]
+    .join("---")
+}
+
+/// node1 (172.31.9.11) with default/pod-a, node2 (`node2_ip`) with other/pod-c.
+fn two_nodes(node2_ip: &str) -> String {
+    [
+        node_doc("node1", "10.244.1.0/24", "172.31.9.11"),
+        node_doc("node2", "10.244.2.0/24", node2_ip),
+        pod_doc("default", "pod-a", "node1"),
+        pod_doc("other", "pod-c", "node2"),
+    ]
+    .join("---")
 }
 
 /// Tears an instance down on drop, for tests that `keep()` one.
@@ -182,27 +113,27 @@ fn assert_nothing_left(instance: &str, state_root: &Path) {
     );
 }
 
-fn ping(testbed: &Testbed, from: &str, to: std::net::Ipv4Addr) -> std::process::Output {
+fn ping(testbed: &Testbed, from: &str, to: std::net::Ipv4Addr) -> Output {
     testbed
         .exec_in_pod(from, &["ping", "-c", "3", "-W", "1", &to.to_string()])
         .expect("ping runs")
 }
 
-macro_rules! require_root {
-    () => {
-        if !is_root() {
-            eprintln!("skipping: needs root");
-            return;
-        }
-    };
+/// Asserts that `out` (of `what`) exited successfully, showing its stdout otherwise.
+fn assert_succeeded(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[test]
 fn kernel_mode_pods_ping_each_other_and_down_leaves_nothing() {
     require_root!();
-    let env = Env::new();
+    let env = Env::with_cluster(&one_node());
     let instance = unique_instance();
-    let testbed = Testbed::up(env.options(&instance)).expect("up");
+    let testbed = Testbed::up(env.kernel_options(&instance)).expect("up");
 
     assert_eq!(testbed.nodes().len(), 1);
     let node = &testbed.nodes()[0];
@@ -225,30 +156,18 @@ fn kernel_mode_pods_ping_each_other_and_down_leaves_nothing() {
 
     // Pod to pod through the node's kernel routing.
     let out = ping(&testbed, "default/pod-a", b.ip);
-    assert!(
-        out.status.success(),
-        "ping pod-a -> pod-b failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_succeeded(&out, "ping pod-a -> pod-b");
     let out = ping(&testbed, "default/pod-b", a.ip);
-    assert!(
-        out.status.success(),
-        "ping pod-b -> pod-a failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_succeeded(&out, "ping pod-b -> pod-a");
     // The fabric: the node reaches the external client.
     let out = testbed
         .exec_in_node("node1", &["ping", "-c", "1", "-W", "1", "172.31.9.250"])
         .expect("ping runs");
-    assert!(
-        out.status.success(),
-        "node1 -> external failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_succeeded(&out, "node1 -> external");
     let out = testbed
         .exec_in_external(&["ping", "-c", "1", "-W", "1", "172.31.9.11"])
         .expect("runs");
-    assert!(out.status.success(), "external -> node1 failed");
+    assert_succeeded(&out, "external -> node1");
 
     let root = env.state_root();
     assert!(root.join(&instance).join("state.json").is_file());
@@ -259,22 +178,18 @@ fn kernel_mode_pods_ping_each_other_and_down_leaves_nothing() {
 #[test]
 fn kernel_mode_routes_between_nodes_over_vxlan() {
     require_root!();
-    let env = Env::with_cluster(TWO_NODES);
+    let env = Env::with_cluster(&two_nodes("172.31.9.12"));
     let instance = unique_instance();
-    let testbed = Testbed::up(env.options(&instance)).expect("up");
+    let testbed = Testbed::up(env.kernel_options(&instance)).expect("up");
     let a = testbed.pod("default/pod-a").expect("pod-a").clone();
     let c = testbed.pod("other/pod-c").expect("pod-c").clone();
     assert_eq!((a.node.as_str(), c.node.as_str()), ("node1", "node2"));
     assert_eq!(c.netns, format!("sl-{instance}-node2-other-pod-c"));
     assert!(c.ip.to_string().starts_with("10.244.2."), "{c:?}");
     let out = ping(&testbed, "default/pod-a", c.ip);
-    assert!(
-        out.status.success(),
-        "cross-node ping failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_succeeded(&out, "cross-node ping");
     let out = ping(&testbed, "other/pod-c", a.ip);
-    assert!(out.status.success(), "cross-node ping back failed");
+    assert_succeeded(&out, "cross-node ping back");
     // The packets went through the overlay device, not some other path.
     let out = testbed
         .exec_in_node(
@@ -294,9 +209,9 @@ fn kernel_mode_routes_between_nodes_over_vxlan() {
 #[test]
 fn nodes_outside_one_subnet_are_refused_before_anything_is_created() {
     require_root!();
-    let env = Env::with_cluster(&TWO_NODES.replace("172.31.9.12", "172.31.10.12"));
+    let env = Env::with_cluster(&two_nodes("172.31.10.12"));
     let instance = unique_instance();
-    let err = Testbed::up(env.options(&instance))
+    let err = Testbed::up(env.kernel_options(&instance))
         .err()
         .expect("two subnets");
     assert!(matches!(err, TestbedError::Plan(_)), "{err}");
@@ -307,9 +222,9 @@ fn nodes_outside_one_subnet_are_refused_before_anything_is_created() {
 #[test]
 fn failing_cni_leaves_nothing_behind() {
     require_root!();
-    let env = Env::new();
+    let env = Env::with_cluster(&one_node());
     let instance = unique_instance();
-    let mut opts = env.options(&instance);
+    let mut opts = env.kernel_options(&instance);
     opts.cni_bin = PathBuf::from("/bin/false");
     let err = Testbed::up(opts)
         .err()
@@ -325,9 +240,9 @@ fn failing_cni_leaves_nothing_behind() {
 #[test]
 fn missing_plugin_is_refused_before_anything_is_created() {
     require_root!();
-    let env = Env::new();
+    let env = Env::with_cluster(&one_node());
     let instance = unique_instance();
-    let mut opts = env.options(&instance);
+    let mut opts = env.kernel_options(&instance);
     opts.cni_bin = env.dir.path().join("no-such-plugin");
     let err = Testbed::up(opts).err().expect("missing plugin");
     assert!(matches!(err, TestbedError::MissingBinary { .. }), "{err}");
@@ -337,10 +252,10 @@ fn missing_plugin_is_refused_before_anything_is_created() {
 #[test]
 fn up_twice_with_the_same_instance_is_refused() {
     require_root!();
-    let env = Env::new();
+    let env = Env::with_cluster(&one_node());
     let instance = unique_instance();
-    let first = Testbed::up(env.options(&instance)).expect("first up");
-    let err = Testbed::up(env.options(&instance))
+    let first = Testbed::up(env.kernel_options(&instance)).expect("first up");
+    let err = Testbed::up(env.kernel_options(&instance))
         .err()
         .expect("second up is refused");
     assert!(matches!(err, TestbedError::AlreadyExists { .. }), "{err}");
@@ -361,9 +276,9 @@ fn up_twice_with_the_same_instance_is_refused() {
 #[test]
 fn dropping_the_testbed_tears_it_down() {
     require_root!();
-    let env = Env::new();
+    let env = Env::with_cluster(&one_node());
     let instance = unique_instance();
-    let testbed = Testbed::up(env.options(&instance)).expect("up");
+    let testbed = Testbed::up(env.kernel_options(&instance)).expect("up");
     assert!(!namespaces_of(&instance).is_empty());
     drop(testbed);
     assert_nothing_left(&instance, &env.state_root());
@@ -372,14 +287,14 @@ fn dropping_the_testbed_tears_it_down() {
 #[test]
 fn kept_instance_is_reopened_from_its_state_and_torn_down() {
     require_root!();
-    let env = Env::new();
+    let env = Env::with_cluster(&one_node());
     let instance = unique_instance();
     let root = env.state_root();
     let _guard = InstanceGuard {
         state_root: root.clone(),
         instance: instance.clone(),
     };
-    let testbed = Testbed::up(env.options(&instance)).expect("up");
+    let testbed = Testbed::up(env.kernel_options(&instance)).expect("up");
     let pods = testbed.pods().to_vec();
     testbed.keep();
     assert_eq!(
@@ -419,14 +334,14 @@ fn kept_instance_is_reopened_from_its_state_and_torn_down() {
 #[test]
 fn cli_up_status_exec_down() {
     require_root!();
-    let env = Env::new();
+    let env = Env::with_cluster(&one_node());
     let instance = unique_instance();
     let root = env.state_root();
     let _guard = InstanceGuard {
         state_root: root.clone(),
         instance: instance.clone(),
     };
-    let cni = env.options(&instance).cni_bin;
+    let cni = env.kernel_options(&instance).cni_bin;
     let cli = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_sluice-testbed"))
             .arg("--state-root")
@@ -439,7 +354,7 @@ fn cli_up_status_exec_down() {
     let file = file.to_str().expect("utf-8 path");
     let cni = cni.to_str().expect("utf-8 path");
 
-    let up = cli(&[
+    let up_args = [
         "up",
         file,
         "--instance",
@@ -448,22 +363,14 @@ fn cli_up_status_exec_down() {
         "kernel",
         "--cni",
         cni,
-    ]);
+    ];
+    let up = cli(&up_args);
     assert!(
         up.status.success(),
         "up: {}",
         String::from_utf8_lossy(&up.stderr)
     );
-    let again = cli(&[
-        "up",
-        file,
-        "--instance",
-        &instance,
-        "--mode",
-        "kernel",
-        "--cni",
-        cni,
-    ]);
+    let again = cli(&up_args);
     assert!(!again.status.success(), "second up refused");
 
     let status = cli(&["status", "--instance", &instance]);
@@ -478,30 +385,13 @@ fn cli_up_status_exec_down() {
         "status shows node1's kind: {text}"
     );
 
-    let exec = cli(&[
-        "exec",
-        "default/pod-a",
-        "--instance",
-        &instance,
-        "--",
-        "sh",
-        "-c",
-        "exit 7",
-    ]);
+    let exec_in_pod_a = |argv: &[&str]| {
+        let exec = ["exec", "default/pod-a", "--instance", &instance, "--"];
+        cli(&[&exec[..], argv].concat())
+    };
+    let exec = exec_in_pod_a(&["sh", "-c", "exit 7"]);
     assert_eq!(exec.status.code(), Some(7), "exit code passes through");
-    let exec = cli(&[
-        "exec",
-        "default/pod-a",
-        "--instance",
-        &instance,
-        "--",
-        "ip",
-        "-4",
-        "-o",
-        "addr",
-        "show",
-        "eth0",
-    ]);
+    let exec = exec_in_pod_a(&["ip", "-4", "-o", "addr", "show", "eth0"]);
     let shown = String::from_utf8_lossy(&exec.stdout);
     let a = Testbed::open(&root, &instance)
         .expect("open")
@@ -566,9 +456,9 @@ fn sluice_mode_agent_lifecycle_with_a_stand_in_agent() {
         eprintln!("skipping: needs python3 for the stand-in agent");
         return;
     }
-    let env = Env::new();
+    let env = Env::with_cluster(&one_node());
     let instance = unique_instance();
-    let mut opts = env.options(&instance);
+    let mut opts = env.kernel_options(&instance);
     opts.mode = Mode::Sluice { workers: 2 };
     opts.sluice_bin = fake_agent(&env, FAKE_AGENT);
     let mut testbed = Testbed::up(opts).expect("up with the stand-in agent");
@@ -631,9 +521,9 @@ fn sluice_mode_agent_lifecycle_with_a_stand_in_agent() {
 #[test]
 fn sluice_mode_agent_that_exits_early_fails_up_with_its_log() {
     require_root!();
-    let env = Env::new();
+    let env = Env::with_cluster(&one_node());
     let instance = unique_instance();
-    let mut opts = env.options(&instance);
+    let mut opts = env.kernel_options(&instance);
     opts.mode = Mode::Sluice { workers: 1 };
     opts.sluice_bin = fake_agent(&env, "#!/bin/sh\necho \"agent boom: $*\" >&2\nexit 3\n");
     let err = Testbed::up(opts).err().expect("agent exits");
