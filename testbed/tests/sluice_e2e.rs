@@ -73,7 +73,10 @@ struct Delta<'a> {
     after: &'a Status,
 }
 
-impl Delta<'_> {
+impl<'a> Delta<'a> {
+    fn new(before: &'a Status, after: &'a Status) -> Self {
+        Self { before, after }
+    }
     fn total(&self, name: &str) -> u64 {
         self.after.total(name) - self.before.total(name)
     }
@@ -152,10 +155,7 @@ fn ping_between_pods_goes_through_the_workers() {
     let after = status_when(&tb, NODE, COUNTERS_SETTLE, |s| {
         s.total("forwarded") >= before.total("forwarded") + 10
     });
-    let d = Delta {
-        before: &before,
-        after: &after,
-    };
+    let d = Delta::new(&before, &after);
     assert!(
         d.total("forwarded") >= 10,
         "5 echo requests + 5 replies, forwarded grew by {}:\n{}",
@@ -199,10 +199,7 @@ fn tcp_between_pods() {
     let after = status_when(&tb, NODE, COUNTERS_SETTLE, |s| {
         s.total("forwarded") >= before.total("forwarded") + BYTES / MAX_PAYLOAD_PER_PACKET
     });
-    let d = Delta {
-        before: &before,
-        after: &after,
-    };
+    let d = Delta::new(&before, &after);
     assert!(
         d.total("forwarded") >= BYTES / MAX_PAYLOAD_PER_PACKET,
         "{BYTES} bytes need at least {} data packets; forwarded grew by {}:\n{}",
@@ -229,10 +226,7 @@ fn udp_between_pods() {
     let after = status_when(&tb, NODE, COUNTERS_SETTLE, |s| {
         s.total("forwarded") >= before.total("forwarded") + DATAGRAMS
     });
-    let d = Delta {
-        before: &before,
-        after: &after,
-    };
+    let d = Delta::new(&before, &after);
     assert_eq!(
         received,
         DATAGRAMS,
@@ -282,10 +276,7 @@ fn ttl_expiry_gets_icmp_time_exceeded() {
     let after = status_when(&tb, NODE, COUNTERS_SETTLE, |s| {
         s.total("icmp_errors_sent") > before.total("icmp_errors_sent")
     });
-    let d = Delta {
-        before: &before,
-        after: &after,
-    };
+    let d = Delta::new(&before, &after);
     assert_eq!(
         d.total("icmp_errors_sent"),
         1,
@@ -470,10 +461,7 @@ fn two_workers_forward() {
             after.render()
         );
     }
-    let d = Delta {
-        before: &before,
-        after: &after,
-    };
+    let d = Delta::new(&before, &after);
     assert!(
         d.total("forwarded") >= BYTES / MAX_PAYLOAD_PER_PACKET,
         "forwarded grew by {}:\n{}",
@@ -574,10 +562,7 @@ fn malformed_frames_are_counted_not_fatal() {
             && drops(s, "ipv4_checksum") >= drops(&before, "ipv4_checksum") + n_badsum
             && drops(s, "frame_too_short") >= drops(&before, "frame_too_short") + n_trunc
     });
-    let d = Delta {
-        before: &before,
-        after: &after,
-    };
+    let d = Delta::new(&before, &after);
     let shown = after.render();
     // A frame too short for the XDP program to read the IPv4 header never reaches a worker:
     // the program leaves it to the kernel and counts it as pass_short.

@@ -73,6 +73,12 @@ fn two_nodes(node2_ip: &str) -> String {
     .join("---")
 }
 
+/// A directory holding `yaml` as the cluster file (and the state root), and a unique instance
+/// name for it.
+fn kernel_case(yaml: &str) -> (Env, String) {
+    (Env::with_cluster(yaml), unique_instance())
+}
+
 /// Tears an instance down on drop, for tests that `keep()` one.
 struct InstanceGuard {
     state_root: PathBuf,
@@ -131,8 +137,7 @@ fn assert_succeeded(out: &Output, what: &str) {
 #[test]
 fn kernel_mode_pods_ping_each_other_and_down_leaves_nothing() {
     require_root!();
-    let env = Env::with_cluster(&one_node());
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&one_node());
     let testbed = Testbed::up(env.kernel_options(&instance)).expect("up");
 
     assert_eq!(testbed.nodes().len(), 1);
@@ -178,8 +183,7 @@ fn kernel_mode_pods_ping_each_other_and_down_leaves_nothing() {
 #[test]
 fn kernel_mode_routes_between_nodes_over_vxlan() {
     require_root!();
-    let env = Env::with_cluster(&two_nodes("172.31.9.12"));
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&two_nodes("172.31.9.12"));
     let testbed = Testbed::up(env.kernel_options(&instance)).expect("up");
     let a = testbed.pod("default/pod-a").expect("pod-a").clone();
     let c = testbed.pod("other/pod-c").expect("pod-c").clone();
@@ -209,8 +213,7 @@ fn kernel_mode_routes_between_nodes_over_vxlan() {
 #[test]
 fn nodes_outside_one_subnet_are_refused_before_anything_is_created() {
     require_root!();
-    let env = Env::with_cluster(&two_nodes("172.31.10.12"));
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&two_nodes("172.31.10.12"));
     let err = Testbed::up(env.kernel_options(&instance))
         .err()
         .expect("two subnets");
@@ -222,8 +225,7 @@ fn nodes_outside_one_subnet_are_refused_before_anything_is_created() {
 #[test]
 fn failing_cni_leaves_nothing_behind() {
     require_root!();
-    let env = Env::with_cluster(&one_node());
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&one_node());
     let mut opts = env.kernel_options(&instance);
     opts.cni_bin = PathBuf::from("/bin/false");
     let err = Testbed::up(opts)
@@ -240,8 +242,7 @@ fn failing_cni_leaves_nothing_behind() {
 #[test]
 fn missing_plugin_is_refused_before_anything_is_created() {
     require_root!();
-    let env = Env::with_cluster(&one_node());
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&one_node());
     let mut opts = env.kernel_options(&instance);
     opts.cni_bin = env.dir.path().join("no-such-plugin");
     let err = Testbed::up(opts).err().expect("missing plugin");
@@ -252,8 +253,7 @@ fn missing_plugin_is_refused_before_anything_is_created() {
 #[test]
 fn up_twice_with_the_same_instance_is_refused() {
     require_root!();
-    let env = Env::with_cluster(&one_node());
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&one_node());
     let first = Testbed::up(env.kernel_options(&instance)).expect("first up");
     let err = Testbed::up(env.kernel_options(&instance))
         .err()
@@ -276,8 +276,7 @@ fn up_twice_with_the_same_instance_is_refused() {
 #[test]
 fn dropping_the_testbed_tears_it_down() {
     require_root!();
-    let env = Env::with_cluster(&one_node());
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&one_node());
     let testbed = Testbed::up(env.kernel_options(&instance)).expect("up");
     assert!(!namespaces_of(&instance).is_empty());
     drop(testbed);
@@ -287,8 +286,7 @@ fn dropping_the_testbed_tears_it_down() {
 #[test]
 fn kept_instance_is_reopened_from_its_state_and_torn_down() {
     require_root!();
-    let env = Env::with_cluster(&one_node());
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&one_node());
     let root = env.state_root();
     let _guard = InstanceGuard {
         state_root: root.clone(),
@@ -334,8 +332,7 @@ fn kept_instance_is_reopened_from_its_state_and_torn_down() {
 #[test]
 fn cli_up_status_exec_down() {
     require_root!();
-    let env = Env::with_cluster(&one_node());
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&one_node());
     let root = env.state_root();
     let _guard = InstanceGuard {
         state_root: root.clone(),
@@ -456,8 +453,7 @@ fn sluice_mode_agent_lifecycle_with_a_stand_in_agent() {
         eprintln!("skipping: needs python3 for the stand-in agent");
         return;
     }
-    let env = Env::with_cluster(&one_node());
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&one_node());
     let mut opts = env.kernel_options(&instance);
     opts.mode = Mode::Sluice { workers: 2 };
     opts.sluice_bin = fake_agent(&env, FAKE_AGENT);
@@ -521,8 +517,7 @@ fn sluice_mode_agent_lifecycle_with_a_stand_in_agent() {
 #[test]
 fn sluice_mode_agent_that_exits_early_fails_up_with_its_log() {
     require_root!();
-    let env = Env::with_cluster(&one_node());
-    let instance = unique_instance();
+    let (env, instance) = kernel_case(&one_node());
     let mut opts = env.kernel_options(&instance);
     opts.mode = Mode::Sluice { workers: 1 };
     opts.sluice_bin = fake_agent(&env, "#!/bin/sh\necho \"agent boom: $*\" >&2\nexit 3\n");
