@@ -20,12 +20,20 @@
 //!
 //! **Index.** `4 x capacity` slots in buckets of 8 (at most half full when the table is full).
 //! A key hashes (seeded per table, so keys chosen by an attacker cannot be precomputed) to two
-//! buckets; lookup reads both (two cache lines) and compares a 32-bit tag before the full key.
-//! An insert takes any empty slot of the two buckets, so there are no tombstones and deletion
-//! just clears the slot. Lookup cost is bounded (16 slots) whatever the fill level.
+//! buckets: the first from the hash's low bits, the second the first XOR a mix of the 32-bit
+//! tag (the high bits), so a slot's other bucket is known from its tag alone ("partial-key
+//! cuckoo hashing"). Lookup reads both (two cache lines) and compares the tag before the full
+//! key. An insert takes an empty slot of the *less loaded* of the two buckets (the
+//! "power of two choices": first-fit into the first bucket, as this table first did, gives the
+//! one-choice Poisson tail and made 1 M flows in a 2 M table evict live flows with
+//! `BucketsFull`); if both are full it moves one slot of either to that slot's other bucket
+//! (one level of cuckoo displacement, counted in [`ConntrackStats::displaced`]). There are no
+//! tombstones: deletion just clears the slot. Lookup cost is bounded (16 slots) whatever the
+//! fill level. Measured with random keys at 2^16 capacity: at half capacity the fullest bucket
+//! holds 5 keys, at full capacity (half the index) 7; no `BucketsFull` eviction in either.
 //!
 //! **Eviction**, always counted per [`EvictReason`]: when every entry is in use, or both buckets
-//! of a new key are full, a victim is taken among the flows referenced from the new keys'
+//! of a new key are full and no slot can move, a victim is taken among the flows referenced from the new keys'
 //! buckets (and, if those are empty, from the next 8 entries after a rotating hand): an expired
 //! one if there is one, else the one closest to expiry. [`Conntrack::insert`] reports a live
 //! flow it evicted as `Err(Evicted)` (the new flow is in the table all the same).
@@ -393,6 +401,9 @@ pub struct ConntrackStats {
     pub replaced: u64,
     /// Evictions, indexed by `EvictReason as usize`.
     pub evictions: [u64; 3],
+    /// Index slots moved to their other bucket to make room for a new key (cuckoo
+    /// displacement, one level): each one an eviction avoided.
+    pub displaced: u64,
     pub gc_removed: u64,
     pub lookup_hits: u64,
     pub lookup_misses: u64,
@@ -434,6 +445,25 @@ struct Slot {
 #[derive(Clone, Copy, Debug, Default)]
 #[repr(C, align(64))]
 struct Bucket([Slot; SLOTS_PER_BUCKET]);
+
+impl Bucket {
+    #[inline]
+    fn used(&self) -> usize {
+        self.0.iter().filter(|s| s.tag != 0).count()
+    }
+
+    /// Puts `slot` in an empty slot; false when full.
+    #[inline]
+    fn put(&mut self, slot: Slot) -> bool {
+        match self.0.iter_mut().find(|s| s.tag == 0) {
+            Some(s) => {
+                *s = slot;
+                true
+            }
+            None => false,
+        }
+    }
+}
 
 /// The table. See the module doc.
 pub struct Conntrack {
@@ -707,15 +737,29 @@ impl Conntrack {
         best.map(|(_, idx)| idx)
     }
 
-    /// Puts `r` in an empty slot of `key`'s buckets; false when both are full.
+    /// Puts `r` in an empty slot of the less loaded of `key`'s buckets (ties: the first), else
+    /// moves one slot of a full bucket to its other bucket to make room (one level of cuckoo
+    /// displacement, at most 16 candidates, no entry read: a slot's other bucket is its bucket
+    /// XOR a function of its tag); false when that fails too.
     fn place(&mut self, key: &FlowKey, r: u32) -> bool {
         let h = self.hash(key);
-        let (b1, b2) = self.buckets_from(h);
         let tag = tag_of(h);
+        let (b1, b2) = self.buckets_from(h);
+        let new = Slot { tag, r };
+        let (u1, u2) = (self.buckets[b1].used(), self.buckets[b2].used());
+        let b = if u2 < u1 { b2 } else { b1 };
+        if u1.min(u2) < SLOTS_PER_BUCKET {
+            return self.buckets[b].put(new);
+        }
         for b in [b1, b2] {
-            if let Some(s) = self.buckets[b].0.iter_mut().find(|s| s.tag == 0) {
-                *s = Slot { tag, r };
-                return true;
+            for i in 0..SLOTS_PER_BUCKET {
+                let moved = self.buckets[b].0[i];
+                let other = b ^ self.alt_of(moved.tag);
+                if self.buckets[other].put(moved) {
+                    self.buckets[b].0[i] = new;
+                    self.stats.displaced += 1;
+                    return true;
+                }
             }
         }
         false
@@ -767,12 +811,21 @@ impl Conntrack {
         self.buckets_from(self.hash(key))
     }
 
-    /// Two distinct buckets from one hash (the second derived from the tag bits).
+    /// Two distinct buckets from one hash: the first from the low bits, the second the first
+    /// XOR a mix of the tag (the high 32 bits: independent of the low ones), so each bucket of
+    /// a slot is the other XOR [`Self::alt_of`] its tag ("partial-key cuckoo hashing",
+    /// Fan et al., CoNEXT 2014).
     #[inline]
     fn buckets_from(&self, h: u64) -> (usize, usize) {
         let b1 = h as usize & self.bucket_mask;
-        let alt = ((h >> 32).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) as usize & self.bucket_mask;
-        (b1, b1 ^ alt.max(1))
+        (b1, b1 ^ self.alt_of(tag_of(h)))
+    }
+
+    /// The XOR distance between a tag's two buckets: non-zero, below the bucket count.
+    #[inline]
+    fn alt_of(&self, tag: u32) -> usize {
+        let x = (u64::from(tag).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as usize;
+        (x & self.bucket_mask).max(1)
     }
 
     #[inline]
@@ -1223,5 +1276,195 @@ mod tests {
                 prop_assert_eq!(ct.stats().entries as usize, ct.len());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod load_tests {
+    use super::*;
+
+    /// splitmix64: a seeded source of distinct-enough random keys for the load tests.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    fn random_key(rng: &mut Rng) -> FlowKey {
+        let a = rng.next();
+        let b = rng.next();
+        FlowKey {
+            src: Ipv4Addr::from(a as u32),
+            dst: Ipv4Addr::from((a >> 32) as u32),
+            sport: b as u16,
+            dport: (b >> 16) as u16,
+            proto: [ipv4::PROTO_TCP, ipv4::PROTO_UDP][(b >> 32) as usize & 1],
+        }
+    }
+
+    /// Histogram of bucket loads: `h[n]` buckets hold `n` keys.
+    fn histogram(ct: &Conntrack) -> [usize; SLOTS_PER_BUCKET + 1] {
+        let mut h = [0; SLOTS_PER_BUCKET + 1];
+        for b in ct.buckets.iter() {
+            h[b.0.iter().filter(|s| s.tag != 0).count()] += 1;
+        }
+        h
+    }
+
+    /// Fills a table of `capacity` with `flows` random DNATed flows (both keys inserted).
+    fn fill(capacity: usize, flows: usize, seed: u64) -> Conntrack {
+        let mut ct = Conntrack::new(Config {
+            capacity,
+            seed,
+            timeouts: Timeouts::default(),
+        })
+        .expect("valid capacity");
+        let mut rng = Rng(seed);
+        let backend = Ipv4Addr::new(10, 244, 2, 7);
+        for i in 0..flows {
+            let k = random_key(&mut rng);
+            let rw = NatRewrite::dnat(backend, (i as u16) | 1);
+            let f = ct.new_flow(k.proto, TCP_SYN, Some(rw), i as u32, 0);
+            let _ = ct.insert(&k, &k.reply_key(&rw), f, 0);
+        }
+        ct
+    }
+
+    /// Max bucket load and histogram of `keys` balls in `buckets` bins with the ideal scheme:
+    /// two independent uniform choices, each ball into the less loaded one (ties: the first).
+    fn ideal_two_choice(buckets: usize, keys: usize, seed: u64) -> [usize; 17] {
+        let mut load = vec![0usize; buckets];
+        let mut rng = Rng(seed);
+        for _ in 0..keys {
+            let (b1, b2) = (rng.next() as usize % buckets, rng.next() as usize % buckets);
+            let b = if load[b2] < load[b1] { b2 } else { b1 };
+            load[b] += 1;
+        }
+        let mut h = [0; 17];
+        for l in load {
+            h[l.min(16)] += 1;
+        }
+        h
+    }
+
+    fn max_load(h: &[usize]) -> usize {
+        h.iter().rposition(|&n| n != 0).unwrap_or(0)
+    }
+
+    /// Half the capacity (a quarter of the index) and the full capacity (half the index, the
+    /// design's worst case): two choices of 8-slot buckets must never both be full.
+    #[test]
+    fn filled_tables_never_evict_for_full_buckets() {
+        let cap = 1 << 16;
+        for seed in [1, 2, 3] {
+            for flows in [cap / 2, cap] {
+                let ct = fill(cap, flows, seed);
+                let st = ct.stats();
+                eprintln!(
+                    "seed {seed} flows {flows}/{cap}: evictions {:?} displaced {} loads {:?}",
+                    st.evictions,
+                    st.displaced,
+                    histogram(&ct)
+                );
+                assert_eq!(ct.len(), flows);
+                assert_eq!(st.evictions, [0, 0, 0], "seed {seed}, {flows} flows");
+            }
+        }
+    }
+
+    /// The bucket-load histogram matches two independent choices (correlated choices or
+    /// first-fit placement give the one-choice Poisson tail: buckets of 7 and 8 at 25 % load).
+    #[test]
+    fn bucket_loads_match_two_independent_choices() {
+        let cap = 1 << 16;
+        let flows = cap / 2;
+        let ct = fill(cap, flows, 11);
+        let real = histogram(&ct);
+        let keys: usize = real.iter().enumerate().map(|(n, b)| n * b).sum();
+        assert_eq!(keys, 2 * flows, "random keys: no reply key equals its key");
+        let ideal = ideal_two_choice(ct.buckets.len(), keys, 12);
+        eprintln!("bucket loads at 25 % index load: table {real:?}, ideal two-choice {ideal:?}");
+        assert!(
+            max_load(&real) <= max_load(&ideal) + 1,
+            "max bucket load {} vs {} for two independent choices",
+            max_load(&real),
+            max_load(&ideal)
+        );
+        // Buckets with more than 4 keys: a handful with two choices, ~5 % with one.
+        let heavy = |h: &[usize]| h.iter().skip(5).sum::<usize>();
+        assert!(
+            heavy(&real) <= heavy(&ideal) * 2 + 8,
+            "{real:?} vs {ideal:?}"
+        );
+    }
+
+    /// Both buckets of a new key full, but one slot's other bucket has room: it moves there
+    /// and nothing is evicted; every key stays findable and removable.
+    #[test]
+    fn a_full_bucket_pair_displaces_a_slot_instead_of_evicting() {
+        let mut ct = Conntrack::new(Config {
+            capacity: 32,
+            seed: 9,
+            timeouts: Timeouts::default(),
+        })
+        .expect("valid capacity");
+        assert_eq!(ct.buckets.len(), 16);
+        let mut rng = Rng(5);
+        let target = random_key(&mut rng);
+        let (b1, b2) = ct.buckets_of(&target);
+        // 8 single-key flows homed in b1 and 8 in b2, each with its other bucket elsewhere.
+        let mut movers = Vec::new();
+        for _ in 0..100_000 {
+            if movers.len() == 2 * SLOTS_PER_BUCKET {
+                break;
+            }
+            let k = random_key(&mut rng);
+            let (c1, c2) = ct.buckets_of(&k);
+            let home = if movers.len() < SLOTS_PER_BUCKET {
+                b1
+            } else {
+                b2
+            };
+            let other = c1 ^ c2 ^ home;
+            if (c1 == home || c2 == home) && other != b1 && other != b2 {
+                movers.push((k, home));
+            }
+        }
+        assert_eq!(movers.len(), 16, "enough keys found");
+        for (k, _) in &movers {
+            let f = ct.new_flow(ipv4::PROTO_UDP, 0, None, 0, 0);
+            assert_eq!(ct.insert(k, k, f, 0), Ok(()));
+        }
+        // Rearrange the index so that b1 and b2 are full.
+        let slots: Vec<Slot> = movers
+            .iter()
+            .map(|(k, _)| {
+                let (b, i, _) = ct.find(k).expect("inserted");
+                ct.buckets[b].0[i]
+            })
+            .collect();
+        ct.buckets.fill(Bucket::default());
+        for ((_, home), slot) in movers.iter().zip(slots) {
+            assert!(ct.buckets[*home].put(slot));
+        }
+        assert_eq!(ct.buckets[b1].used() + ct.buckets[b2].used(), 16);
+
+        let f = ct.new_flow(ipv4::PROTO_UDP, 0, None, 0, 0);
+        assert_eq!(ct.insert(&target, &target, f, 0), Ok(()));
+        assert_eq!(ct.stats().displaced, 1);
+        assert_eq!(ct.stats().evictions, [0, 0, 0]);
+        assert!(ct.lookup(&target, 0).is_some());
+        for (k, _) in &movers {
+            assert!(ct.lookup(k, 0).is_some(), "{k:?} still found");
+            assert!(ct.remove(k).is_some());
+        }
+        assert!(ct.remove(&target).is_some());
+        assert!(ct.is_empty());
+        assert!(ct.buckets.iter().all(|b| b.used() == 0), "no stale slots");
     }
 }
