@@ -9,7 +9,7 @@
 //!   a key lives in one of two buckets (two-choice hashing)  +-------------------------------+
 //! ```
 //!
-//! **Both directions.** A flow is one [`Entry`] holding its original key (as the first packet
+//! **Both directions.** A flow is one `Entry` holding its original key (as the first packet
 //! arrived, before NAT) and its reply key (what replies carry: the translated packet's key,
 //! reversed; [`FlowKey::reply_key`]). Both keys are inserted in the index, each slot pointing
 //! at the same entry with a direction bit, so a lookup with either key finds the one flow and
@@ -31,6 +31,11 @@
 //! tombstones: deletion just clears the slot. Lookup cost is bounded (16 slots) whatever the
 //! fill level. Measured with random keys at 2^16 capacity: at half capacity the fullest bucket
 //! holds 5 keys, at full capacity (half the index) 7; no `BucketsFull` eviction in either.
+//! `benches/conntrack.rs` (2^21 capacity, 2 shared vCPUs, noise about 10 %): 1 M flows
+//! inserted with 0 evictions (first-fit: 2 `BucketsFull`) and 0 displacements; per operation
+//! at 1 k / 100 k / 1 M flows, lookup hit 31 / 274 / 452 ns, lookup miss 33 / 108 / 223 ns,
+//! insert + remove 87 / 259 / 306 ns (first-fit in the same run: 33 / 308 / 440, 33 / 234 /
+//! 219, 81 / 315 / 298 ns: the same within noise; above 1 k flows it is cache and TLB misses).
 //!
 //! **Eviction**, always counted per [`EvictReason`]: when every entry is in use, or both buckets
 //! of a new key are full and no slot can move, a victim is taken among the flows referenced from the new keys'
