@@ -2,7 +2,8 @@
 //! up by each worker once per batch. Lookups are on sorted vectors (binary search): no hashing,
 //! no allocation, bounded by the number of interfaces and local endpoints on one node.
 //!
-//! Local endpoints are exact /32 lookups. Other nodes' pod CIDRs are a sorted list of disjoint
+//! Local endpoints and interfaces are exact lookups in a hash index built with the snapshot
+//! (flat cost as pods are added; the sorted vectors remain for iteration). Other nodes' pod CIDRs are a sorted list of disjoint
 //! prefixes (a node's pod CIDRs never overlap another's), found by binary search for the
 //! greatest network <= the address, then a mask check. Neighbours on the uplink (next hops'
 //! MACs) are learned by control from ARP and published here.
@@ -91,6 +92,71 @@ pub struct Snapshot {
     gateway: Ipv4Addr,
     interfaces: Vec<InterfaceEntry>,
     endpoints: Vec<(u32, EndpointEntry)>,
+    /// Hash indexes into `interfaces` (by ifindex) and `endpoints` (by address): one probe in
+    /// the common case, whatever the number of pods (the sorted vectors stay for iteration).
+    interface_index: FlatIndex,
+    endpoint_index: FlatIndex,
+}
+
+/// An open-addressing hash index from a non-zero `u32` key to a position: power-of-two table at
+/// most half full, multiplicative (Fibonacci) hashing, linear probing. Built once per snapshot;
+/// lookups allocate nothing and always end at an empty slot.
+#[derive(Clone, Debug, Default)]
+struct FlatIndex {
+    keys: Vec<u32>,
+    positions: Vec<u32>,
+    shift: u32,
+}
+
+impl FlatIndex {
+    const EMPTY: u32 = 0;
+
+    fn build(keys: impl ExactSizeIterator<Item = u32>) -> Self {
+        let n = keys.len().max(1);
+        let slots = (n * 2).next_power_of_two().max(8);
+        let mut idx = FlatIndex {
+            keys: vec![Self::EMPTY; slots],
+            positions: vec![0; slots],
+            shift: 32 - slots.trailing_zeros(),
+        };
+        let mask = slots - 1;
+        for (pos, key) in keys.enumerate() {
+            if key == Self::EMPTY {
+                continue; // ifindex 0 and 0.0.0.0 are never valid keys
+            }
+            let mut at = idx.slot(key);
+            while idx.keys[at] != Self::EMPTY && idx.keys[at] != key {
+                at = (at + 1) & mask;
+            }
+            idx.keys[at] = key;
+            idx.positions[at] = pos as u32;
+        }
+        idx
+    }
+
+    #[inline]
+    fn slot(&self, key: u32) -> usize {
+        (key.wrapping_mul(0x9e37_79b9) >> self.shift) as usize
+    }
+
+    #[inline]
+    fn get(&self, key: u32) -> Option<usize> {
+        if self.keys.is_empty() || key == Self::EMPTY {
+            return None;
+        }
+        let mask = self.keys.len() - 1;
+        let mut at = self.slot(key);
+        loop {
+            let k = self.keys[at];
+            if k == key {
+                return Some(self.positions[at] as usize);
+            }
+            if k == Self::EMPTY {
+                return None;
+            }
+            at = (at + 1) & mask;
+        }
+    }
 }
 
 impl Snapshot {
@@ -103,17 +169,14 @@ impl Snapshot {
     }
     #[inline]
     pub fn interface(&self, ifindex: u32) -> Option<&InterfaceEntry> {
-        self.interfaces
-            .binary_search_by_key(&ifindex, |i| i.ifindex)
-            .ok()
+        self.interface_index
+            .get(ifindex)
             .map(|at| &self.interfaces[at])
     }
     #[inline]
     pub fn endpoint(&self, ip: Ipv4Addr) -> Option<&EndpointEntry> {
-        let key = u32::from(ip);
-        self.endpoints
-            .binary_search_by_key(&key, |(k, _)| *k)
-            .ok()
+        self.endpoint_index
+            .get(u32::from(ip))
             .map(|at| &self.endpoints[at].1)
     }
     pub fn overlay(&self) -> Option<&OverlayConfig> {
@@ -172,6 +235,8 @@ impl SnapshotBuilder {
                 overlay: None,
                 remotes: Vec::new(),
                 neighbors: Vec::new(),
+                interface_index: FlatIndex::default(),
+                endpoint_index: FlatIndex::default(),
             },
         }
     }
@@ -237,6 +302,9 @@ impl SnapshotBuilder {
         last_wins(&mut self.snap.interfaces, |i| i.ifindex);
         self.snap.endpoints.sort_by_key(|(k, _)| *k);
         last_wins(&mut self.snap.endpoints, |(k, _)| *k);
+        self.snap.interface_index =
+            FlatIndex::build(self.snap.interfaces.iter().map(|i| i.ifindex));
+        self.snap.endpoint_index = FlatIndex::build(self.snap.endpoints.iter().map(|(k, _)| *k));
         (self.snap, refused)
     }
     /// Builds the snapshot (overlapping remote pod CIDRs are dropped: see `build_checked`).
@@ -298,6 +366,48 @@ mod tests {
         assert_eq!(s.interface(2).map(|i| i.mac), Some(mac(8)));
         assert_eq!(s.interfaces().len(), 1);
         assert_eq!(s.neighbor(Ipv4Addr::new(172, 18, 0, 1)), Some(mac(4)));
+    }
+
+    #[test]
+    fn hash_index_finds_every_key_and_nothing_else() {
+        for n in [0u32, 1, 7, 8, 9, 1000, 70_000] {
+            let mut b = SnapshotBuilder::new(1, Ipv4Addr::new(10, 0, 0, 1));
+            // Distinct keys (0x10001 is odd: i -> i * 0x10001 is a bijection) sharing low bits.
+            let ip = |i: u32| Ipv4Addr::from(0x0a00_0000u32.wrapping_add(i.wrapping_mul(0x1_0001)));
+            for i in 1..=n {
+                b.endpoint(
+                    ip(i),
+                    EndpointEntry {
+                        ifindex: i,
+                        mac: Mac([2, 0, 0, 0, 0, 1]),
+                    },
+                );
+                b.interface(InterfaceEntry {
+                    ifindex: i,
+                    mac: Mac([2, 0, 0, 0, 0, 2]),
+                    role: InterfaceRole::Pod,
+                });
+            }
+            b.endpoint(
+                Ipv4Addr::UNSPECIFIED,
+                EndpointEntry {
+                    ifindex: 9,
+                    mac: Mac([2, 0, 0, 0, 0, 3]),
+                },
+            );
+            let s = b.build();
+            for i in 1..=n {
+                assert_eq!(s.endpoint(ip(i)).map(|e| e.ifindex), Some(i), "n={n} i={i}");
+                assert_eq!(s.interface(i).map(|e| e.ifindex), Some(i));
+            }
+            assert!(s.endpoint(ip(n + 1)).is_none());
+            assert!(s.interface(n + 1).is_none());
+            assert!(s.interface(0).is_none());
+            assert!(
+                s.endpoint(Ipv4Addr::UNSPECIFIED).is_none(),
+                "0.0.0.0 is never an endpoint"
+            );
+        }
     }
 
     #[test]
