@@ -6,7 +6,7 @@
 //! counters from the workers' published copies without stopping them.
 use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    sync::{mpsc, Arc},
+    sync::{mpsc, Arc, Mutex},
     thread::JoinHandle,
     time::Duration,
 };
@@ -19,6 +19,7 @@ use crate::{
     stats::{Counters, SharedCounters},
     worker::{Command, PortInfo, PortStatus, Worker, WorkerConfig},
     xsk::{RingSizes, UmemConfig},
+    xsk::{UmemRegion, XskSocket},
 };
 
 const COMMAND_QUEUE_DEPTH: usize = 64;
@@ -75,6 +76,13 @@ struct WorkerHandle {
     shared: Arc<SharedCounters>,
     thread: Option<JoinHandle<()>>,
     hugepages: bool,
+    /// The worker's UMEM, for binding new sockets on the control thread.
+    umem: UmemRegion,
+    /// The worker's sockets as control knows them: (ifindex, queue, fd). Any bound one lends
+    /// its fd to `XDP_SHARED_UMEM`. Only control adds and removes ports, so an fd listed here
+    /// stays open (the worker closes a socket only when told to remove it, after it left this
+    /// list). Control-path only: the mutex is never touched per packet.
+    ports: Mutex<Vec<(u32, u32, i32)>>,
 }
 
 impl WorkerHandle {
@@ -120,9 +128,55 @@ pub struct WorkerReport {
     pub counters: Counters,
 }
 
+/// A request to the binder thread: create and bind a socket on `umem`, sharing it through the
+/// first of `shared` fds that works, else registering it.
+struct BindRequest {
+    umem: UmemRegion,
+    ifindex: u32,
+    queue: u32,
+    rings: RingSizes,
+    shared: Vec<i32>,
+    reply: mpsc::SyncSender<Result<XskSocket, String>>,
+}
+
+/// The binder thread: AF_XDP sockets bind to an interface of their creator's network namespace,
+/// so they are created by a thread started with the workers (same namespace as the caller of
+/// [`Dataplane::start`]), never by a worker (the syscalls, mmaps and the rtnl lock in bind(2)
+/// would stall its packets) and not by whichever thread calls `add_port`.
+fn binder(requests: mpsc::Receiver<BindRequest>) {
+    for r in requests {
+        let mut last_err = None;
+        let mut socket = None;
+        for fd in &r.shared {
+            // SAFETY: listed fds belong to sockets a worker keeps open (see WorkerHandle::ports);
+            // the requester holds that list's lock until we answer.
+            let shared = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+            match XskSocket::new(&r.umem, r.ifindex, r.queue, r.rings, Some(shared)) {
+                Ok(s) => {
+                    socket = Some(s);
+                    break;
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let result = match socket {
+            Some(s) => Ok(s),
+            None => XskSocket::new(&r.umem, r.ifindex, r.queue, r.rings, None).map_err(|e| {
+                match &last_err {
+                    Some(shared) => format!("{e} (sharing the UMEM also failed: {shared})"),
+                    None => e.to_string(),
+                }
+            }),
+        };
+        let _ = r.reply.send(result);
+    }
+}
+
 pub struct Dataplane {
     workers: Vec<WorkerHandle>,
+    binder: mpsc::SyncSender<BindRequest>,
     frames_per_worker: u32,
+    rings: RingSizes,
     snapshot: Arc<ArcSwapOption<Snapshot>>,
 }
 
@@ -188,7 +242,7 @@ impl Dataplane {
                     // better for NUMA; on one socket it makes no difference).
                     match Worker::new(wc, s, snap, rx, worker_wake) {
                         Ok(w) => {
-                            let _ = ready_tx.send(Ok(w.on_hugepages()));
+                            let _ = ready_tx.send(Ok((w.on_hugepages(), w.umem_region())));
                             w.run();
                         }
                         Err(e) => {
@@ -200,8 +254,8 @@ impl Dataplane {
                     worker: id,
                     what: format!("spawning thread: {e}"),
                 })?;
-            let hugepages = match ready_rx.recv_timeout(COMMAND_TIMEOUT) {
-                Ok(Ok(h)) => h,
+            let (hugepages, umem) = match ready_rx.recv_timeout(COMMAND_TIMEOUT) {
+                Ok(Ok(ready)) => ready,
                 Ok(Err(what)) => return Err(RuntimeError::Worker { worker: id, what }),
                 Err(_) => {
                     return Err(RuntimeError::Worker {
@@ -218,11 +272,25 @@ impl Dataplane {
                 shared,
                 thread: Some(thread),
                 hugepages,
+                umem,
+                ports: Mutex::new(Vec::new()),
             });
         }
         Ok(Self {
             workers,
+            binder: {
+                let (tx, rx) = mpsc::sync_channel(4);
+                std::thread::Builder::new()
+                    .name("sluice-xsk-binder".into())
+                    .spawn(move || binder(rx))
+                    .map_err(|e| RuntimeError::Worker {
+                        worker: 0,
+                        what: format!("spawning the socket binder: {e}"),
+                    })?;
+                tx
+            },
             frames_per_worker: config.umem.frames,
+            rings: config.rings,
             snapshot,
         })
     }
@@ -246,16 +314,49 @@ impl Dataplane {
     }
 
     /// Creates the socket for (`ifindex`, `queue`) on the worker owning `queue`.
+    ///
+    /// The socket is created and bound here, on the caller's thread: socket(2), the ring
+    /// setsockopts and mmaps, and bind(2) (which takes the rtnl lock) never stall a worker.
+    /// The worker only takes it over and fills its fill ring.
     pub fn add_port(&self, ifindex: u32, queue: u32) -> Result<PortInfo, RuntimeError> {
         let w = &self.workers[self.worker_for_queue(queue)];
+        let mut ports = w.ports.lock().unwrap_or_else(|e| e.into_inner());
         let (tx, rx) = mpsc::sync_channel(1);
-        w.send(Command::AddPort {
+        let request = BindRequest {
+            umem: w.umem,
             ifindex,
             queue,
+            rings: self.rings,
+            shared: ports.iter().map(|(_, _, fd)| *fd).collect(),
+            reply: tx,
+        };
+        self.binder
+            .send(request)
+            .map_err(|_| RuntimeError::Worker {
+                worker: w.id,
+                what: "the socket binder thread has exited".into(),
+            })?;
+        let socket = match rx.recv_timeout(COMMAND_TIMEOUT) {
+            Ok(Ok(s)) => s,
+            Ok(Err(what)) => return Err(RuntimeError::Worker { worker: w.id, what }),
+            Err(_) => {
+                return Err(RuntimeError::Worker {
+                    worker: w.id,
+                    what: "socket binder did not answer".into(),
+                })
+            }
+        };
+        let fd = socket.fd().as_raw_fd();
+        let (tx, rx) = mpsc::sync_channel(1);
+        w.send(Command::AddPort {
+            socket: Box::new(socket),
             reply: tx,
         })?;
         match rx.recv_timeout(COMMAND_TIMEOUT) {
-            Ok(Ok(info)) => Ok(info),
+            Ok(Ok(info)) => {
+                ports.push((ifindex, queue, fd));
+                Ok(info)
+            }
             Ok(Err(what)) => Err(RuntimeError::Worker { worker: w.id, what }),
             Err(_) => Err(RuntimeError::Worker {
                 worker: w.id,
@@ -268,6 +369,10 @@ impl Dataplane {
     /// removed the socket from the XSKMAP first. Returns whether such a port existed.
     pub fn remove_port(&self, ifindex: u32, queue: u32) -> Result<bool, RuntimeError> {
         let w = &self.workers[self.worker_for_queue(queue)];
+        w.ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(i, q, _)| (*i, *q) != (ifindex, queue));
         let (tx, rx) = mpsc::sync_channel(1);
         w.send(Command::RemovePort {
             ifindex,

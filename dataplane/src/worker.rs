@@ -1,7 +1,9 @@
 //! A worker: one pinned thread owning one UMEM, its frame pool, and one AF_XDP socket per
 //! (interface, queue) assigned to it. Per loop iteration:
 //!
-//! 1. apply control commands (add/remove a port, report port stats), polled with `try_recv`;
+//! 1. apply control commands (take over a new socket, remove a port, report port stats),
+//!    polled with `try_recv`; sockets are created and bound by control (the syscalls, mmaps
+//!    and rtnl lock stay off this thread), the worker only fills their fill ring;
 //! 2. load the current snapshot once (arc-swap cache);
 //! 3. reap completion rings (transmitted frames back to the pool);
 //! 4. for each port, take a batch from its rx ring and run every frame through
@@ -88,9 +90,9 @@ pub struct PortStatus {
 }
 
 pub enum Command {
+    /// Take over a socket control created and bound on this worker's UMEM.
     AddPort {
-        ifindex: u32,
-        queue: u32,
+        socket: Box<XskSocket>,
         reply: SyncSender<Result<PortInfo, String>>,
     },
     RemovePort {
@@ -193,6 +195,11 @@ impl Worker {
         self.umem.on_hugepages()
     }
 
+    /// The UMEM region sockets for this worker must register or share.
+    pub fn umem_region(&self) -> crate::xsk::UmemRegion {
+        self.umem.region()
+    }
+
     /// The worker loop; returns on `Command::Shutdown` or when control hangs up.
     pub fn run(mut self) {
         if let Some(core) = self.config.core {
@@ -287,12 +294,9 @@ impl Worker {
     fn apply_commands(&mut self) -> bool {
         loop {
             match self.commands.try_recv() {
-                Ok(Command::AddPort {
-                    ifindex,
-                    queue,
-                    reply,
-                }) => {
-                    let r = self.add_port(ifindex, queue);
+                Ok(Command::AddPort { socket, reply }) => {
+                    let (ifindex, queue) = (socket.ifindex(), socket.queue());
+                    let r = self.add_port(*socket);
                     let added = r.is_ok();
                     if reply.send(r).is_err() && added {
                         // Control gave up waiting: nobody will register or remove this socket.
@@ -325,7 +329,8 @@ impl Worker {
         }
     }
 
-    fn add_port(&mut self, ifindex: u32, queue: u32) -> Result<PortInfo, String> {
+    fn add_port(&mut self, sock: XskSocket) -> Result<PortInfo, String> {
+        let (ifindex, queue) = (sock.ifindex(), sock.queue());
         if self
             .ports
             .iter()
@@ -335,34 +340,6 @@ impl Worker {
                 "ifindex {ifindex} queue {queue} already has a socket on this worker"
             ));
         }
-        // Share the UMEM through any bound socket; a socket whose interface vanished is no
-        // longer bound, so try the others, and register the UMEM afresh when none works.
-        let mut last_err = None;
-        let mut sock = None;
-        for p in &self.ports {
-            match XskSocket::new(
-                &self.umem,
-                ifindex,
-                queue,
-                self.config.rings,
-                Some(p.sock.fd()),
-            ) {
-                Ok(s) => {
-                    sock = Some(s);
-                    break;
-                }
-                Err(e) => last_err = Some(e),
-            }
-        }
-        let sock = match sock {
-            Some(s) => s,
-            None => XskSocket::new(&self.umem, ifindex, queue, self.config.rings, None).map_err(
-                |e| match last_err {
-                    Some(shared) => format!("{e} (sharing the UMEM also failed: {shared})"),
-                    None => e.to_string(),
-                },
-            )?,
-        };
         let info = PortInfo {
             worker: self.config.id,
             ifindex,

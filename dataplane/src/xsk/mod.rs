@@ -8,4 +8,4 @@ pub mod sys;
 pub mod umem;
 
 pub use socket::{BindMode, RingSizes, SocketError, XskSocket};
-pub use umem::{UmemArea, UmemConfig, UmemError};
+pub use umem::{UmemArea, UmemConfig, UmemError, UmemRegion};

@@ -9,7 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use super::{
     ring::{ConsRing, ProdRing, RingMap},
     sys,
-    umem::UmemArea,
+    umem::UmemRegion,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -100,7 +100,7 @@ impl XskSocket {
     /// Creates a socket on (`ifindex`, `queue`). With `shared_with = Some(fd)` of a bound socket
     /// that uses `umem`, binds with `XDP_SHARED_UMEM`; otherwise registers `umem` itself.
     pub fn new(
-        umem: &UmemArea,
+        umem: &UmemRegion,
         ifindex: u32,
         queue: u32,
         sizes: RingSizes,
@@ -120,12 +120,11 @@ impl XskSocket {
         // SAFETY: raw is a fresh fd we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         if shared_with.is_none() {
-            let c = umem.config();
             let reg = sys::xdp_umem_reg {
-                addr: umem.addr(),
-                len: umem.len() as u64,
-                chunk_size: c.frame_size,
-                headroom: c.headroom,
+                addr: umem.addr,
+                len: umem.len,
+                chunk_size: umem.frame_size,
+                headroom: umem.headroom,
                 flags: 0,
                 tx_metadata_len: 0,
             };

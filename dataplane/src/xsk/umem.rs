@@ -33,6 +33,16 @@ impl Default for UmemConfig {
     }
 }
 
+/// Where a UMEM lives and its geometry: what a socket needs to register it (`XDP_UMEM_REG`).
+/// Copyable, so sockets can be created off the worker thread that owns the memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UmemRegion {
+    pub addr: u64,
+    pub len: u64,
+    pub frame_size: u32,
+    pub headroom: u32,
+}
+
 /// The mapped region.
 pub struct UmemArea {
     ptr: NonNull<u8>,
@@ -97,6 +107,16 @@ impl UmemArea {
         })
     }
 
+    /// The region to register in sockets. The area must outlive every socket registered with it
+    /// (the worker drops its ports first; the kernel also pins the pages while registered).
+    pub fn region(&self) -> UmemRegion {
+        UmemRegion {
+            addr: self.addr(),
+            len: self.len() as u64,
+            frame_size: self.config.frame_size,
+            headroom: self.config.headroom,
+        }
+    }
     pub fn config(&self) -> &UmemConfig {
         &self.config
     }
