@@ -343,6 +343,19 @@ fn encode_histogram(h: &hdrhistogram::Histogram<u64>) -> anyhow::Result<String> 
     Ok(base64::engine::general_purpose::STANDARD.encode(buf))
 }
 
+/// The XDP program's action counters of one interface, named (empty if the map is unreadable).
+fn xdp_counters(attachment: &Attachment) -> Vec<(String, u64)> {
+    attachment
+        .counters()
+        .map(|c| {
+            xdp_redirect::Action::ALL
+                .iter()
+                .map(|x| (x.as_str().to_string(), c[*x as usize]))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// CLOCK_MONOTONIC in ns (the clock of `bpf_ktime_get_ns`).
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -896,16 +909,7 @@ impl Agent {
                     .filter(|p| p.ifindex == a.ifindex)
                     .map(status::queue_status)
                     .collect(),
-                xdp: a
-                    .attachment
-                    .counters()
-                    .map(|c| {
-                        xdp_redirect::Action::ALL
-                            .iter()
-                            .map(|x| (x.as_str().to_string(), c[*x as usize]))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                xdp: xdp_counters(&a.attachment),
             })
             .collect();
         if let Some(u) = &self.uplink {
@@ -926,16 +930,7 @@ impl Agent {
                     .filter(|p| p.ifindex == u.ifindex)
                     .map(status::queue_status)
                     .collect(),
-                xdp: u
-                    .attachment
-                    .counters()
-                    .map(|c| {
-                        xdp_redirect::Action::ALL
-                            .iter()
-                            .map(|x| (x.as_str().to_string(), c[*x as usize]))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                xdp: xdp_counters(&u.attachment),
             });
         }
         Status {
