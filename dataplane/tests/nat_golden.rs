@@ -3,11 +3,7 @@
 //! rewrites `conntrack` derives, compared byte for byte. Plus property tests (checksums always
 //! verify; rewrite then inverse is the identity) and a counting allocator proving that
 //! conntrack and NAT allocate nothing per packet after construction.
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    net::Ipv4Addr,
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::net::Ipv4Addr;
 
 use dataplane::{
     classify::{classify, Class, Ipv4Meta},
@@ -508,39 +504,11 @@ proptest! {
 
 // ---- no allocation per packet ----------------------------------------------------------
 
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    static COUNT_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-fn note_alloc() {
-    if COUNT_HERE.with(|c| c.get()) {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: forwards to the system allocator, only counting calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_alloc();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_alloc();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: counting_alloc::Counting = counting_alloc::Counting;
 
 #[test]
 fn conntrack_and_nat_allocate_nothing_after_construction() {
@@ -564,41 +532,31 @@ fn conntrack_and_nat_allocate_nothing_after_construction() {
     let mut buf = syn.clone();
     let mut ebuf = err.clone();
 
-    COUNT_HERE.with(|c| c.set(true));
-    // The counter itself must work, or the zero below proves nothing.
-    let probe = ALLOCS.load(Ordering::Relaxed);
-    drop(std::hint::black_box(vec![0u8; 16]));
-    assert!(
-        ALLOCS.load(Ordering::Relaxed) > probe,
-        "allocator not counting"
-    );
-
-    let before = ALLOCS.load(Ordering::Relaxed);
     let mut now = 0u64;
     let rw = NatRewrite::dnat(BACKEND, 8080);
     // 10k flows through a 256-entry table: hits, misses, evictions, GC.
-    for i in 0..10_000u32 {
-        now += NS_PER_SEC / 100;
-        let key = FlowKey {
-            src: Ipv4Addr::from(0x0af4_0000 + i),
-            dst: SERVICE,
-            sport: i as u16,
-            dport: 80,
-            proto: TCP,
-        };
-        if ct.track(&key, TCP_SYN, now).is_none() {
-            let f = ct.new_flow(TCP, TCP_SYN, Some(rw), i, now);
-            let _ = ct.insert(&key, &key.reply_key(&rw), f, now);
+    let ((), allocs) = counting_alloc::allocations_during(|| {
+        for i in 0..10_000u32 {
+            now += NS_PER_SEC / 100;
+            let key = FlowKey {
+                src: Ipv4Addr::from(0x0af4_0000 + i),
+                dst: SERVICE,
+                sport: i as u16,
+                dport: 80,
+                proto: TCP,
+            };
+            if ct.track(&key, TCP_SYN, now).is_none() {
+                let f = ct.new_flow(TCP, TCP_SYN, Some(rw), i, now);
+                let _ = ct.insert(&key, &key.reply_key(&rw), f, now);
+            }
+            let _ = ct.track(&key.reply_key(&rw), TCP_SYN | TCP_ACK, now);
+            ct.gc(now, 4);
+            buf.copy_from_slice(&syn);
+            rewrite_frame(&m, &rw, &mut buf).expect("rewrite");
+            ebuf.copy_from_slice(&err);
+            rewrite_frame(&em, &NatRewrite::snat(SERVICE, 53), &mut ebuf).expect("rewrite");
         }
-        let _ = ct.track(&key.reply_key(&rw), TCP_SYN | TCP_ACK, now);
-        ct.gc(now, 4);
-        buf.copy_from_slice(&syn);
-        rewrite_frame(&m, &rw, &mut buf).expect("rewrite");
-        ebuf.copy_from_slice(&err);
-        rewrite_frame(&em, &NatRewrite::snat(SERVICE, 53), &mut ebuf).expect("rewrite");
-    }
-    let allocs = ALLOCS.load(Ordering::Relaxed) - before;
-    COUNT_HERE.with(|c| c.set(false));
+    });
     assert_eq!(allocs, 0, "allocations on the per-packet path");
     let st = ct.stats();
     assert!(st.evictions.iter().sum::<u64>() > 0, "evictions exercised");

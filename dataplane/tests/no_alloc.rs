@@ -2,48 +2,14 @@
 //! every kind (forward, ARP reply, gateway echo, ICMP error, drops) after one warm-up pass.
 mod common;
 
-use std::{
-    alloc::{GlobalAlloc, Layout, System},
-    sync::atomic::{AtomicU64, Ordering},
-};
-
 use common::*;
 use dataplane::{packet::PacketBuf, pipeline::process, stats::Counters, wire::Mac, Verdict};
 
-struct Counting;
-static ALLOCS: AtomicU64 = AtomicU64::new(0);
-
-thread_local! {
-    // Only the measuring thread counts: the test harness allocates on its own threads.
-    static COUNT_HERE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-fn note_alloc() {
-    if COUNT_HERE.with(|c| c.get()) {
-        ALLOCS.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-// SAFETY: forwards to the system allocator, only counting calls.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        note_alloc();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        note_alloc();
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
 
 #[global_allocator]
-static GLOBAL: Counting = Counting;
+static GLOBAL: counting_alloc::Counting = counting_alloc::Counting;
 
 #[test]
 fn zero_allocations_per_packet_after_warm_up() {
@@ -75,21 +41,12 @@ fn zero_allocations_per_packet_after_warm_up() {
         }
     };
     pass(&mut counters, &mut bufs);
-    // The counter itself must work, or the zero below proves nothing.
-    COUNT_HERE.with(|c| c.set(true));
-    let probe = ALLOCS.load(Ordering::Relaxed);
-    drop(std::hint::black_box(vec![1u8; 64]));
-    assert!(
-        ALLOCS.load(Ordering::Relaxed) > probe,
-        "the counting allocator does not count"
-    );
-    let before = ALLOCS.load(Ordering::Relaxed);
-    for _ in 0..100_000 / frames.len() {
-        pass(&mut counters, &mut bufs);
-    }
-    let after = ALLOCS.load(Ordering::Relaxed);
-    COUNT_HERE.with(|c| c.set(false));
-    assert_eq!(after - before, 0, "allocations on the per-packet path");
+    let ((), allocs) = counting_alloc::allocations_during(|| {
+        for _ in 0..100_000 / frames.len() {
+            pass(&mut counters, &mut bufs);
+        }
+    });
+    assert_eq!(allocs, 0, "allocations on the per-packet path");
     // The loop really exercised every path.
     assert!(
         counters.forwarded > 0 && counters.arp_replies > 0 && counters.gateway_echo_replies > 0
