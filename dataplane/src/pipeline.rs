@@ -84,11 +84,12 @@ fn from_pod(
     if meta.dst.is_multicast() || meta.dst.is_broadcast() {
         return Verdict::Drop(DropReason::Ipv4Multicast);
     }
-    if snap.endpoint(meta.dst).is_some() {
-        return match route::forward(snap, meta, pkt) {
-            Ok(verdict) => verdict,
-            Err(route::TtlExpired) => icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt),
-        };
+    match route::forward(snap, meta, pkt) {
+        Ok(verdict) => return verdict,
+        Err(route::NotForwarded::TtlExpired) => {
+            return icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt)
+        }
+        Err(route::NotForwarded::NotLocal) => {}
     }
     if let (Some(overlay), Some(remote)) = (snap.overlay(), snap.remote(meta.dst)) {
         if meta.ttl <= 1 {
@@ -122,9 +123,6 @@ fn from_overlay(snap: &Snapshot, outer: &Ipv4Meta, pkt: &mut PacketBuf<'_>) -> V
     if snap.remote(inner.src).map(|r| r.vtep_ip) != Some(outer.src) {
         return Verdict::Drop(DropReason::VxlanSourceMismatch);
     }
-    if snap.endpoint(inner.dst).is_none() {
-        return Verdict::Drop(DropReason::NoRoute);
-    }
     match route::forward(snap, &inner, pkt) {
         Ok(Verdict::Tx {
             ifindex,
@@ -135,6 +133,7 @@ fn from_overlay(snap: &Snapshot, outer: &Ipv4Meta, pkt: &mut PacketBuf<'_>) -> V
         },
         Ok(verdict) => verdict,
         // An ICMP error would have to travel back through the tunnel: not sent (documented).
-        Err(route::TtlExpired) => Verdict::Drop(DropReason::TtlExceeded),
+        Err(route::NotForwarded::TtlExpired) => Verdict::Drop(DropReason::TtlExceeded),
+        Err(route::NotForwarded::NotLocal) => Verdict::Drop(DropReason::NoRoute),
     }
 }

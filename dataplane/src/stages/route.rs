@@ -10,25 +10,31 @@ use crate::{
     TxKind, Verdict,
 };
 
-/// [`forward`] found the destination but the TTL would reach zero: the caller answers with
-/// ICMP time exceeded (the frame is untouched).
+/// Why [`forward`] did not forward (the frame is untouched).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TtlExpired;
+pub enum NotForwarded {
+    /// The destination is not a pod on this node: the caller tries other routes.
+    NotLocal,
+    /// The destination is local but the TTL would reach zero: the caller answers with ICMP
+    /// time exceeded.
+    TtlExpired,
+}
 
 #[inline]
 pub fn forward(
     snap: &Snapshot,
     meta: &Ipv4Meta,
     pkt: &mut PacketBuf<'_>,
-) -> Result<Verdict, TtlExpired> {
+) -> Result<Verdict, NotForwarded> {
+    // One lookup decides both "is it local" and where it goes.
     let Some(dst) = snap.endpoint(meta.dst) else {
-        return Ok(Verdict::Drop(DropReason::NoRoute));
+        return Err(NotForwarded::NotLocal);
     };
     let Some(out) = snap.interface(dst.ifindex) else {
         return Ok(Verdict::Drop(DropReason::NoRoute));
     };
     if meta.ttl <= 1 {
-        return Err(TtlExpired);
+        return Err(NotForwarded::TtlExpired);
     }
     let data = pkt.data_mut();
     // The header was validated by classify: use its offset, never parse again.
