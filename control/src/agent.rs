@@ -46,6 +46,7 @@ use crate::{
     api::{self, CniConf, Endpoint, Request, Response},
     cluster::{self, ClusterState, FileSource, NodeInfo},
     metrics, overlay,
+    services::{self, ServiceOptions, ServicePlan},
     status::{self, InterfaceStatus, Status},
 };
 
@@ -82,6 +83,8 @@ pub struct RunOptions {
     /// VXLAN UDP port and VNI.
     pub vxlan_port: u16,
     pub vni: u32,
+    /// Maglev table size and backend selection.
+    pub services: ServiceOptions,
 }
 
 struct Attached {
@@ -116,6 +119,10 @@ struct Agent {
     endpoints: BTreeMap<String, Attached>,
     generation: u64,
     mtu: u32,
+    /// The Services translated for this node (recomputed with every cluster change).
+    services: Arc<ServicePlan>,
+    /// Snapshot generation that last changed `services` (shown by `sluice service list`).
+    services_generation: u64,
 }
 
 /// Work for the control loop from the API and metrics threads.
@@ -225,7 +232,10 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         endpoints: BTreeMap::new(),
         generation: 0,
         mtu,
+        services: Arc::new(ServicePlan::default()),
+        services_generation: 0,
     };
+    agent.translate_services();
     agent.publish();
     if let Err(e) = agent.attach_uplink() {
         tracing::error!(error = %format!("{e:#}"), "uplink not attached: pods on other nodes are unreachable");
@@ -443,6 +453,16 @@ impl Agent {
             .state_dir
             .join("endpoints")
             .join(format!("{container_id}.json"))
+    }
+
+    /// Recomputes the service plan from the cluster state; the generation moves only when the
+    /// plan changed.
+    fn translate_services(&mut self) {
+        let plan = services::translate(&self.cluster, &self.node.name, &self.opts.services);
+        if *self.services != plan {
+            self.services = Arc::new(plan);
+            self.services_generation = self.generation + 1;
+        }
     }
 
     fn publish(&mut self) {
@@ -824,6 +844,7 @@ impl Agent {
                 self.cluster = c;
                 self.node = node;
                 self.source_error = None;
+                self.translate_services();
                 if let Ok(bytes) = std::fs::read(path) {
                     let _ = write_atomic(&last_good_path(&self.opts.state_dir), &bytes);
                 }

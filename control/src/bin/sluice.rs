@@ -65,6 +65,13 @@ enum Cmd {
         /// VXLAN network identifier (24 bits).
         #[arg(long, default_value_t = control::overlay::DEFAULT_VNI, value_parser = clap::value_parser!(u32).range(0..=0xff_ffff))]
         vni: u32,
+        /// Entries in each service port's Maglev table: a prime (Cilium's default 16381).
+        #[arg(long, default_value_t = control::services::DEFAULT_TABLE_SIZE)]
+        maglev_table_size: u32,
+        /// How workers choose a backend for a new flow: `maglev` (consistent hashing) or
+        /// `random` (flow hash modulo the backends).
+        #[arg(long, default_value = "maglev")]
+        lb_selection: String,
         /// How often to check the cluster file for changes, in milliseconds.
         #[arg(long, default_value_t = 500)]
         source_poll_ms: u64,
@@ -111,7 +118,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             metrics_addr,
             vxlan_port,
             vni,
+            maglev_table_size,
+            lb_selection,
         } => {
+            let selection = match lb_selection.as_str() {
+                "maglev" => control::services::SelectionMode::Maglev,
+                "random" => control::services::SelectionMode::Random,
+                other => anyhow::bail!("--lb-selection {other:?}: expected maglev or random"),
+            };
+            let services = control::services::ServiceOptions::new(maglev_table_size, selection)
+                .map_err(|e| anyhow::anyhow!("--maglev-table-size {maglev_table_size}: {e}"))?;
             let metrics_addr = match metrics_addr.as_str() {
                 "none" => None,
                 a => Some(a.parse().map_err(|e| {
@@ -142,6 +158,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     metrics_addr,
                     vxlan_port,
                     vni,
+                    services,
                 },
                 stop,
             )
