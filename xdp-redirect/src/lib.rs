@@ -3,16 +3,39 @@
 //! One [`Attachment`] per interface: its own copy of the program and maps, attached through a
 //! bpf_link, so dropping it (or the agent dying) detaches the program and leaves nothing behind.
 //! While attached and with no AF_XDP socket registered for a queue, the program passes every frame
-//! to the kernel (fail-open); see `ebpf/src/main.rs`.
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+//! to the kernel (fail-open).
+//!
+//! What the program redirects is decided by, in this order (full detail in `ebpf/src/main.rs`):
+//! 1. a whole-ethertype rule ([`Attachment::set_rule`] with [`PassKey::ethertype`]);
+//! 2. IPv4 destination addresses ([`Attachment::set_dst_addr`]): any protocol, every fragment;
+//! 3. not for fragments: TCP/UDP by destination port, first an exact [`PassKey::ipv4`] rule,
+//!    then the port tables ([`Attachment::set_port`], [`Attachment::set_port_range`]); ICMP
+//!    echo replies by identifier and ICMP errors by the quoted packet's source port or echo
+//!    identifier ([`PortProtocol::IcmpEchoId`], the TCP/UDP tables);
+//! 4. a whole-protocol rule ([`PassKey::ipv4`] with port 0), then the default
+//!    ([`Attachment::set_default`]).
+//!
+//! An uplink is set to default Pass with the agent's traffic claimed by Redirect entries; a pod
+//! veth keeps the default Redirect. For a reconcile, build the wanted sets and hand them to
+//! [`Attachment::replace_ports`] and [`Attachment::replace_dst_addrs`]: only what differs is
+//! written, so an entry present before and after is never missing in between.
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    ops::RangeInclusive,
+    os::fd::{AsFd, AsRawFd, BorrowedFd},
+};
+
+mod ports;
+pub use ports::{PortClaims, PortProtocol};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, XskMap},
     programs::{Xdp, XdpMode},
     Ebpf,
 };
-pub use xdp_redirect_common::{Action, PassKey, RuleAction, MAX_QUEUES};
-use xdp_redirect_common::{NeighEntry, CONFIG_DEFAULT_ACTION, CONFIG_SNOOP_ARP};
+pub use xdp_redirect_common::{Action, PassKey, RuleAction, MAX_DST_ADDRS, MAX_QUEUES};
+use xdp_redirect_common::{NeighEntry, CONFIG_DEFAULT_ACTION, CONFIG_SNOOP_ARP, PORT_TABLE_WORDS};
 
 /// The eBPF object built by `build.rs` (nightly, bpfel-unknown-none, with BTF).
 pub static PROGRAM_OBJECT: &[u8] =
@@ -60,6 +83,34 @@ pub enum Error {
         queue: u32,
         max: u32,
     },
+    #[error(
+        "{proto} port range {lo}..={hi} on {ifname} is empty (the first port must not exceed \
+         the last)"
+    )]
+    EmptyPortRange {
+        ifname: String,
+        proto: PortProtocol,
+        lo: u16,
+        hi: u16,
+    },
+    #[error(
+        "{wanted} destination addresses for {ifname} exceed the DST_ADDRS map size {max}; \
+         claim fewer LoadBalancer/external IPs or raise MAX_DST_ADDRS"
+    )]
+    TooManyDstAddrs {
+        ifname: String,
+        wanted: usize,
+        max: u32,
+    },
+    #[error("IP protocol {proto} has no port table (only TCP 6, UDP 17 and ICMP 1 have one)")]
+    UnsupportedProtocol { proto: u8 },
+}
+
+impl TryFrom<u8> for PortProtocol {
+    type Error = Error;
+    fn try_from(proto: u8) -> Result<Self, Error> {
+        PortProtocol::from_ip_proto(proto).ok_or(Error::UnsupportedProtocol { proto })
+    }
 }
 
 /// How the program ended up attached.
@@ -90,6 +141,13 @@ pub struct Attachment {
     config: Array<MapData, u32>,
     neigh: HashMap<MapData, u32, NeighEntry>,
     actions: PerCpuArray<MapData, u64>,
+    ports: Array<MapData, u64>,
+    dst_addrs: HashMap<MapData, u32, u8>,
+    /// What `ports` holds, per [`PortProtocol`] (in `PortProtocol::ALL` order): only this
+    /// attachment writes the map, so the copy is exact and writes can be diffs.
+    port_claims: [PortClaims; 3],
+    /// What `dst_addrs` holds.
+    dst_addr_claims: BTreeMap<Ipv4Addr, RuleAction>,
     // Owns the program and its bpf_link: dropped last, which detaches the program.
     _ebpf: Ebpf,
 }
@@ -195,6 +253,16 @@ impl Attachment {
                 .ok_or(Error::MissingMap { map: "ACTIONS" })?,
         )
         .map_err(|e| map_err("ACTIONS", e))?;
+        let ports = Array::try_from(
+            ebpf.take_map("PORTS")
+                .ok_or(Error::MissingMap { map: "PORTS" })?,
+        )
+        .map_err(|e| map_err("PORTS", e))?;
+        let dst_addrs = HashMap::try_from(
+            ebpf.take_map("DST_ADDRS")
+                .ok_or(Error::MissingMap { map: "DST_ADDRS" })?,
+        )
+        .map_err(|e| map_err("DST_ADDRS", e))?;
         Ok(Self {
             ifname: ifname.into(),
             ifindex,
@@ -204,6 +272,10 @@ impl Attachment {
             config,
             neigh,
             actions,
+            ports,
+            dst_addrs,
+            port_claims: std::array::from_fn(|_| PortClaims::new()),
+            dst_addr_claims: BTreeMap::new(),
             _ebpf: ebpf,
         })
     }
@@ -296,6 +368,179 @@ impl Attachment {
             }
             Err(e) => Err(self.map_err("RULES", e)),
         }
+    }
+
+    fn claims_index(proto: PortProtocol) -> usize {
+        match proto {
+            PortProtocol::Tcp => 0,
+            PortProtocol::Udp => 1,
+            PortProtocol::IcmpEchoId => 2,
+        }
+    }
+
+    /// What the `PORTS` table of `proto` holds.
+    pub fn ports(&self, proto: PortProtocol) -> &PortClaims {
+        &self.port_claims[Self::claims_index(proto)]
+    }
+
+    /// Makes the `PORTS` table of `proto` equal to `target`, writing only the words that differ
+    /// (two bits per port, 32 ports per word): entries equal in both are never touched, so a
+    /// reconcile does not open a gap for ports that stay claimed. Returns the words written.
+    /// On an error the table holds a mix of old and new words (and [`Attachment::ports`]
+    /// says which); calling again with the same target finishes the job.
+    pub fn replace_ports(
+        &mut self,
+        proto: PortProtocol,
+        target: &PortClaims,
+    ) -> Result<usize, Error> {
+        let k = Self::claims_index(proto);
+        let base = proto.table() * PORT_TABLE_WORDS;
+        let changed: Vec<(u32, u64)> = self.port_claims[k].changed_words(target).collect();
+        for &(index, word) in &changed {
+            if let Err(e) = self.ports.set(base + index, word, 0) {
+                return Err(self.map_err("PORTS", e));
+            }
+            self.port_claims[k].set_word(index, word);
+        }
+        Ok(changed.len())
+    }
+
+    /// Sets the entry of one `proto` port (or ICMP echo identifier): [`RuleAction::Redirect`]
+    /// claims it for the dataplane, [`RuleAction::Pass`] leaves it to the kernel even inside a
+    /// claimed range or on an interface whose default is Redirect.
+    pub fn set_port(
+        &mut self,
+        proto: PortProtocol,
+        port: u16,
+        action: RuleAction,
+    ) -> Result<(), Error> {
+        let mut target = self.ports(proto).clone();
+        target.set(port, action);
+        self.replace_ports(proto, &target).map(drop)
+    }
+
+    /// Removes the entry of one `proto` port: its packets fall through to the protocol rule and
+    /// the default. Removing an absent entry is not an error.
+    pub fn remove_port(&mut self, proto: PortProtocol, port: u16) -> Result<(), Error> {
+        let mut target = self.ports(proto).clone();
+        target.remove(port);
+        self.replace_ports(proto, &target).map(drop)
+    }
+
+    fn check_range(&self, proto: PortProtocol, ports: &RangeInclusive<u16>) -> Result<(), Error> {
+        if ports.is_empty() {
+            return Err(Error::EmptyPortRange {
+                ifname: self.ifname.clone(),
+                proto,
+                lo: *ports.start(),
+                hi: *ports.end(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets the entry of every `proto` port in `ports` (e.g. the masquerade range
+    /// `61000..=65535`). An empty range is an error.
+    pub fn set_port_range(
+        &mut self,
+        proto: PortProtocol,
+        ports: RangeInclusive<u16>,
+        action: RuleAction,
+    ) -> Result<(), Error> {
+        self.check_range(proto, &ports)?;
+        let mut target = self.ports(proto).clone();
+        target.set_range(ports, action);
+        self.replace_ports(proto, &target).map(drop)
+    }
+
+    /// Removes the entry of every `proto` port in `ports`. An empty range is an error.
+    pub fn remove_port_range(
+        &mut self,
+        proto: PortProtocol,
+        ports: RangeInclusive<u16>,
+    ) -> Result<(), Error> {
+        self.check_range(proto, &ports)?;
+        let mut target = self.ports(proto).clone();
+        target.remove_range(ports);
+        self.replace_ports(proto, &target).map(drop)
+    }
+
+    /// Removes every entry of the `PORTS` table of `proto`.
+    pub fn clear_ports(&mut self, proto: PortProtocol) -> Result<(), Error> {
+        self.replace_ports(proto, &PortClaims::new()).map(drop)
+    }
+
+    /// What the `DST_ADDRS` map holds.
+    pub fn dst_addrs(&self) -> &BTreeMap<Ipv4Addr, RuleAction> {
+        &self.dst_addr_claims
+    }
+
+    fn dst_key(addr: Ipv4Addr) -> u32 {
+        // The program compares the address as read from the packet (network order).
+        u32::from_ne_bytes(addr.octets())
+    }
+
+    /// Every IPv4 packet to `addr` (any protocol, every fragment) gets `action`
+    /// (LoadBalancer ingress IPs and externalIPs: [`RuleAction::Redirect`]).
+    pub fn set_dst_addr(&mut self, addr: Ipv4Addr, action: RuleAction) -> Result<(), Error> {
+        if self.dst_addr_claims.get(&addr) == Some(&action) {
+            return Ok(());
+        }
+        if !self.dst_addr_claims.contains_key(&addr)
+            && self.dst_addr_claims.len() >= MAX_DST_ADDRS as usize
+        {
+            return Err(Error::TooManyDstAddrs {
+                ifname: self.ifname.clone(),
+                wanted: self.dst_addr_claims.len() + 1,
+                max: MAX_DST_ADDRS,
+            });
+        }
+        if let Err(e) = self.dst_addrs.insert(Self::dst_key(addr), action as u8, 0) {
+            return Err(self.map_err("DST_ADDRS", e));
+        }
+        self.dst_addr_claims.insert(addr, action);
+        Ok(())
+    }
+
+    /// Removes the entry for `addr`; removing an absent one is not an error.
+    pub fn remove_dst_addr(&mut self, addr: Ipv4Addr) -> Result<(), Error> {
+        match self.dst_addrs.remove(&Self::dst_key(addr)) {
+            Ok(()) => {}
+            Err(aya::maps::MapError::SyscallError(ref s))
+                if s.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(self.map_err("DST_ADDRS", e)),
+        }
+        self.dst_addr_claims.remove(&addr);
+        Ok(())
+    }
+
+    /// Makes `DST_ADDRS` equal to `target`: removes the addresses not in it, then adds or
+    /// changes the others; addresses with the same action in both are never touched. More than
+    /// [`MAX_DST_ADDRS`] addresses is an error before anything changes.
+    pub fn replace_dst_addrs(
+        &mut self,
+        target: &BTreeMap<Ipv4Addr, RuleAction>,
+    ) -> Result<(), Error> {
+        if target.len() > MAX_DST_ADDRS as usize {
+            return Err(Error::TooManyDstAddrs {
+                ifname: self.ifname.clone(),
+                wanted: target.len(),
+                max: MAX_DST_ADDRS,
+            });
+        }
+        let stale: Vec<Ipv4Addr> = self
+            .dst_addr_claims
+            .keys()
+            .filter(|a| !target.contains_key(a))
+            .copied()
+            .collect();
+        for addr in stale {
+            self.remove_dst_addr(addr)?;
+        }
+        for (&addr, &action) in target {
+            self.set_dst_addr(addr, action)?;
+        }
+        Ok(())
     }
 
     /// The program's action counters, summed over CPUs, indexed by [`Action`].

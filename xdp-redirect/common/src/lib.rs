@@ -1,19 +1,86 @@
 //! `#[repr(C)]` types shared by the XDP program (`xdp-redirect-ebpf`) and its loader.
 //!
-//! The program has four maps per attached interface:
+//! The program has these maps per attached interface:
 //! - `XSKS` (`BPF_MAP_TYPE_XSKMAP`, index = rx queue): the AF_XDP socket for each queue.
 //! - `RULES` (hash, [`PassKey`] -> [`RuleAction`] as `u8`): per-traffic exceptions to the default.
+//! - `DST_ADDRS` (hash, IPv4 destination as a network-order `u32` -> [`RuleAction`] as `u8`, at
+//!   most [`MAX_DST_ADDRS`], allocated on demand): every IPv4 packet to one of these addresses
+//!   (LoadBalancer ingress IPs, externalIPs), whatever its protocol, fragments included.
+//! - `PORTS` (array of `u64`, [`PORT_TABLES`] tables of [`PORT_TABLE_WORDS`] words): per TCP
+//!   destination port, per UDP destination port and per ICMP echo identifier, 2 bits saying
+//!   nothing / [`RuleAction::Redirect`] / [`RuleAction::Pass`] (see [`port_slot`]). O(1) per
+//!   packet, no limit on how many ports are claimed; 48 KiB per interface.
 //! - `CONFIG` (array of `u32`, index [`CONFIG_DEFAULT_ACTION`]): the interface's default
 //!   [`RuleAction`]. Pod veths redirect everything; an uplink passes everything to the kernel
-//!   except what the agent claims (VXLAN, WireGuard, NodePorts).
+//!   except what the agent claims (VXLAN, WireGuard, NodePorts, masquerade ports, service IPs).
 //! - `ACTIONS` (per-CPU array of `u64`, index = [`Action`]): what the program did.
 //! - `NEIGH` (LRU hash, IPv4 -> [`NeighEntry`]): ARP senders seen, when snooping is on.
+//!
+//! The order in which the program consults them is documented in `ebpf/src/main.rs`.
 #![no_std]
 
 /// Maximum rx queues per interface that can carry an AF_XDP socket.
 pub const MAX_QUEUES: u32 = 64;
 /// Maximum entries in the `RULES` map.
 pub const MAX_RULES: u32 = 256;
+
+/// Maximum entries in the `DST_ADDRS` map.
+pub const MAX_DST_ADDRS: u32 = 4096;
+
+/// `PORTS` table of TCP destination ports (and of the source port quoted in ICMP errors).
+pub const PORT_TABLE_TCP: u32 = 0;
+/// `PORTS` table of UDP destination ports (and of the source port quoted in ICMP errors).
+pub const PORT_TABLE_UDP: u32 = 1;
+/// `PORTS` table of ICMP echo identifiers (echo replies, and echo requests quoted in errors).
+pub const PORT_TABLE_ICMP_ID: u32 = 2;
+/// Tables in `PORTS`.
+pub const PORT_TABLES: u32 = 3;
+/// Bits per port (or ICMP identifier) in a `PORTS` table.
+pub const PORT_BITS: u32 = 2;
+/// Ports (or identifiers) per `u64` word of a `PORTS` table.
+pub const PORTS_PER_WORD: u32 = 64 / PORT_BITS;
+/// `u64` words in one `PORTS` table: 65536 ports x 2 bits.
+pub const PORT_TABLE_WORDS: u32 = 65536 / PORTS_PER_WORD;
+/// Entries in the `PORTS` array map.
+pub const PORT_WORDS: u32 = PORT_TABLES * PORT_TABLE_WORDS;
+/// Two bits of a `PORTS` entry: no opinion, fall through to the next rule.
+pub const PORT_NONE: u64 = 0;
+/// Two bits of a `PORTS` entry: [`RuleAction::Redirect`].
+pub const PORT_REDIRECT: u64 = 1;
+/// Two bits of a `PORTS` entry: [`RuleAction::Pass`].
+pub const PORT_PASS: u64 = 2;
+/// Mask of the two bits of one port once shifted down.
+pub const PORT_MASK: u64 = 3;
+
+/// Where `port` of `table` lives in `PORTS`: (array index, bit shift of its two bits).
+/// `table` must be below [`PORT_TABLES`] (the map lookup fails otherwise, never out of bounds).
+#[inline(always)]
+pub const fn port_slot(table: u32, port: u16) -> (u32, u32) {
+    let port = port as u32;
+    (
+        table * PORT_TABLE_WORDS + port / PORTS_PER_WORD,
+        (port % PORTS_PER_WORD) * PORT_BITS,
+    )
+}
+
+/// The two `PORTS` bits that encode `action`.
+#[inline(always)]
+pub const fn port_bits(action: RuleAction) -> u64 {
+    match action {
+        RuleAction::Redirect => PORT_REDIRECT,
+        RuleAction::Pass => PORT_PASS,
+    }
+}
+
+/// The action two `PORTS` bits encode (`None` for [`PORT_NONE`] and the unused value 3).
+#[inline(always)]
+pub const fn port_action(bits: u64) -> Option<RuleAction> {
+    match bits & PORT_MASK {
+        PORT_REDIRECT => Some(RuleAction::Redirect),
+        PORT_PASS => Some(RuleAction::Pass),
+        _ => None,
+    }
+}
 
 /// Entries in `CONFIG`.
 pub const CONFIG_ENTRIES: u32 = 2;

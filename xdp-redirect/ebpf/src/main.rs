@@ -1,10 +1,27 @@
 //! sluice's only kernel code: hand each frame to the AF_XDP socket of its rx queue.
 //!
-//! - The first matching `RULES` entry, or else the interface default in `CONFIG`, says
-//!   redirect or pass (node traffic on an uplink stays with the kernel).
-//! - No socket registered for the queue (agent not running) -> `XDP_PASS`: fail-open, the node
-//!   stays reachable when the agent is down or has crashed.
-//! - Otherwise `bpf_redirect_map(XSKS, queue, XDP_PASS)`: the fallback action is `XDP_PASS` too.
+//! What goes to the dataplane and what stays with the kernel; the first step that matches
+//! decides ("redirect" below means: to the AF_XDP socket, if one is registered):
+//!
+//! 1. ARP with snooping on (`CONFIG`): the sender is recorded in `NEIGH`, then on to step 2.
+//! 2. `RULES[(ethertype, 0, 0)]`: a whole ethertype. Anything but IPv4 then takes the default.
+//! 3. IPv4 with an IHL below 5: the default.
+//! 4. `DST_ADDRS[destination]`: service addresses (LoadBalancer ingress, externalIPs), any
+//!    protocol, every fragment.
+//! 5. IPv4 fragments (MF set or offset non-zero) skip steps 6 and 7: fragments after the first
+//!    carry no port, and all fragments of a datagram must take the same way or neither side can
+//!    reassemble it.
+//! 6. TCP/UDP: `RULES[(ethertype, proto, dst_port)]`, then the `PORTS` table of the protocol by
+//!    destination port (NodePorts, the masquerade port range).
+//! 7. ICMP: an echo reply (type 0) by its identifier in the ICMP `PORTS` table (masqueraded
+//!    pings). An error (type 3, 11, 12) by the packet it quotes, which the node sent: a quoted
+//!    TCP/UDP packet by its *source* port in that protocol's table, a quoted echo request by its
+//!    identifier; a quoted fragment with non-zero offset, or a truncated quote, matches nothing.
+//! 8. `RULES[(ethertype, proto, 0)]`, then the interface default (`CONFIG`).
+//!
+//! Then: a Pass -> `XDP_PASS`. A Redirect with no socket registered for the queue (agent not
+//! running) -> `XDP_PASS`: fail-open, the node stays reachable when the agent is down or has
+//! crashed. Otherwise `bpf_redirect_map(XSKS, queue, XDP_PASS)`: the fallback is `XDP_PASS` too.
 //!
 //! Every decision increments one per-CPU counter in `ACTIONS`.
 #![no_std]
@@ -19,8 +36,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use xdp_redirect_common::{
-    Action, NeighEntry, PassKey, RuleAction, CONFIG_DEFAULT_ACTION, CONFIG_ENTRIES,
-    CONFIG_SNOOP_ARP, MAX_NEIGHBORS, MAX_QUEUES, MAX_RULES,
+    port_action, port_slot, Action, NeighEntry, PassKey, RuleAction, CONFIG_DEFAULT_ACTION,
+    CONFIG_ENTRIES, CONFIG_SNOOP_ARP, MAX_DST_ADDRS, MAX_NEIGHBORS, MAX_QUEUES, MAX_RULES,
+    PORT_TABLE_ICMP_ID, PORT_TABLE_TCP, PORT_TABLE_UDP, PORT_WORDS,
 };
 
 #[map]
@@ -28,6 +46,14 @@ static XSKS: XskMap = XskMap::with_max_entries(MAX_QUEUES, 0);
 
 #[map]
 static RULES: HashMap<PassKey, u8> = HashMap::with_max_entries(MAX_RULES, 0);
+
+/// Allocated on demand (`BPF_F_NO_PREALLOC`): most interfaces (pod veths) never hold an entry.
+#[map]
+static DST_ADDRS: HashMap<u32, u8> =
+    HashMap::with_max_entries(MAX_DST_ADDRS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+#[map]
+static PORTS: Array<u64> = Array::with_max_entries(PORT_WORDS, 0);
 
 #[map]
 static CONFIG: Array<u32> = Array::with_max_entries(CONFIG_ENTRIES, 0);
@@ -55,27 +81,49 @@ fn config(i: u32) -> u32 {
 #[inline(always)]
 fn snoop_arp(ctx: &XdpContext) {
     // htype 1, ptype 0x0800, hlen 6, plen 4 (RFC 826), as one 48-bit check.
-    let Some(hdr) = load::<[u8; 6]>(ctx, ETH_HDR_LEN) else { return };
+    let Some(hdr) = load::<[u8; 6]>(ctx, ETH_HDR_LEN) else {
+        return;
+    };
     if hdr != [0, 1, 8, 0, 6, 4] {
         return;
     }
     // One bounds check for sender MAC and address together (bytes 8..18 of the ARP header):
     // separate checks let LLVM fold them into a path the verifier cannot follow.
-    let Some(sender) = load::<[u8; 10]>(ctx, ETH_HDR_LEN + 8) else { return };
-    let sha = [sender[0], sender[1], sender[2], sender[3], sender[4], sender[5]];
+    let Some(sender) = load::<[u8; 10]>(ctx, ETH_HDR_LEN + 8) else {
+        return;
+    };
+    let sha = [
+        sender[0], sender[1], sender[2], sender[3], sender[4], sender[5],
+    ];
     let spa = u32::from_ne_bytes([sender[6], sender[7], sender[8], sender[9]]);
     if spa == 0 || sha[0] & 1 == 1 {
         return; // ARP probes (sender 0.0.0.0) and multicast senders teach nothing
     }
     // SAFETY: a helper with no arguments.
     let seen_ns = unsafe { bpf_ktime_get_ns() };
-    let _ = NEIGH.insert(&spa, &NeighEntry { mac: sha, pad: [0; 2], seen_ns }, 0);
+    let _ = NEIGH.insert(
+        &spa,
+        &NeighEntry {
+            mac: sha,
+            pad: [0; 2],
+            seen_ns,
+        },
+        0,
+    );
 }
 
 const ETH_HDR_LEN: usize = 14;
 const ETHERTYPE_IPV4: u16 = 0x0800;
+const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_DEST_UNREACHABLE: u8 = 3;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// ICMP header bytes before the quoted packet of an error (RFC 792).
+const ICMP_HDR_LEN: usize = 8;
 
 #[inline(always)]
 fn count(action: Action) {
@@ -102,7 +150,84 @@ fn rule(key: &PassKey) -> Option<bool> {
     unsafe { RULES.get(key) }.map(|v| *v == RuleAction::Pass as u8)
 }
 
-/// `Ok(true)`: leave to the kernel. `Err`: too short to classify.
+/// `DST_ADDRS[addr]` (`addr` as read from the packet, network order): `Some(true)` = pass.
+#[inline(always)]
+fn dst_addr_rule(addr: u32) -> Option<bool> {
+    // SAFETY: lookup of a plain u32 key; the value is copied out at once. The map is
+    // BPF_F_NO_PREALLOC, so a concurrent delete cannot alias the element.
+    unsafe { DST_ADDRS.get(&addr) }.map(|v| *v == RuleAction::Pass as u8)
+}
+
+/// The entry for `port` in `PORTS` table `table`: `Some(true)` = pass, `None` = no entry.
+#[inline(always)]
+fn port_rule(table: u32, port: u16) -> Option<bool> {
+    let (index, shift) = port_slot(table, port);
+    let word = match PORTS.get_ptr(index) {
+        // SAFETY: a valid pointer into the array map's value for `index`; a volatile load so
+        // the value, not the pointer, reaches the shift below.
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => return None,
+    };
+    port_action(word >> shift).map(|a| a == RuleAction::Pass)
+}
+
+/// Step 7 of the module doc: an ICMP message at `l4` (its offset in the frame).
+/// `Err`: too short to classify.
+#[inline(always)]
+fn icmp_rule(ctx: &XdpContext, l4: usize) -> Result<Option<bool>, ()> {
+    // The whole 8-byte header in one bounds check: a 1-byte load at a variable offset compiles
+    // to `ptr >= data_end`, which the verifier does not accept as a bound.
+    let icmp: [u8; ICMP_HDR_LEN] = load(ctx, l4).ok_or(())?;
+    let icmp_type = icmp[0];
+    if icmp_type == ICMP_ECHO_REPLY {
+        let id = u16::from_be_bytes([icmp[4], icmp[5]]);
+        return Ok(port_rule(PORT_TABLE_ICMP_ID, id));
+    }
+    if icmp_type != ICMP_DEST_UNREACHABLE
+        && icmp_type != ICMP_TIME_EXCEEDED
+        && icmp_type != ICMP_PARAMETER_PROBLEM
+    {
+        return Ok(None);
+    }
+    // The quoted packet: its IPv4 header and at least 8 bytes after it (RFC 792). A quote too
+    // short to hold what we look at is a valid ICMP error about something we cannot place:
+    // no match rather than "short".
+    let quoted = l4 + ICMP_HDR_LEN;
+    let Some(q_ip) = load::<[u8; 20]>(ctx, quoted) else {
+        return Ok(None);
+    };
+    let q_ihl = ((q_ip[0] & 0x0f) as usize) * 4;
+    if q_ip[0] >> 4 != 4 || q_ihl < 20 {
+        return Ok(None);
+    }
+    if u16::from_be_bytes([q_ip[6], q_ip[7]]) & 0x1fff != 0 {
+        return Ok(None); // a later fragment quotes no L4 header
+    }
+    let table = match q_ip[9] {
+        IPPROTO_TCP => PORT_TABLE_TCP,
+        IPPROTO_UDP => PORT_TABLE_UDP,
+        IPPROTO_ICMP => PORT_TABLE_ICMP_ID,
+        _ => return Ok(None),
+    };
+    // q_ihl is 20..=60 as above: a constant-bounded offset.
+    let q_l4 = quoted + (q_ihl & 0x3c);
+    // One load for the first 6 quoted L4 bytes: TCP/UDP source port at 0..2, ICMP type at 0
+    // and identifier at 4..6.
+    let Some(q_hdr) = load::<[u8; 6]>(ctx, q_l4) else {
+        return Ok(None);
+    };
+    let key = if table == PORT_TABLE_ICMP_ID {
+        if q_hdr[0] != ICMP_ECHO_REQUEST {
+            return Ok(None);
+        }
+        u16::from_be_bytes([q_hdr[4], q_hdr[5]])
+    } else {
+        u16::from_be_bytes([q_hdr[0], q_hdr[1]])
+    };
+    Ok(port_rule(table, key))
+}
+
+/// `Ok(true)`: leave to the kernel. `Err`: too short to classify. Steps as in the module doc.
 #[inline(always)]
 fn kernel_keeps(ctx: &XdpContext) -> Result<bool, ()> {
     let default_pass = CONFIG
@@ -124,17 +249,33 @@ fn kernel_keeps(ctx: &XdpContext) -> Result<bool, ()> {
     if ihl < 20 {
         return Ok(default_pass);
     }
-    let proto: u8 = load(ctx, ETH_HDR_LEN + 9).ok_or(())?;
-    // Fragments carry no port after the first one: every fragment of a datagram must take the
-    // same way (kernel or AF_XDP), or neither side can reassemble it. So a fragment (MF set or
-    // offset non-zero) is decided by the (proto, 0) rule or the default, never by its "port".
+    // Protocol (byte 9) to destination address (16..20) in one bounds check.
+    let hdr: [u8; 12] = load(ctx, ETH_HDR_LEN + 8).ok_or(())?;
+    let proto = hdr[1];
+    let dst = u32::from_ne_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    if let Some(pass) = dst_addr_rule(dst) {
+        return Ok(pass);
+    }
     let frag = u16::from_be(load::<u16>(ctx, ETH_HDR_LEN + 6).ok_or(())?);
     let fragment = frag & 0x3fff != 0;
+    // ihl is 20..=60: a constant-bounded offset the verifier accepts.
+    let l4 = ETH_HDR_LEN + (ihl & 0x3c);
     if !fragment && (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
-        // ihl is 20..=60: a constant-bounded offset the verifier accepts.
-        let off = ETH_HDR_LEN + (ihl & 0x3c) + 2;
-        let port = u16::from_be(load::<u16>(ctx, off).ok_or(())?);
+        let port = u16::from_be(load::<u16>(ctx, l4 + 2).ok_or(())?);
         if let Some(pass) = rule(&PassKey::ipv4(proto, port)) {
+            return Ok(pass);
+        }
+        let table = if proto == IPPROTO_TCP {
+            PORT_TABLE_TCP
+        } else {
+            PORT_TABLE_UDP
+        };
+        if let Some(pass) = port_rule(table, port) {
+            return Ok(pass);
+        }
+    }
+    if !fragment && proto == IPPROTO_ICMP {
+        if let Some(pass) = icmp_rule(ctx, l4)? {
             return Ok(pass);
         }
     }
