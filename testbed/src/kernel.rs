@@ -19,6 +19,13 @@
 //! `0a:58:` + the InternalIP's octets), so kernel and sluice nodes accept each other's frames.
 //! Pods of a kernel node get the uplink MTU minus the VXLAN overhead ([`pod_mtu`], 1450 on a
 //! 1500-byte fabric, as Flannel).
+//!
+//! Services on kernel nodes are kube-proxy's job: [`install_services`] loads nftables rules shaped
+//! like kube-proxy's nftables mode ([`crate::nft`]) into every kernel node's namespace, translated
+//! by the same `control::services::translate` sluice's agents run. The testbed's pods get their
+//! addresses from the CNI plugin's IPAM, not from the file's `status.podIP`, so the translation
+//! sees the cluster file with every pod's `status.podIP` (and the addresses of explicit
+//! EndpointSlices) replaced by the address the pod really has.
 use std::{
     io::{BufRead, BufReader, ErrorKind, Write},
     net::Ipv4Addr,
@@ -36,7 +43,8 @@ use control::api::{CniConf, Endpoint, Request, Response};
 
 use crate::{
     cmd::{self, CmdError},
-    NodeKind,
+    nft::{self, NftError, RulesetOptions},
+    NodeKind, Testbed,
 };
 
 /// How often the accept loop checks for a stop request.
@@ -46,6 +54,22 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
+    #[error(
+        "cannot read the cluster file {path} of testbed instance {instance} for its Services: \
+         {source}"
+    )]
+    ClusterFile {
+        instance: String,
+        path: PathBuf,
+        #[source]
+        source: control::cluster::ClusterError,
+    },
+    #[error("kernel node {node}: {source}")]
+    Services {
+        node: String,
+        #[source]
+        source: NftError,
+    },
     #[error("cannot serve the agent socket {path} in kernel mode: {source}")]
     Bind {
         path: PathBuf,
@@ -282,6 +306,94 @@ pub fn link_nodes(nodes: &[OverlayNode<'_>], uplink: &str) -> Result<(), CmdErro
         }
     }
     Ok(())
+}
+
+/// What [`install_services`] loaded on one kernel node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeServices {
+    /// Node name.
+    pub node: String,
+    /// Node namespace the rules were loaded into.
+    pub netns: String,
+    /// Service ports translated for this node.
+    pub service_ports: usize,
+    /// Frontends (address, port, protocol) answered.
+    pub frontends: usize,
+    /// The ruleset loaded (`nft -f` input).
+    pub ruleset: String,
+}
+
+/// The cluster file of `testbed` with every pod's `status.podIP` set to the address the testbed
+/// gave it (module doc), and explicit EndpointSlice addresses mapped the same way.
+pub fn cluster_as_built(testbed: &Testbed) -> Result<control::cluster::ClusterState, KernelError> {
+    let path = testbed.cluster_file();
+    let mut cluster =
+        control::cluster::load_file(path).map_err(|source| KernelError::ClusterFile {
+            instance: testbed.instance().to_string(),
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut renamed = std::collections::BTreeMap::new();
+    for pod in &mut cluster.pods {
+        let key = control::cluster::ClusterState::pod_key(pod);
+        let Some(handle) = testbed.pods().iter().find(|p| p.key == key) else {
+            continue;
+        };
+        let status = pod.status.get_or_insert_with(Default::default);
+        if let Some(old) = status.pod_ip.as_deref() {
+            renamed.insert(old.to_string(), handle.ip.to_string());
+        }
+        for old in status.pod_ips.iter().flatten() {
+            renamed.insert(old.ip.clone(), handle.ip.to_string());
+        }
+        status.pod_ip = Some(handle.ip.to_string());
+        status.pod_ips = None;
+    }
+    for slice in &mut cluster.endpoint_slices {
+        for endpoint in &mut slice.endpoints {
+            for address in &mut endpoint.addresses {
+                if let Some(new) = renamed.get(address.as_str()) {
+                    address.clone_from(new);
+                }
+            }
+        }
+    }
+    Ok(cluster)
+}
+
+/// Loads kube-proxy-shaped nftables rules (module doc, [`crate::nft`]) for the cluster file's
+/// Services into every kernel node of `testbed` (all nodes in [`crate::Mode::Kernel`]), replacing
+/// earlier ones. Sluice nodes are left alone: their agents serve Services.
+pub fn install_services(testbed: &Testbed) -> Result<Vec<NodeServices>, KernelError> {
+    let cluster = cluster_as_built(testbed)?;
+    let opts = RulesetOptions {
+        pod_cidrs: testbed.nodes().iter().map(|n| n.pod_cidr).collect(),
+    };
+    let mut loaded = Vec::new();
+    for node in testbed
+        .nodes()
+        .iter()
+        .filter(|n| n.kind == NodeKind::Kernel)
+    {
+        let plan = control::services::translate(
+            &cluster,
+            &node.name,
+            &control::services::ServiceOptions::default(),
+        );
+        let ruleset = nft::ruleset(&plan, &opts);
+        nft::load(&node.netns, &ruleset).map_err(|source| KernelError::Services {
+            node: node.name.clone(),
+            source,
+        })?;
+        loaded.push(NodeServices {
+            node: node.name.clone(),
+            netns: node.netns.clone(),
+            service_ports: plan.services.len(),
+            frontends: plan.frontends.len(),
+            ruleset,
+        });
+    }
+    Ok(loaded)
 }
 
 /// Kernel routing for one pod (module doc).

@@ -30,6 +30,7 @@ pub mod cmd;
 pub mod cni;
 pub mod kernel;
 pub mod names;
+pub mod nft;
 pub mod plan;
 pub mod state;
 
