@@ -44,6 +44,8 @@
 //!
 //! Not done here: `loadBalancerSourceRanges`, `trafficDistribution`/topology hints, IPv6.
 
+pub mod health;
+pub mod listing;
 pub mod maglev;
 mod translate;
 
