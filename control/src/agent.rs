@@ -123,6 +123,8 @@ struct Agent {
     services: Arc<ServicePlan>,
     /// Snapshot generation that last changed `services` (shown by `sluice service list`).
     services_generation: u64,
+    /// healthCheckNodePort listeners of `externalTrafficPolicy: Local` Services.
+    health: services::health::HealthServer,
 }
 
 /// Work for the control loop from the API and metrics threads.
@@ -234,6 +236,10 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         mtu,
         services: Arc::new(ServicePlan::default()),
         services_generation: 0,
+        health: services::health::HealthServer::start(
+            Ipv4Addr::UNSPECIFIED,
+            services::health::CLIENT_TIMEOUT,
+        )?,
     };
     agent.translate_services();
     agent.publish();
@@ -463,6 +469,9 @@ impl Agent {
             self.services = Arc::new(plan);
             self.services_generation = self.generation + 1;
         }
+        for e in self.health.update(&self.services) {
+            tracing::error!(error = %e, "healthCheckNodePort not served");
+        }
     }
 
     fn publish(&mut self) {
@@ -660,6 +669,15 @@ impl Agent {
                 self.detach(&container_id);
                 Response::ok()
             }
+            Request::Services => Response {
+                services: Some(services::listing::listing(
+                    &self.services,
+                    self.services_generation,
+                    self.opts.services.maglev_table_size(),
+                    self.opts.services.selection(),
+                )),
+                ..Response::ok()
+            },
         }
     }
 
@@ -974,6 +992,7 @@ impl Agent {
             drop(a.attachment);
         }
         drop(self.uplink.take());
+        self.health.stop();
         self.dp.shutdown();
     }
 }

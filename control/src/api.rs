@@ -1,6 +1,6 @@
 //! The agent's local API: a Unix stream socket at `<state-dir>/sluice.sock`, one JSON request
 //! line in, one JSON response line out, then the connection closes. Used by the CNI plugin
-//! (endpoint add/del) and by `sluice status`.
+//! (endpoint add/del), by `sluice status` and by `sluice service list`.
 //!
 //! Also the CNI network configuration that the agent writes for the plugin (as Cilium's agent
 //! writes `05-cilium.conflist`): the plugin never guesses the node's pod CIDR.
@@ -13,6 +13,8 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+
+use crate::services::listing::ServiceListing;
 
 /// File name of the agent's socket inside its state directory.
 pub const SOCKET_NAME: &str = "sluice.sock";
@@ -53,6 +55,9 @@ pub enum Request {
     EndpointAdd { endpoint: Endpoint },
     /// The pod is gone: detach. Unknown container ids are not an error (DEL is idempotent).
     EndpointDel { container_id: String },
+    /// The Services as translated for this node: frontends, backends with their state and
+    /// Maglev shares, skipped Services. See [`ServiceListing`].
+    Services,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -66,6 +71,9 @@ pub struct Response {
     /// `Histograms` answers carry [`Histograms`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub histograms: Option<Histograms>,
+    /// `Services` answers carry [`ServiceListing`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<ServiceListing>,
 }
 
 /// HDR histograms of the workers, each serialised as HdrHistogram V2 + deflate, then base64
@@ -100,6 +108,7 @@ impl Response {
             error: None,
             status: None,
             histograms: None,
+            services: None,
         }
     }
     pub fn error(msg: impl Into<String>) -> Self {
@@ -108,6 +117,7 @@ impl Response {
             error: Some(msg.into()),
             status: None,
             histograms: None,
+            services: None,
         }
     }
 }
@@ -194,4 +204,51 @@ pub struct CniConf {
     /// rx/tx queues on each pod veth: one per dataplane worker, so every worker has its own
     /// AF_XDP socket on every interface.
     pub queues: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::{listing::listing, SelectionMode, ServicePlan};
+
+    #[test]
+    fn services_request_and_response_wire_format() {
+        let line = serde_json::to_string(&Request::Services).ok();
+        assert_eq!(line.as_deref(), Some(r#"{"op":"services"}"#));
+        let back: Result<Request, _> = serde_json::from_str(r#"{"op":"services"}"#);
+        assert_eq!(back.ok(), Some(Request::Services));
+
+        let resp = Response {
+            services: Some(listing(
+                &ServicePlan::default(),
+                4,
+                16381,
+                SelectionMode::Maglev,
+            )),
+            ..Response::ok()
+        };
+        let text = serde_json::to_string(&resp).unwrap_or_default();
+        assert!(text.contains(r#""services":{"generation":4,"#), "{text}");
+        let back: Result<Response, _> = serde_json::from_str(&text);
+        assert_eq!(back.ok(), Some(resp));
+        // Other answers carry no services field at all.
+        let ok = serde_json::to_string(&Response::ok()).unwrap_or_default();
+        assert_eq!(ok, r#"{"ok":true}"#);
+    }
+
+    #[test]
+    fn calling_an_agent_that_is_not_running_names_the_socket() {
+        let dir = match tempfile::tempdir() {
+            Ok(d) => d,
+            Err(e) => panic!("{e}"),
+        };
+        let socket = dir.path().join(SOCKET_NAME);
+        let err = call(&socket, &Request::Services, Duration::from_secs(1)).err();
+        assert!(matches!(err, Some(ApiError::Connect { .. })), "{err:?}");
+        let message = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains(&socket.display().to_string()) && message.contains("sluice run"),
+            "{message}"
+        );
+    }
 }

@@ -84,6 +84,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Services as the running agent serves them on this node.
+    Service {
+        #[command(subcommand)]
+        command: ServiceCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ServiceCmd {
+    /// Frontends, backends (state, Maglev share) and skipped Services, like `cilium service
+    /// list`.
+    List {
+        #[arg(long, default_value = "/var/lib/sluice")]
+        state_dir: PathBuf,
+        /// Print the listing as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -177,6 +195,24 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let status: Status = serde_json::from_value(value)?;
                 print!("{}", status.render());
+            }
+            Ok(())
+        }
+        Cmd::Service {
+            command: ServiceCmd::List { state_dir, json },
+        } => {
+            let resp = api::call(
+                &state_dir.join(api::SOCKET_NAME),
+                &Request::Services,
+                Duration::from_secs(10),
+            )?;
+            let listing = resp
+                .services
+                .ok_or_else(|| anyhow::anyhow!("the agent sent no service listing"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listing)?);
+            } else {
+                print!("{}", control::services::listing::render(&listing));
             }
             Ok(())
         }
