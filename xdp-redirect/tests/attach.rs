@@ -33,7 +33,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xdp_redirect::{Action, AttachMode, Attachment, Error, PassKey, RuleAction, MAX_QUEUES};
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use xdp_redirect::{
+    Action, AttachMode, Attachment, Error, PassKey, PortClaims, PortProtocol, RuleAction,
+    MAX_DST_ADDRS, MAX_QUEUES,
+};
 
 /// Any command we run (ip, ping) must finish within this.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
@@ -59,7 +64,9 @@ const SOURCE_MAC: [u8; 6] = [0x02, 0x00, 0x5e, 0x77, 0x00, 0x02];
 const ETHERTYPE_IPV4: u16 = 0x0800;
 const ETHERTYPE_ARP: u16 = 0x0806;
 const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
+const IPPROTO_GRE: u8 = 47;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -451,6 +458,30 @@ fn ipv4(proto: u8, l4: &[u8]) -> Vec<u8> {
 /// IPv4 header from 10.77.0.2 to 10.77.0.1 with `options` (a multiple of 4 bytes, at most 40)
 /// and the flags/fragment-offset field `fragment`, followed by `l4`.
 fn ipv4_with(proto: u8, options: &[u8], fragment: u16, l4: &[u8]) -> Vec<u8> {
+    ethernet(
+        ETHERTYPE_IPV4,
+        &ipv4_packet([10, 77, 0, 2], [10, 77, 0, 1], proto, options, fragment, l4),
+    )
+}
+
+/// A frame from 10.77.0.2 to `dst` (no options) with the flags/fragment-offset field
+/// `fragment`, followed by `l4`.
+fn ipv4_to(dst: Ipv4Addr, proto: u8, fragment: u16, l4: &[u8]) -> Vec<u8> {
+    ethernet(
+        ETHERTYPE_IPV4,
+        &ipv4_packet([10, 77, 0, 2], dst.octets(), proto, &[], fragment, l4),
+    )
+}
+
+/// An IPv4 packet (no Ethernet header) with a correct header checksum.
+fn ipv4_packet(
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    options: &[u8],
+    fragment: u16,
+    l4: &[u8],
+) -> Vec<u8> {
     assert!(
         options.len().is_multiple_of(4) && options.len() <= 40,
         "bad IPv4 options"
@@ -463,8 +494,8 @@ fn ipv4_with(proto: u8, options: &[u8], fragment: u16, l4: &[u8]) -> Vec<u8> {
     h[6..8].copy_from_slice(&fragment.to_be_bytes());
     h[8] = 64;
     h[9] = proto;
-    h[12..16].copy_from_slice(&[10, 77, 0, 2]);
-    h[16..20].copy_from_slice(&[10, 77, 0, 1]);
+    h[12..16].copy_from_slice(&src);
+    h[16..20].copy_from_slice(&dst);
     h.extend_from_slice(options);
     let sum: u32 = h
         .chunks(2)
@@ -474,7 +505,7 @@ fn ipv4_with(proto: u8, options: &[u8], fragment: u16, l4: &[u8]) -> Vec<u8> {
     let checksum = !(((folded & 0xffff) + (folded >> 16)) as u16);
     h[10..12].copy_from_slice(&checksum.to_be_bytes());
     h.extend_from_slice(l4);
-    ethernet(ETHERTYPE_IPV4, &h)
+    h
 }
 
 /// A UDP header (no payload) to `port`.
@@ -484,6 +515,53 @@ fn udp_header(port: u16) -> [u8; 8] {
     udp[2..4].copy_from_slice(&port.to_be_bytes());
     udp[4..6].copy_from_slice(&8u16.to_be_bytes());
     udp
+}
+
+/// A TCP header (SYN, no payload) from `src_port` to `dst_port`.
+fn tcp_header(src_port: u16, dst_port: u16) -> [u8; 20] {
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&src_port.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dst_port.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    tcp
+}
+
+/// A UDP header (no payload) from `src_port` to `dst_port`.
+fn udp_ports(src_port: u16, dst_port: u16) -> [u8; 8] {
+    let mut udp = udp_header(dst_port);
+    udp[0..2].copy_from_slice(&src_port.to_be_bytes());
+    udp
+}
+
+fn tcp_to(port: u16) -> Vec<u8> {
+    ipv4(IPPROTO_TCP, &tcp_header(40000, port))
+}
+
+/// An ICMP echo message (`icmp_type` 8 request or 0 reply) with identifier `id`.
+fn echo(icmp_type: u8, id: u16) -> [u8; 8] {
+    let mut icmp = [icmp_type, 0, 0, 0, 0, 0, 0, 1];
+    icmp[4..6].copy_from_slice(&id.to_be_bytes());
+    icmp
+}
+
+/// An ICMP error (`icmp_type`, `code`) from B to A quoting `quoted` (an IPv4 packet A sent).
+fn icmp_error(icmp_type: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(quoted);
+    ipv4(IPPROTO_ICMP, &icmp)
+}
+
+/// A packet A (10.77.0.1) sent to B, as quoted in an ICMP error: IP header and 8 bytes of `l4`.
+fn sent_by_a(proto: u8, options: &[u8], fragment: u16, l4: &[u8]) -> Vec<u8> {
+    ipv4_packet(
+        [10, 77, 0, 1],
+        [10, 77, 0, 2],
+        proto,
+        options,
+        fragment,
+        &l4[..8],
+    )
 }
 
 fn icmp_echo() -> Vec<u8> {
@@ -813,4 +891,459 @@ fn fragments_of_one_datagram_are_classified_alike() {
         got_first,
         "last fragment classified unlike the first fragment",
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Service claims on an uplink-like interface (default Pass): what the program redirects shows as
+// pass_no_socket (no AF_XDP socket is registered), what it leaves to the kernel as pass_rule.
+
+/// An uplink-like attachment: everything passes to the kernel unless claimed.
+fn uplink(pair: &Pair) -> Attachment {
+    let mut att = pair.attach().expect("attach to veth");
+    att.set_default(RuleAction::Pass).expect("set default Pass");
+    att
+}
+
+/// Sends each `(name, frame, redirected)` alone and checks that exactly that one frame was
+/// redirected (counted as pass_no_socket) or left to the kernel (pass_rule).
+fn assert_claims(pair: &Pair, att: &Attachment, cases: &[(&str, Vec<u8>, bool)], when: &str) {
+    for (name, frame, redirected) in cases {
+        let want = if *redirected {
+            expect_counts(&[(Action::PassNoSocket, 1)])
+        } else {
+            expect_counts(&[(Action::PassRule, 1)])
+        };
+        let what = format!(
+            "{when}: {name} should be {}",
+            if *redirected { "redirected" } else { "passed" }
+        );
+        assert_counts(
+            classify(pair, att, std::slice::from_ref(frame)),
+            want,
+            &what,
+        );
+    }
+}
+
+#[test]
+fn claimed_node_ports_are_redirected_per_protocol_and_neighbours_pass() {
+    require_root!();
+    let pair = Pair::new();
+    let mut att = uplink(&pair);
+    use PortProtocol::{Tcp, Udp};
+    use RuleAction::{Pass, Redirect};
+
+    // Exact NodePorts: TCP 30080 and UDP 30081. 32000 plays the healthCheckNodePort: not claimed.
+    att.set_port(Tcp, 30080, Redirect).expect("claim TCP 30080");
+    att.set_port(Udp, 30081, Redirect).expect("claim UDP 30081");
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            ("TCP 30080", tcp_to(30080), true),
+            ("TCP 30079", tcp_to(30079), false),
+            ("TCP 30081", tcp_to(30081), false),
+            ("UDP 30080 (claimed for TCP only)", udp_to(30080), false),
+            ("UDP 30081", udp_to(30081), true),
+            ("TCP 32000 (health check)", tcp_to(32000), false),
+            // A first fragment of a datagram to a claimed port: fragments never match ports.
+            (
+                "first fragment of UDP 30081",
+                ipv4_with(IPPROTO_UDP, &[], 0x2000, &udp_header(30081)),
+                false,
+            ),
+        ],
+        "exact NodePorts",
+    );
+
+    // The whole NodePort range claimed for TCP, the health check port kept by an explicit Pass;
+    // the masquerade range claimed for UDP.
+    att.set_port_range(Tcp, 30000..=32767, Redirect)
+        .expect("claim TCP 30000-32767");
+    att.set_port(Tcp, 32000, Pass).expect("TCP 32000 Pass");
+    att.set_port_range(Udp, 61000..=65535, Redirect)
+        .expect("claim UDP 61000-65535");
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            ("TCP 30000", tcp_to(30000), true),
+            ("TCP 30079", tcp_to(30079), true),
+            ("TCP 32767", tcp_to(32767), true),
+            ("TCP 29999", tcp_to(29999), false),
+            ("TCP 32768", tcp_to(32768), false),
+            ("TCP 32000 (health check Pass)", tcp_to(32000), false),
+            ("UDP 61000", udp_to(61000), true),
+            ("UDP 63333", udp_to(63333), true),
+            ("UDP 65535", udp_to(65535), true),
+            ("UDP 60999", udp_to(60999), false),
+            ("TCP 65535 (claimed for UDP only)", tcp_to(65535), false),
+        ],
+        "ranges",
+    );
+    assert_eq!(att.ports(Tcp).len(), 2768, "TCP entries");
+    assert_eq!(att.ports(Udp).get(61000), Some(Redirect));
+
+    // An exact RULES entry is consulted before the port tables, so the VXLAN rule and other
+    // exceptions keep their meaning.
+    att.set_rule(PassKey::ipv4(IPPROTO_UDP, 63000), Pass)
+        .expect("set rule");
+    att.set_rule(PassKey::ipv4(IPPROTO_UDP, 8472), Redirect)
+        .expect("set rule");
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            ("UDP 63000 (RULES Pass)", udp_to(63000), false),
+            ("UDP 8472 (RULES Redirect)", udp_to(8472), true),
+        ],
+        "RULES before port tables",
+    );
+
+    // Removing and clearing restore Pass.
+    att.remove_port_range(Udp, 61000..=62999)
+        .expect("release UDP 61000-62999");
+    att.remove_port(Tcp, 30000).expect("release TCP 30000");
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            ("UDP 61000", udp_to(61000), false),
+            ("UDP 62999", udp_to(62999), false),
+            ("UDP 64000", udp_to(64000), true),
+            ("TCP 30000", tcp_to(30000), false),
+            ("TCP 30001", tcp_to(30001), true),
+        ],
+        "after releasing parts",
+    );
+    att.clear_ports(Tcp).expect("clear TCP");
+    att.clear_ports(Udp).expect("clear UDP");
+    assert!(att.ports(Tcp).is_empty() && att.ports(Udp).is_empty());
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            ("TCP 30001", tcp_to(30001), false),
+            ("UDP 64000", udp_to(64000), false),
+            ("UDP 8472 (RULES Redirect)", udp_to(8472), true),
+        ],
+        "after clearing",
+    );
+
+    // Bad input is an error that names what was wrong.
+    #[allow(clippy::reversed_empty_ranges)]
+    let err = att
+        .set_port_range(Tcp, 32767..=30000, Redirect)
+        .expect_err("an empty range must be refused");
+    assert!(
+        matches!(
+            err,
+            Error::EmptyPortRange {
+                lo: 32767,
+                hi: 30000,
+                ..
+            }
+        ),
+        "got {err:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&pair.if_a) && msg.contains("32767..=30000") && msg.contains("tcp"),
+        "message must name interface, protocol and range: {msg}"
+    );
+    let err = PortProtocol::try_from(IPPROTO_GRE).expect_err("GRE has no port table");
+    assert!(
+        matches!(err, Error::UnsupportedProtocol { proto: 47 }),
+        "{err:?}"
+    );
+    assert_eq!(PortProtocol::try_from(IPPROTO_TCP).ok(), Some(Tcp));
+}
+
+#[test]
+fn replacing_port_claims_writes_only_the_difference() {
+    require_root!();
+    let pair = Pair::new();
+    let mut att = uplink(&pair);
+    let mut first = PortClaims::new();
+    first.set(30080, RuleAction::Redirect);
+    first.set(31500, RuleAction::Redirect);
+    first.set_range(61000..=65535, RuleAction::Redirect);
+    let written = att
+        .replace_ports(PortProtocol::Udp, &first)
+        .expect("first reconcile");
+    // 30080 and 31500 are in two words; 61000..=65535 covers words 1906..=2047.
+    assert_eq!(written, 2 + (2047 - 61000 / 32 + 1), "words written");
+    assert!(att.ports(PortProtocol::Udp) == &first);
+
+    // Next reconcile: 31500 goes, 30090 comes (same word as 30080), the range stays.
+    let mut second = first.clone();
+    second.remove(31500);
+    second.set(30090, RuleAction::Redirect);
+    let written = att
+        .replace_ports(PortProtocol::Udp, &second)
+        .expect("second reconcile");
+    assert_eq!(written, 2, "only the words of 31500 and 30090 change");
+    assert_eq!(
+        att.replace_ports(PortProtocol::Udp, &second)
+            .expect("no-op reconcile"),
+        0,
+        "an unchanged set writes nothing"
+    );
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            ("UDP 30080", udp_to(30080), true),
+            ("UDP 30090", udp_to(30090), true),
+            ("UDP 31500 (dropped from the set)", udp_to(31500), false),
+            ("UDP 62000", udp_to(62000), true),
+            ("TCP 30090 (other table)", tcp_to(30090), false),
+        ],
+        "after replacing",
+    );
+}
+
+#[test]
+fn icmp_echo_replies_are_redirected_by_claimed_identifier() {
+    require_root!();
+    let pair = Pair::new();
+    let mut att = uplink(&pair);
+    use PortProtocol::IcmpEchoId;
+    att.set_port(IcmpEchoId, 0x1234, RuleAction::Redirect)
+        .expect("claim id 0x1234");
+    att.set_port_range(IcmpEchoId, 40000..=40099, RuleAction::Redirect)
+        .expect("claim ids 40000-40099");
+    let reply = |id| ipv4(IPPROTO_ICMP, &echo(0, id));
+    let request = |id| ipv4(IPPROTO_ICMP, &echo(8, id));
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            ("echo reply id 0x1234", reply(0x1234), true),
+            ("echo reply id 0x1235", reply(0x1235), false),
+            ("echo reply id 0x3412 (byte-swapped)", reply(0x3412), false),
+            ("echo reply id 40000", reply(40000), true),
+            ("echo reply id 40099", reply(40099), true),
+            ("echo reply id 40100", reply(40100), false),
+            // Echo requests are the kernel's to answer, whatever their identifier.
+            ("echo request id 0x1234", request(0x1234), false),
+        ],
+        "claimed identifiers",
+    );
+    // A truncated ICMP header is too short to classify.
+    let truncated = ipv4(IPPROTO_ICMP, &echo(0, 0x1234)[..4]);
+    assert_counts(
+        classify(&pair, &att, &[truncated]),
+        expect_counts(&[(Action::PassShort, 1)]),
+        "echo reply cut after 4 bytes",
+    );
+    att.clear_ports(IcmpEchoId).expect("clear ICMP ids");
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            ("echo reply id 0x1234", reply(0x1234), false),
+            ("echo reply id 40000", reply(40000), false),
+        ],
+        "after clearing",
+    );
+}
+
+#[test]
+fn icmp_errors_follow_the_claims_of_the_packet_they_quote() {
+    require_root!();
+    let pair = Pair::new();
+    let mut att = uplink(&pair);
+    use PortProtocol::{IcmpEchoId, Tcp, Udp};
+    att.set_port(Udp, 61000, RuleAction::Redirect)
+        .expect("claim UDP");
+    att.set_port(Tcp, 61001, RuleAction::Redirect)
+        .expect("claim TCP");
+    att.set_port(IcmpEchoId, 777, RuleAction::Redirect)
+        .expect("claim ICMP id");
+    // What A (the node) sent, as quoted back by B: the node's port is the *source* port.
+    let udp_from = |src| sent_by_a(IPPROTO_UDP, &[], 0, &udp_ports(src, 53));
+    let tcp_from = |src| sent_by_a(IPPROTO_TCP, &[], 0, &tcp_header(src, 443));
+    let unreachable = |quoted: &[u8]| icmp_error(3, 3, quoted);
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            (
+                "port unreachable quoting UDP from 61000",
+                unreachable(&udp_from(61000)),
+                true,
+            ),
+            (
+                "port unreachable quoting UDP from 60999",
+                unreachable(&udp_from(60999)),
+                false,
+            ),
+            (
+                "port unreachable quoting UDP *to* 61000",
+                unreachable(&sent_by_a(IPPROTO_UDP, &[], 0, &udp_ports(5353, 61000))),
+                false,
+            ),
+            (
+                "time exceeded quoting TCP from 61001",
+                icmp_error(11, 0, &tcp_from(61001)),
+                true,
+            ),
+            (
+                "fragmentation needed quoting TCP from 61000 (UDP claim only)",
+                icmp_error(3, 4, &tcp_from(61000)),
+                false,
+            ),
+            (
+                "parameter problem quoting an echo request with id 777",
+                icmp_error(12, 0, &sent_by_a(IPPROTO_ICMP, &[], 0, &echo(8, 777))),
+                true,
+            ),
+            (
+                "host unreachable quoting an echo *reply* with id 777",
+                icmp_error(3, 1, &sent_by_a(IPPROTO_ICMP, &[], 0, &echo(0, 777))),
+                false,
+            ),
+            (
+                "port unreachable quoting UDP from 61000 behind 8 bytes of IP options",
+                unreachable(&sent_by_a(IPPROTO_UDP, &[1; 8], 0, &udp_ports(61000, 53))),
+                true,
+            ),
+            (
+                "port unreachable quoting a later fragment",
+                unreachable(&sent_by_a(IPPROTO_UDP, &[], 0x0002, &udp_ports(61000, 53))),
+                false,
+            ),
+            (
+                "port unreachable with a truncated quote (IP header only)",
+                unreachable(&udp_from(61000)[..20]),
+                false,
+            ),
+            (
+                "redirect (type 5) quoting UDP from 61000: not an error we follow",
+                icmp_error(5, 1, &udp_from(61000)),
+                false,
+            ),
+        ],
+        "ICMP errors",
+    );
+}
+
+#[test]
+fn claimed_destination_addresses_take_every_packet() {
+    require_root!();
+    let pair = Pair::new();
+    let mut att = uplink(&pair);
+    let lb = Ipv4Addr::new(10, 77, 0, 100);
+    let other = Ipv4Addr::new(10, 77, 0, 101);
+    let node = Ipv4Addr::new(10, 77, 0, 1);
+    att.set_dst_addr(lb, RuleAction::Redirect)
+        .expect("claim the LoadBalancer IP");
+    let every_kind = |dst: Ipv4Addr| {
+        vec![
+            ("UDP 53", ipv4_to(dst, IPPROTO_UDP, 0, &udp_header(53))),
+            (
+                "TCP 80",
+                ipv4_to(dst, IPPROTO_TCP, 0, &tcp_header(40000, 80)),
+            ),
+            (
+                "ICMP echo request",
+                ipv4_to(dst, IPPROTO_ICMP, 0, &echo(8, 1)),
+            ),
+            ("GRE", ipv4_to(dst, IPPROTO_GRE, 0, &[0; 8])),
+            (
+                "first fragment",
+                ipv4_to(dst, IPPROTO_UDP, 0x2000, &udp_header(53)),
+            ),
+            (
+                "later fragment",
+                ipv4_to(dst, IPPROTO_UDP, 0x0003, &[0xbb; 8]),
+            ),
+        ]
+    };
+    let cases = |dst: Ipv4Addr, redirected: bool| -> Vec<(&'static str, Vec<u8>, bool)> {
+        every_kind(dst)
+            .into_iter()
+            .map(|(name, frame)| (name, frame, redirected))
+            .collect()
+    };
+    assert_claims(&pair, &att, &cases(lb, true), "to the claimed address");
+    assert_claims(&pair, &att, &cases(other, false), "to another address");
+    assert_claims(&pair, &att, &cases(node, false), "to the node address");
+
+    // Reconcile to a new set: `other` joins, `lb` stays; then `lb` goes.
+    let mut wanted = BTreeMap::from([(lb, RuleAction::Redirect), (other, RuleAction::Redirect)]);
+    att.replace_dst_addrs(&wanted).expect("reconcile");
+    assert_eq!(att.dst_addrs(), &wanted);
+    assert_claims(&pair, &att, &cases(other, true), "to the added address");
+    wanted.remove(&lb);
+    att.replace_dst_addrs(&wanted).expect("reconcile");
+    assert_claims(&pair, &att, &cases(lb, false), "to the removed address");
+    assert_claims(&pair, &att, &cases(other, true), "to the kept address");
+    att.remove_dst_addr(other).expect("remove");
+    att.remove_dst_addr(other)
+        .expect("removing an absent address is Ok");
+    assert!(att.dst_addrs().is_empty());
+    assert_claims(&pair, &att, &cases(other, false), "after removing");
+
+    // Pass works too: on a redirect-by-default interface, one address stays with the kernel.
+    att.set_default(RuleAction::Redirect)
+        .expect("default Redirect");
+    att.set_dst_addr(node, RuleAction::Pass)
+        .expect("Pass the node address");
+    assert_claims(
+        &pair,
+        &att,
+        &cases(node, false),
+        "Pass address, default Redirect",
+    );
+    assert_claims(&pair, &att, &cases(lb, true), "default Redirect");
+    att.set_default(RuleAction::Pass).expect("default Pass");
+    att.remove_dst_addr(node).expect("remove");
+
+    // The map holds MAX_DST_ADDRS addresses; one more is refused by name, nothing changes.
+    let full: BTreeMap<Ipv4Addr, RuleAction> = (0..MAX_DST_ADDRS)
+        .map(|i| (Ipv4Addr::from(0x0a50_0000 + i), RuleAction::Redirect))
+        .collect();
+    att.replace_dst_addrs(&full).expect("fill DST_ADDRS");
+    let err = att
+        .set_dst_addr(Ipv4Addr::new(10, 81, 0, 0), RuleAction::Redirect)
+        .expect_err("one address beyond MAX_DST_ADDRS");
+    assert!(matches!(err, Error::TooManyDstAddrs { .. }), "{err:?}");
+    let mut too_many = full.clone();
+    too_many.insert(lb, RuleAction::Redirect);
+    let err = att
+        .replace_dst_addrs(&too_many)
+        .expect_err("a set beyond MAX_DST_ADDRS");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&pair.if_a) && msg.contains(&(MAX_DST_ADDRS + 1).to_string()),
+        "message must name the interface and the count: {msg}"
+    );
+    assert_eq!(att.dst_addrs(), &full, "a refused replace changed the set");
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            (
+                "UDP to the last of the full set",
+                ipv4_to(
+                    Ipv4Addr::from(0x0a50_0000 + MAX_DST_ADDRS - 1),
+                    IPPROTO_UDP,
+                    0,
+                    &udp_header(53),
+                ),
+                true,
+            ),
+            (
+                "UDP to the LB address (refused)",
+                ipv4_to(lb, IPPROTO_UDP, 0, &udp_header(53)),
+                false,
+            ),
+        ],
+        "full map",
+    );
+    att.replace_dst_addrs(&BTreeMap::new())
+        .expect("empty the map");
+    assert!(att.dst_addrs().is_empty());
 }
