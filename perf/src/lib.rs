@@ -17,7 +17,7 @@
 //!
 //! Layout: pure pieces without I/O and testable without root ([`payload`], [`seq`], [`pacing`],
 //! [`hist`], [`metrics`] (figures, sluice/baseline ratios, comparisons), [`report`],
-//! [`scenario`] (the table of scenarios)); socket loops ([`gen`], [`sink`], [`pingpong`],
+//! [`scenario`] (the table of scenarios), [`service`] (ClusterIP targets)); socket loops ([`gen`], [`sink`], [`pingpong`],
 //! [`tcp`]) over [`mmsg`] and [`sys`]; the binary `sluice-perf` wires them to a CLI and to the
 //! testbed, running every scenario with sluice and with the kernel baseline. Exports: [`hlog`]
 //! (HdrHistogram interval logs) and [`plot`] (SVG latency spectra and curves); [`scale`] is the
@@ -36,6 +36,7 @@ pub mod report;
 pub mod scale;
 pub mod scenario;
 pub mod seq;
+pub mod service;
 pub mod sink;
 pub mod sys;
 pub mod tcp;

@@ -1,11 +1,13 @@
 //! Scenarios as data: which cluster file, which pod talks to which server, what traffic, and the
 //! default parameters. `sluice-perf run NAME` looks a name up here and the runner is generic over
 //! the entry, so a later issue adds its measurement by adding a row (cross-node: the two-node
-//! cluster file and pods on different nodes; a Service: [`Target::ClusterIp`] once the runner
-//! resolves it; WireGuard: the cluster file that enables it).
+//! cluster file and pods on different nodes; a Service: [`Target::ClusterIp`]; WireGuard: the
+//! cluster file that enables it).
 //!
 //! Every scenario runs in each [`crate::metrics`] mode (sluice, then the kernel baseline) on the
-//! same cluster file, so the two figures compare like with like.
+//! same cluster file, so the two figures compare like with like. For a [`Target::ClusterIp`]
+//! scenario the kernel baseline is kube-proxy's nftables mode: the testbed loads rules shaped
+//! like it into the kernel nodes ([`crate::service`], `testbed::nft`).
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +17,10 @@ use serde::{Deserialize, Serialize};
 pub enum Target {
     /// The server pod's own IP.
     PodIp,
+    /// The ClusterIP of the Service `namespace/name`, on the scenario's port, whose backend is
+    /// the server pod. The Service port and its targetPort must both be the scenario's port
+    /// (the server binds it); [`crate::service::resolve`] checks both.
+    ClusterIp { service: &'static str },
 }
 
 /// What traffic a scenario sends, and so which programs run and which metrics it reports.
@@ -74,6 +80,12 @@ pub struct Scenario {
 
 const DEMO: &str = "testbed/clusters/demo.yaml";
 const TWO_NODE: &str = "testbed/clusters/two-node.yaml";
+/// Services fixture: `default/echo` (ClusterIP 10.96.1.15) has one backend, `echo-1`, on the
+/// client's node.
+const SERVICES: &str = "testbed/clusters/services.yaml";
+/// ClusterIP scenarios: sluice's DNAT in the workers vs kube-proxy-shaped nftables rules.
+const CLUSTER_IP: &str =
+    "client -> ClusterIP of default/echo (one backend, echo-1), same node; kernel: nftables DNAT";
 /// Cross-node scenarios: sluice VXLAN in the workers vs the kernel's vxlan device (Flannel's
 /// vxlan backend shape: VNI 1, port 8472) on the same two-node topology.
 const CROSS_NODE: &str = "pod-a1 (node1) -> pod-b1's IP (node2), over VXLAN";
@@ -181,6 +193,63 @@ pub const SCENARIOS: &[Scenario] = &[
             flows: 1,
         },
     },
+    Scenario {
+        name: "pod-to-clusterip",
+        measures: "UDP packet rate, loss and one-way latency through a ClusterIP (DNAT)",
+        topology: CLUSTER_IP,
+        cluster: SERVICES,
+        client_pod: "default/client",
+        server_pod: "default/echo-1",
+        target: Target::ClusterIp {
+            service: "default/echo",
+        },
+        traffic: Traffic::UdpStream,
+        port: 9000,
+        defaults: Defaults {
+            duration_s: 5,
+            size: 64,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
+    Scenario {
+        name: "pod-to-clusterip-rr",
+        measures: "UDP request/response round-trip latency through a ClusterIP (DNAT)",
+        topology: CLUSTER_IP,
+        cluster: SERVICES,
+        client_pod: "default/client",
+        server_pod: "default/echo-1",
+        target: Target::ClusterIp {
+            service: "default/echo",
+        },
+        traffic: Traffic::UdpRequestResponse,
+        port: 9001,
+        defaults: Defaults {
+            duration_s: 5,
+            size: 64,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
+    Scenario {
+        name: "pod-to-clusterip-tcp",
+        measures: "TCP throughput through a ClusterIP (DNAT) over one or --flows connections",
+        topology: CLUSTER_IP,
+        cluster: SERVICES,
+        client_pod: "default/client",
+        server_pod: "default/echo-1",
+        target: Target::ClusterIp {
+            service: "default/echo",
+        },
+        traffic: Traffic::TcpStream,
+        port: 9002,
+        defaults: Defaults {
+            duration_s: 5,
+            size: 128 * 1024,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
 ];
 
 pub fn find(name: &str) -> Option<&'static Scenario> {
@@ -205,6 +274,17 @@ pub fn validate(s: &Scenario) -> Result<(), String> {
         match pod.split_once('/') {
             Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => {}
             _ => return Err(format!("{}: {field} {pod:?} is not namespace/name", s.name)),
+        }
+    }
+    if let Target::ClusterIp { service } = s.target {
+        match service.split_once('/') {
+            Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => {}
+            _ => {
+                return Err(format!(
+                    "{}: target service {service:?} is not namespace/name",
+                    s.name
+                ))
+            }
         }
     }
     if s.client_pod == s.server_pod {
@@ -261,6 +341,30 @@ mod tests {
     }
 
     #[test]
+    fn clusterip_scenarios_cover_every_traffic_kind() {
+        for t in [
+            Traffic::UdpStream,
+            Traffic::TcpStream,
+            Traffic::UdpRequestResponse,
+        ] {
+            assert!(
+                SCENARIOS
+                    .iter()
+                    .any(|s| s.traffic == t && matches!(s.target, Target::ClusterIp { .. })),
+                "{t:?}"
+            );
+        }
+        let s = find("pod-to-clusterip").expect("pod-to-clusterip");
+        assert_eq!(
+            s.target,
+            Target::ClusterIp {
+                service: "default/echo"
+            }
+        );
+        assert!(find("pod-to-clusterip-rr").is_some());
+    }
+
+    #[test]
     fn the_three_traffic_kinds_are_covered() {
         for t in [
             Traffic::UdpStream,
@@ -290,6 +394,18 @@ mod tests {
         })
         .is_err());
         assert!(validate(&Scenario { port: 0, ..good }).is_err());
+        assert!(validate(&Scenario {
+            target: Target::ClusterIp { service: "echo" },
+            ..good
+        })
+        .is_err());
+        assert!(validate(&Scenario {
+            target: Target::ClusterIp {
+                service: "default/echo"
+            },
+            ..good
+        })
+        .is_ok());
         assert!(validate(&Scenario {
             defaults: Defaults {
                 size: 20,

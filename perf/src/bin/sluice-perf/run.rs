@@ -9,7 +9,7 @@
 //! testbed is torn down by its `Drop` whatever fails.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -577,11 +577,23 @@ fn run_mode_inner(
             cluster.display()
         )
     })?;
-    let server_ip: Ipv4Addr = match scenario.target {
-        Target::PodIp => tb.pod(scenario.server_pod)?.ip,
-    };
     tb.pod(scenario.client_pod)?;
-    let dst = SocketAddrV4::new(server_ip, scenario.port);
+    let dst = match scenario.target {
+        Target::PodIp => SocketAddrV4::new(tb.pod(scenario.server_pod)?.ip, scenario.port),
+        // Kernel nodes get kube-proxy-shaped nftables rules; sluice nodes' agents serve it.
+        Target::ClusterIp { service } => {
+            perf::service::prepare(
+                &tb,
+                service,
+                scenario.port,
+                scenario.traffic,
+                scenario.client_pod,
+                scenario.server_pod,
+            )
+            .with_context(|| format!("setting up the ClusterIP target {service}"))?
+            .0
+        }
+    };
     report.server_addr = dst.to_string();
     let sluice = matches!(mode, Mode::Sluice { .. });
     // Nodes that run an agent (a cluster file may leave some nodes to the kernel).
