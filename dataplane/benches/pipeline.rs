@@ -64,10 +64,7 @@ fn bench_cases(c: &mut Criterion) {
                 buf[HEADROOM..HEADROOM + head.len()].copy_from_slice(&head);
                 let mut pkt = PacketBuf::new(&mut buf, HEADROOM, frame.len()).expect("fits");
                 black_box(process_ctx(
-                    &mut Ctx {
-                        now_ns: 0,
-                        arp: &mut arp_mem,
-                    },
+                    &mut Ctx::stateless(0, &mut arp_mem),
                     &snap,
                     black_box(*rx),
                     &mut pkt,
@@ -101,10 +98,7 @@ fn bench_cases(c: &mut Criterion) {
                     .copy_from_slice(&inner[..RESTORE.min(inner.len())]);
                 let mut pkt = PacketBuf::new(&mut buf, HEADROOM, inner.len()).expect("fits");
                 black_box(process_ctx(
-                    &mut Ctx {
-                        now_ns: 0,
-                        arp: &mut arp_mem,
-                    },
+                    &mut Ctx::stateless(0, &mut arp_mem),
                     &node1,
                     black_box(IF_A),
                     &mut pkt,
@@ -124,10 +118,7 @@ fn bench_cases(c: &mut Criterion) {
                 buf[HEADROOM..HEADROOM + restore].copy_from_slice(&wire[..restore]);
                 let mut pkt = PacketBuf::new(&mut buf, HEADROOM, wire.len()).expect("fits");
                 black_box(process_ctx(
-                    &mut Ctx {
-                        now_ns: 0,
-                        arp: &mut arp_mem,
-                    },
+                    &mut Ctx::stateless(0, &mut arp_mem),
                     &node2,
                     black_box(IF_UPLINK),
                     &mut pkt,
@@ -177,10 +168,7 @@ fn bench_cases(c: &mut Criterion) {
                 buf[HEADROOM..HEADROOM + frame.len()].copy_from_slice(&frame);
                 let mut pkt = PacketBuf::new(&mut buf, HEADROOM, frame.len()).expect("fits");
                 black_box(process_ctx(
-                    &mut Ctx {
-                        now_ns: 0,
-                        arp: &mut arp_mem,
-                    },
+                    &mut Ctx::stateless(0, &mut arp_mem),
                     &snap,
                     IF_A,
                     &mut pkt,

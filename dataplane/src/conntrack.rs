@@ -591,6 +591,46 @@ impl Conntrack {
         Some((dir, flow))
     }
 
+    /// Looks `key` up; when found, advances its state for this packet if `observe` (not for
+    /// ICMP errors about the flow) and returns the direction, the flow's original key (which
+    /// the reply rewrite needs) and a copy of the flow. One index probe, as [`Conntrack::track`].
+    #[inline]
+    pub fn track_origin(
+        &mut self,
+        key: &FlowKey,
+        tcp_flags: u8,
+        observe: bool,
+        now_ns: u64,
+    ) -> Option<(Direction, FlowKey, Flow)> {
+        let found = self
+            .find(key)
+            .map(|(_, _, r)| r)
+            .filter(|r| self.entries[(r >> 1) as usize].flow.expires_ns > now_ns);
+        let Some(r) = found else {
+            self.stats.lookup_misses += 1;
+            return None;
+        };
+        self.stats.lookup_hits += 1;
+        let dir = if r & 1 == 0 {
+            Direction::Original
+        } else {
+            Direction::Reply
+        };
+        let timeouts = self.timeouts;
+        let e = &mut self.entries[(r >> 1) as usize];
+        if observe {
+            e.flow.observe(dir, tcp_flags, now_ns, &timeouts);
+        }
+        Some((dir, e.keys[0], e.flow))
+    }
+
+    /// Whether a live flow has `key` (either direction); counts nothing.
+    #[inline]
+    pub fn contains(&self, key: &FlowKey, now_ns: u64) -> bool {
+        self.find(key)
+            .is_some_and(|(_, _, r)| self.entries[(r >> 1) as usize].flow.expires_ns > now_ns)
+    }
+
     /// The original key of the live flow that `key` belongs to.
     pub fn original_key(&self, key: &FlowKey, now_ns: u64) -> Option<FlowKey> {
         let (_, _, r) = self.find(key)?;

@@ -47,7 +47,8 @@ pub enum DropReason {
     VxlanBadVni = 19,
     /// Fragmented outer packet (the dataplane does not reassemble; pod MTU prevents them).
     VxlanFragment = 20,
-    /// Something on the uplink that is not VXLAN for this node reached the dataplane.
+    /// Something on the uplink that is not VXLAN for this node, a service frontend or a reply
+    /// of a translated flow reached the dataplane.
     UplinkUnexpected = 21,
     /// The next hop's MAC is unknown: an ARP request went out instead (rate limited).
     NeighborUnresolved = 22,
@@ -59,11 +60,31 @@ pub enum DropReason {
     /// The inner source is not in the pod CIDR of the node the VXLAN packet came from
     /// (spoofing across nodes, or an unknown node).
     VxlanSourceMismatch = 25,
+    /// A service port without any backend: the sender got a TCP RST or ICMP port unreachable
+    /// (kube-proxy's reject rule).
+    ServiceNoBackend = 26,
+    /// A Local traffic policy (external or internal) and no backend on this node: dropped, as
+    /// kube-proxy does.
+    ServiceNoLocalBackend = 27,
+    /// To a service address on a port or protocol no service port has: rejected (TCP RST or ICMP
+    /// port unreachable, as kube-proxy's nftables mode), or dropped for other protocols.
+    ServiceUnknownPort = 28,
+    /// A fragment to a service address or of a translated flow: the dataplane does not reassemble,
+    /// so it cannot translate fragments.
+    ServiceFragment = 29,
+    /// No free source port for SNAT (masquerade, NodePort, hairpin) after the bounded search.
+    NatPortExhausted = 30,
+    /// The owning worker's handoff ring was full (it is not keeping up).
+    HandoffFull = 31,
+    /// Frame larger than a handoff slot.
+    HandoffTooBig = 32,
+    /// A packet that needs connection tracking reached a pipeline without flow state (tests).
+    NoFlowState = 33,
 }
 
 impl DropReason {
     /// Every reason, in number order (metrics export all of them, even at zero).
-    pub const ALL: [DropReason; 25] = [
+    pub const ALL: [DropReason; 33] = [
         DropReason::FrameTooShort,
         DropReason::UnsupportedEthertype,
         DropReason::Ipv6Unsupported,
@@ -89,9 +110,17 @@ impl DropReason {
         DropReason::OversizeNoDf,
         DropReason::VxlanInnerUnsupported,
         DropReason::VxlanSourceMismatch,
+        DropReason::ServiceNoBackend,
+        DropReason::ServiceNoLocalBackend,
+        DropReason::ServiceUnknownPort,
+        DropReason::ServiceFragment,
+        DropReason::NatPortExhausted,
+        DropReason::HandoffFull,
+        DropReason::HandoffTooBig,
+        DropReason::NoFlowState,
     ];
     /// Size of a counter array indexed by `reason as usize` (index 0 unused).
-    pub const SLOTS: usize = 26;
+    pub const SLOTS: usize = 34;
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -120,6 +149,14 @@ impl DropReason {
             DropReason::OversizeNoDf => "oversize_no_df",
             DropReason::VxlanInnerUnsupported => "vxlan_inner_unsupported",
             DropReason::VxlanSourceMismatch => "vxlan_source_mismatch",
+            DropReason::ServiceNoBackend => "service_no_backend",
+            DropReason::ServiceNoLocalBackend => "service_no_local_backend",
+            DropReason::ServiceUnknownPort => "service_unknown_port",
+            DropReason::ServiceFragment => "service_fragment",
+            DropReason::NatPortExhausted => "nat_port_exhausted",
+            DropReason::HandoffFull => "handoff_full",
+            DropReason::HandoffTooBig => "handoff_too_big",
+            DropReason::NoFlowState => "no_flow_state",
         }
     }
 

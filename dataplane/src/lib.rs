@@ -16,13 +16,16 @@
 //!   [`snapshot::Snapshot`] through arc-swap once per batch. Control talks to workers over
 //!   bounded channels polled between batches.
 //! - Frames live in UMEM chunks with headroom in front for later encapsulation.
+pub mod affinity;
 pub mod classify;
 pub mod conntrack;
 pub mod drop_reason;
+pub mod handoff;
 pub mod latency;
 pub mod packet;
 pub mod pipeline;
 pub mod runtime;
+pub mod services;
 pub mod snapshot;
 pub mod stages;
 pub mod stats;
@@ -50,6 +53,9 @@ pub enum TxKind {
     /// The frame was turned into an ARP request for an unresolved next hop (the original packet
     /// counts as dropped with `NeighborUnresolved`).
     ArpRequest,
+    /// The frame was turned into a rejection (TCP RST or ICMP port unreachable) sent back to
+    /// its sender, as kube-proxy's reject rules; the original counts as dropped for the reason.
+    Reject(DropReason),
 }
 
 /// What the pipeline may use besides the snapshot and the frame: the batch's time (read once
@@ -58,6 +64,23 @@ pub struct Ctx<'a> {
     /// Monotonic nanoseconds at the start of the batch (0 when there is no clock: tests).
     pub now_ns: u64,
     pub arp: &'a mut stages::neighbor::ArpThrottle,
+    /// The worker's flow state (conntrack, session affinity). `None` (some tests and
+    /// benchmarks): packets that need flow state are dropped with `NoFlowState`.
+    pub flows: Option<&'a mut stages::lb::Flows>,
+    /// Which worker this is, of how many: flows are steered to their owner (see `stages::lb`).
+    pub steer: stages::lb::Steer,
+}
+
+impl<'a> Ctx<'a> {
+    /// A context without flow state, on a single worker.
+    pub fn stateless(now_ns: u64, arp: &'a mut stages::neighbor::ArpThrottle) -> Self {
+        Ctx {
+            now_ns,
+            arp,
+            flows: None,
+            steer: stages::lb::Steer::SINGLE,
+        }
+    }
 }
 
 /// The outcome of the pipeline for one frame.
@@ -67,4 +90,10 @@ pub enum Verdict {
     Tx { ifindex: u32, kind: TxKind },
     /// Drop, for this reason.
     Drop(DropReason),
+    /// The flow belongs to another worker: copy the frame (as it is now) to `worker`, which
+    /// goes on at `resume` ([`pipeline::process_resumed`]).
+    Handoff {
+        worker: u16,
+        resume: pipeline::Resume,
+    },
 }

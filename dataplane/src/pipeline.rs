@@ -8,8 +8,15 @@
 //!                     -> other node?  -> TTL -> encap::push (neighbour?) -> tx on the uplink
 //!                     -> TTL expired / too big: icmp_error              -> tx back out rx
 //! rx on the uplink:
-//!   classify (outer) -> decap::pop -> classify (inner) -> route::forward -> tx to the pod
+//!   classify (outer) -> VXLAN? decap::pop -> classify (inner) -> source check -> lb -> route
+//!                    -> else (NodePort, LB IP, SNAT reply: XDP claimed it) -> lb -> route
+//! lb (stages::lb): steer to the flow's owner worker (Handoff), conntrack, DNAT/SNAT, reject
+//! route after lb: local pod -> route::forward; other node's pod CIDR or address -> encap;
+//!                 outside the cluster -> egress::send on the uplink
 //! ```
+//!
+//! A frame handed over by another worker enters at [`process_resumed`], where the first worker
+//! stopped (right before lb).
 //! Later issues insert stages here (firewall before route, lb before route, encrypt after
 //! encap, open before decap). Sans-IO: no sockets, no clock (the batch's time comes in `Ctx`),
 //! no allocation; callable from tests and benchmarks as is.
@@ -18,9 +25,26 @@ use crate::{
     drop_reason::DropReason,
     packet::PacketBuf,
     snapshot::{InterfaceEntry, InterfaceRole, Snapshot},
-    stages::{arp, decap, encap, gateway, icmp_error, neighbor::ArpThrottle, route},
+    stages::{
+        arp, decap, egress, encap, gateway, icmp_error,
+        lb::{self, Lb, Origin},
+        neighbor::ArpThrottle,
+        route,
+    },
+    wire::{be16, ipv4},
     Ctx, TxKind, Verdict,
 };
+
+/// Where a frame handed to another worker goes on (see [`crate::handoff`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resume {
+    /// From a pod, source checks passed: lb, then route.
+    Pod,
+    /// Decapsulated from another node, inner source checked: lb, then route.
+    Overlay,
+    /// Plain IPv4 from the uplink: lb, then route.
+    Uplink,
+}
 
 /// Runs one frame received on `rx_ifindex` through the pipeline, rewriting it in place.
 #[inline]
@@ -38,27 +62,43 @@ pub fn process_ctx(
         Err(reason) => return Verdict::Drop(reason),
     };
     match (rx.role, class) {
-        (InterfaceRole::Uplink, Class::Ipv4(outer)) => from_overlay(snap, &outer, pkt),
+        (InterfaceRole::Uplink, Class::Ipv4(outer)) => from_uplink(ctx, snap, rx, &outer, pkt),
         (InterfaceRole::Uplink, Class::Arp(_)) => Verdict::Drop(DropReason::UplinkUnexpected),
         (InterfaceRole::Pod, Class::Arp(meta)) => arp::respond(snap, rx, &meta, pkt),
         (InterfaceRole::Pod, Class::Ipv4(meta)) => from_pod(ctx, snap, rx, &meta, pkt),
     }
 }
 
-/// [`process_ctx`] without a batch clock or ARP memory (tests, benchmarks, pod-only paths):
-/// an unresolved next hop then always sends an ARP request.
+/// Goes on with a frame another worker handed over at `resume` (its checks are done).
+#[inline]
+pub fn process_resumed(
+    ctx: &mut Ctx<'_>,
+    snap: &Snapshot,
+    rx_ifindex: u32,
+    resume: Resume,
+    pkt: &mut PacketBuf<'_>,
+) -> Verdict {
+    let Some(rx) = snap.interface(rx_ifindex) else {
+        return Verdict::Drop(DropReason::UnknownInterface);
+    };
+    let meta = match classify(pkt.data()) {
+        Ok(Class::Ipv4(m)) => m,
+        Ok(Class::Arp(_)) => return Verdict::Drop(DropReason::UnsupportedEthertype),
+        Err(reason) => return Verdict::Drop(reason),
+    };
+    match resume {
+        Resume::Pod => pod_lb_route(ctx, snap, rx, &meta, pkt, true),
+        Resume::Overlay => overlay_lb_route(ctx, snap, rx, &meta, pkt, true),
+        Resume::Uplink => uplink_lb_route(ctx, snap, rx, &meta, pkt, true),
+    }
+}
+
+/// [`process_ctx`] without a batch clock, ARP memory or flow state (tests, benchmarks, pod-only
+/// paths): an unresolved next hop then always sends an ARP request.
 #[inline]
 pub fn process(snap: &Snapshot, rx_ifindex: u32, pkt: &mut PacketBuf<'_>) -> Verdict {
     let mut arp = ArpThrottle::default();
-    process_ctx(
-        &mut Ctx {
-            now_ns: 0,
-            arp: &mut arp,
-        },
-        snap,
-        rx_ifindex,
-        pkt,
-    )
+    process_ctx(&mut Ctx::stateless(0, &mut arp), snap, rx_ifindex, pkt)
 }
 
 #[inline]
@@ -84,6 +124,23 @@ fn from_pod(
     if meta.dst.is_multicast() || meta.dst.is_broadcast() {
         return Verdict::Drop(DropReason::Ipv4Multicast);
     }
+    pod_lb_route(ctx, snap, rx, meta, pkt, false)
+}
+
+#[inline]
+fn pod_lb_route(
+    ctx: &mut Ctx<'_>,
+    snap: &Snapshot,
+    rx: &InterfaceEntry,
+    meta: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+    steered: bool,
+) -> Verdict {
+    let meta = match lb::run(ctx, snap, Origin::Pod, rx, meta, pkt, steered, Resume::Pod) {
+        Lb::Continue(m) => m,
+        Lb::Done(v) => return v,
+    };
+    let meta = &meta;
     match route::forward(snap, meta, pkt) {
         Ok(verdict) => return verdict,
         Err(route::NotForwarded::TtlExpired) => {
@@ -91,18 +148,142 @@ fn from_pod(
         }
         Err(route::NotForwarded::NotLocal) => {}
     }
-    if let (Some(overlay), Some(remote)) = (snap.overlay(), snap.remote(meta.dst)) {
-        if meta.ttl <= 1 {
-            return icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt);
+    if let Some(overlay) = snap.overlay() {
+        if let Some(remote) = snap.remote(meta.dst).or_else(|| snap.remote_node(meta.dst)) {
+            if meta.ttl <= 1 {
+                return icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt);
+            }
+            return encap::push(ctx, snap, overlay, remote, rx, meta, pkt);
         }
-        return encap::push(ctx, snap, overlay, remote, rx, meta, pkt);
     }
-    Verdict::Drop(DropReason::NoRoute)
+    if snap.in_cluster(meta.dst) {
+        return Verdict::Drop(DropReason::NoRoute);
+    }
+    match egress::send(ctx, snap, meta, pkt) {
+        Ok(v) => v,
+        Err(egress::NotSent::TtlExpired) => {
+            icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt)
+        }
+        Err(egress::NotSent::NoRoute) => Verdict::Drop(DropReason::NoRoute),
+    }
+}
+
+/// Whether an outer packet on the uplink is VXLAN for this node (fragments of UDP to the node
+/// count as VXLAN: they are dropped there as `vxlan_fragment`).
+#[inline]
+fn is_vxlan(snap: &Snapshot, outer: &Ipv4Meta, frame: &[u8]) -> bool {
+    let Some(overlay) = snap.overlay() else {
+        return false;
+    };
+    if outer.protocol != ipv4::PROTO_UDP || outer.dst != overlay.node_ip {
+        return false;
+    }
+    outer.fragment || (frame.len() >= outer.l4 + 4 && be16(frame, outer.l4 + 2) == overlay.port)
+}
+
+#[inline]
+fn from_uplink(
+    ctx: &mut Ctx<'_>,
+    snap: &Snapshot,
+    rx: &InterfaceEntry,
+    outer: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+) -> Verdict {
+    if is_vxlan(snap, outer, pkt.data()) || snap.overlay().is_none() {
+        return from_overlay(ctx, snap, rx, outer, pkt);
+    }
+    uplink_lb_route(ctx, snap, rx, outer, pkt, false)
+}
+
+/// Plain IPv4 from outside the cluster that the uplink's XDP program claimed.
+#[inline]
+fn uplink_lb_route(
+    ctx: &mut Ctx<'_>,
+    snap: &Snapshot,
+    rx: &InterfaceEntry,
+    meta: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+    steered: bool,
+) -> Verdict {
+    let meta = match lb::run(
+        ctx,
+        snap,
+        Origin::Uplink,
+        rx,
+        meta,
+        pkt,
+        steered,
+        Resume::Uplink,
+    ) {
+        Lb::Continue(m) => m,
+        Lb::Done(v) => return v,
+    };
+    after_lb_from_outside(ctx, snap, &meta, pkt, TxKind::Forward)
+}
+
+/// Routing after lb for packets that came from another node or from outside: no ICMP errors
+/// are sent back (they would have to cross the tunnel or are not ours to send).
+#[inline]
+fn after_lb_from_outside(
+    ctx: &mut Ctx<'_>,
+    snap: &Snapshot,
+    meta: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+    local_kind: TxKind,
+) -> Verdict {
+    match route::forward(snap, meta, pkt) {
+        Ok(Verdict::Tx {
+            ifindex,
+            kind: TxKind::Forward,
+        }) => {
+            return Verdict::Tx {
+                ifindex,
+                kind: local_kind,
+            }
+        }
+        Ok(verdict) => return verdict,
+        Err(route::NotForwarded::TtlExpired) => return Verdict::Drop(DropReason::TtlExceeded),
+        Err(route::NotForwarded::NotLocal) => {}
+    }
+    if let Some(overlay) = snap.overlay() {
+        if let Some(remote) = snap.remote(meta.dst).or_else(|| snap.remote_node(meta.dst)) {
+            if meta.ttl <= 1 {
+                return Verdict::Drop(DropReason::TtlExceeded);
+            }
+            // The uplink is both rx and tx here; the ICMP error for an oversize packet is not
+            // sent (rx is not a pod).
+            let Some(uplink) = snap.interface(overlay.uplink_ifindex) else {
+                return Verdict::Drop(DropReason::NoTxPort);
+            };
+            let uplink = *uplink;
+            return match encap::push(ctx, snap, overlay, remote, &uplink, meta, pkt) {
+                Verdict::Tx {
+                    kind: TxKind::IcmpError,
+                    ..
+                } => Verdict::Drop(DropReason::OversizeNoDf),
+                v => v,
+            };
+        }
+    }
+    if snap.in_cluster(meta.dst) {
+        return Verdict::Drop(DropReason::NoRoute);
+    }
+    match egress::send(ctx, snap, meta, pkt) {
+        Ok(v) => v,
+        Err(egress::NotSent::TtlExpired) => Verdict::Drop(DropReason::TtlExceeded),
+        Err(egress::NotSent::NoRoute) => Verdict::Drop(DropReason::NoRoute),
+    }
 }
 
 /// A frame from another node: VXLAN to this node, delivered to a local pod.
 #[inline]
-fn from_overlay(snap: &Snapshot, outer: &Ipv4Meta, pkt: &mut PacketBuf<'_>) -> Verdict {
+fn from_overlay(
+    ctx: &mut Ctx<'_>,
+    snap: &Snapshot,
+    rx: &InterfaceEntry,
+    outer: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+) -> Verdict {
     let Some(overlay) = snap.overlay() else {
         return Verdict::Drop(DropReason::UplinkUnexpected);
     };
@@ -118,22 +299,59 @@ fn from_overlay(snap: &Snapshot, outer: &Ipv4Meta, pkt: &mut PacketBuf<'_>) -> V
         }
         Err(reason) => return Verdict::Drop(reason),
     };
-    // The inner source must belong to the node that sent the packet: a node can only speak
-    // for its own pods.
-    if snap.remote(inner.src).map(|r| r.vtep_ip) != Some(outer.src) {
+    // The inner source must belong to the node that sent the packet: one of its pods, or the
+    // node itself (NodePort traffic it SNATed to its address): a node can only speak for its
+    // own pods.
+    let sender_ok =
+        inner.src == outer.src || snap.remote(inner.src).map(|r| r.vtep_ip) == Some(outer.src);
+    if !sender_ok {
         return Verdict::Drop(DropReason::VxlanSourceMismatch);
     }
-    match route::forward(snap, &inner, pkt) {
-        Ok(Verdict::Tx {
-            ifindex,
-            kind: TxKind::Forward,
-        }) => Verdict::Tx {
-            ifindex,
-            kind: TxKind::Decap,
-        },
-        Ok(verdict) => verdict,
-        // An ICMP error would have to travel back through the tunnel: not sent (documented).
-        Err(route::NotForwarded::TtlExpired) => Verdict::Drop(DropReason::TtlExceeded),
-        Err(route::NotForwarded::NotLocal) => Verdict::Drop(DropReason::NoRoute),
+    overlay_lb_route(ctx, snap, rx, &inner, pkt, false)
+}
+
+#[inline]
+fn overlay_lb_route(
+    ctx: &mut Ctx<'_>,
+    snap: &Snapshot,
+    rx: &InterfaceEntry,
+    inner: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+    steered: bool,
+) -> Verdict {
+    let inner = match lb::run(
+        ctx,
+        snap,
+        Origin::Overlay,
+        rx,
+        inner,
+        pkt,
+        steered,
+        Resume::Overlay,
+    ) {
+        Lb::Continue(m) => m,
+        Lb::Done(v) => return v,
+    };
+    // Without services, only local pods are reachable from the overlay (as before).
+    if snap.services().is_empty() && snap.nat().is_none() {
+        return match route::forward(snap, &inner, pkt) {
+            Ok(Verdict::Tx {
+                ifindex,
+                kind: TxKind::Forward,
+            }) => Verdict::Tx {
+                ifindex,
+                kind: TxKind::Decap,
+            },
+            Ok(verdict) => verdict,
+            // An ICMP error would have to travel back through the tunnel: not sent (documented).
+            Err(route::NotForwarded::TtlExpired) => Verdict::Drop(DropReason::TtlExceeded),
+            Err(route::NotForwarded::NotLocal) => Verdict::Drop(DropReason::NoRoute),
+        };
     }
+    // Never back into the tunnel it came from: only local pods, or outside (replies of
+    // NodePort flows SNATed here).
+    if snap.remote(inner.dst).is_some() || snap.remote_node(inner.dst).is_some() {
+        return Verdict::Drop(DropReason::NoRoute);
+    }
+    after_lb_from_outside(ctx, snap, &inner, pkt, TxKind::Decap)
 }

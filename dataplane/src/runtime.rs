@@ -14,6 +14,7 @@ use std::{
 use arc_swap::ArcSwapOption;
 
 use crate::{
+    handoff::Handoff,
     latency::LatencyHistograms,
     snapshot::Snapshot,
     stats::{Counters, SharedCounters},
@@ -36,6 +37,11 @@ pub struct DataplaneConfig {
     /// See [`WorkerConfig::idle_spin`].
     pub idle_spin: Duration,
     pub idle_poll_ms: i32,
+    /// Conntrack entries per worker (a power of two).
+    pub conntrack_capacity: usize,
+    /// Session-affinity entries per worker.
+    pub affinity_entries: usize,
+    pub timeouts: crate::conntrack::Timeouts,
 }
 
 impl Default for DataplaneConfig {
@@ -48,6 +54,9 @@ impl Default for DataplaneConfig {
             batch: 64,
             idle_spin: Duration::from_micros(200),
             idle_poll_ms: 100,
+            conntrack_capacity: 1 << 18,
+            affinity_entries: 1 << 16,
+            timeouts: crate::conntrack::Timeouts::default(),
         }
     }
 }
@@ -206,6 +215,7 @@ impl Dataplane {
             });
         }
         let snapshot = Arc::new(ArcSwapOption::empty());
+        let handoff = Arc::new(Handoff::new(config.workers));
         let mut workers = Vec::with_capacity(config.workers);
         for id in 0..config.workers {
             let core = config.cores.as_ref().and_then(|c| c.get(id).copied());
@@ -232,7 +242,12 @@ impl Dataplane {
                 batch: config.batch,
                 idle_spin: config.idle_spin,
                 idle_poll_ms: config.idle_poll_ms,
+                conntrack_capacity: config.conntrack_capacity,
+                affinity_entries: config.affinity_entries,
+                timeouts: config.timeouts,
+                workers: config.workers,
             };
+            let ho = Arc::clone(&handoff);
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
             let (s, snap) = (Arc::clone(&shared), Arc::clone(&snapshot));
             let thread = std::thread::Builder::new()
@@ -240,7 +255,7 @@ impl Dataplane {
                 .spawn(move || {
                     // The UMEM is allocated on the worker's own thread (after pinning would be
                     // better for NUMA; on one socket it makes no difference).
-                    match Worker::new(wc, s, snap, rx, worker_wake) {
+                    match Worker::new(wc, s, snap, rx, worker_wake, ho) {
                         Ok(w) => {
                             let _ = ready_tx.send(Ok((w.on_hugepages(), w.umem_region())));
                             w.run();

@@ -7,9 +7,9 @@
 //! prefixes (a node's pod CIDRs never overlap another's), found by binary search for the
 //! greatest network <= the address, then a mask check. Neighbours on the uplink (next hops'
 //! MACs) are learned by control from ARP and published here.
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
-use crate::wire::Mac;
+use crate::{services::ServiceTable, wire::Mac};
 
 /// What an interface is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -81,6 +81,70 @@ impl RemoteNode {
     }
 }
 
+/// Address translation and routing out of the cluster (masquerade, NodePort SNAT, hairpin).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatConfig {
+    /// This node's addresses (InternalIP first, then ExternalIPs): NodePorts are answered on
+    /// them, and SNAT uses the first.
+    pub node_addrs: Vec<Ipv4Addr>,
+    /// Source address of hairpin flows (a pod reaching a service that selects itself), which
+    /// must not see its own address as the source: Cilium's `169.254.42.1`.
+    pub hairpin_addr: Ipv4Addr,
+    /// SNAT source ports (inclusive), outside the kernel's ephemeral range and the NodePort
+    /// range; the uplink's XDP program hands replies to these ports to the dataplane.
+    pub ports: (u16, u16),
+    /// This node's pod CIDR.
+    pub pod_net: Ipv4Addr,
+    pub pod_prefix: u8,
+    /// Masquerade pod traffic to destinations outside the cluster (pod CIDRs and nodes).
+    pub masquerade: bool,
+    /// The uplink's subnet (destinations in it are on-link) and default gateway.
+    pub uplink_net: Ipv4Addr,
+    pub uplink_prefix: u8,
+    pub uplink_gateway: Option<Ipv4Addr>,
+}
+
+#[inline]
+fn in_prefix(ip: Ipv4Addr, net: Ipv4Addr, prefix: u8) -> bool {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix.min(32)))
+    };
+    u32::from(ip) & mask == u32::from(net) & mask
+}
+
+impl NatConfig {
+    /// Whether `ip` is one of this node's addresses or the hairpin address (replies to SNATed
+    /// flows come back to them).
+    #[inline]
+    pub fn is_snat_addr(&self, ip: Ipv4Addr) -> bool {
+        ip == self.hairpin_addr || self.node_addrs.contains(&ip)
+    }
+
+    /// The SNAT source address for flows leaving through the uplink.
+    #[inline]
+    pub fn node_addr(&self) -> Option<Ipv4Addr> {
+        self.node_addrs.first().copied()
+    }
+
+    #[inline]
+    pub fn in_local_pod_net(&self, ip: Ipv4Addr) -> bool {
+        in_prefix(ip, self.pod_net, self.pod_prefix)
+    }
+
+    /// Where a packet for `dst` (outside the cluster) goes on the uplink: `dst` itself when
+    /// on-link, else the gateway.
+    #[inline]
+    pub fn next_hop(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
+        if in_prefix(dst, self.uplink_net, self.uplink_prefix) {
+            Some(dst)
+        } else {
+            self.uplink_gateway
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     generation: u64,
@@ -96,13 +160,17 @@ pub struct Snapshot {
     /// the common case, whatever the number of pods (the sorted vectors stay for iteration).
     interface_index: FlatIndex,
     endpoint_index: FlatIndex,
+    /// Index of `remotes` by their VTEP (node) address.
+    remote_node_index: FlatIndex,
+    services: Arc<ServiceTable>,
+    nat: Option<NatConfig>,
 }
 
 /// An open-addressing hash index from a non-zero `u32` key to a position: power-of-two table at
 /// most half full, multiplicative (Fibonacci) hashing, linear probing. Built once per snapshot;
 /// lookups allocate nothing and always end at an empty slot.
 #[derive(Clone, Debug, Default)]
-struct FlatIndex {
+pub(crate) struct FlatIndex {
     keys: Vec<u32>,
     positions: Vec<u32>,
     shift: u32,
@@ -111,7 +179,7 @@ struct FlatIndex {
 impl FlatIndex {
     const EMPTY: u32 = 0;
 
-    fn build(keys: impl ExactSizeIterator<Item = u32>) -> Self {
+    pub(crate) fn build(keys: impl ExactSizeIterator<Item = u32>) -> Self {
         let n = keys.len().max(1);
         let slots = (n * 2).next_power_of_two().max(8);
         let mut idx = FlatIndex {
@@ -140,7 +208,7 @@ impl FlatIndex {
     }
 
     #[inline]
-    fn get(&self, key: u32) -> Option<usize> {
+    pub(crate) fn get(&self, key: u32) -> Option<usize> {
         if self.keys.is_empty() || key == Self::EMPTY {
             return None;
         }
@@ -201,6 +269,37 @@ impl Snapshot {
             .ok()
             .map(|at| self.neighbors[at].1)
     }
+    /// The remote node whose address (VTEP) is `ip`.
+    #[inline]
+    pub fn remote_node(&self, ip: Ipv4Addr) -> Option<&RemoteNode> {
+        self.remote_node_index
+            .get(u32::from(ip))
+            .map(|at| &self.remotes[at])
+    }
+    /// The service tables (empty when there are no services).
+    #[inline]
+    pub fn services(&self) -> &ServiceTable {
+        &self.services
+    }
+    pub fn services_arc(&self) -> &Arc<ServiceTable> {
+        &self.services
+    }
+    #[inline]
+    pub fn nat(&self) -> Option<&NatConfig> {
+        self.nat.as_ref()
+    }
+    /// Whether `ip` is inside the cluster: a pod CIDR (this node's or another's) or a node
+    /// address. Pod traffic to anything else is masqueraded.
+    #[inline]
+    pub fn in_cluster(&self, ip: Ipv4Addr) -> bool {
+        self.remote(ip).is_some()
+            || self.remote_node(ip).is_some()
+            || self
+                .nat
+                .as_ref()
+                .is_some_and(|n| n.in_local_pod_net(ip) || n.node_addrs.contains(&ip))
+            || self.endpoint(ip).is_some()
+    }
     pub fn remotes(&self) -> &[RemoteNode] {
         &self.remotes
     }
@@ -237,6 +336,9 @@ impl SnapshotBuilder {
                 neighbors: Vec::new(),
                 interface_index: FlatIndex::default(),
                 endpoint_index: FlatIndex::default(),
+                remote_node_index: FlatIndex::default(),
+                services: ServiceTable::empty(),
+                nat: None,
             },
         }
     }
@@ -256,6 +358,14 @@ impl SnapshotBuilder {
     /// is dropped and reported).
     pub fn remote(&mut self, node: RemoteNode) -> &mut Self {
         self.snap.remotes.push(node);
+        self
+    }
+    pub fn services(&mut self, table: Arc<ServiceTable>) -> &mut Self {
+        self.snap.services = table;
+        self
+    }
+    pub fn nat(&mut self, config: NatConfig) -> &mut Self {
+        self.snap.nat = Some(config);
         self
     }
     pub fn neighbor(&mut self, ip: Ipv4Addr, mac: Mac) -> &mut Self {
@@ -285,6 +395,8 @@ impl SnapshotBuilder {
         }
         remotes.sort_by_key(|r| u32::from(r.pod_net));
         self.snap.remotes = remotes;
+        self.snap.remote_node_index =
+            FlatIndex::build(self.snap.remotes.iter().map(|r| u32::from(r.vtep_ip)));
         // Later entries for the same key replace earlier ones: stable sort, keep the last.
         fn last_wins<T, K: PartialEq>(v: &mut Vec<T>, key: impl Fn(&T) -> K) {
             let mut out: Vec<T> = Vec::with_capacity(v.len());

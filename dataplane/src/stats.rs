@@ -12,6 +12,35 @@ use serde::Serialize;
 
 use crate::{drop_reason::DropReason, TxKind};
 
+/// Drops per [`DropReason`] number (index 0 unused); derefs to the array.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Drops(pub [u64; DropReason::SLOTS]);
+
+impl Default for Drops {
+    fn default() -> Self {
+        Drops([0; DropReason::SLOTS])
+    }
+}
+
+impl std::ops::Deref for Drops {
+    type Target = [u64; DropReason::SLOTS];
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Drops {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Serialize for Drops {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter())
+    }
+}
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
         /// A worker's counters.
@@ -19,7 +48,7 @@ macro_rules! counters {
         pub struct Counters {
             $( $(#[$doc])* pub $name: u64, )*
             /// Drops per [`DropReason`] number (index 0 unused).
-            pub drops: [u64; DropReason::SLOTS],
+            pub drops: Drops,
         }
 
         impl Counters {
@@ -31,7 +60,7 @@ macro_rules! counters {
             fn store(&self, out: &[AtomicU64]) {
                 let mut i = 0;
                 $( out[i].store(self.$name, Ordering::Relaxed); i += 1; )*
-                for d in self.drops {
+                for &d in self.drops.iter() {
                     out[i].store(d, Ordering::Relaxed);
                     i += 1;
                 }
@@ -85,6 +114,26 @@ counters! {
     decapsulated,
     /// ARP requests sent for unresolved next hops on the uplink.
     arp_requests,
+    /// TCP RSTs and ICMP port unreachables sent for service ports without backends.
+    rejects_sent,
+    /// Flows translated to a service backend (new conntrack entries with DNAT).
+    lb_new_flows,
+    /// Flows masqueraded (SNAT to the node address) leaving the cluster.
+    masq_new_flows,
+    /// Packets that matched a tracked flow.
+    ct_hits,
+    /// Frames copied to another worker that owns their flow.
+    handoff_out,
+    /// Frames received from other workers.
+    handoff_in,
+    /// Conntrack entries in use (a gauge: this worker's fill level).
+    ct_entries,
+    /// Conntrack capacity (a gauge).
+    ct_capacity,
+    /// Live flows evicted to make room (table or buckets full).
+    ct_evictions,
+    /// Expired flows reclaimed by garbage collection.
+    ct_gc_removed,
     /// Frames dropped (sum of `drops`).
     dropped,
     /// Loop iterations that found work.
@@ -124,6 +173,10 @@ impl Counters {
             TxKind::ArpRequest => {
                 self.arp_requests += 1;
                 self.count_drop(DropReason::NeighborUnresolved);
+            }
+            TxKind::Reject(reason) => {
+                self.rejects_sent += 1;
+                self.count_drop(reason);
             }
         }
     }

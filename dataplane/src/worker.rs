@@ -35,17 +35,35 @@ use std::{
 
 use arc_swap::ArcSwapOption;
 
+use std::hash::BuildHasher;
+
 use crate::{
+    conntrack::{Conntrack, ConntrackError},
     drop_reason::DropReason,
+    handoff::Handoff,
     latency::{cycles, CycleClock, LatencyHistograms},
     packet::PacketBuf,
     pipeline,
     snapshot::Snapshot,
+    stages::lb::{Flows, Steer},
     stages::neighbor::ArpThrottle,
     stats::{Counters, SharedCounters},
     xsk::{sys::xdp_desc, BindMode, RingSizes, UmemArea, UmemConfig, XskSocket},
     Ctx, Verdict,
 };
+
+/// Why a worker could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Umem(#[from] crate::xsk::UmemError),
+    #[error(transparent)]
+    Conntrack(#[from] ConntrackError),
+}
+
+/// Conntrack entries examined per busy loop iteration and before each sleep.
+const GC_BUDGET_BUSY: usize = 32;
+const GC_BUDGET_IDLE: usize = 8192;
 
 /// How many tx kicks one flush may spend on one socket (copy mode sends 32 frames per kick).
 const MAX_KICKS_PER_FLUSH: u32 = 16;
@@ -65,6 +83,13 @@ pub struct WorkerConfig {
     pub idle_spin: std::time::Duration,
     /// poll(2) timeout while idle.
     pub idle_poll_ms: i32,
+    /// Conntrack entries (a power of two) and session-affinity entries of this worker.
+    pub conntrack_capacity: usize,
+    pub affinity_entries: usize,
+    /// Conntrack timeouts.
+    pub timeouts: crate::conntrack::Timeouts,
+    /// How many workers share the flows (steering; see `stages::lb`).
+    pub workers: usize,
 }
 
 /// What a new socket looks like, for control (which puts `fd` into the XSKMAP).
@@ -144,6 +169,12 @@ pub struct Worker {
     arp: ArpThrottle,
     /// The batch's time (from the TSC read at its start), handed to the pipeline.
     now_ns: u64,
+    /// Conntrack and affinity: flows this worker owns.
+    flows: Flows,
+    steer: Steer,
+    handoff: Arc<Handoff>,
+    /// Workers handed a frame in this iteration (bit per worker), woken after the batch.
+    wake_mask: u64,
     shared: Arc<SharedCounters>,
     snapshot: Arc<ArcSwapOption<Snapshot>>,
     commands: Receiver<Command>,
@@ -158,8 +189,22 @@ impl Worker {
         snapshot: Arc<ArcSwapOption<Snapshot>>,
         commands: Receiver<Command>,
         wake: OwnedFd,
-    ) -> Result<Self, crate::xsk::UmemError> {
+        handoff: Arc<Handoff>,
+    ) -> Result<Self, WorkerError> {
         let umem = UmemArea::new(config.umem)?;
+        // A per-worker random seed: flow keys chosen by an attacker cannot be aimed at buckets.
+        let seed = std::collections::hash_map::RandomState::new().hash_one(config.id);
+        let ct = Conntrack::new(crate::conntrack::Config {
+            capacity: config.conntrack_capacity,
+            seed,
+            timeouts: config.timeouts,
+        })?;
+        let flows = Flows::new(ct, config.affinity_entries);
+        let steer = Steer {
+            worker: config.id as u16,
+            workers: config.workers.max(1) as u16,
+        };
+        handoff.set_waker(config.id, wake.as_raw_fd());
         let frames = config.umem.frames;
         let mut free = Vec::with_capacity(frames as usize);
         for i in (0..frames).rev() {
@@ -181,6 +226,10 @@ impl Worker {
             clock: CycleClock::get(),
             arp: ArpThrottle::default(),
             now_ns: 0,
+            flows,
+            steer,
+            handoff,
+            wake_mask: 0,
             shared,
             snapshot,
             commands,
@@ -228,7 +277,12 @@ impl Worker {
             for p in 0..self.ports.len() {
                 frames += self.rx_batch(p, snap.as_deref());
             }
+            frames += self.drain_handoff(snap.as_deref());
+            if self.wake_mask != 0 {
+                self.wake_handoff_targets();
+            }
             work += frames;
+            self.flows.ct.gc(self.now_ns, GC_BUDGET_BUSY);
             let tx_pending = self.flush_tx();
             if frames > 0 {
                 let ns = self.clock.to_ns(cycles().wrapping_sub(t0));
@@ -240,6 +294,7 @@ impl Worker {
                 self.counters.batches += 1;
                 since_publish += 1;
                 if since_publish >= PUBLISH_EVERY_BATCHES {
+                    self.sync_flow_counters();
                     self.shared
                         .publish(&self.counters, generation, self.free.len() as u64);
                     since_publish = 0;
@@ -254,6 +309,8 @@ impl Worker {
                 // when nothing else wants the core.
                 std::thread::yield_now();
             } else {
+                self.flows.ct.gc(self.now_ns, GC_BUDGET_IDLE);
+                self.sync_flow_counters();
                 self.shared
                     .publish(&self.counters, generation, self.free.len() as u64);
                 since_publish = 0;
@@ -262,11 +319,19 @@ impl Worker {
             }
         }
         let generation = self.snapshot.load().as_ref().map_or(0, |s| s.generation());
+        self.sync_flow_counters();
         self.shared
             .publish(&self.counters, generation, self.free.len() as u64);
     }
 
     fn sleep(&mut self) {
+        // Announce the sleep, then look once more: a frame handed over in between would
+        // otherwise wait for the poll timeout.
+        self.handoff.set_sleeping(self.config.id, true);
+        if self.handoff.pending(self.config.id) {
+            self.handoff.set_sleeping(self.config.id, false);
+            return;
+        }
         self.counters.idle_sleeps += 1;
         // SAFETY: pollfds is a live array of pollfd of the given length.
         unsafe {
@@ -276,7 +341,8 @@ impl Worker {
                 self.config.idle_poll_ms,
             )
         };
-        // Drain the eventfd if control woke us.
+        self.handoff.set_sleeping(self.config.id, false);
+        // Drain the eventfd if control or another worker woke us.
         if self.pollfds[0].revents & libc::POLLIN != 0 {
             let mut buf = [0u8; 8];
             // SAFETY: reading 8 bytes from our own non-blocking eventfd into a local buffer.
@@ -506,47 +572,163 @@ impl Worker {
                     let mut ctx = Ctx {
                         now_ns: self.now_ns,
                         arp: &mut self.arp,
+                        flows: Some(&mut self.flows),
+                        steer: self.steer,
                     };
                     pipeline::process_ctx(&mut ctx, s, rx_ifindex, &mut pkt)
                 }
                 None => Verdict::Drop(DropReason::NoSnapshot),
             };
-            match verdict {
-                Verdict::Tx { ifindex, kind } => {
-                    let out = xdp_desc {
-                        addr: base + pkt.head() as u64,
-                        len: pkt.len() as u32,
-                        options: 0,
-                    };
-                    let len = u64::from(out.len);
-                    match self.tx_port.binary_search_by_key(&ifindex, |(ifx, _)| *ifx) {
-                        Ok(at) => {
-                            let port = &mut self.ports[self.tx_port[at].1];
-                            if port.sock.tx.push(out) {
-                                self.owner[frame] = port.id;
-                                port.tx_dirty = true;
-                                self.counters.tx_packets += 1;
-                                self.counters.tx_bytes += len;
-                                self.counters.count_tx_kind(kind);
-                            } else {
-                                self.counters.count_drop(DropReason::TxRingFull);
-                                self.free.push(base);
-                            }
+            let verdict = match verdict {
+                Verdict::Handoff { worker, resume } => {
+                    let to = usize::from(worker);
+                    match self
+                        .handoff
+                        .push(self.config.id, to, rx_ifindex, resume, pkt.data())
+                    {
+                        Ok(()) => {
+                            self.counters.handoff_out += 1;
+                            self.wake_mask |= 1u64 << (to % 64);
                         }
-                        Err(_) => {
-                            self.counters.count_drop(DropReason::NoTxPort);
-                            self.free.push(base);
-                        }
+                        Err(r) => self.counters.count_drop(r),
                     }
-                }
-                Verdict::Drop(reason) => {
-                    self.counters.count_drop(reason);
                     self.free.push(base);
+                    continue;
                 }
-            }
+                v => v,
+            };
+            let (head, len) = (pkt.head(), pkt.len());
+            self.finish(verdict, frame, base, head, len);
         }
         self.ports[p].sock.rx.release(n);
         n
+    }
+
+    /// Queues a processed frame on its tx ring, or returns it to the pool.
+    #[inline]
+    fn finish(&mut self, verdict: Verdict, frame: usize, base: u64, head: usize, len: usize) {
+        match verdict {
+            Verdict::Tx { ifindex, kind } => {
+                let out = xdp_desc {
+                    addr: base + head as u64,
+                    len: len as u32,
+                    options: 0,
+                };
+                match self.tx_port.binary_search_by_key(&ifindex, |(ifx, _)| *ifx) {
+                    Ok(at) => {
+                        let port = &mut self.ports[self.tx_port[at].1];
+                        if port.sock.tx.push(out) {
+                            self.owner[frame] = port.id;
+                            port.tx_dirty = true;
+                            self.counters.tx_packets += 1;
+                            self.counters.tx_bytes += len as u64;
+                            self.counters.count_tx_kind(kind);
+                        } else {
+                            self.counters.count_drop(DropReason::TxRingFull);
+                            self.free.push(base);
+                        }
+                    }
+                    Err(_) => {
+                        self.counters.count_drop(DropReason::NoTxPort);
+                        self.free.push(base);
+                    }
+                }
+            }
+            Verdict::Drop(reason) => {
+                self.counters.count_drop(reason);
+                self.free.push(base);
+            }
+            // A frame handed over once is never handed over again (`process_resumed` does not
+            // steer); this arm only keeps the match total.
+            Verdict::Handoff { .. } => {
+                self.counters.count_drop(DropReason::HandoffFull);
+                self.free.push(base);
+            }
+        }
+    }
+
+    /// Takes frames other workers handed over (flows this worker owns): each is copied into
+    /// one of this worker's frames and resumed where the other worker stopped.
+    #[inline]
+    fn drain_handoff(&mut self, snap: Option<&Snapshot>) -> u32 {
+        let handoff = Arc::clone(&self.handoff);
+        let me = self.config.id;
+        let headroom = self.config.umem.headroom as usize;
+        let mut total = 0u32;
+        for from in 0..handoff.workers() {
+            if from == me {
+                continue;
+            }
+            let n = handoff.drain(
+                from,
+                me,
+                self.config.batch as usize,
+                |rx_ifindex, resume, bytes| {
+                    self.counters.handoff_in += 1;
+                    let Some(base) = self.free.pop() else {
+                        self.counters.count_drop(DropReason::HandoffFull);
+                        return;
+                    };
+                    let frame = (base >> self.frame_shift) as usize;
+                    let Some((chunk, off)) = self.umem.chunk_mut(base + headroom as u64) else {
+                        self.free.push(base);
+                        return;
+                    };
+                    if chunk.len() < off + bytes.len() {
+                        self.counters.count_drop(DropReason::HandoffTooBig);
+                        self.free.push(base);
+                        return;
+                    }
+                    chunk[off..off + bytes.len()].copy_from_slice(bytes);
+                    let Some(mut pkt) = PacketBuf::new(chunk, off, bytes.len()) else {
+                        self.free.push(base);
+                        return;
+                    };
+                    let verdict = match snap {
+                        Some(s) => {
+                            let mut ctx = Ctx {
+                                now_ns: self.now_ns,
+                                arp: &mut self.arp,
+                                flows: Some(&mut self.flows),
+                                steer: self.steer,
+                            };
+                            pipeline::process_resumed(&mut ctx, s, rx_ifindex, resume, &mut pkt)
+                        }
+                        None => Verdict::Drop(DropReason::NoSnapshot),
+                    };
+                    let (head, len) = (pkt.head(), pkt.len());
+                    self.finish(verdict, frame, base, head, len);
+                },
+            );
+            total += n as u32;
+        }
+        total
+    }
+
+    /// Wakes the workers this batch handed frames to (only those that sleep get a write).
+    #[inline]
+    fn wake_handoff_targets(&mut self) {
+        let mut m = std::mem::take(&mut self.wake_mask);
+        while m != 0 {
+            let to = m.trailing_zeros() as usize;
+            m &= m - 1;
+            self.handoff.wake(to);
+        }
+    }
+
+    /// Copies conntrack and lb figures into the counters before they are published.
+    fn sync_flow_counters(&mut self) {
+        let st = *self.flows.ct.stats();
+        self.counters.ct_entries = st.entries;
+        self.counters.ct_capacity = st.capacity;
+        self.counters.ct_evictions = st.evictions
+            [crate::conntrack::EvictReason::TableFull as usize]
+            + st.evictions[crate::conntrack::EvictReason::BucketsFull as usize];
+        self.counters.ct_gc_removed = st.gc_removed;
+        let lb = self.flows.stats;
+        self.counters.lb_new_flows = lb.lb_new_flows;
+        self.counters.masq_new_flows = lb.masq_new_flows;
+        self.counters.ct_hits = lb.ct_hits;
     }
 
     /// Publishes and kicks dirty tx rings. Returns true while frames wait to be sent.

@@ -37,6 +37,7 @@ fn zero_allocations_per_packet_after_warm_up() {
             match process(&snap, *rx, &mut pkt) {
                 Verdict::Tx { kind, .. } => counters.count_tx_kind(kind),
                 Verdict::Drop(r) => counters.count_drop(r),
+                Verdict::Handoff { .. } => counters.handoff_out += 1,
             }
         }
     };

@@ -245,10 +245,7 @@ fn unresolved_next_hop_sends_one_arp_request_per_interval() {
         let mut buf = chunk_with(&input);
         let mut pkt = PacketBuf::new(&mut buf, HEADROOM, input.len()).expect("fits");
         let v = process_ctx(
-            &mut Ctx {
-                now_ns,
-                arp: &mut arp_mem,
-            },
+            &mut Ctx::stateless(now_ns, &mut arp_mem),
             &snap,
             IF_A,
             &mut pkt,

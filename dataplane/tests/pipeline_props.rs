@@ -21,6 +21,7 @@ proptest! {
         match run(rx, &frame) {
             Verdict::Drop(r) => prop_assert!(DropReason::ALL.contains(&r)),
             Verdict::Tx { ifindex, .. } => prop_assert!(ifindex == IF_A || ifindex == IF_B),
+            Verdict::Handoff { .. } => prop_assert!(false, "one worker never hands over"),
         }
     }
 

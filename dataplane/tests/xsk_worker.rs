@@ -102,6 +102,9 @@ fn config(workers: usize) -> DataplaneConfig {
             completion: RING_SIZE,
         },
         batch: 16,
+        conntrack_capacity: 1 << 12,
+        affinity_entries: 1 << 10,
+        timeouts: Default::default(),
         idle_spin: Duration::from_micros(50),
         idle_poll_ms: 10,
     }

@@ -273,10 +273,7 @@ impl Bench {
             let Some(frame) = frames.next() else { return };
             chunk[HEADROOM..HEADROOM + FRAME_BYTES].copy_from_slice(frame);
             if let Some(mut pkt) = PacketBuf::new(&mut chunk[..], HEADROOM, FRAME_BYTES) {
-                let mut ctx = dataplane::Ctx {
-                    now_ns: 0,
-                    arp: &mut arp,
-                };
+                let mut ctx = dataplane::Ctx::stateless(0, &mut arp);
                 black_box(process_ctx(
                     &mut ctx,
                     &self.snap,

@@ -25,7 +25,10 @@
 //! by the same `control::services::translate` sluice's agents run. The testbed's pods get their
 //! addresses from the CNI plugin's IPAM, not from the file's `status.podIP`, so the translation
 //! sees the cluster file with every pod's `status.podIP` (and the addresses of explicit
-//! EndpointSlices) replaced by the address the pod really has.
+//! EndpointSlices) replaced by the address the pod really has. Service addresses (ClusterIPs,
+//! LoadBalancer and external IPs) get a /32 route to the uplink, standing in for a real node's
+//! default route, so traffic to a Service without endpoints reaches kube-proxy's reject rule in
+//! the forward hook instead of failing the route lookup.
 use std::{
     io::{BufRead, BufReader, ErrorKind, Write},
     net::Ipv4Addr,
@@ -62,13 +65,20 @@ pub enum KernelError {
         instance: String,
         path: PathBuf,
         #[source]
-        source: control::cluster::ClusterError,
+        source: Box<control::cluster::ClusterError>,
+    },
+    #[error("kernel node {node}: routing the service address {address} to the uplink: {source}")]
+    ServiceRoute {
+        node: String,
+        address: Ipv4Addr,
+        #[source]
+        source: CmdError,
     },
     #[error("kernel node {node}: {source}")]
     Services {
         node: String,
         #[source]
-        source: NftError,
+        source: Box<NftError>,
     },
     #[error("cannot serve the agent socket {path} in kernel mode: {source}")]
     Bind {
@@ -221,6 +231,7 @@ fn handle(request: &Request, netns: &str, gateway: Ipv4Addr) -> Response {
         Request::Histograms => {
             Response::error("kernel mode has no sluice workers, so no histograms")
         }
+        Request::Services => Response::error("kernel mode has no sluice services table"),
     }
 }
 
@@ -331,7 +342,7 @@ pub fn cluster_as_built(testbed: &Testbed) -> Result<control::cluster::ClusterSt
         control::cluster::load_file(path).map_err(|source| KernelError::ClusterFile {
             instance: testbed.instance().to_string(),
             path: path.to_path_buf(),
-            source,
+            source: Box::new(source),
         })?;
     let mut renamed = std::collections::BTreeMap::new();
     for pod in &mut cluster.pods {
@@ -383,8 +394,34 @@ pub fn install_services(testbed: &Testbed) -> Result<Vec<NodeServices>, KernelEr
         let ruleset = nft::ruleset(&plan, &opts);
         nft::load(&node.netns, &ruleset).map_err(|source| KernelError::Services {
             node: node.name.clone(),
-            source,
+            source: Box::new(source),
         })?;
+        // A real node routes service addresses by its default route, so packets to a frontend
+        // without endpoints reach the forward hook (and kube-proxy's reject); testbed nodes have
+        // no default route, so each such address gets a /32 towards the uplink instead.
+        let addresses: std::collections::BTreeSet<Ipv4Addr> = plan
+            .frontends
+            .iter()
+            .filter(|f| f.kind != control::services::FrontendKind::NodePort)
+            .map(|f| f.address)
+            .collect();
+        for address in addresses {
+            cmd::ip_in(
+                &node.netns,
+                &[
+                    "route",
+                    "replace",
+                    &format!("{address}/32"),
+                    "dev",
+                    &node.uplink,
+                ],
+            )
+            .map_err(|source| KernelError::ServiceRoute {
+                node: node.name.clone(),
+                address,
+                source,
+            })?;
+        }
         loaded.push(NodeServices {
             node: node.name.clone(),
             netns: node.netns.clone(),

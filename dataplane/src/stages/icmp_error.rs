@@ -63,6 +63,35 @@ pub fn fragmentation_needed(
     )
 }
 
+/// ICMP destination unreachable, port unreachable (RFC 792 type 3 code 3) from `from` (the
+/// service address the sender tried): the reject for a UDP service port without backends.
+/// The original counts as dropped for `reason`.
+#[inline]
+pub fn port_unreachable(
+    from: Ipv4Addr,
+    rx: &InterfaceEntry,
+    meta: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+    reason: DropReason,
+) -> Verdict {
+    match reply(
+        from,
+        rx,
+        meta,
+        pkt,
+        icmp::TYPE_DEST_UNREACHABLE,
+        icmp::CODE_PORT_UNREACHABLE,
+        [0; 4],
+        reason,
+    ) {
+        Verdict::Tx { ifindex, .. } => Verdict::Tx {
+            ifindex,
+            kind: TxKind::Reject(reason),
+        },
+        v => v,
+    }
+}
+
 /// Rewrites `pkt` into the ICMP error (`icmp_type`, `code`, `rest`) about itself, addressed back
 /// to its sender from `gateway`; `refused` is the drop reason when no error may be sent.
 #[allow(clippy::too_many_arguments)]

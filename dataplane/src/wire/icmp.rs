@@ -10,6 +10,8 @@ pub const TYPE_ECHO_REQUEST: u8 = 8;
 pub const TYPE_TIME_EXCEEDED: u8 = 11;
 pub const TYPE_PARAMETER_PROBLEM: u8 = 12;
 pub const CODE_TTL_EXCEEDED_IN_TRANSIT: u8 = 0;
+/// Destination unreachable: port unreachable (RFC 792).
+pub const CODE_PORT_UNREACHABLE: u8 = 3;
 /// Destination unreachable: fragmentation needed and DF set (RFC 792, RFC 1191).
 pub const CODE_FRAG_NEEDED: u8 = 4;
 

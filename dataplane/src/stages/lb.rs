@@ -1,0 +1,536 @@
+//! Services and NAT: what kube-proxy does for a node, per packet, in the worker.
+//!
+//! ```text
+//! packet ──> key (TCP/UDP ports, ICMP echo id; an ICMP error: its quoted packet, reversed)
+//!        ──> stateful? (to a frontend, to a SNAT address, from a backend, leaving the cluster,
+//!            an ICMP error, anything from the uplink) ── no ──> unchanged
+//!        ──> owner worker = f(key) ── not us ──> Verdict::Handoff (handoff.rs)
+//!        ──> conntrack hit ──> apply the flow's rewrite for this direction (nat.rs)
+//!        ──> frontend hit ──> backend (affinity table, Maglev or modulo over the rotation)
+//!                              none: TCP RST / ICMP port unreachable, or drop for Local policies
+//!                          ──> DNAT (+ SNAT for hairpin, and for external traffic to a remote
+//!                              backend unless externalTrafficPolicy Local) ──> conntrack insert
+//!        ──> pod traffic leaving the cluster ──> masquerade: SNAT to the node ──> insert
+//! ```
+//!
+//! **Flow steering** (both directions of a flow must meet the worker that holds its conntrack
+//! entry). The owner is computed from the packet's key alone, identically for both directions:
+//! 1. destination is a frontend: hash of the *source* endpoint (the client) — replies of the
+//!    flow carry the client as destination, and rule 3 hashes it the same way;
+//! 2. destination is a SNAT address (this node's addresses, the hairpin address): the
+//!    destination port modulo the number of workers — the port was *chosen* by the owner among
+//!    the ports that map to itself, so a reply names its worker without any lookup;
+//! 3. otherwise: hash of the destination endpoint.
+//!
+//! A masqueraded flow (rule 3 for the request: hash of the outside server) picks its source port
+//! among those that rule 2 maps to the same worker. ICMP errors use the key of the packet they
+//! quote, reversed, so they reach the flow's owner too. With one worker nothing is steered.
+//!
+//! **Not done**: fragments to services or of masqueraded flows are dropped (`service_fragment`:
+//! no reassembly); `loadBalancerSourceRanges`; flows to a removed backend keep it until they
+//! expire (kube-proxy deletes UDP conntrack entries of removed endpoints).
+use std::net::Ipv4Addr;
+
+use crate::{
+    affinity::Affinity,
+    classify::Ipv4Meta,
+    conntrack::{Conntrack, FlowKey},
+    drop_reason::DropReason,
+    packet::PacketBuf,
+    pipeline::Resume,
+    services::{is_lb_protocol, Frontend, ServiceTable},
+    snapshot::{InterfaceEntry, NatConfig, Snapshot},
+    stages::{icmp_error, nat, nat::NatRewrite, reject},
+    wire::{be16, be32, icmp, ipv4},
+    Ctx, Verdict,
+};
+
+/// At most this many candidate source ports are tried per new SNAT flow.
+const PORT_TRIES: u32 = 64;
+
+/// Which worker this is, of how many.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Steer {
+    pub worker: u16,
+    pub workers: u16,
+}
+
+impl Steer {
+    pub const SINGLE: Steer = Steer {
+        worker: 0,
+        workers: 1,
+    };
+}
+
+/// Counters the lb stage keeps (plain integers: one owner).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbStats {
+    pub lb_new_flows: u64,
+    pub masq_new_flows: u64,
+    pub ct_hits: u64,
+}
+
+/// A worker's flow state: conntrack and session affinity, allocated once.
+pub struct Flows {
+    pub ct: Conntrack,
+    pub affinity: Affinity,
+    pub stats: LbStats,
+}
+
+impl Flows {
+    pub fn new(ct: Conntrack, affinity_entries: usize) -> Self {
+        Self {
+            ct,
+            affinity: Affinity::new(affinity_entries),
+            stats: LbStats::default(),
+        }
+    }
+}
+
+/// Where the packet entered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// From a pod on this node.
+    Pod,
+    /// From another node, decapsulated.
+    Overlay,
+    /// From outside, on the uplink (NodePort, LoadBalancer, replies to SNATed flows).
+    Uplink,
+}
+
+/// The outcome: go on routing the (possibly rewritten) packet, or stop here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lb {
+    Continue(Ipv4Meta),
+    Done(Verdict),
+}
+
+/// A packet's flow key and what kind of packet it is.
+#[derive(Clone, Copy, Debug)]
+struct L4 {
+    key: FlowKey,
+    tcp_flags: u8,
+    /// An ICMP error: `key` is its quoted packet's key, reversed (the direction the error
+    /// travels in the flow).
+    error: bool,
+}
+
+#[inline]
+fn l4_of(meta: &Ipv4Meta, frame: &[u8]) -> Option<L4> {
+    if meta.fragment {
+        return None;
+    }
+    let end = (meta.l3 + meta.total_len).min(frame.len());
+    let l4 = meta.l4;
+    let mut key = FlowKey {
+        src: meta.src,
+        dst: meta.dst,
+        sport: 0,
+        dport: 0,
+        proto: meta.protocol,
+    };
+    match meta.protocol {
+        ipv4::PROTO_TCP if end >= l4 + 14 => {
+            key.sport = be16(frame, l4);
+            key.dport = be16(frame, l4 + 2);
+            Some(L4 {
+                key,
+                tcp_flags: frame[l4 + 13],
+                error: false,
+            })
+        }
+        ipv4::PROTO_UDP if end >= l4 + 8 => {
+            key.sport = be16(frame, l4);
+            key.dport = be16(frame, l4 + 2);
+            Some(L4 {
+                key,
+                tcp_flags: 0,
+                error: false,
+            })
+        }
+        ipv4::PROTO_ICMP if end >= l4 + 8 => {
+            let t = frame[l4];
+            match t {
+                icmp::TYPE_ECHO_REQUEST | icmp::TYPE_ECHO_REPLY => {
+                    let id = be16(frame, l4 + 4);
+                    if t == icmp::TYPE_ECHO_REQUEST {
+                        key.sport = id;
+                    } else {
+                        key.dport = id;
+                    }
+                    Some(L4 {
+                        key,
+                        tcp_flags: 0,
+                        error: false,
+                    })
+                }
+                t if icmp::is_error(t) => {
+                    let q = l4 + icmp::HEADER_LEN;
+                    if end < q + ipv4::MIN_HEADER_LEN || frame[q] >> 4 != 4 {
+                        return None;
+                    }
+                    let qihl = usize::from(frame[q] & 0x0f) * 4;
+                    let qt = q + qihl;
+                    let qproto = frame[q + 9];
+                    let mut quoted = FlowKey {
+                        src: Ipv4Addr::from(be32(frame, q + 12)),
+                        dst: Ipv4Addr::from(be32(frame, q + 16)),
+                        sport: 0,
+                        dport: 0,
+                        proto: qproto,
+                    };
+                    match qproto {
+                        ipv4::PROTO_TCP | ipv4::PROTO_UDP if end >= qt + 4 => {
+                            quoted.sport = be16(frame, qt);
+                            quoted.dport = be16(frame, qt + 2);
+                        }
+                        ipv4::PROTO_ICMP if end >= qt + 8 => {
+                            let id = be16(frame, qt + 4);
+                            match frame[qt] {
+                                icmp::TYPE_ECHO_REQUEST => quoted.sport = id,
+                                icmp::TYPE_ECHO_REPLY => quoted.dport = id,
+                                _ => return None,
+                            }
+                        }
+                        _ => return None,
+                    }
+                    Some(L4 {
+                        key: quoted.reversed(),
+                        tcp_flags: 0,
+                        error: true,
+                    })
+                }
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+#[inline]
+fn mix(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
+}
+
+#[inline]
+fn endpoint_hash(addr: Ipv4Addr, port: u16) -> u32 {
+    (mix(u64::from(u32::from(addr)) << 16 | u64::from(port)) >> 32) as u32
+}
+
+/// The hash new flows choose their backend with (the whole 5-tuple).
+#[inline]
+pub fn flow_hash(k: &FlowKey) -> u32 {
+    let a = u64::from(u32::from(k.src)) << 32 | u64::from(u32::from(k.dst));
+    let b = u64::from(k.sport) << 32 | u64::from(k.dport) << 16 | u64::from(k.proto);
+    (mix(a ^ mix(b)) >> 32) as u32
+}
+
+/// The hash affinity services choose with (the client address only, so every worker agrees).
+#[inline]
+pub fn client_hash(client: Ipv4Addr) -> u32 {
+    (mix(u64::from(u32::from(client)) | 1 << 40) >> 32) as u32
+}
+
+/// The worker that owns the flow of a packet with key `k` (module doc, "Flow steering").
+#[inline]
+pub fn owner(k: &FlowKey, to_frontend: bool, to_snat_addr: bool, workers: u16) -> u16 {
+    let n = u32::from(workers.max(1));
+    let v = if to_frontend {
+        endpoint_hash(k.src, k.sport) % n
+    } else if to_snat_addr {
+        u32::from(k.dport) % n
+    } else {
+        endpoint_hash(k.dst, k.dport) % n
+    };
+    v as u16
+}
+
+/// Re-reads the addresses after a rewrite (ICMP errors may or may not change the outer ones).
+#[inline]
+fn reread(meta: &Ipv4Meta, frame: &[u8]) -> Ipv4Meta {
+    let mut m = *meta;
+    m.src = Ipv4Addr::from(be32(frame, meta.l3 + 12));
+    m.dst = Ipv4Addr::from(be32(frame, meta.l3 + 16));
+    m
+}
+
+#[inline]
+fn apply(meta: &Ipv4Meta, rw: &NatRewrite, pkt: &mut PacketBuf<'_>) -> Lb {
+    match nat::rewrite(meta, rw, pkt) {
+        Ok(()) => Lb::Continue(reread(meta, pkt.data())),
+        Err(r) => Lb::Done(Verdict::Drop(r)),
+    }
+}
+
+/// Rejects a packet to a service port: TCP RST, ICMP port unreachable for UDP, else a drop.
+/// Only to a sender on a directly attached interface (a pod, or the uplink's L2 neighbour);
+/// packets from another node are dropped (the reject would have to go back through the tunnel).
+#[inline]
+fn reject(
+    origin: Origin,
+    rx: &InterfaceEntry,
+    meta: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+    reason: DropReason,
+) -> Verdict {
+    if origin == Origin::Overlay {
+        return Verdict::Drop(reason);
+    }
+    match meta.protocol {
+        ipv4::PROTO_TCP => reject::tcp_reset(rx, meta, pkt, reason),
+        ipv4::PROTO_UDP => icmp_error::port_unreachable(meta.dst, rx, meta, pkt, reason),
+        _ => Verdict::Drop(reason),
+    }
+}
+
+/// A free SNAT source port for a flow `k` translated to (`src`, port) and `dst`: one that maps
+/// to this worker (steering rule 2) and whose reply key no live flow uses.
+#[inline]
+fn alloc_port(
+    ct: &Conntrack,
+    k: &FlowKey,
+    src: Ipv4Addr,
+    dst: Option<(Ipv4Addr, u16)>,
+    ports: (u16, u16),
+    steer: Steer,
+    now_ns: u64,
+) -> Option<u16> {
+    let (lo, hi) = (u32::from(ports.0), u32::from(ports.1));
+    if hi < lo {
+        return None;
+    }
+    let n = u32::from(steer.workers.max(1));
+    let w = u32::from(steer.worker);
+    let align = |p: u32| p + (w + n - p % n) % n;
+    let first = align(lo);
+    if first > hi {
+        return None;
+    }
+    let span = hi - lo + 1;
+    let mut p = align(lo + flow_hash(k) % span);
+    for _ in 0..PORT_TRIES.min(span / n + 1) {
+        if p > hi {
+            p = first;
+        }
+        let rw = NatRewrite {
+            src: Some((src, p as u16)),
+            dst,
+        };
+        if !ct.contains(&k.reply_key(&rw), now_ns) {
+            return Some(p as u16);
+        }
+        p += n;
+    }
+    None
+}
+
+/// Runs the stage; see the module doc. `steered`: the packet was handed over by another worker
+/// (do not steer again). `resume`: where the owner goes on if it is handed over.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub fn run(
+    ctx: &mut Ctx<'_>,
+    snap: &Snapshot,
+    origin: Origin,
+    rx: &InterfaceEntry,
+    meta: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+    steered: bool,
+    resume: Resume,
+) -> Lb {
+    let table: &ServiceTable = snap.services();
+    let nat_cfg: Option<&NatConfig> = snap.nat();
+    if table.is_empty() && nat_cfg.is_none() {
+        return match origin {
+            Origin::Uplink => Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected)),
+            _ => Lb::Continue(*meta),
+        };
+    }
+    let to_snat_addr = nat_cfg.is_some_and(|n| n.is_snat_addr(meta.dst));
+    let Some(l4) = l4_of(meta, pkt.data()) else {
+        // Fragments, other protocols, truncated transport headers: never translated.
+        let to_service = table.is_service_addr(meta.dst);
+        let leaving = origin == Origin::Pod
+            && nat_cfg.is_some_and(|n| n.masquerade)
+            && !snap.in_cluster(meta.dst);
+        return if meta.fragment && (to_service || to_snat_addr || leaving) {
+            Lb::Done(Verdict::Drop(DropReason::ServiceFragment))
+        } else if to_service {
+            Lb::Done(Verdict::Drop(DropReason::ServiceUnknownPort))
+        } else if origin == Origin::Uplink {
+            Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected))
+        } else {
+            Lb::Continue(*meta)
+        };
+    };
+    let k = l4.key;
+    let fe: Option<Frontend> = if is_lb_protocol(k.proto) {
+        table.frontend(k.dst, k.dport, k.proto).copied()
+    } else {
+        None
+    };
+    let to_snat_addr = nat_cfg.is_some_and(|n| n.is_snat_addr(k.dst));
+    let to_service = table.is_service_addr(k.dst);
+    let masquerade = origin == Origin::Pod
+        && !l4.error
+        && nat_cfg.is_some_and(|n| n.masquerade)
+        && !to_service
+        && !snap.in_cluster(k.dst);
+    let stateful = fe.is_some()
+        || to_snat_addr
+        || to_service
+        || l4.error
+        || masquerade
+        || origin == Origin::Uplink
+        || table.is_backend_addr(k.src);
+    if !stateful {
+        return Lb::Continue(*meta);
+    }
+    let steer = ctx.steer;
+    if steer.workers > 1 && !steered {
+        let o = owner(&k, fe.is_some(), to_snat_addr, steer.workers);
+        if o != steer.worker {
+            return Lb::Done(Verdict::Handoff { worker: o, resume });
+        }
+    }
+    let now = ctx.now_ns;
+    let Some(flows) = ctx.flows.as_deref_mut() else {
+        return Lb::Done(Verdict::Drop(DropReason::NoFlowState));
+    };
+    if let Some((dir, orig, flow)) = flows.ct.track_origin(&k, l4.tcp_flags, !l4.error, now) {
+        flows.stats.ct_hits += 1;
+        return match flow.rewrite_for(&orig, dir) {
+            Some(rw) => apply(meta, &rw, pkt),
+            None => Lb::Continue(*meta),
+        };
+    }
+    if l4.error {
+        // An error about no flow of ours.
+        return match origin {
+            Origin::Uplink => Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected)),
+            _ => Lb::Continue(*meta),
+        };
+    }
+    if let Some(fe) = fe {
+        let Some(svc) = table.service(fe.service) else {
+            return Lb::Done(Verdict::Drop(DropReason::ServiceNoBackend));
+        };
+        // In-cluster clients of an external frontend use the cluster rotation (kube-proxy's
+        // short-circuit for externalTrafficPolicy Local).
+        let local_only = fe.local_only && !(origin == Origin::Pod && fe.kind.is_external());
+        let picked = if svc.has_affinity() {
+            let remembered = flows
+                .affinity
+                .get(k.src, fe.service, now)
+                .and_then(|(a, p)| {
+                    table
+                        .backends_of(svc)
+                        .iter()
+                        .position(|b| b.addr == a && b.port == p)
+                        .map(|i| i as u32)
+                })
+                // Only while the backend is still in the rotation new flows use.
+                .filter(|&i| in_rotation(table, svc, local_only, i));
+            let choice = match remembered {
+                Some(i) => table.backend(svc, i).map(|b| (i, b)),
+                None => table.select(svc, local_only, client_hash(k.src)),
+            };
+            if let Some((_, b)) = choice {
+                flows.affinity.put(
+                    k.src,
+                    fe.service,
+                    (b.addr, b.port),
+                    now,
+                    svc.affinity_timeout_ns,
+                );
+            }
+            choice
+        } else {
+            table.select(svc, local_only, flow_hash(&k))
+        };
+        let Some((index, backend)) = picked else {
+            if local_only {
+                return Lb::Done(Verdict::Drop(DropReason::ServiceNoLocalBackend));
+            }
+            return Lb::Done(reject(origin, rx, meta, pkt, DropReason::ServiceNoBackend));
+        };
+        let backend = *backend;
+        let dst = Some((backend.addr, backend.port));
+        let snat_src = match nat_cfg {
+            Some(n) if backend.addr == k.src => Some(n.hairpin_addr),
+            Some(n)
+                if fe.kind.is_external()
+                    && !fe.keep_source
+                    && origin != Origin::Pod
+                    && !backend.local =>
+            {
+                n.node_addr()
+            }
+            _ => None,
+        };
+        let mut rw = NatRewrite { src: None, dst };
+        if let (Some(src), Some(n)) = (snat_src, nat_cfg) {
+            let Some(port) = alloc_port(&flows.ct, &k, src, dst, n.ports, steer, now) else {
+                return Lb::Done(Verdict::Drop(DropReason::NatPortExhausted));
+            };
+            rw.src = Some((src, port));
+        }
+        let flow = flows
+            .ct
+            .new_flow(k.proto, l4.tcp_flags, Some(rw), index, now);
+        // A live flow evicted to make room is counted in the table's stats.
+        let _ = flows.ct.insert(&k, &k.reply_key(&rw), flow, now);
+        flows.stats.lb_new_flows += 1;
+        return apply(meta, &rw, pkt);
+    }
+    if to_service {
+        return Lb::Done(reject(
+            origin,
+            rx,
+            meta,
+            pkt,
+            DropReason::ServiceUnknownPort,
+        ));
+    }
+    if masquerade {
+        let Some(n) = nat_cfg else {
+            return Lb::Continue(*meta);
+        };
+        // ICMP: only echo requests start a flow (the identifier is the "port").
+        if k.proto == ipv4::PROTO_ICMP && k.dport != 0 {
+            return Lb::Continue(*meta);
+        }
+        let Some(src) = n.node_addr() else {
+            return Lb::Continue(*meta);
+        };
+        let Some(port) = alloc_port(&flows.ct, &k, src, None, n.ports, steer, now) else {
+            return Lb::Done(Verdict::Drop(DropReason::NatPortExhausted));
+        };
+        let rw = NatRewrite::snat(src, port);
+        let flow = flows.ct.new_flow(k.proto, l4.tcp_flags, Some(rw), 0, now);
+        let _ = flows.ct.insert(&k, &k.reply_key(&rw), flow, now);
+        flows.stats.masq_new_flows += 1;
+        return apply(meta, &rw, pkt);
+    }
+    match origin {
+        Origin::Uplink => Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected)),
+        _ => Lb::Continue(*meta),
+    }
+}
+
+/// Whether backend `i` of `svc` is in the rotation new flows of this scope use.
+#[inline]
+fn in_rotation(
+    table: &ServiceTable,
+    svc: &crate::services::Service,
+    local_only: bool,
+    i: u32,
+) -> bool {
+    table
+        .rotation_members(svc, local_only)
+        .contains(&(i as u16))
+}
