@@ -152,7 +152,7 @@ mod tests {
         control::cluster::load_file(&path).expect("services.yaml parses")
     }
 
-    const ECHO_1: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 12);
+    const ECHO_1: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 3);
 
     #[test]
     fn clusterip_scenarios_resolve_to_the_echo_service() {
@@ -201,7 +201,7 @@ mod tests {
             80,
             Protocol::Tcp,
             "default/web-1",
-            Ipv4Addr::new(10, 244, 1, 11),
+            Ipv4Addr::new(10, 244, 1, 4),
         )
         .expect_err("web has two backends on another port");
         assert!(
@@ -216,10 +216,10 @@ mod tests {
             9000,
             Protocol::Udp,
             "default/client",
-            Ipv4Addr::new(10, 244, 1, 10),
+            Ipv4Addr::new(10, 244, 1, 2),
         )
         .expect_err("client is not echo's backend");
-        assert!(err.to_string().contains("10.244.1.12:9000"), "{err}");
+        assert!(err.to_string().contains("10.244.1.3:9000"), "{err}");
         // No endpoints at all.
         let err = resolve(
             &cluster,
@@ -228,7 +228,7 @@ mod tests {
             80,
             Protocol::Tcp,
             "default/web-1",
-            Ipv4Addr::new(10, 244, 1, 11),
+            Ipv4Addr::new(10, 244, 1, 4),
         )
         .expect_err("no endpoints");
         assert!(err.to_string().contains("rotation is []"), "{err}");

@@ -167,6 +167,14 @@ fn kernel_services_answer_clusterip_nodeport_and_loadbalancer() {
     opts.instance = Some(format!("psvc-{}", std::process::id()));
     let tb = Testbed::up(opts).expect("kernel-mode testbed of services.yaml");
 
+    // The file's podIPs are what the CNI hands out, so agents reading the file agree.
+    let file = control::cluster::load_file(&cluster).expect("services.yaml parses");
+    for pod in &file.pods {
+        let key = control::cluster::ClusterState::pod_key(pod);
+        let in_file = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+        let built = tb.pod(&key).expect("pod exists").ip.to_string();
+        assert_eq!(in_file.as_deref(), Some(built.as_str()), "{key}");
+    }
     let loaded = testbed::kernel::install_services(&tb).expect("nftables rules load");
     let nodes: Vec<&str> = loaded.iter().map(|n| n.node.as_str()).collect();
     assert_eq!(nodes, ["node1", "node2"]);

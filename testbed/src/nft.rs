@@ -667,7 +667,7 @@ mod tests {
         let service_chain = lines_with(&rules, "-default/web/tcp/http numgen random mod 2 vmap");
         assert_eq!(service_chain.len(), 1, "{rules}");
         assert_eq!(service_chain[0].matches("goto endpoint-").count(), 2);
-        for ep in ["10.244.1.11", "10.244.2.10"] {
+        for ep in ["10.244.1.4", "10.244.2.2"] {
             let chain = lines_with(&rules, &format!("default/web/tcp/http__{ep}/8080"));
             assert!(
                 chain
@@ -682,10 +682,10 @@ mod tests {
                 "{chain:?}"
             );
         }
-        let dns = lines_with(&rules, "default/web/udp/dns__10.244.2.10/5353");
+        let dns = lines_with(&rules, "default/web/udp/dns__10.244.2.2/5353");
         assert!(dns
             .iter()
-            .any(|l| l.ends_with("meta l4proto udp dnat to 10.244.2.10:5353")));
+            .any(|l| l.ends_with("meta l4proto udp dnat to 10.244.2.2:5353")));
         // Non-pod sources to a ClusterIP are masqueraded.
         assert!(rules.contains(
             "ip daddr 10.96.1.10 tcp dport 80 ip saddr != { 10.244.1.0/24, 10.244.2.0/24 } jump mark-for-masquerade"
@@ -765,7 +765,7 @@ mod tests {
         let local = lines_with(&rules, "add rule ip kube-proxy local-");
         let local: Vec<_> = local.iter().filter(|l| l.contains("web-lb")).collect();
         assert_eq!(local.len(), 1, "{local:?}");
-        assert!(local[0].contains("mod 1 vmap") && local[0].contains("__10.244.2.10/8080"));
+        assert!(local[0].contains("mod 1 vmap") && local[0].contains("__10.244.2.2/8080"));
     }
 
     #[test]
@@ -901,7 +901,7 @@ endpoints:
             "192.168.100.10 . tcp . 80",
             "set nodeport-ips",
             "172.18.0.11",
-            "dnat to 10.244.2.10:8080",
+            "dnat to 10.244.2.2:8080",
             "fib saddr type local",
             "masquerade fully-random",
             "update @affinity-",
