@@ -402,7 +402,7 @@ impl Node {
 
     /// A later packet of the flow owned by `owner`: sent to another worker first, it must be
     /// handed to the owner (with more than one worker).
-    fn to_owner(&mut self, snap: &Snapshot, rx: u32, frame: &[u8], owner: u16, now: u64) -> Out {
+    fn via_owner(&mut self, snap: &Snapshot, rx: u32, frame: &[u8], owner: u16, now: u64) -> Out {
         let n = self.n();
         let out = self.send_on(snap, rx, frame, (owner + 1) % n, now);
         assert_eq!(out.worker, owner, "not steered to the flow's owner");
@@ -735,7 +735,7 @@ fn pod_to_clusterip_tcp_local_backend_dnat_reply_and_state() {
             assert_eq!(node.state(w, &k, 1), None, "flow only on its owner");
         }
         // SYN-ACK from the backend pod: from the ClusterIP again.
-        let r = node.to_owner(
+        let r = node.via_owner(
             &snap,
             IF_B,
             &from_b(&tcp(POD_B, 8080, POD_A, sport, SYN | ACK, 64)),
@@ -748,7 +748,7 @@ fn pod_to_clusterip_tcp_local_backend_dnat_reply_and_state() {
             to_a(&tcp(CIP_LOCAL, 80, POD_A, sport, SYN | ACK, 63))
         );
         assert_eq!(node.state(owner, &k, 2), Some(FlowState::TcpSynRecv));
-        let a = node.to_owner(
+        let a = node.via_owner(
             &snap,
             IF_A,
             &from_a(&tcp(POD_A, sport, CIP_LOCAL, 80, ACK, 64)),
@@ -757,7 +757,7 @@ fn pod_to_clusterip_tcp_local_backend_dnat_reply_and_state() {
         );
         assert_eq!(a.frame, to_b(&tcp(POD_A, sport, POD_B, 8080, ACK, 63)));
         assert_eq!(node.state(owner, &k, 3), Some(FlowState::TcpEstablished));
-        let f = node.to_owner(
+        let f = node.via_owner(
             &snap,
             IF_A,
             &from_a(&tcp(POD_A, sport, CIP_LOCAL, 80, FIN | ACK, 64)),
@@ -766,7 +766,7 @@ fn pod_to_clusterip_tcp_local_backend_dnat_reply_and_state() {
         );
         assert_eq!(f.v, tx(IF_B, TxKind::Forward));
         assert_eq!(node.state(owner, &k, 4), Some(FlowState::TcpFinWait));
-        let f = node.to_owner(
+        let f = node.via_owner(
             &snap,
             IF_B,
             &from_b(&tcp(POD_B, 8080, POD_A, sport, FIN | ACK, 64)),
@@ -800,7 +800,7 @@ fn pod_to_clusterip_udp_local_backend_and_reply() {
         assert_sums(&out.frame[14..]);
         let k = key(POD_A, sport, CIP_LOCAL, 53, UDP);
         assert_eq!(node.state(out.worker, &k, 1), Some(FlowState::Udp));
-        let r = node.to_owner(
+        let r = node.via_owner(
             &snap,
             IF_B,
             &from_b(&udp(POD_B, 5353, POD_A, sport, 64)),
@@ -833,7 +833,7 @@ fn pod_to_clusterip_remote_backend_is_encapsulated_and_the_reply_decapsulated() 
             tcp(POD_A, sport, REMOTE_POD, 8080, SYN, 63)
         );
         let reply = vxlan_in(&tcp(REMOTE_POD, 8080, POD_A, sport, SYN | ACK, 63));
-        let r = node.to_owner(&snap, IF_UPLINK, &reply, out.worker, 2);
+        let r = node.via_owner(&snap, IF_UPLINK, &reply, out.worker, 2);
         assert_eq!(r.v, tx(IF_A, TxKind::Decap));
         assert_eq!(
             r.frame,
@@ -853,7 +853,7 @@ fn pod_to_clusterip_remote_backend_is_encapsulated_and_the_reply_decapsulated() 
             udp(POD_A, sport, REMOTE_POD, 5353, 63)
         );
         let reply = vxlan_in(&udp(REMOTE_POD, 5353, POD_A, sport, 64));
-        let r = node.to_owner(&snap, IF_UPLINK, &reply, out.worker, 4);
+        let r = node.via_owner(&snap, IF_UPLINK, &reply, out.worker, 4);
         assert_eq!(r.v, tx(IF_A, TxKind::Decap));
         assert_eq!(r.frame, to_a(&udp(CIP_REMOTE, 53, POD_A, sport, 63)));
     }
@@ -1158,7 +1158,7 @@ fn nodeport_local_policy_keeps_the_client_source_and_replies_go_out_the_uplink()
             out.frame,
             to_b(&tcp(EXT_CLIENT, cport, POD_B, 8080, SYN, 63))
         );
-        let r = node.to_owner(
+        let r = node.via_owner(
             &snap,
             IF_B,
             &from_b(&tcp(POD_B, 8080, EXT_CLIENT, cport, SYN | ACK, 64)),
@@ -1244,7 +1244,7 @@ fn nodeport_cluster_policy_remote_backend_snat_encap_and_reply_restored() {
             assert_eq!(inner, tcp(NODE_IP, p, REMOTE_POD, 8080, SYN, 63));
             // The reply comes back through the tunnel to the SNAT port.
             let reply = vxlan_in(&tcp(REMOTE_POD, 8080, NODE_IP, p, SYN | ACK, 64));
-            let r = node.to_owner(&snap, IF_UPLINK, &reply, out.worker, now);
+            let r = node.via_owner(&snap, IF_UPLINK, &reply, out.worker, now);
             assert_eq!(r.v, tx(IF_UPLINK, TxKind::Forward));
             assert_eq!(
                 r.frame,
@@ -1278,7 +1278,7 @@ fn hairpin_to_itself_comes_from_the_hairpin_address_and_the_reply_from_the_clust
         assert_eq!(p % n, out.worker);
         assert_eq!(out.frame, to_a(&tcp(HAIRPIN, p, POD_A, 8080, SYN, 63)));
         assert_sums(&out.frame[14..]);
-        let r = node.to_owner(
+        let r = node.via_owner(
             &snap,
             IF_A,
             &from_a(&tcp(POD_A, 8080, HAIRPIN, p, SYN | ACK, 64)),
@@ -1321,7 +1321,7 @@ fn masquerade_snat_to_the_node_via_the_gateway_and_reply_restored() {
         );
         assert_sums(&out.frame[14..]);
         let reply = on_uplink(ROUTER_MAC, &tcp(INTERNET, 443, NODE_IP, p, SYN | ACK, 50));
-        let r = node.to_owner(&snap, IF_UPLINK, &reply, out.worker, 2);
+        let r = node.via_owner(&snap, IF_UPLINK, &reply, out.worker, 2);
         assert_eq!(r.v, tx(IF_A, TxKind::Forward));
         assert_eq!(
             r.frame,
@@ -1342,7 +1342,7 @@ fn masquerade_snat_to_the_node_via_the_gateway_and_reply_restored() {
         assert_eq!(p % n, out.worker);
         assert_eq!(out.frame, to_router(&udp(NODE_IP, p, INTERNET, 53, 63)));
         let reply = on_uplink(ROUTER_MAC, &udp(INTERNET, 53, NODE_IP, p, 50));
-        let r = node.to_owner(&snap, IF_UPLINK, &reply, out.worker, 4);
+        let r = node.via_owner(&snap, IF_UPLINK, &reply, out.worker, 4);
         assert_eq!(r.frame, to_a(&udp(INTERNET, 53, POD_A, sport, 49)));
     }
 }
@@ -1452,7 +1452,7 @@ fn masquerade_icmp_echo_translates_the_identifier() {
         assert_eq!(out.frame, to_router(&echo(NODE_IP, INTERNET, 8, id, 63)));
         assert_sums(&out.frame[14..]);
         let reply = on_uplink(ROUTER_MAC, &echo(INTERNET, NODE_IP, 0, id, 50));
-        let r = node.to_owner(&snap, IF_UPLINK, &reply, out.worker, 2);
+        let r = node.via_owner(&snap, IF_UPLINK, &reply, out.worker, 2);
         assert_eq!(r.v, tx(IF_A, TxKind::Forward));
         assert_eq!(r.frame, to_a(&echo(INTERNET, POD_A, 0, 0x4242, 49)));
     }
@@ -1497,7 +1497,7 @@ fn port_unreachable_from_the_backend_is_rewritten_to_come_from_the_service() {
         );
         let delivered = out.frame[14..].to_vec();
         let err = icmp_err(POD_B, POD_A, 3, 3, [0; 4], &delivered, 64);
-        let r = node.to_owner(&snap, IF_B, &from_b(&err), out.worker, 2);
+        let r = node.via_owner(&snap, IF_B, &from_b(&err), out.worker, 2);
         assert_eq!(r.v, tx(IF_A, TxKind::Forward));
         let quoted = udp(POD_A, sport, CIP_LOCAL, 53, 63);
         assert_eq!(
@@ -1514,7 +1514,7 @@ fn port_unreachable_from_the_backend_is_rewritten_to_come_from_the_service() {
         );
         let inner = assert_encap(&out.frame);
         let err = vxlan_in(&icmp_err(REMOTE_POD, POD_A, 3, 3, [0; 4], &inner, 64));
-        let r = node.to_owner(&snap, IF_UPLINK, &err, out.worker, 4);
+        let r = node.via_owner(&snap, IF_UPLINK, &err, out.worker, 4);
         assert_eq!(r.v, tx(IF_A, TxKind::Decap));
         let quoted = tcp(POD_A, sport, CIP_REMOTE, 80, SYN, 63);
         assert_eq!(
@@ -1540,7 +1540,7 @@ fn fragmentation_needed_about_a_masqueraded_flow_reaches_the_pod() {
         let sent = out.frame[14..].to_vec();
         let mtu = [0, 0, 0x05, 0x78];
         let err = on_uplink(ROUTER_MAC, &icmp_err(ROUTER, NODE_IP, 3, 4, mtu, &sent, 64));
-        let r = node.to_owner(&snap, IF_UPLINK, &err, out.worker, 2);
+        let r = node.via_owner(&snap, IF_UPLINK, &err, out.worker, 2);
         assert_eq!(r.v, tx(IF_A, TxKind::Forward));
         let quoted = tcp(POD_A, sport, INTERNET, 443, ACK, 63);
         assert_eq!(
@@ -1941,7 +1941,7 @@ fn error_from_the_outside_client_about_a_nodeport_snat_flow_goes_to_the_backend(
             EXT_MAC,
             &icmp_err(EXT_CLIENT, NODE_IP, 3, 3, [0; 4], &our_reply, 64),
         );
-        let r = node.to_owner(&snap, IF_UPLINK, &err, out.worker, 2);
+        let r = node.via_owner(&snap, IF_UPLINK, &err, out.worker, 2);
         assert_eq!(r.v, tx(IF_UPLINK, TxKind::Encap));
         let quoted = tcp(REMOTE_POD, 8080, NODE_IP, p, ACK, 63);
         assert_eq!(
@@ -1972,7 +1972,7 @@ fn time_exceeded_about_a_masqueraded_echo_restores_the_identifier() {
             ROUTER_MAC,
             &icmp_err(ROUTER, NODE_IP, 11, 0, [0; 4], &out.frame[14..], 64),
         );
-        let r = node.to_owner(&snap, IF_UPLINK, &err, out.worker, 2);
+        let r = node.via_owner(&snap, IF_UPLINK, &err, out.worker, 2);
         assert_eq!(r.v, tx(IF_A, TxKind::Forward));
         let quoted = echo(POD_A, INTERNET, 8, 0x4243, 63);
         assert_eq!(
@@ -2005,7 +2005,7 @@ fn pods_reach_a_local_policy_nodeport_through_the_cluster_rotation() {
             "no SNAT for in-cluster clients"
         );
         let reply = vxlan_in(&tcp(REMOTE_POD, 8080, POD_A, 36500, SYN | ACK, 64));
-        let r = node.to_owner(&snap, IF_UPLINK, &reply, out.worker, 2);
+        let r = node.via_owner(&snap, IF_UPLINK, &reply, out.worker, 2);
         assert_eq!(
             r.frame,
             to_a(&tcp(NODE_IP, NP_LOCAL_NONE, POD_A, 36500, SYN | ACK, 63))
