@@ -2012,3 +2012,34 @@ fn pods_reach_a_local_policy_nodeport_through_the_cluster_rotation() {
         );
     }
 }
+
+#[test]
+fn error_from_the_client_about_a_service_reply_goes_to_the_backend() {
+    let snap = snap();
+    for n in WORKERS {
+        let mut node = Node::new(n);
+        let sport = 48500 + n;
+        let out = node.request(
+            &snap,
+            IF_A,
+            &from_a(&udp(POD_A, sport, CIP_LOCAL, 53, 64)),
+            1,
+        );
+        let r = node.via_owner(
+            &snap,
+            IF_B,
+            &from_b(&udp(POD_B, 5353, POD_A, sport, 64)),
+            out.worker,
+            2,
+        );
+        // The client's socket is gone: it answers the reply (from the ClusterIP) with an error.
+        let err = icmp_err(POD_A, CIP_LOCAL, 3, 3, [0; 4], &r.frame[14..], 64);
+        let e = node.via_owner(&snap, IF_A, &from_a(&err), out.worker, 3);
+        assert_eq!(e.v, tx(IF_B, TxKind::Forward));
+        let quoted = udp(POD_B, 5353, POD_A, sport, 64);
+        assert_eq!(
+            e.frame,
+            to_b(&icmp_err(POD_A, POD_B, 3, 3, [0; 4], &quoted, 63))
+        );
+    }
+}
