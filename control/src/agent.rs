@@ -36,7 +36,9 @@ use std::{
 use anyhow::{bail, Context as _};
 use dataplane::{
     runtime::{Dataplane, DataplaneConfig},
-    snapshot::{EndpointEntry, InterfaceEntry, InterfaceRole, OverlayConfig, SnapshotBuilder},
+    snapshot::{
+        EndpointEntry, InterfaceEntry, InterfaceRole, NatConfig, OverlayConfig, SnapshotBuilder,
+    },
     wire::Mac,
     xsk::{RingSizes, UmemConfig},
 };
@@ -85,6 +87,12 @@ pub struct RunOptions {
     pub vni: u32,
     /// Maglev table size and backend selection.
     pub services: ServiceOptions,
+    /// Conntrack entries per worker (a power of two).
+    pub conntrack_capacity: usize,
+    /// Masquerade pod traffic leaving the cluster to the node address.
+    pub masquerade: bool,
+    /// SNAT source ports (inclusive).
+    pub snat_ports: (u16, u16),
 }
 
 struct Attached {
@@ -123,6 +131,8 @@ struct Agent {
     services: Arc<ServicePlan>,
     /// Snapshot generation that last changed `services` (shown by `sluice service list`).
     services_generation: u64,
+    /// `services` as the workers read it (shared by every snapshot until the plan changes).
+    service_table: Arc<dataplane::services::ServiceTable>,
     /// healthCheckNodePort listeners of `externalTrafficPolicy: Local` Services.
     health: services::health::HealthServer,
 }
@@ -211,6 +221,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             ..UmemConfig::default()
         },
         rings: RingSizes::default(),
+        conntrack_capacity: opts.conntrack_capacity,
         ..DataplaneConfig::default()
     })
     .context("starting the dataplane workers")?;
@@ -236,6 +247,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         mtu,
         services: Arc::new(ServicePlan::default()),
         services_generation: 0,
+        service_table: dataplane::services::ServiceTable::empty(),
         health: services::health::HealthServer::start(
             Ipv4Addr::UNSPECIFIED,
             services::health::CLIENT_TIMEOUT,
@@ -466,8 +478,15 @@ impl Agent {
     fn translate_services(&mut self) {
         let plan = services::translate(&self.cluster, &self.node.name, &self.opts.services);
         if *self.services != plan {
+            let generation = self.generation + 1;
+            match services::dataplane::service_table(&plan, generation) {
+                Ok(t) => self.service_table = Arc::new(t),
+                // Keeps the previous table (the services that worked keep working).
+                Err(e) => tracing::error!(error = %e, "service plan not applied"),
+            }
             self.services = Arc::new(plan);
-            self.services_generation = self.generation + 1;
+            self.services_generation = generation;
+            self.sync_uplink_claims();
         }
         for e in self.health.update(&self.services) {
             tracing::error!(error = %e, "healthCheckNodePort not served");
@@ -516,12 +535,66 @@ impl Agent {
             for (ip, mac) in &self.neighbors {
                 b.neighbor(*ip, *mac);
             }
+            let (uplink_net, uplink_prefix) = self
+                .routes
+                .iter()
+                .filter(|r| {
+                    r.gateway.is_unspecified()
+                        && r.prefix_len > 0
+                        && ipnet::Ipv4Net::new(r.dest, r.prefix_len)
+                            .is_ok_and(|n| n.contains(&self.node.internal_ip))
+                })
+                .max_by_key(|r| r.prefix_len)
+                .map_or((self.node.internal_ip, 32), |r| (r.dest, r.prefix_len));
+            b.nat(NatConfig {
+                node_addrs: services::dataplane::node_addresses(
+                    &self.services,
+                    self.node.internal_ip,
+                ),
+                hairpin_addr: services::dataplane::HAIRPIN_ADDR,
+                ports: self.opts.snat_ports,
+                pod_net: self.node.pod_cidr.network(),
+                pod_prefix: self.node.pod_cidr.prefix_len(),
+                masquerade: self.opts.masquerade,
+                uplink_net,
+                uplink_prefix,
+                uplink_gateway: self
+                    .routes
+                    .iter()
+                    .find(|r| r.prefix_len == 0 && !r.gateway.is_unspecified())
+                    .map(|r| r.gateway),
+            });
         }
+        b.services(Arc::clone(&self.service_table));
         let (snap, refused) = b.build_checked();
         for r in refused {
             tracing::error!(vtep = %r.vtep_ip, pod_cidr = %format!("{}/{}", r.pod_net, r.prefix_len), "node's pod CIDR overlaps another node's: not routed");
         }
         self.dp.publish(snap);
+    }
+
+    /// Makes the uplink's XDP program hand NodePorts, the SNAT port range and LoadBalancer /
+    /// external IPs to the workers (only what changed is written).
+    fn sync_uplink_claims(&mut self) {
+        let Some(u) = &mut self.uplink else { return };
+        let claims = services::dataplane::uplink_claims(&self.services, self.opts.snat_ports);
+        let r = u
+            .attachment
+            .replace_ports(xdp_redirect::PortProtocol::Tcp, &claims.tcp)
+            .and_then(|_| {
+                u.attachment
+                    .replace_ports(xdp_redirect::PortProtocol::Udp, &claims.udp)
+            })
+            .and_then(|_| {
+                u.attachment.replace_ports(
+                    xdp_redirect::PortProtocol::IcmpEchoId,
+                    &claims.icmp_echo_ids,
+                )
+            })
+            .and_then(|_| u.attachment.replace_dst_addrs(&claims.addrs));
+        if let Err(e) = r {
+            tracing::error!(error = %e, uplink = %u.ifname, "service ports and addresses not claimed on the uplink");
+        }
     }
 
     /// Attaches the uplink (the interface holding the node's InternalIP): XDP passes everything
@@ -579,6 +652,7 @@ impl Agent {
             queues,
         });
         self.publish();
+        self.sync_uplink_claims();
         if let Some(u) = &mut self.uplink {
             for p in &ports {
                 // SAFETY: as for endpoints: the worker keeps the socket until we remove it.

@@ -348,10 +348,7 @@ fn overlay_lb_route(
             Err(route::NotForwarded::NotLocal) => Verdict::Drop(DropReason::NoRoute),
         };
     }
-    // Never back into the tunnel it came from: only local pods, or outside (replies of
-    // NodePort flows SNATed here).
-    if snap.remote(inner.dst).is_some() || snap.remote_node(inner.dst).is_some() {
-        return Verdict::Drop(DropReason::NoRoute);
-    }
+    // Local pods, outside (replies of NodePort flows SNATed here), or back through the tunnel
+    // (replies restored to a pod of another node that reached our NodePort).
     after_lb_from_outside(ctx, snap, &inner, pkt, TxKind::Decap)
 }

@@ -676,6 +676,16 @@ impl Testbed {
         let external = self.state.external_netns.clone();
         self.create_netns(&external)?;
         self.uplink(&external, &self.names.external_veth(), plan.external_ip, 1)?;
+        // A veth hands its peer frames whose TCP/UDP checksum is still partial (offload). The
+        // dataplane forwards what AF_XDP gives it, so the external client (the stand-in for a
+        // host behind a real NIC, which always delivers full checksums) computes them itself,
+        // as the CNI plugin does for pods.
+        cmd::run(
+            "ip",
+            &[
+                "netns", "exec", &external, "ethtool", "-K", UPLINK, "tx", "off",
+            ],
+        )?;
         self.state.external_ip = Some(plan.external_ip);
         self.save()?;
 

@@ -25,6 +25,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start-up
 enum Cmd {
     /// Run the agent on this node.
     Run {
@@ -72,6 +73,16 @@ enum Cmd {
         /// `random` (flow hash modulo the backends).
         #[arg(long, default_value = "maglev")]
         lb_selection: String,
+        /// Conntrack entries per worker (a power of two; about 100 bytes each).
+        #[arg(long, default_value_t = 1 << 18)]
+        conntrack_size: usize,
+        /// Do not masquerade pod traffic leaving the cluster (the network must route pod CIDRs).
+        #[arg(long)]
+        no_masquerade: bool,
+        /// Source ports for SNAT (masquerade, NodePort to remote backends, hairpin): LO-HI,
+        /// outside the kernel's ephemeral range and the NodePort range.
+        #[arg(long, default_value = "61000-65535")]
+        snat_ports: String,
         /// How often to check the cluster file for changes, in milliseconds.
         #[arg(long, default_value_t = 500)]
         source_poll_ms: u64,
@@ -120,6 +131,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// `LO-HI` with 1 <= LO <= HI.
+fn parse_port_range(s: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = s.split_once('-')?;
+    let (lo, hi) = (
+        lo.trim().parse::<u16>().ok()?,
+        hi.trim().parse::<u16>().ok()?,
+    );
+    (lo >= 1 && lo <= hi).then_some((lo, hi))
+}
+
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run {
@@ -138,7 +159,20 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             vni,
             maglev_table_size,
             lb_selection,
+            conntrack_size,
+            no_masquerade,
+            snat_ports,
         } => {
+            let snat_ports = parse_port_range(&snat_ports).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--snat-ports {snat_ports:?}: expected LO-HI with 1 <= LO <= HI <= 65535"
+                )
+            })?;
+            if !conntrack_size.is_power_of_two() {
+                anyhow::bail!(
+                    "--conntrack-size {conntrack_size}: must be a power of two (e.g. 262144)"
+                );
+            }
             let selection = match lb_selection.as_str() {
                 "maglev" => control::services::SelectionMode::Maglev,
                 "random" => control::services::SelectionMode::Random,
@@ -177,6 +211,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     vxlan_port,
                     vni,
                     services,
+                    conntrack_capacity: conntrack_size,
+                    masquerade: !no_masquerade,
+                    snat_ports,
                 },
                 stop,
             )

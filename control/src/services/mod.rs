@@ -44,6 +44,7 @@
 //!
 //! Not done here: `loadBalancerSourceRanges`, `trafficDistribution`/topology hints, IPv6.
 
+pub mod dataplane;
 pub mod health;
 pub mod listing;
 pub mod maglev;
