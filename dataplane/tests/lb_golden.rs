@@ -2036,7 +2036,7 @@ fn error_from_the_client_about_a_service_reply_goes_to_the_backend() {
         let err = icmp_err(POD_A, CIP_LOCAL, 3, 3, [0; 4], &r.frame[14..], 64);
         let e = node.via_owner(&snap, IF_A, &from_a(&err), out.worker, 3);
         assert_eq!(e.v, tx(IF_B, TxKind::Forward));
-        let quoted = udp(POD_B, 5353, POD_A, sport, 64);
+        let quoted = udp(POD_B, 5353, POD_A, sport, 63);
         assert_eq!(
             e.frame,
             to_b(&icmp_err(POD_A, POD_B, 3, 3, [0; 4], &quoted, 63))
