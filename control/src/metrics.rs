@@ -153,7 +153,34 @@ pub fn render(s: &Snapshot<'_>) -> String {
             w.id, w.total_frames
         );
     }
+    // Gauges among the worker's fields: the conntrack fill level and size (per worker).
+    for (name, metric, help) in [
+        (
+            "ct_entries",
+            "sluice_conntrack_entries",
+            "Conntrack entries in use (live or expired, not yet reclaimed).",
+        ),
+        (
+            "ct_capacity",
+            "sluice_conntrack_capacity",
+            "Conntrack entries the worker's table holds.",
+        ),
+    ] {
+        header(&mut out, metric, "gauge", help);
+        for w in s.workers {
+            let v = w
+                .counters
+                .values()
+                .into_iter()
+                .find(|(k, _)| *k == name)
+                .map_or(0, |(_, v)| v);
+            let _ = writeln!(out, "{metric}{{worker=\"{}\"}} {v}", w.id);
+        }
+    }
     for name in dataplane::stats::Counters::NAMES {
+        if matches!(*name, "ct_entries" | "ct_capacity") {
+            continue;
+        }
         let metric = format!("sluice_{name}_total");
         header(
             &mut out,
@@ -436,11 +463,17 @@ mod tests {
         let m = parse(&text);
         let get = |k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
         for name in Counters::NAMES {
-            assert!(
-                get(&format!("sluice_{name}_total{{worker=\"0\"}}")).is_some(),
-                "{name} not exported"
-            );
+            let key = match *name {
+                "ct_entries" => "sluice_conntrack_entries{worker=\"0\"}".to_string(),
+                "ct_capacity" => "sluice_conntrack_capacity{worker=\"0\"}".to_string(),
+                _ => format!("sluice_{name}_total{{worker=\"0\"}}"),
+            };
+            assert!(get(&key).is_some(), "{name} not exported as {key}");
         }
+        assert!(
+            !text.contains("sluice_ct_entries_total"),
+            "a gauge must not be exported as a counter"
+        );
         for r in DropReason::ALL {
             let key = format!(
                 "sluice_drops_total{{worker=\"0\",reason=\"{}\",number=\"{}\"}}",
