@@ -18,7 +18,7 @@
 //! **Frames.** The pipeline rewrites in place, so every iteration writes the frame anew: a
 //! 64 B per-pod template copied into the buffer, then destination, ports and both checksums
 //! patched from a 18 B descriptor (`Pkt`). Descriptors of F flows are read sequentially
-//! (16-18 MB at 1M flows, prefetched); the flows themselves are spread over services and over
+//! (18 MB at 1M flows, prefetched); the flows themselves are spread over services and over
 //! the conntrack table by hashing. `restore/F` is that write alone over the same descriptors:
 //! report `cost = case - restore`.
 //!
