@@ -25,3 +25,4 @@ test: deps
 
 bench: deps
 	$(CARGO) bench -p dataplane --bench pipeline
+	$(CARGO) bench -p dataplane --bench services

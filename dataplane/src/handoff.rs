@@ -7,7 +7,7 @@
 //! owner copies the frame here, into a single-producer single-consumer ring from it to the
 //! owner; the owner copies it into one of its own frames and goes on where the pipeline
 //! stopped (`pipeline::process_resumed`). UMEMs are per worker, so the frame is copied, not
-//! passed (measured in `benches/pipeline.rs`: `handoff_roundtrip`).
+//! passed (measured in `benches/services.rs`, group `handoff`).
 //!
 //! One lane per ordered pair of workers: `n * (n - 1)` lanes of [`LANE_SLOTS`] slots of
 //! [`SLOT_BYTES`], allocated at start. A full lane drops the frame (`handoff_full`): a worker
