@@ -53,6 +53,43 @@ b1=$(python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print([p["ip"]
 cleanup2
 trap - EXIT
 
+section "services: testbed/clusters/services.yaml, two nodes, 2 workers per agent"
+svc=testbed/clusters/services.yaml
+inst3=demosvc$$
+cleanup3() { "$bin/sluice-testbed" down "$svc" --instance "$inst3" >/dev/null 2>&1 || true; }
+trap cleanup3 EXIT
+"$bin/sluice-testbed" up "$svc" --instance "$inst3" --workers 2 --sluice "$bin/sluice" --cni "$bin/sluice-cni"
+for pod in web-1 web-2; do
+  "$bin/sluice-testbed" exec "default/$pod" --instance "$inst3" -- timeout 60 python3 scripts/svc-demo-server.py "$pod" 50 >/dev/null 2>&1 &
+done
+sleep 1
+ext="sl-$inst3-ext"
+echo "pod client -> ClusterIP 10.96.1.10:80 (web: backends web-1 on node1, web-2 on node2), 20 connections:"
+"$bin/sluice-testbed" exec default/client --instance "$inst3" -- python3 scripts/svc-demo-client.py 10.96.1.10 80 20
+echo "pod client -> ClusterIP 10.96.1.10:53/UDP (targetPort by name), 6 requests:"
+"$bin/sluice-testbed" exec default/client --instance "$inst3" -- python3 scripts/svc-demo-client.py 10.96.1.10 53 6 udp
+echo "external client 172.18.0.250 -> NodePort 172.18.0.11:30080 (remote backend: SNAT to the node), 10 connections:"
+ip netns exec "$ext" python3 scripts/svc-demo-client.py 172.18.0.11 30080 10
+echo "external client -> LoadBalancer 192.168.100.10:80 via node1, externalTrafficPolicy Local (client address kept):"
+ip netns exec "$ext" ip route add 192.168.100.10/32 via 172.18.0.11
+ip netns exec "$ext" python3 scripts/svc-demo-client.py 192.168.100.10 80 5
+echo "ClientIP affinity (web-sticky 10.96.1.13), 10 connections:"
+"$bin/sluice-testbed" exec default/client --instance "$inst3" -- python3 scripts/svc-demo-client.py 10.96.1.13 80 10
+echo "a Service without endpoints (nothing 10.96.1.14): rejected at once with a TCP RST:"
+"$bin/sluice-testbed" exec default/client --instance "$inst3" -- python3 scripts/svc-demo-client.py 10.96.1.14 80 2
+echo "pod -> 172.18.0.250 (outside the cluster): masqueraded to the node address:"
+ip netns exec "$ext" timeout 20 python3 scripts/svc-demo-server.py outside 15 >/dev/null 2>&1 &
+sleep 0.5
+"$bin/sluice-testbed" exec default/client --instance "$inst3" -- python3 scripts/svc-demo-client.py 172.18.0.250 8080 3
+echo "healthCheckNodePort 32081 on node1 (kube-proxy's answer):"
+ip netns exec "$ext" curl -s -m 2 http://172.18.0.11:32081/ | tr -d '\n '; echo
+section "sluice service list (node1)"
+"$bin/sluice" service list --state-dir "/run/sluice-testbed/$inst3/node1"
+"$bin/sluice" status --state-dir "/run/sluice-testbed/$inst3/node1" | grep -E "lb_new_flows|masq_new_flows|ct_hits|handoff_|ct_entries|rejects_sent|service_no_backend"
+wait || true
+cleanup3
+trap - EXIT
+
 for size in 64 1400; do
   section "sluice-perf: pod-to-pod UDP, ${size} B frames, 3 s closed loop; kernel baseline in the same run"
   "$bin/sluice-perf" run pod-to-pod --size "$size" --duration 3 --gen-cpu 0 --sink-cpu 1 --out target/demo-perf
@@ -61,4 +98,6 @@ section "sluice-perf: request/response latency (UDP ping-pong, one outstanding),
 "$bin/sluice-perf" run pod-to-pod-rr --duration 3 --gen-cpu 0 --sink-cpu 1 --out target/demo-perf
 section "sluice-perf: node to node over VXLAN, 64 B, sluice vs the kernel's vxlan device"
 "$bin/sluice-perf" run node-to-node --size 64 --duration 3 --gen-cpu 0 --sink-cpu 1 --out target/demo-perf
+section "sluice-perf: pod to ClusterIP request/response, sluice vs kube-proxy-shaped nftables DNAT"
+"$bin/sluice-perf" run pod-to-clusterip-rr --duration 3 --gen-cpu 0 --sink-cpu 1 --out target/demo-perf
 section "done: reports (JSON, .hlog, latency.svg) in target/demo-perf/"

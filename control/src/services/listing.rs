@@ -298,7 +298,11 @@ fn backend_cells(service: &ServicePortListing, frontend: &FrontendListing) -> Ve
         ));
     }
     if rotation.backends == 0 {
-        cells.push("(no backend in rotation: new flows are dropped)".to_owned());
+        cells.push(if local_scope {
+            "(no local backend: new flows are dropped)".to_owned()
+        } else {
+            "(no backend: new flows get a TCP RST / ICMP port unreachable)".to_owned()
+        });
     }
     cells
 }
@@ -725,7 +729,7 @@ spec:
             Err(e) => panic!("{e}"),
         };
         let mut p = plan(&options);
-        // Drop every backend of web: its rows say new flows are dropped.
+        // Drop every backend of web: its rows say new flows are rejected.
         p.services[0].backends.clear();
         p.services[0].cluster = Rotation::default();
         p.services[0].local = Some(Rotation::default());
@@ -737,11 +741,18 @@ spec:
             text.contains("kube-system/dns    1 => 10.244.2.3:5353/UDP (terminating, fallback)\n"),
             "\n{text}"
         );
+        let rejected = text
+            .lines()
+            .filter(|l| {
+                l.ends_with("(no backend: new flows get a TCP RST / ICMP port unreachable)")
+            })
+            .count();
+        assert_eq!(rejected, 1, "the clusterip row of web:\n{text}");
         let dropped = text
             .lines()
-            .filter(|l| l.ends_with("(no backend in rotation: new flows are dropped)"))
+            .filter(|l| l.ends_with("(no local backend: new flows are dropped)"))
             .count();
-        assert_eq!(dropped, 2, "clusterip and nodeport rows of web:\n{text}");
+        assert_eq!(dropped, 1, "the eTP=Local nodeport row of web:\n{text}");
         assert!(text.contains("backend selection random"), "\n{text}");
     }
 
