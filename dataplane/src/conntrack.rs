@@ -272,7 +272,8 @@ pub struct Flow {
     pub nat: Option<NatRewrite>,
     /// Monotonic time after which the flow is gone.
     pub expires_ns: u64,
-    /// The backend chosen for the flow (an index of the control plane's snapshot).
+    /// A tag for the caller: `stages::lb` keeps the service table generation its backend was
+    /// last checked against.
     pub backend: u32,
     pub state: FlowState,
     /// FIN seen: bit 0 original direction, bit 1 reply.
@@ -698,6 +699,17 @@ impl Conntrack {
         match evicted {
             Some(e) => Err(e),
             None => Ok(()),
+        }
+    }
+
+    /// Sets the `backend` tag of the flow `key` belongs to (either direction); false when absent.
+    pub fn set_backend(&mut self, key: &FlowKey, backend: u32) -> bool {
+        match self.find(key) {
+            Some((_, _, r)) => {
+                self.entries[(r >> 1) as usize].flow.backend = backend;
+                true
+            }
+            None => false,
         }
     }
 

@@ -120,6 +120,8 @@ counters! {
     lb_new_flows,
     /// Flows masqueraded (SNAT to the node address) leaving the cluster.
     masq_new_flows,
+    /// Flows whose backend left the service, forgotten and balanced again (Cilium's reselect).
+    lb_reselected,
     /// Packets that matched a tracked flow.
     ct_hits,
     /// Frames copied to another worker that owns their flow.

@@ -729,6 +729,7 @@ impl Worker {
         self.counters.lb_new_flows = lb.lb_new_flows;
         self.counters.masq_new_flows = lb.masq_new_flows;
         self.counters.ct_hits = lb.ct_hits;
+        self.counters.lb_reselected = lb.lb_reselected;
     }
 
     /// Publishes and kicks dirty tx rings. Returns true while frames wait to be sent.

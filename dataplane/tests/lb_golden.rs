@@ -239,6 +239,10 @@ fn services(o: &Opts) -> ServiceTable {
 }
 
 fn snapshot(o: &Opts) -> Snapshot {
+    snapshot_with(o, services(o))
+}
+
+fn snapshot_with(o: &Opts, table: ServiceTable) -> Snapshot {
     let mut b = SnapshotBuilder::new(1, GATEWAY);
     for (ifindex, mac, role) in [
         (IF_A, LXC_A_MAC, InterfaceRole::Pod),
@@ -279,7 +283,7 @@ fn snapshot(o: &Opts) -> Snapshot {
     b.neighbor(PEER_IP, PEER_MAC);
     b.neighbor(ROUTER, ROUTER_MAC);
     b.neighbor(EXT_CLIENT, EXT_MAC);
-    b.services(Arc::new(services(o)));
+    b.services(Arc::new(table));
     b.nat(NatConfig {
         node_addrs: vec![NODE_IP],
         hairpin_addr: HAIRPIN,
@@ -408,6 +412,11 @@ impl Node {
         assert_eq!(out.worker, owner, "not steered to the flow's owner");
         assert_eq!(out.handed, n > 1, "handoff with {n} workers");
         out
+    }
+
+    /// A packet that may or may not be steered (its flow may be gone): sent to worker 0.
+    fn via_owner_or_any(&mut self, snap: &Snapshot, rx: u32, frame: &[u8], now: u64) -> Out {
+        self.send_on(snap, rx, frame, 0, now)
     }
 
     fn state(&mut self, owner: u16, key: &FlowKey, now: u64) -> Option<FlowState> {
@@ -2041,5 +2050,85 @@ fn error_from_the_client_about_a_service_reply_goes_to_the_backend() {
             e.frame,
             to_b(&icmp_err(POD_A, POD_B, 3, 3, [0; 4], &quoted, 63))
         );
+    }
+}
+
+/// One UDP ClusterIP `CIP_LOCAL:53` whose table generation `generation` has these backends and
+/// this rotation (indices into `backends`).
+fn reselect_snapshot(generation: u64, backends: &[(Ipv4Addr, bool)], rotation: &[u32]) -> Snapshot {
+    let mut b = ServiceTableBuilder::new(generation);
+    let s = b
+        .service(&ServiceSpec {
+            backends: backends
+                .iter()
+                .map(|&(a, local)| be(a, 5353, local))
+                .collect(),
+            cluster: rot(rotation),
+            local: RotationSpec::default(),
+            affinity_timeout_s: 0,
+        })
+        .expect("service");
+    b.frontend(Frontend {
+        addr: CIP_LOCAL,
+        port: 53,
+        proto: UDP,
+        kind: FrontendKind::ClusterIp,
+        service: s,
+        local_only: false,
+        keep_source: false,
+    });
+    snapshot_with(&Opts::default(), b.build().expect("table"))
+}
+
+#[test]
+fn flows_of_a_removed_backend_are_balanced_again_and_pinned_not_serving_ones_stay() {
+    for n in WORKERS {
+        let mut node = Node::new(n);
+        let sport = 47000 + n;
+        let q = from_a(&udp(POD_A, sport, CIP_LOCAL, 53, 64));
+        // Generation 1: POD_B is the only backend.
+        let g1 = reselect_snapshot(1, &[(POD_B, true)], &[0]);
+        let out = node.request(&g1, IF_A, &q, 1);
+        assert_eq!(out.frame, to_b(&udp(POD_A, sport, POD_B, 5353, 63)));
+        let owner = out.worker;
+        // Generation 2: POD_B is still a backend but not in rotation (not serving, or
+        // terminating with a ready one elsewhere): the pinned flow keeps it.
+        let g2 = reselect_snapshot(2, &[(POD_B, true), (REMOTE_POD, false)], &[1]);
+        let out = node.via_owner(&g2, IF_A, &q, owner, 2);
+        assert_eq!(out.frame, to_b(&udp(POD_A, sport, POD_B, 5353, 63)));
+        // A new flow of the same client goes to the rotation's backend only.
+        let other = from_a(&udp(POD_A, sport + 100, CIP_LOCAL, 53, 64));
+        let o2 = node.request(&g2, IF_A, &other, 2);
+        assert_eq!(o2.v, tx(IF_UPLINK, TxKind::Encap));
+        // Generation 3: POD_B is gone from the service: the flow is forgotten and balanced
+        // again (to the remote backend), counted; its old reply key no longer matches.
+        let g3 = reselect_snapshot(3, &[(REMOTE_POD, false)], &[0]);
+        let before: u64 = node.workers.iter().map(|w| w.stats.lb_reselected).sum();
+        let out = node.via_owner(&g3, IF_A, &q, owner, 3);
+        assert_eq!(out.v, tx(IF_UPLINK, TxKind::Encap));
+        assert_eq!(
+            assert_encap(&out.frame),
+            udp(POD_A, sport, REMOTE_POD, 5353, 63)
+        );
+        let after: u64 = node.workers.iter().map(|w| w.stats.lb_reselected).sum();
+        assert_eq!(after, before + 1);
+        let stale = from_b(&udp(POD_B, 5353, POD_A, sport, 64));
+        let r = node.send_on(&g3, IF_B, &stale, 0, 4);
+        assert_eq!(
+            r.frame,
+            to_a(&udp(POD_B, 5353, POD_A, sport, 63)),
+            "a late reply of the removed backend is not translated any more"
+        );
+        // The service deleted altogether: the flow is forgotten; the address is just an
+        // address outside the cluster now, so the packet is masqueraded out the uplink (as
+        // kube-proxy without a service CIDR), not DNATed to the old backend.
+        let gone = snapshot_with(
+            &Opts::default(),
+            ServiceTableBuilder::new(4).build().expect("empty"),
+        );
+        let out = node.via_owner_or_any(&gone, IF_A, &q, 5);
+        assert_eq!(out.v, tx(IF_UPLINK, TxKind::Forward));
+        assert_eq!(&out.frame[14 + 16..14 + 20], &CIP_LOCAL.octets());
+        assert_eq!(&out.frame[14 + 12..14 + 16], &NODE_IP.octets());
     }
 }

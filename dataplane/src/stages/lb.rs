@@ -34,7 +34,7 @@ use std::net::Ipv4Addr;
 use crate::{
     affinity::Affinity,
     classify::Ipv4Meta,
-    conntrack::{Conntrack, FlowKey},
+    conntrack::{Conntrack, Direction, FlowKey},
     drop_reason::DropReason,
     packet::PacketBuf,
     pipeline::Resume,
@@ -68,6 +68,8 @@ pub struct LbStats {
     pub lb_new_flows: u64,
     pub masq_new_flows: u64,
     pub ct_hits: u64,
+    /// Flows whose backend was removed from the service: forgotten and balanced again.
+    pub lb_reselected: u64,
 }
 
 /// A worker's flow state: conntrack and session affinity, allocated once.
@@ -401,7 +403,37 @@ pub fn run(
     let Some(flows) = ctx.flows.as_deref_mut() else {
         return Lb::Done(Verdict::Drop(DropReason::NoFlowState));
     };
-    if let Some((dir, orig, flow)) = flows.ct.track_origin(&k, l4.tcp_flags, !l4.error, now) {
+    // A service flow records the service table generation it was checked against (`backend`).
+    let table_gen = table.generation() as u32;
+    let mut hit = flows.ct.track_origin(&k, l4.tcp_flags, !l4.error, now);
+    if let Some((Direction::Original, _, flow)) = hit {
+        if let (Some((addr, port)), false) = (flow.nat.and_then(|n| n.dst), l4.error) {
+            if flow.backend != table_gen {
+                // The table changed since this flow was checked: is its backend still one of
+                // the service's (in any state: not-serving ones keep their pinned flows)? If
+                // not, or the service is gone, the flow is forgotten and this packet starts
+                // over, as Cilium reselects for a removed backend (kube-proxy deletes the
+                // conntrack entries of removed UDP endpoints). A TCP connection then gets a
+                // RST from its new backend instead of hanging.
+                let alive = fe
+                    .and_then(|f| table.service(f.service))
+                    .is_some_and(|svc| {
+                        table
+                            .backends_of(svc)
+                            .iter()
+                            .any(|b| b.addr == addr && b.port == port)
+                    });
+                if alive {
+                    flows.ct.set_backend(&k, table_gen);
+                } else {
+                    flows.ct.remove(&k);
+                    flows.stats.lb_reselected += 1;
+                    hit = None;
+                }
+            }
+        }
+    }
+    if let Some((dir, orig, flow)) = hit {
         flows.stats.ct_hits += 1;
         return match flow.rewrite_for(&orig, dir) {
             Some(rw) => apply(meta, &rw, pkt),
@@ -452,7 +484,7 @@ pub fn run(
         } else {
             table.select(svc, local_only, flow_hash(&k))
         };
-        let Some((index, backend)) = picked else {
+        let Some((_, backend)) = picked else {
             if local_only {
                 return Lb::Done(Verdict::Drop(DropReason::ServiceNoLocalBackend));
             }
@@ -481,7 +513,7 @@ pub fn run(
         }
         let flow = flows
             .ct
-            .new_flow(k.proto, l4.tcp_flags, Some(rw), index, now);
+            .new_flow(k.proto, l4.tcp_flags, Some(rw), table_gen, now);
         // A live flow evicted to make room is counted in the table's stats.
         let _ = flows.ct.insert(&k, &k.reply_key(&rw), flow, now);
         flows.stats.lb_new_flows += 1;
