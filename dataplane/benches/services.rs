@@ -230,6 +230,7 @@ fn service_table(n: usize) -> ServiceTable {
                     maglev: Vec::new(),
                 },
                 affinity_timeout_s: 0,
+                affinity_id: 0,
             })
             .expect("backend indices are in range");
         bld.frontend(Frontend {
@@ -493,7 +494,7 @@ fn bench_services(c: &mut Criterion) {
                 timeouts: Timeouts::default(),
             })
             .expect("capacity is a power of two"),
-            1024,
+            Arc::new(dataplane::affinity::Affinity::new(1024)),
         );
         eprintln!("{n} services: table built in {:?}", started.elapsed());
 

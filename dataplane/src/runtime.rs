@@ -39,7 +39,7 @@ pub struct DataplaneConfig {
     pub idle_poll_ms: i32,
     /// Conntrack entries per worker (a power of two).
     pub conntrack_capacity: usize,
-    /// Session-affinity entries per worker.
+    /// Session-affinity entries (one table shared by the workers).
     pub affinity_entries: usize,
     pub timeouts: crate::conntrack::Timeouts,
 }
@@ -216,6 +216,7 @@ impl Dataplane {
         }
         let snapshot = Arc::new(ArcSwapOption::empty());
         let handoff = Arc::new(Handoff::new(config.workers));
+        let affinity = Arc::new(crate::affinity::Affinity::new(config.affinity_entries));
         let mut workers = Vec::with_capacity(config.workers);
         for id in 0..config.workers {
             let core = config.cores.as_ref().and_then(|c| c.get(id).copied());
@@ -243,11 +244,11 @@ impl Dataplane {
                 idle_spin: config.idle_spin,
                 idle_poll_ms: config.idle_poll_ms,
                 conntrack_capacity: config.conntrack_capacity,
-                affinity_entries: config.affinity_entries,
                 timeouts: config.timeouts,
                 workers: config.workers,
             };
             let ho = Arc::clone(&handoff);
+            let aff = Arc::clone(&affinity);
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
             let (s, snap) = (Arc::clone(&shared), Arc::clone(&snapshot));
             let thread = std::thread::Builder::new()
@@ -255,7 +256,7 @@ impl Dataplane {
                 .spawn(move || {
                     // The UMEM is allocated on the worker's own thread (after pinning would be
                     // better for NUMA; on one socket it makes no difference).
-                    match Worker::new(wc, s, snap, rx, worker_wake, ho) {
+                    match Worker::new(wc, s, snap, rx, worker_wake, ho, aff) {
                         Ok(w) => {
                             let _ = ready_tx.send(Ok((w.on_hugepages(), w.umem_region())));
                             w.run();

@@ -75,6 +75,9 @@ pub struct ServiceSpec {
     pub local: RotationSpec,
     /// `sessionAffinity: ClientIP` timeout; 0 = no affinity.
     pub affinity_timeout_s: u32,
+    /// Names the service port in the affinity table across table rebuilds (control hashes its
+    /// namespace, name and port); 0: use the position in the table.
+    pub affinity_id: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -104,6 +107,8 @@ pub struct Service {
     local: Rotation,
     /// Session affinity timeout in nanoseconds; 0 = none.
     pub affinity_timeout_ns: u64,
+    /// Key of the service port in the affinity table (stable across table rebuilds).
+    pub affinity_id: u32,
 }
 
 impl Service {
@@ -334,6 +339,11 @@ impl ServiceTableBuilder {
             cluster,
             local,
             affinity_timeout_ns: u64::from(spec.affinity_timeout_s) * 1_000_000_000,
+            affinity_id: if spec.affinity_id == 0 {
+                id
+            } else {
+                spec.affinity_id
+            },
         });
         Ok(id)
     }
@@ -438,6 +448,7 @@ mod tests {
                     maglev: vec![0, 0, 0],
                 },
                 affinity_timeout_s: 0,
+                affinity_id: 0,
             })
             .unwrap();
         bld.frontend(fe([10, 96, 0, 10], 80, s));
@@ -474,6 +485,7 @@ mod tests {
                 },
                 local: RotationSpec::default(),
                 affinity_timeout_s: 30,
+                affinity_id: 0,
             })
             .unwrap();
         let t = {

@@ -83,9 +83,8 @@ pub struct WorkerConfig {
     pub idle_spin: std::time::Duration,
     /// poll(2) timeout while idle.
     pub idle_poll_ms: i32,
-    /// Conntrack entries (a power of two) and session-affinity entries of this worker.
+    /// Conntrack entries (a power of two) of this worker.
     pub conntrack_capacity: usize,
-    pub affinity_entries: usize,
     /// Conntrack timeouts.
     pub timeouts: crate::conntrack::Timeouts,
     /// How many workers share the flows (steering; see `stages::lb`).
@@ -190,6 +189,7 @@ impl Worker {
         commands: Receiver<Command>,
         wake: OwnedFd,
         handoff: Arc<Handoff>,
+        affinity: Arc<crate::affinity::Affinity>,
     ) -> Result<Self, WorkerError> {
         let umem = UmemArea::new(config.umem)?;
         // A per-worker random seed: flow keys chosen by an attacker cannot be aimed at buckets.
@@ -199,7 +199,7 @@ impl Worker {
             seed,
             timeouts: config.timeouts,
         })?;
-        let flows = Flows::new(ct, config.affinity_entries);
+        let flows = Flows::new(ct, affinity);
         let steer = Steer {
             worker: config.id as u16,
             workers: config.workers.max(1) as u16,

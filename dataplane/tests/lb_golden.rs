@@ -10,6 +10,7 @@
 use std::{net::Ipv4Addr, sync::Arc};
 
 use dataplane::{
+    affinity::Affinity,
     conntrack::{Config, Conntrack, FlowKey, FlowState, Timeouts, NS_PER_SEC},
     packet::PacketBuf,
     pipeline::{process_ctx, process_resumed},
@@ -151,6 +152,7 @@ fn services(o: &Opts) -> ServiceTable {
         cluster: rot(&[0]),
         local: if local { rot(&[0]) } else { rot(&[]) },
         affinity_timeout_s: 0,
+        affinity_id: 0,
     };
     add(
         &mut b,
@@ -182,6 +184,7 @@ fn services(o: &Opts) -> ServiceTable {
             },
             local: rot(&[]),
             affinity_timeout_s: 0,
+            affinity_id: 0,
         },
         &[(CIP_MANY, 80, TCP, cip, false, false)],
     );
@@ -200,6 +203,7 @@ fn services(o: &Opts) -> ServiceTable {
             cluster: o.aff.clone(),
             local: rot(&[]),
             affinity_timeout_s: 60,
+            affinity_id: 0,
         },
         &[(CIP_AFF, 80, TCP, cip, false, false)],
     );
@@ -208,6 +212,7 @@ fn services(o: &Opts) -> ServiceTable {
         cluster: rot(&[0, 1]),
         local: rot(&[0]),
         affinity_timeout_s: 0,
+        affinity_id: 0,
     };
     add(
         &mut b,
@@ -329,6 +334,8 @@ fn chunk(frame: &[u8]) -> Vec<u8> {
 
 impl Node {
     fn new(workers: u16) -> Self {
+        // One affinity table for the node, as the runtime shares it between workers.
+        let affinity = Arc::new(Affinity::new(64));
         let flows = (0..workers)
             .map(|_| {
                 let ct = Conntrack::new(Config {
@@ -337,7 +344,7 @@ impl Node {
                     timeouts: Timeouts::default(),
                 })
                 .expect("conntrack");
-                Flows::new(ct, 64)
+                Flows::new(ct, Arc::clone(&affinity))
             })
             .collect();
         Node {
@@ -1142,6 +1149,59 @@ fn affinity_same_client_same_backend_until_timeout_and_only_while_in_rotation() 
                 "out of rotation"
             );
         }
+    }
+}
+
+/// The worker that owns a flow from `POD_A:sport` to a frontend, with `n` workers.
+fn owner_of_client_port(sport: u16, n: u16) -> u16 {
+    let k = FlowKey {
+        src: POD_A,
+        dst: CIP_AFF,
+        sport,
+        dport: 80,
+        proto: TCP,
+    };
+    dataplane::stages::lb::owner(&k, true, false, n)
+}
+
+#[test]
+fn affinity_is_one_table_for_all_workers() {
+    let s = NS_PER_SEC;
+    let mut node = Node::new(2);
+    let base = snap();
+    // Every flow so far starts on worker 0's ports only.
+    let on0: Vec<u16> = (51000..52000)
+        .filter(|&p| owner_of_client_port(p, 2) == 0)
+        .take(5)
+        .collect();
+    let on1: Vec<u16> = (51000..52000)
+        .filter(|&p| owner_of_client_port(p, 2) == 1)
+        .take(5)
+        .collect();
+    let first = aff_backend(&mut node, &base, on0[0], s);
+    for &p in &on0[1..] {
+        assert_eq!(aff_backend(&mut node, &base, p, s), first);
+    }
+    // The rotation's Maglev table moves this client; worker 1 never saw it, yet it must send
+    // the client's new flows to the remembered backend (a per-worker table would not).
+    let other = (first + 1) % 4;
+    let moved = snapshot(&Opts {
+        aff: RotationSpec {
+            members: vec![0, 1, 2, 3],
+            maglev: vec![u32::from(other); 7],
+        },
+        ..Opts::default()
+    });
+    for &p in &on1 {
+        let out = node.request(
+            &moved,
+            IF_A,
+            &from_a(&tcp(POD_A, p, CIP_AFF, 80, SYN, 64)),
+            2 * s,
+        );
+        assert_eq!(out.worker, 1, "port {p} is worker 1's");
+        let inner = assert_encap(&out.frame);
+        assert_eq!(inner[19] - 10, first, "worker 1 follows the shared table");
     }
 }
 
@@ -2066,6 +2126,7 @@ fn reselect_snapshot(generation: u64, backends: &[(Ipv4Addr, bool)], rotation: &
             cluster: rot(rotation),
             local: RotationSpec::default(),
             affinity_timeout_s: 0,
+            affinity_id: 0,
         })
         .expect("service");
     b.frontend(Frontend {

@@ -28,6 +28,14 @@ fn rotation(r: &Rotation) -> RotationSpec {
     }
 }
 
+/// A stable non-zero key for a service port in the workers' affinity table (FNV-1a of
+/// `namespace/name`, the port name and protocol), so affinity survives table rebuilds.
+fn affinity_id(service: &str, port_name: &str, protocol: Protocol) -> u32 {
+    let key = format!("{service}\0{port_name}\0{}", protocol.as_str());
+    let h = super::maglev::fnv1a64(key.as_bytes());
+    ((h ^ (h >> 32)) as u32).max(1)
+}
+
 /// The dataplane's service table for `plan`.
 pub fn service_table(
     plan: &ServicePlan,
@@ -48,6 +56,7 @@ pub fn service_table(
             cluster: rotation(&s.cluster),
             local: s.local.as_ref().map(rotation).unwrap_or_default(),
             affinity_timeout_s: s.affinity.map_or(0, |a| a.timeout_seconds.max(1)),
+            affinity_id: affinity_id(&s.service_key(), &s.port_name, s.protocol),
         })?;
     }
     for f in &plan.frontends {

@@ -29,7 +29,7 @@
 //! **Not done**: fragments to services or of masqueraded flows are dropped (`service_fragment`:
 //! no reassembly); `loadBalancerSourceRanges`; flows to a removed backend keep it until they
 //! expire (kube-proxy deletes UDP conntrack entries of removed endpoints).
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, sync::Arc};
 
 use crate::{
     affinity::Affinity,
@@ -75,15 +75,16 @@ pub struct LbStats {
 /// A worker's flow state: conntrack and session affinity, allocated once.
 pub struct Flows {
     pub ct: Conntrack,
-    pub affinity: Affinity,
+    /// Shared by every worker of the dataplane (see `affinity`).
+    pub affinity: Arc<Affinity>,
     pub stats: LbStats,
 }
 
 impl Flows {
-    pub fn new(ct: Conntrack, affinity_entries: usize) -> Self {
+    pub fn new(ct: Conntrack, affinity: Arc<Affinity>) -> Self {
         Self {
             ct,
-            affinity: Affinity::new(affinity_entries),
+            affinity,
             stats: LbStats::default(),
         }
     }
@@ -457,28 +458,23 @@ pub fn run(
         let picked = if svc.has_affinity() {
             let remembered = flows
                 .affinity
-                .get(k.src, fe.service, now)
-                .and_then(|(a, p)| {
+                .get(k.src, svc.affinity_id, now)
+                .and_then(|a| {
+                    // Only while that backend is still in the rotation new flows use.
                     table
-                        .backends_of(svc)
+                        .rotation_members(svc, local_only)
                         .iter()
-                        .position(|b| b.addr == a && b.port == p)
-                        .map(|i| i as u32)
-                })
-                // Only while the backend is still in the rotation new flows use.
-                .filter(|&i| in_rotation(table, svc, local_only, i));
+                        .map(|&i| u32::from(i))
+                        .find(|&i| table.backend(svc, i).is_some_and(|b| b.addr == a))
+                });
             let choice = match remembered {
                 Some(i) => table.backend(svc, i).map(|b| (i, b)),
                 None => table.select(svc, local_only, client_hash(k.src)),
             };
             if let Some((_, b)) = choice {
-                flows.affinity.put(
-                    k.src,
-                    fe.service,
-                    (b.addr, b.port),
-                    now,
-                    svc.affinity_timeout_ns,
-                );
+                flows
+                    .affinity
+                    .put(k.src, svc.affinity_id, b.addr, now, svc.affinity_timeout_ns);
             }
             choice
         } else {
@@ -552,17 +548,4 @@ pub fn run(
         Origin::Uplink => Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected)),
         _ => Lb::Continue(*meta),
     }
-}
-
-/// Whether backend `i` of `svc` is in the rotation new flows of this scope use.
-#[inline]
-fn in_rotation(
-    table: &ServiceTable,
-    svc: &crate::services::Service,
-    local_only: bool,
-    i: u32,
-) -> bool {
-    table
-        .rotation_members(svc, local_only)
-        .contains(&(i as u16))
 }
