@@ -82,6 +82,7 @@ const WEB_NODEPORT: u16 = 30080;
 const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 10);
 const LB_HEALTH_PORT: u16 = 32081;
 /// `web-local1`: eTP Local, its only backend is web-1 (node1); healthCheckNodePort 32082.
+const LOCAL1_LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 11);
 const LOCAL1_NODEPORT: u16 = 30082;
 const LOCAL1_HEALTH_PORT: u16 = 32082;
 
@@ -473,6 +474,9 @@ fn service_port<'a>(l: &'a ServiceListing, name: &str, port_name: &str) -> &'a S
         .unwrap_or_else(|| panic!("the listing has no default/{name}:{port_name}: {l:#?}"))
 }
 
+/// A backend as the tests compare it: address, port, node, local, state, in the cluster rotation.
+type BackendRow<'a> = (Ipv4Addr, u16, Option<&'a str>, bool, &'a str, bool);
+
 /// (address, state) of each backend of a service port.
 fn backend_states(s: &ServicePortListing) -> Vec<(Ipv4Addr, String)> {
     s.backends
@@ -691,31 +695,36 @@ fn nodeport_loadbalancer_and_health_checks() {
     );
     assert_all_answered("web-local1 NodePort on node1", &a);
     assert_peer("web-local1 NodePort on node1", &a, WEB1_NAME, EXTERNAL_IP);
+    // Through node2, by its NodePort and by the LB IP routed to it: dropped, not rejected.
+    let lb = LOCAL1_LB_IP.to_string();
+    let gw = NODE2_IP.to_string();
+    let out = tb
+        .exec_in_external(&timed(
+            "10",
+            &["ip", "route", "replace", &format!("{lb}/32"), "via", &gw],
+        ))
+        .expect("ip route runs");
+    assert!(out.status.success(), "route to the LB IP:\n{}", text(&out));
     let before2 = settled_status(&tb, NODE2);
     let attempts = 3;
-    let a = requests(
-        &tb,
-        Origin::External,
-        Proto::Tcp,
-        NODE2_IP,
-        LOCAL1_NODEPORT,
-        attempts,
-        1.0,
-    );
-    eprintln!("web-local1 NodePort on node2: {:?}", tally(&a));
-    assert!(
-        a.iter().all(|x| x.error.as_deref() == Some("TimeoutError")),
-        "node2 has no local backend for web-local1: SYNs dropped, connects time out: {a:?}"
-    );
+    for (addr, port) in [(NODE2_IP, LOCAL1_NODEPORT), (LOCAL1_LB_IP, 80)] {
+        let a = requests(&tb, Origin::External, Proto::Tcp, addr, port, attempts, 1.0);
+        eprintln!("web-local1 {addr}:{port} via node2: {:?}", tally(&a));
+        assert!(
+            a.iter().all(|x| x.error.as_deref() == Some("TimeoutError")),
+            "node2 has no local backend for web-local1 ({addr}:{port}): SYNs dropped, \
+             connects time out: {a:?}"
+        );
+    }
+    let want = 2 * u64::from(attempts);
     let after2 = status_when(&tb, NODE2, COUNTERS_SETTLE, |s| {
-        drops(s, "service_no_local_backend")
-            >= drops(&before2, "service_no_local_backend") + u64::from(attempts)
+        drops(s, "service_no_local_backend") >= drops(&before2, "service_no_local_backend") + want
     });
     let grown =
         drops(&after2, "service_no_local_backend") - drops(&before2, "service_no_local_backend");
     assert!(
-        grown >= u64::from(attempts),
-        "node2's service_no_local_backend grew by {grown}, want >= {attempts}:\n{}",
+        grown >= want,
+        "node2's service_no_local_backend grew by {grown}, want >= {want}:\n{}",
         after2.render()
     );
 
@@ -840,7 +849,7 @@ fn no_backend_masquerade_and_service_list() {
         .map(|f| (f.address, f.port, f.kind.as_str()))
         .collect();
     assert_eq!(fronts, [(WEB_VIP, 80, "clusterip")]);
-    let backends: Vec<(Ipv4Addr, u16, Option<&str>, bool, &str, bool)> = web
+    let backends: Vec<BackendRow<'_>> = web
         .backends
         .iter()
         .map(|b| {
