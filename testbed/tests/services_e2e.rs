@@ -1108,7 +1108,7 @@ fn parse_round(line: &str) -> Vec<String> {
 
 /// Items 5 and 6: terminating backends take new connections only when no ready one is left
 /// (never a not-serving one); a backend removed while long-lived connections run leaves the
-/// connections to the survivor working and takes no new ones.
+/// connections to the survivor working, takes no new ones, and its own connections are reset.
 #[test]
 fn endpoint_changes_while_traffic_runs() {
     require_root!();
@@ -1240,14 +1240,19 @@ fn endpoint_changes_while_traffic_runs() {
         BTreeMap::from([(WEB1_NAME.to_string(), 20)]),
         "new connections only to the remaining backend"
     );
-    // What became of the connections to the removed backend (not asserted: kube-proxy keeps
-    // established TCP flows to a removed endpoint, Cilium drops them).
+    // Connections to the removed backend: their flows are forgotten and balanced again (as
+    // Cilium), so the next segment reaches web-1, which has no such connection and resets
+    // it: none answers as web-2 any more.
     let last = holder.round();
     let removed: Vec<&String> = (0..first.len())
         .filter(|i| first[*i] == WEB2_NAME)
         .map(|i| &last[i])
         .collect();
     eprintln!("connections to the removed web-2 now answer: {removed:?}");
+    assert!(
+        removed.iter().all(|r| r.as_str() != WEB2_NAME),
+        "a connection to the removed backend still reaches it: {removed:?}"
+    );
     drop(holder);
     for node in [NODE1, NODE2] {
         assert!(tb.agent_alive(node).expect("node"), "{node}'s agent died");
