@@ -605,6 +605,42 @@ fn clusterip_spread_udp_affinity_and_hairpin() {
             after.render()
         );
     }
+    // Both of node1's workers owned some of the 60+ client flows, and frames that arrived on
+    // the worker that does not own their flow were handed to the owner (and all arrived).
+    let per_worker = |s: &Status, name: &str| -> Vec<u64> {
+        s.workers
+            .iter()
+            .map(|w| {
+                w.counters
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map_or(0, |(_, v)| *v)
+            })
+            .collect()
+    };
+    let grew = |name: &str| -> Vec<u64> {
+        per_worker(&after1, name)
+            .iter()
+            .zip(per_worker(&before1, name))
+            .map(|(a, b)| a - b)
+            .collect()
+    };
+    let new_flows = grew("lb_new_flows");
+    assert_eq!(new_flows.len(), 2, "node1 runs two workers");
+    assert!(
+        new_flows.iter().all(|&n| n >= 5),
+        "both workers own service flows: {new_flows:?}"
+    );
+    let (out, inn) = (grew("handoff_out"), grew("handoff_in"));
+    assert!(
+        out.iter().sum::<u64>() > 0,
+        "frames were handed over: {out:?}"
+    );
+    assert_eq!(
+        out.iter().sum::<u64>(),
+        inn.iter().sum::<u64>(),
+        "every handed frame arrived"
+    );
 }
 
 /// Items 2, 3 and 10: NodePort from outside on both nodes (local backend sees the client,
