@@ -690,5 +690,112 @@ fn bench_handoff(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_handoff, bench_services);
+
+/// The steering decision, measured across two threads (the two vCPUs here):
+/// - `handoff_cross_thread_64B`: one thread pushes 64 B frames to the other, which drains them
+///   into its own buffer: the per-frame cost of handing a packet to the owning worker, cache-line
+///   transfers included;
+/// - `shared_entry_2_threads`: the least a *shared* conntrack table costs per packet when both
+///   directions of a flow are processed on different cores: each packet writes the flow's entry
+///   (state and expiry), so the entry's cache line bounces between the cores. Both threads
+///   update one 64 B entry with a read-modify-write (no lock at all: a lower bound for a
+///   seqlock or CAS scheme);
+/// - `private_entry_2_threads`: the same update on per-thread entries (per-worker tables): the
+///   baseline.
+///
+/// Each case runs `iters` operations per thread and reports wall time per operation.
+fn bench_steering(c: &mut Criterion) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    #[repr(align(64))]
+    struct Line(AtomicU64, AtomicU64);
+
+    let mut g = c.benchmark_group("steering");
+    g.throughput(Throughput::Elements(1));
+    g.sample_size(10);
+    g.measurement_time(Duration::from_secs(2));
+    g.warm_up_time(Duration::from_millis(300));
+
+    g.bench_function("handoff_cross_thread_64B", |b| {
+        b.iter_custom(|iters| {
+            let h = Arc::new(Handoff::new(2));
+            let frame = [0x5au8; 64];
+            let consumer = {
+                let h = Arc::clone(&h);
+                std::thread::spawn(move || {
+                    let mut dst = vec![0u8; 2048];
+                    let mut got = 0u64;
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while got < iters && Instant::now() < deadline {
+                        let n = h.drain(0, 1, 64, |_, _, bytes| {
+                            dst[HEADROOM..HEADROOM + bytes.len()].copy_from_slice(bytes);
+                        });
+                        got += n as u64;
+                        if n == 0 {
+                            std::hint::spin_loop();
+                        }
+                        black_box(&mut dst);
+                    }
+                    got
+                })
+            };
+            let start = Instant::now();
+            let mut sent = 0u64;
+            let deadline = start + Duration::from_secs(30);
+            while sent < iters && Instant::now() < deadline {
+                if h.push(0, 1, 7, Resume::Pod, black_box(&frame)).is_ok() {
+                    sent += 1;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+            let got = consumer.join().expect("consumer");
+            let elapsed = start.elapsed();
+            assert_eq!(got, sent, "every frame handed over arrived");
+            elapsed
+        })
+    });
+
+    for (name, shared) in [("shared_entry_2_threads", true), ("private_entry_2_threads", false)] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let lines = Arc::new([
+                    Line(AtomicU64::new(0), AtomicU64::new(0)),
+                    Line(AtomicU64::new(0), AtomicU64::new(0)),
+                ]);
+                let go = Arc::new(AtomicBool::new(false));
+                let workers: Vec<_> = (0..2usize)
+                    .map(|t| {
+                        let lines = Arc::clone(&lines);
+                        let go = Arc::clone(&go);
+                        std::thread::spawn(move || {
+                            while !go.load(Ordering::Acquire) {
+                                std::hint::spin_loop();
+                            }
+                            let line = &lines[if shared { 0 } else { t }];
+                            for i in 0..iters {
+                                // A packet's conntrack update: refresh expiry, advance state.
+                                line.0.fetch_add(1, Ordering::Relaxed);
+                                line.1.store(i, Ordering::Relaxed);
+                            }
+                        })
+                    })
+                    .collect();
+                let start = Instant::now();
+                go.store(true, Ordering::Release);
+                for w in workers {
+                    w.join().expect("worker");
+                }
+                let elapsed = start.elapsed();
+                let total: u64 = lines.iter().map(|l| l.0.load(Ordering::Relaxed)).sum();
+                assert_eq!(total, 2 * iters, "every update landed");
+                elapsed
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench_handoff, bench_steering, bench_services);
 criterion_main!(benches);

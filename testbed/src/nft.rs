@@ -595,7 +595,7 @@ mod tests {
     fn services_fixture_loads_and_translates_for_both_nodes() {
         let cluster = fixture();
         assert_eq!(cluster.nodes.len(), 2);
-        assert_eq!(cluster.services.len(), 6);
+        assert_eq!(cluster.services.len(), 8);
         for node in ["node1", "node2"] {
             let plan = translate(&cluster, node, &ServiceOptions::default());
             assert!(plan.skipped.is_empty(), "{node}: {:?}", plan.skipped);

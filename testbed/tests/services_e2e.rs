@@ -981,7 +981,7 @@ fn no_backend_masquerade_and_service_list() {
     );
     assert!(
         table.contains(&format!("{NOTHING_VIP}:80/TCP"))
-            && table.contains("(no backend in rotation: new flows are dropped)"),
+            && table.contains("(no backend: new flows get a TCP RST / ICMP port unreachable)"),
         "{table}"
     );
 }

@@ -249,8 +249,14 @@ fn kernel_keeps(ctx: &XdpContext) -> Result<bool, ()> {
     if ihl < 20 {
         return Ok(default_pass);
     }
+    // Without its protocol byte the packet cannot be classified at all (pass_short). With it
+    // but cut short of the addresses it matches no rule: the interface default decides, so a
+    // pod's truncated packet still reaches the dataplane, which counts it (`frame_too_short`).
+    let _proto: u8 = load(ctx, ETH_HDR_LEN + 9).ok_or(())?;
     // Protocol (byte 9) to destination address (16..20) in one bounds check.
-    let hdr: [u8; 12] = load(ctx, ETH_HDR_LEN + 8).ok_or(())?;
+    let Some(hdr) = load::<[u8; 12]>(ctx, ETH_HDR_LEN + 8) else {
+        return Ok(default_pass);
+    };
     let proto = hdr[1];
     let dst = u32::from_ne_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
     if let Some(pass) = dst_addr_rule(dst) {
