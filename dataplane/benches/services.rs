@@ -690,7 +690,6 @@ fn bench_handoff(c: &mut Criterion) {
     g.finish();
 }
 
-
 /// The steering decision, measured across two threads (the two vCPUs here):
 /// - `handoff_cross_thread_64B`: one thread pushes 64 B frames to the other, which drains them
 ///   into its own buffer: the per-frame cost of handing a packet to the owning worker, cache-line
@@ -757,7 +756,10 @@ fn bench_steering(c: &mut Criterion) {
         })
     });
 
-    for (name, shared) in [("shared_entry_2_threads", true), ("private_entry_2_threads", false)] {
+    for (name, shared) in [
+        ("shared_entry_2_threads", true),
+        ("private_entry_2_threads", false),
+    ] {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let lines = Arc::new([
