@@ -14,6 +14,14 @@
 //!   A /31 or /32 therefore has no usable address.
 //! - Allocation is round-robin after `last_reserved_ip`, so an address just released is not
 //!   handed out again at once (a peer may still have it in its caches).
+//! - A specific address can be requested (host-local's `CNI_ARGS` `IP=<addr>`). As upstream
+//!   (`allocator.Get` with a `requestedIP`): it must be in the range (podCIDR without network and
+//!   broadcast), must not be the gateway, and is reserved only if no file names it; a reserved
+//!   request also becomes `last_reserved_ip`. Unlike upstream, a repeated ADD of the same
+//!   container and ifname that already holds the requested address gets it back (ADD is
+//!   idempotent here, see [`Pool::allocate`]), and one that holds a *different* address is
+//!   refused rather than given a second one. There is one range (the node's podCIDR), so "not in
+//!   any range" and "not in this range" are the same error.
 //! - An address file is written to a temporary file first and then hard-linked to its final
 //!   name: `link(2)` fails when the name exists, so a crash never leaves an empty, ownerless
 //!   reservation and two writers can never own one address even without the lock.
@@ -43,6 +51,35 @@ pub enum IpamError {
     },
     #[error("the gateway {gateway} is not inside the pod CIDR {cidr}; fix `gateway` or `podCIDR` in the CNI config")]
     GatewayOutsideCidr { gateway: Ipv4Addr, cidr: Ipv4Net },
+    /// Upstream: "failed to allocate all requested IPs: <ip>" (no range contains it).
+    #[error("failed to allocate all requested IPs: {ip} is not in range set {first}-{last} (the usable addresses of podCIDR {cidr}); request an address inside it, or none")]
+    RequestedOutsideRange {
+        ip: Ipv4Addr,
+        cidr: Ipv4Net,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+    },
+    /// Upstream: "requested ip <ip> is subnet's gateway".
+    #[error("requested ip {ip} is subnet's gateway (podCIDR {cidr}); request another address")]
+    RequestedGateway { ip: Ipv4Addr, cidr: Ipv4Net },
+    /// Upstream: "requested IP address <ip> is not available in range set <range>".
+    #[error("requested IP address {ip} is not available in range set {first}-{last}: {path} gives it to container {holder:?} interface {holder_ifname:?}; delete that pod (CNI DEL) or request another address")]
+    RequestedTaken {
+        ip: Ipv4Addr,
+        first: Ipv4Addr,
+        last: Ipv4Addr,
+        path: PathBuf,
+        holder: String,
+        holder_ifname: String,
+    },
+    #[error("requested IP address {requested} for container {container_id:?} interface {ifname:?}, which already holds {held} ({dir}); DEL the container before adding it with another address")]
+    RequestedButHoldsAnother {
+        requested: Ipv4Addr,
+        held: Ipv4Addr,
+        container_id: String,
+        ifname: String,
+        dir: PathBuf,
+    },
     #[error("IPAM state {path}: {source} (check that the CNI data directory is writable)")]
     Io {
         path: PathBuf,
@@ -113,9 +150,22 @@ impl Pool {
         }
     }
 
-    /// Returns the address of (`container_id`, `ifname`): the one it already holds if any
-    /// (ADD is idempotent), otherwise the next free one after `last_reserved_ip`.
-    pub fn allocate(&self, container_id: &str, ifname: &str) -> Result<Ipv4Addr, IpamError> {
+    /// Returns the address of (`container_id`, `ifname`).
+    ///
+    /// Without `requested`: the one it already holds if any (ADD is idempotent), otherwise the
+    /// next free one after `last_reserved_ip`. With `requested` (`CNI_ARGS` `IP=`): exactly that
+    /// address, if it is in the range, not the gateway, and free or already held by this
+    /// container and ifname; otherwise an error that names the address and, when it is taken,
+    /// its holder. Nothing is written when the request is refused.
+    pub fn allocate(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        requested: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, IpamError> {
+        if let Some(ip) = requested {
+            self.check_requested(ip)?;
+        }
         let _lock = self.lock()?;
         let mut held = None;
         for allocation in self.read_allocations()? {
@@ -127,6 +177,9 @@ impl Pool {
                     self.remove_address_file(allocation.ip)?;
                 }
             }
+        }
+        if let Some(ip) = requested {
+            return self.reserve_requested(container_id, ifname, ip, held);
         }
         if let Some(ip) = held {
             return Ok(ip);
@@ -186,6 +239,72 @@ impl Pool {
     pub fn allocations(&self) -> Result<Vec<Allocation>, IpamError> {
         let _lock = self.lock()?;
         self.read_allocations()
+    }
+
+    /// The checks of a requested address that need no state: in the range, not the gateway.
+    fn check_requested(&self, ip: Ipv4Addr) -> Result<(), IpamError> {
+        if !self.in_host_range(ip) {
+            let (first, last) = self.host_range();
+            return Err(IpamError::RequestedOutsideRange {
+                ip,
+                cidr: self.cidr,
+                first,
+                last,
+            });
+        }
+        if ip == self.gateway {
+            return Err(IpamError::RequestedGateway {
+                ip,
+                cidr: self.cidr,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reserves `ip` (already checked by [`Self::check_requested`]) for the container, which
+    /// holds `held` (an allocatable address) or nothing. Called with the lock held.
+    fn reserve_requested(
+        &self,
+        container_id: &str,
+        ifname: &str,
+        ip: Ipv4Addr,
+        held: Option<Ipv4Addr>,
+    ) -> Result<Ipv4Addr, IpamError> {
+        match held {
+            Some(held) if held == ip => return Ok(ip),
+            Some(held) => {
+                return Err(IpamError::RequestedButHoldsAnother {
+                    requested: ip,
+                    held,
+                    container_id: container_id.to_string(),
+                    ifname: ifname.to_string(),
+                    dir: self.dir.clone(),
+                })
+            }
+            None => {}
+        }
+        if self.try_reserve(ip, &format!("{container_id}\n{ifname}"))? {
+            self.write_last_reserved(ip)?;
+            return Ok(ip);
+        }
+        // Another container's file: name it. (Under the lock nobody removes it meanwhile; a
+        // writer that ignores the lock could, then the holder reads as empty.)
+        let path = self.dir.join(ip.to_string());
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(IpamError::Io { path, source: e }),
+        };
+        let mut lines = text.lines();
+        let (first, last) = self.host_range();
+        Err(IpamError::RequestedTaken {
+            ip,
+            first,
+            last,
+            holder: lines.next().unwrap_or_default().trim().to_string(),
+            holder_ifname: lines.next().unwrap_or_default().trim().to_string(),
+            path,
+        })
     }
 
     fn exhausted(&self, size: u64) -> IpamError {
@@ -360,7 +479,7 @@ mod tests {
         assert_eq!(pool(dir.path(), "10.1.0.0/31").size(), 0);
         let p = pool(dir.path(), "10.1.0.0/30");
         assert_eq!(
-            p.allocate("c1", "eth0").expect("allocate"),
+            p.allocate("c1", "eth0", None).expect("allocate"),
             Ipv4Addr::new(10, 1, 0, 2)
         );
     }
@@ -369,8 +488,8 @@ mod tests {
     fn allocation_is_round_robin_and_writes_host_local_files() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = pool(dir.path(), "10.1.0.0/29"); // hosts .1-.6, gateway .1 -> .2..=.6
-        let a = p.allocate("a", "eth0").expect("a");
-        let b = p.allocate("b", "eth0").expect("b");
+        let a = p.allocate("a", "eth0", None).expect("a");
+        let b = p.allocate("b", "eth0", None).expect("b");
         assert_eq!(
             (a, b),
             (Ipv4Addr::new(10, 1, 0, 2), Ipv4Addr::new(10, 1, 0, 3))
@@ -387,20 +506,20 @@ mod tests {
         assert_eq!(p.release("a", "eth0").expect("release"), vec![a]);
         assert!(!dir.path().join("10.1.0.2").exists());
         assert_eq!(
-            p.allocate("c", "eth0").expect("c"),
+            p.allocate("c", "eth0", None).expect("c"),
             Ipv4Addr::new(10, 1, 0, 4)
         );
         assert_eq!(
-            p.allocate("d", "eth0").expect("d"),
+            p.allocate("d", "eth0", None).expect("d"),
             Ipv4Addr::new(10, 1, 0, 5)
         );
         assert_eq!(
-            p.allocate("e", "eth0").expect("e"),
+            p.allocate("e", "eth0", None).expect("e"),
             Ipv4Addr::new(10, 1, 0, 6)
         );
         // Wraps around past the broadcast and skips the gateway: .2 is free again.
         assert_eq!(
-            p.allocate("f", "eth0").expect("f"),
+            p.allocate("f", "eth0", None).expect("f"),
             Ipv4Addr::new(10, 1, 0, 2)
         );
     }
@@ -409,11 +528,11 @@ mod tests {
     fn allocation_continues_from_last_reserved_across_pool_values() {
         let dir = tempfile::tempdir().expect("tempdir");
         pool(dir.path(), "10.1.0.0/24")
-            .allocate("a", "eth0")
+            .allocate("a", "eth0", None)
             .expect("a");
         let fresh = pool(dir.path(), "10.1.0.0/24");
         assert_eq!(
-            fresh.allocate("b", "eth0").expect("b"),
+            fresh.allocate("b", "eth0", None).expect("b"),
             Ipv4Addr::new(10, 1, 0, 3)
         );
     }
@@ -422,10 +541,10 @@ mod tests {
     fn allocate_is_idempotent_per_container_and_ifname() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = pool(dir.path(), "10.1.0.0/24");
-        let first = p.allocate("a", "eth0").expect("first");
-        assert_eq!(p.allocate("a", "eth0").expect("again"), first);
+        let first = p.allocate("a", "eth0", None).expect("first");
+        assert_eq!(p.allocate("a", "eth0", None).expect("again"), first);
         assert_eq!(p.lookup("a", "eth0").expect("lookup"), Some(first));
-        let other_if = p.allocate("a", "net1").expect("other ifname");
+        let other_if = p.allocate("a", "net1", None).expect("other ifname");
         assert_ne!(other_if, first);
         assert_eq!(p.allocations().expect("list").len(), 2);
     }
@@ -445,8 +564,10 @@ mod tests {
     fn exhausted_pool_names_the_cidr() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = pool(dir.path(), "10.9.0.0/30");
-        p.allocate("a", "eth0").expect("the only address");
-        let err = p.allocate("b", "eth0").expect_err("pool of one is full");
+        p.allocate("a", "eth0", None).expect("the only address");
+        let err = p
+            .allocate("b", "eth0", None)
+            .expect_err("pool of one is full");
         assert!(
             matches!(err, IpamError::Exhausted { size: 1, .. }),
             "{err:?}"
@@ -454,7 +575,7 @@ mod tests {
         assert!(err.to_string().contains("10.9.0.0/30"), "{err}");
         // The holder still gets its address back.
         assert_eq!(
-            p.allocate("a", "eth0").expect("idempotent"),
+            p.allocate("a", "eth0", None).expect("idempotent"),
             Ipv4Addr::new(10, 9, 0, 2)
         );
     }
@@ -472,10 +593,137 @@ mod tests {
         fs::write(dir.path().join("10.7.0.9"), "a\neth0").expect("stale file");
         let p = pool(dir.path(), "10.1.0.0/24");
         assert_eq!(
-            p.allocate("a", "eth0").expect("allocate"),
+            p.allocate("a", "eth0", None).expect("allocate"),
             Ipv4Addr::new(10, 1, 0, 2)
         );
         assert!(!dir.path().join("10.7.0.9").exists());
+    }
+
+    #[test]
+    fn a_requested_free_address_is_reserved_and_becomes_last_reserved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pool(dir.path(), "10.244.1.0/24");
+        let want = Ipv4Addr::new(10, 244, 1, 10);
+        assert_eq!(p.allocate("a", "eth0", Some(want)).expect("free"), want);
+        assert_eq!(
+            fs::read_to_string(dir.path().join("10.244.1.10")).expect("file"),
+            "a\neth0"
+        );
+        // As host-local: the request moves the round-robin cursor.
+        assert_eq!(
+            fs::read_to_string(dir.path().join(LAST_RESERVED_FILE)).expect("last"),
+            "10.244.1.10"
+        );
+        assert_eq!(
+            p.allocate("b", "eth0", None).expect("next"),
+            Ipv4Addr::new(10, 244, 1, 11)
+        );
+        assert_eq!(p.lookup("a", "eth0").expect("lookup"), Some(want));
+    }
+
+    #[test]
+    fn a_requested_address_already_held_by_the_same_container_is_returned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pool(dir.path(), "10.244.1.0/24");
+        let want = Ipv4Addr::new(10, 244, 1, 10);
+        p.allocate("a", "eth0", Some(want)).expect("first ADD");
+        assert_eq!(p.allocate("a", "eth0", Some(want)).expect("again"), want);
+        assert_eq!(p.allocations().expect("list").len(), 1);
+        // Same container, other ifname: that is another holder.
+        let err = p
+            .allocate("a", "net1", Some(want))
+            .expect_err("held by a/eth0");
+        assert!(
+            matches!(err, IpamError::RequestedTaken { ref holder_ifname, .. } if holder_ifname == "eth0"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn a_requested_address_held_by_another_container_is_refused_naming_the_holder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pool(dir.path(), "10.244.1.0/24");
+        let want = Ipv4Addr::new(10, 244, 1, 2);
+        assert_eq!(
+            p.allocate("first", "eth0", None).expect("round robin"),
+            want
+        );
+        let err = p.allocate("second", "eth0", Some(want)).expect_err("taken");
+        match &err {
+            IpamError::RequestedTaken {
+                ip, holder, path, ..
+            } => {
+                assert_eq!(*ip, want);
+                assert_eq!(holder, "first");
+                assert_eq!(path, &dir.path().join("10.244.1.2"));
+            }
+            other => panic!("wrong error {other:?}"),
+        }
+        let text = err.to_string();
+        assert!(
+            text.starts_with(
+                "requested IP address 10.244.1.2 is not available in range set 10.244.1.1-10.244.1.254"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("\"first\""), "{text}");
+        // Nothing was written for the refused container, and the holder keeps its address.
+        assert_eq!(p.lookup("second", "eth0").expect("lookup"), None);
+        assert_eq!(p.lookup("first", "eth0").expect("lookup"), Some(want));
+        assert_eq!(p.allocations().expect("list").len(), 1);
+    }
+
+    #[test]
+    fn a_request_from_a_container_holding_another_address_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pool(dir.path(), "10.244.1.0/24");
+        let held = p.allocate("a", "eth0", None).expect("round robin");
+        let want = Ipv4Addr::new(10, 244, 1, 10);
+        let err = p.allocate("a", "eth0", Some(want)).expect_err("holds .2");
+        assert!(
+            matches!(err, IpamError::RequestedButHoldsAnother { requested, held: h, .. } if requested == want && h == held),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("10.244.1.10"), "{err}");
+        assert!(!dir.path().join("10.244.1.10").exists());
+        assert_eq!(p.lookup("a", "eth0").expect("lookup"), Some(held));
+    }
+
+    #[test]
+    fn requests_outside_the_range_or_for_the_gateway_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = pool(dir.path(), "10.244.1.0/24");
+        for outside in [
+            Ipv4Addr::new(10, 244, 2, 10),  // another node's CIDR
+            Ipv4Addr::new(10, 244, 1, 0),   // network address
+            Ipv4Addr::new(10, 244, 1, 255), // broadcast
+        ] {
+            let err = p
+                .allocate("a", "eth0", Some(outside))
+                .expect_err("outside the range");
+            assert!(
+                matches!(err, IpamError::RequestedOutsideRange { ip, .. } if ip == outside),
+                "{outside}: {err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!("failed to allocate all requested IPs: {outside}")),
+                "{text}"
+            );
+            assert!(text.contains("10.244.1.1-10.244.1.254"), "{text}");
+            assert!(text.contains("10.244.1.0/24"), "{text}");
+        }
+        let gateway = Ipv4Addr::new(10, 244, 1, 1);
+        let err = p.allocate("a", "eth0", Some(gateway)).expect_err("gateway");
+        assert!(matches!(err, IpamError::RequestedGateway { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with("requested ip 10.244.1.1 is subnet's gateway"),
+            "{err}"
+        );
+        // Refused requests leave no state behind.
+        assert!(p.allocations().expect("list").is_empty());
+        assert!(!dir.path().join(LAST_RESERVED_FILE).exists());
     }
 
     #[test]
@@ -490,7 +738,10 @@ mod tests {
                     // A Pool per thread: separate lock file descriptions, as separate processes.
                     let p = pool(dir.path(), "10.1.0.0/24");
                     (0..PER_THREAD)
-                        .map(|i| p.allocate(&format!("c-{t}-{i}"), "eth0").expect("allocate"))
+                        .map(|i| {
+                            p.allocate(&format!("c-{t}-{i}"), "eth0", None)
+                                .expect("allocate")
+                        })
                         .collect::<Vec<_>>()
                 })
             })

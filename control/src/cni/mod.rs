@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  runtime --(env CNI_*, config JSON on stdin)--> sluice-cni
-//!     ADD:   ipam::Pool::allocate -> veth lxcXXXXXXXXXXXX <-> CNI_IFNAME in CNI_NETNS
+//!     ADD:   ipam::Pool::allocate (CNI_ARGS IP= picks the address) -> veth lxcXXXXXXXXXXXX <-> CNI_IFNAME in CNI_NETNS
 //!            -> IP/32, lo up, on-link route to gateway, default via gateway
 //!            -> agent EndpointAdd (api socket) -> result JSON on stdout
 //!     DEL:   agent EndpointDel (best effort) -> delete host veth -> ipam release
@@ -71,6 +71,9 @@ pub mod code {
     pub const INTERFACE_SETUP: u32 = 101;
     /// CHECK found the pod's networking not as ADD left it.
     pub const CHECK_FAILED: u32 = 102;
+    /// The address requested with `CNI_ARGS` `IP=` is held by another container, or the
+    /// container already holds a different one.
+    pub const ADDRESS_UNAVAILABLE: u32 = 103;
 }
 
 /// A CNI error as the spec prints it: `{"cniVersion","code","msg","details"}`.
@@ -116,6 +119,13 @@ impl From<IpamError> for CniError {
         let code = match e {
             IpamError::Exhausted { .. } => code::POOL_EXHAUSTED,
             IpamError::GatewayOutsideCidr { .. } => code::INVALID_CONFIG,
+            // The request does not fit this network: the variable is wrong, as for code 4.
+            IpamError::RequestedOutsideRange { .. } | IpamError::RequestedGateway { .. } => {
+                code::INVALID_ENV
+            }
+            IpamError::RequestedTaken { .. } | IpamError::RequestedButHoldsAnother { .. } => {
+                code::ADDRESS_UNAVAILABLE
+            }
             IpamError::Io { .. } => code::IO_FAILURE,
         };
         CniError::new(code, e.to_string(), "")
@@ -166,6 +176,9 @@ pub struct Env {
     pub pod_namespace: String,
     /// `K8S_POD_NAME` from CNI_ARGS, empty when not given.
     pub pod_name: String,
+    /// `IP` from CNI_ARGS (host-local's key): the address ADD must give the pod, `None` when not
+    /// given or empty (as upstream, `IP=` requests nothing).
+    pub requested_ip: Option<Ipv4Addr>,
 }
 
 impl Env {
@@ -190,6 +203,7 @@ impl Env {
             ifname: String::new(),
             pod_namespace: String::new(),
             pod_name: String::new(),
+            requested_ip: None,
         };
         if command == Command::Version {
             return Ok(env);
@@ -217,6 +231,7 @@ impl Env {
                 match key {
                     "K8S_POD_NAMESPACE" => env.pod_namespace = value.to_string(),
                     "K8S_POD_NAME" => env.pod_name = value.to_string(),
+                    "IP" => env.requested_ip = parse_requested_ip(value, env.requested_ip, &args)?,
                     _ => {} // K8S_POD_UID, K8S_POD_INFRA_CONTAINER_ID, IgnoreUnknown, ...
                 }
             }
@@ -229,6 +244,39 @@ impl Env {
         self.netns
             .as_deref()
             .ok_or_else(|| CniError::new(code::INVALID_ENV, "CNI_NETNS is not set", ""))
+    }
+}
+
+/// Parses the value of `IP=` in CNI_ARGS (`earlier`: the value of an earlier `IP=`, if any).
+/// Empty means no request, as in host-local (Go's `net.IP` reads empty text as nil). Only
+/// IPv4: sluice pods have one IPv4 address.
+fn parse_requested_ip(
+    value: &str,
+    earlier: Option<Ipv4Addr>,
+    args: &str,
+) -> Result<Option<Ipv4Addr>, CniError> {
+    if value.is_empty() {
+        return Ok(earlier);
+    }
+    let ip: Ipv4Addr = value.parse().map_err(|_| {
+        let why = if value.parse::<std::net::Ipv6Addr>().is_ok() {
+            "is IPv6; sluice gives pods one IPv4 address"
+        } else {
+            "is not an IPv4 address"
+        };
+        CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_ARGS IP={value:?} {why}"),
+            format!("CNI_ARGS={args}"),
+        )
+    })?;
+    match earlier {
+        Some(other) if other != ip => Err(CniError::new(
+            code::INVALID_ENV,
+            format!("CNI_ARGS requests two addresses, IP={other} and IP={ip}"),
+            format!("CNI_ARGS={args}; a pod gets one address"),
+        )),
+        _ => Ok(Some(ip)),
     }
 }
 
@@ -422,7 +470,7 @@ fn existing_netns(env: &Env, code: u32) -> Result<&Path, CniError> {
 fn add(env: &Env, conf: &NetConf, net: &dyn NetOps) -> Result<Value, CniError> {
     let netns = existing_netns(env, code::UNKNOWN_CONTAINER)?;
     let pool = conf.pool()?;
-    let ip = pool.allocate(&env.container_id, &env.ifname)?;
+    let ip = pool.allocate(&env.container_id, &env.ifname, env.requested_ip)?;
     let host_ifname = names::host_ifname(&env.container_id);
     let result = add_interfaces(env, conf, net, netns, ip, &host_ifname);
     if result.is_err() {
@@ -628,6 +676,13 @@ fn check(env: &Env, conf: &NetConf, net: &dyn NetOps) -> Result<(), CniError> {
                 c.data_dir.display()
             ))
         })?;
+    if let Some(requested) = env.requested_ip.filter(|r| *r != ip) {
+        return Err(failed(format!(
+            "CNI_ARGS requests IP={requested} but {} holds {ip} in {}",
+            env.ifname,
+            c.data_dir.display()
+        )));
+    }
     if let Some(prev) = &conf.prev_result {
         let want = format!("{ip}/32");
         let listed = prev

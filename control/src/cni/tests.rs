@@ -214,6 +214,7 @@ impl Fixture {
             ifname: "eth0".into(),
             pod_namespace: "default".into(),
             pod_name: "web-0".into(),
+            requested_ip: None,
         }
     }
     fn pool(&self) -> Pool {
@@ -294,6 +295,126 @@ fn env_del_accepts_missing_or_empty_netns_and_parses_cni_args() {
     assert_eq!(
         Env::from_lookup(lookup(&bad)).expect_err("bad args").code,
         code::INVALID_ENV
+    );
+}
+
+#[test]
+fn env_reads_the_requested_ip_from_cni_args() {
+    let with_args = |args: &'static str| {
+        let vars = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_IFNAME", "eth0"),
+            ("CNI_NETNS", "/run/netns/x"),
+            ("CNI_ARGS", args),
+        ];
+        Env::from_lookup(lookup(&vars))
+    };
+    let env = with_args("IgnoreUnknown=1;K8S_POD_NAME=web-0;IP=10.244.1.10").expect("env");
+    assert_eq!(env.requested_ip, Some(Ipv4Addr::new(10, 244, 1, 10)));
+    assert_eq!(env.pod_name, "web-0");
+    // As host-local: an empty value requests nothing; no IP key requests nothing.
+    assert_eq!(with_args("IP=").expect("empty").requested_ip, None);
+    assert_eq!(
+        with_args("K8S_POD_NAME=a").expect("none").requested_ip,
+        None
+    );
+    // The same address twice is one request.
+    assert_eq!(
+        with_args("IP=10.244.1.10;IP=10.244.1.10")
+            .expect("same twice")
+            .requested_ip,
+        Some(Ipv4Addr::new(10, 244, 1, 10))
+    );
+    for (args, named) in [
+        ("IP=10.244.1.300", "\"10.244.1.300\""),
+        ("IP=web-0", "\"web-0\""),
+        ("IP=10.244.1.10/24", "\"10.244.1.10/24\""),
+        ("IP=fd00::10", "IPv6"),
+        ("IP=10.244.1.10;IP=10.244.1.11", "10.244.1.11"),
+    ] {
+        let err = with_args(args).expect_err(args);
+        assert_eq!(err.code, code::INVALID_ENV, "{args}: {err}");
+        assert!(err.msg.contains(named), "{args}: {err}");
+        assert!(err.msg.contains("CNI_ARGS"), "{args}: {err}");
+    }
+}
+
+#[test]
+fn add_gives_the_requested_address() {
+    let f = Fixture::new();
+    let agent = FakeAgent::start(&f.socket(), Response::ok());
+    let net = FakeNet::default();
+    let conf = f.conf("1.0.0", "10.244.1.0/24");
+    let mut env = f.env(Command::Add, "c1");
+    let want = Ipv4Addr::new(10, 244, 1, 10);
+    env.requested_ip = Some(want);
+    let result = run(&env, &conf, &net).expect("add").expect("result");
+    assert_eq!(result["ips"][0]["address"], "10.244.1.10/32");
+    assert_eq!(
+        *net.configured.borrow(),
+        Some((want, Ipv4Addr::new(10, 244, 1, 1)))
+    );
+    assert!(
+        matches!(&agent.requests()[..], [Request::EndpointAdd { endpoint }] if endpoint.ip == want),
+        "{:?}",
+        agent.requests()
+    );
+    // ADD again with the same request is idempotent; CHECK with it agrees.
+    let again = run(&env, &conf, &net).expect("add again").expect("result");
+    assert_eq!(again["ips"][0]["address"], "10.244.1.10/32");
+    let mut check = f.env(Command::Check, "c1");
+    check.requested_ip = Some(want);
+    run(&check, &conf, &net).expect("check");
+    check.requested_ip = Some(Ipv4Addr::new(10, 244, 1, 11));
+    let err = run(&check, &conf, &net).expect_err("check with another IP=");
+    assert_eq!(err.code, code::CHECK_FAILED);
+    assert!(
+        err.msg.contains("10.244.1.11") && err.msg.contains("10.244.1.10"),
+        "{err}"
+    );
+    // Another pod without a request gets the next address after the requested one.
+    let other = run(&f.env(Command::Add, "c2"), &conf, &net)
+        .expect("add c2")
+        .expect("result");
+    assert_eq!(other["ips"][0]["address"], "10.244.1.11/32");
+}
+
+#[test]
+fn add_of_an_unusable_requested_address_fails_and_leaves_nothing() {
+    let f = Fixture::new();
+    let _agent = FakeAgent::start(&f.socket(), Response::ok());
+    let conf = f.conf("1.0.0", "10.244.1.0/24");
+    let net = FakeNet::default();
+    run(&f.env(Command::Add, "holder"), &conf, &net).expect("holder gets .2");
+    for (ip, code, words) in [
+        ([10, 244, 1, 2], code::ADDRESS_UNAVAILABLE, "\"holder\""),
+        (
+            [10, 244, 2, 10],
+            code::INVALID_ENV,
+            "10.244.1.1-10.244.1.254",
+        ),
+        (
+            [10, 244, 1, 255],
+            code::INVALID_ENV,
+            "failed to allocate all requested IPs",
+        ),
+        ([10, 244, 1, 1], code::INVALID_ENV, "gateway"),
+    ] {
+        let ip = Ipv4Addr::from(ip);
+        let mut env = f.env(Command::Add, "c1");
+        env.requested_ip = Some(ip);
+        let err = run(&env, &conf, &net).expect_err("unusable");
+        assert_eq!(err.code, code, "{ip}: {err}");
+        assert!(err.msg.contains(&ip.to_string()), "{ip}: {err}");
+        assert!(err.msg.contains(words), "{ip}: {err}");
+        // No veth for c1, no address for c1; the holder keeps .2.
+        assert!(!net.has(None, &names::host_ifname("c1")), "{ip}");
+        assert_eq!(f.pool().lookup("c1", "eth0").expect("lookup"), None, "{ip}");
+    }
+    assert_eq!(
+        f.pool().lookup("holder", "eth0").expect("lookup"),
+        Some(Ipv4Addr::new(10, 244, 1, 2))
     );
 }
 
