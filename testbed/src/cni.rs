@@ -59,11 +59,27 @@ pub struct Invocation<'a> {
     pub pod_netns: &'a str,
     pub pod_namespace: &'a str,
     pub pod_name: &'a str,
+    /// The address the pod must get (`IP=` in `CNI_ARGS`, host-local's key); `None`: the
+    /// plugin's IPAM picks.
+    pub requested_ip: Option<Ipv4Addr>,
 }
 
 impl Invocation<'_> {
     fn pod(&self) -> String {
         format!("{}/{}", self.pod_namespace, self.pod_name)
+    }
+
+    /// `CNI_ARGS` as a runtime sets it for a Kubernetes pod, plus `IP=` when an address is
+    /// requested.
+    fn cni_args(&self) -> String {
+        let mut args = format!(
+            "K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
+            self.pod_namespace, self.pod_name
+        );
+        if let Some(ip) = self.requested_ip {
+            args.push_str(&format!(";IP={ip}"));
+        }
+        args
     }
 
     fn command(&self, verb: &str) -> Command {
@@ -79,13 +95,7 @@ impl Invocation<'_> {
             .env("CNI_CONTAINERID", self.container_id)
             .env("CNI_NETNS", cmd::netns_path(self.pod_netns))
             .env("CNI_IFNAME", POD_IFNAME)
-            .env(
-                "CNI_ARGS",
-                format!(
-                    "K8S_POD_NAMESPACE={};K8S_POD_NAME={}",
-                    self.pod_namespace, self.pod_name
-                ),
-            )
+            .env("CNI_ARGS", self.cni_args())
             .env("CNI_PATH", plugin_dir);
         if let Some(log) = std::env::var_os("RUST_LOG") {
             cmd.env("RUST_LOG", log);
@@ -126,15 +136,24 @@ pub struct Added {
     pub host_ifname: String,
 }
 
-/// `CNI_COMMAND=ADD`.
+/// `CNI_COMMAND=ADD`. With [`Invocation::requested_ip`], a result with another address is an
+/// error.
 pub fn add(inv: &Invocation<'_>) -> Result<Added, CniError> {
     let output = inv.call("ADD")?;
-    parse_add_result(&output.stdout).map_err(|problem| CniError::BadResult {
+    let bad = |problem: String| CniError::BadResult {
         plugin: inv.plugin.display().to_string(),
         pod: inv.pod(),
         problem,
         stdout: String::from_utf8_lossy(&output.stdout).trim().to_string(),
-    })
+    };
+    let added = parse_add_result(&output.stdout).map_err(bad)?;
+    match inv.requested_ip {
+        Some(want) if want != added.ip => Err(bad(format!(
+            "CNI_ARGS asked for IP={want}, the result gives {}",
+            added.ip
+        ))),
+        _ => Ok(added),
+    }
 }
 
 /// `CNI_COMMAND=DEL`.
@@ -235,6 +254,26 @@ mod tests {
         let added = parse_add_result(stdout).expect("valid result");
         assert_eq!(added.ip, Ipv4Addr::new(10, 244, 1, 5));
         assert_eq!(added.host_ifname, "lxc1a2b3c4d5e6f");
+    }
+
+    #[test]
+    fn cni_args_carry_the_requested_address_only_when_there_is_one() {
+        let mut inv = Invocation {
+            plugin: Path::new("/opt/cni/bin/sluice-cni"),
+            node_netns: "n",
+            conf: b"{}",
+            container_id: "c",
+            pod_netns: "p",
+            pod_namespace: "shop",
+            pod_name: "web-0",
+            requested_ip: None,
+        };
+        assert_eq!(inv.cni_args(), "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0");
+        inv.requested_ip = Some(Ipv4Addr::new(10, 244, 1, 10));
+        assert_eq!(
+            inv.cni_args(),
+            "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-0;IP=10.244.1.10"
+        );
     }
 
     #[test]

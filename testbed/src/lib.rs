@@ -777,10 +777,17 @@ impl Testbed {
             self.start_agent(&node)?;
         }
 
-        for pod in &plan.pods {
+        // Pods with an address from the file first: a pod the IPAM picks for (round-robin from
+        // .2, or after the last request) must not take an address a later pod asks for.
+        let (requesting, picked): (Vec<&PlanPod>, Vec<&PlanPod>) =
+            plan.pods.iter().partition(|p| p.requested_ip.is_some());
+        for pod in requesting.into_iter().chain(picked) {
             self.add_pod(pod)?;
         }
-        Ok(())
+        // Listed (state, `status`) in the file's order, as before.
+        let order = |key: &str| plan.pods.iter().position(|p| p.key() == key);
+        self.state.pods.sort_by_key(|p| order(&p.key));
+        self.save()
     }
 
     /// A veth from the fabric bridge to `eth0` in `netns`, with `ip/24` on it and `queues` rx
@@ -869,7 +876,10 @@ impl Testbed {
             path: conf_path,
             source,
         })?;
-        let added = cni::add(&self.invocation(&node, &attachment, &conf))?;
+        let added = cni::add(&cni::Invocation {
+            requested_ip: pod.requested_ip,
+            ..self.invocation(&node, &attachment, &conf)
+        })?;
         self.state.pods.push(PodHandle {
             key: attachment.key,
             node: node.name,
@@ -895,6 +905,7 @@ impl Testbed {
             pod_netns: &attachment.netns,
             pod_namespace: &attachment.pod_namespace,
             pod_name: &attachment.pod_name,
+            requested_ip: None,
         }
     }
 

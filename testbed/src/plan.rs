@@ -6,6 +6,12 @@
 //!   that /24 is free for the external client;
 //! - every pod with `spec.nodeName` names a node of the file. Pods without a node (unscheduled)
 //!   and `hostNetwork` pods get no namespace of their own.
+//! - a pod whose file gives it an IPv4 address (`status.podIP`, else the first IPv4 of
+//!   `status.podIPs`: what the agent derives EndpointSlices from) inside its node's podCIDR
+//!   gets exactly that address (the CNI's `IP=`, [`PlanPod::requested_ip`]); that address must
+//!   not be the node's gateway, the CIDR's network or broadcast address, nor another pod's.
+//!   Pods without an address, or with one outside their node's CIDR, get the IPAM's next free
+//!   address, as a cluster's CNI would give them.
 use std::{net::Ipv4Addr, path::Path};
 
 use control::cluster::{self, ClusterError, ClusterState};
@@ -23,6 +29,25 @@ pub const DATAPLANE_ANNOTATION: &str = "sluice.io/testbed-dataplane";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
+    #[error(
+        "cluster file {path}: pod {pod} has podIP {ip}, the {what} of node {node}'s podCIDR \
+         {cidr}; the CNI cannot give it to a pod: pick another address or leave podIP out"
+    )]
+    UnusablePodIp {
+        path: String,
+        pod: String,
+        ip: Ipv4Addr,
+        what: &'static str,
+        node: String,
+        cidr: Ipv4Net,
+    },
+    #[error("cluster file {path}: pods {a} and {b} both have podIP {ip}; give each pod its own")]
+    DuplicatePodIp {
+        path: String,
+        a: String,
+        b: String,
+        ip: Ipv4Addr,
+    },
     #[error("reading cluster file {path}: {source}")]
     Cluster {
         path: String,
@@ -100,6 +125,9 @@ pub struct PlanPod {
     pub namespace: String,
     pub name: String,
     pub node: String,
+    /// The address the file gives the pod, when it is inside its node's podCIDR: passed to the
+    /// CNI plugin as `CNI_ARGS` `IP=`. `None`: the IPAM picks (creation order).
+    pub requested_ip: Option<Ipv4Addr>,
 }
 
 impl PlanPod {
@@ -176,6 +204,17 @@ fn from_state(path: &str, state: &ClusterState) -> Result<Plan, PlanError> {
         if spec.and_then(|s| s.host_network).unwrap_or(false) {
             continue;
         }
+        let node_cidr = nodes.iter().find(|n| n.name == node).map(|n| n.pod_cidr);
+        // The address as the agent reads it (`control::cluster`'s EndpointSlice derivation):
+        // `status.podIP`, else the first IPv4 address in `status.podIPs`.
+        let file_ip = pod.status.as_ref().and_then(|status| {
+            status
+                .pod_ip
+                .iter()
+                .chain(status.pod_ips.iter().flatten().map(|p| &p.ip))
+                .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
+        });
+        let requested_ip = file_ip.filter(|ip| node_cidr.is_some_and(|c| c.contains(ip)));
         pods.push(PlanPod {
             namespace: pod
                 .metadata
@@ -184,6 +223,7 @@ fn from_state(path: &str, state: &ClusterState) -> Result<Plan, PlanError> {
                 .unwrap_or_else(|| "default".into()),
             name: pod.metadata.name.clone().unwrap_or_default(),
             node,
+            requested_ip,
         });
     }
     build(path, nodes, pods)
@@ -238,6 +278,39 @@ pub fn build(path: &str, nodes: Vec<PlanNode>, pods: Vec<PlanPod>) -> Result<Pla
                 pod: pod.key(),
             });
         }
+        let Some(ip) = pod.requested_ip else {
+            continue;
+        };
+        if let Some(node) = nodes.iter().find(|n| n.name == pod.node) {
+            let cidr = node.pod_cidr.trunc();
+            let what = if ip == node.gateway {
+                Some("gateway")
+            } else if ip == cidr.network() {
+                Some("network address")
+            } else if ip == cidr.broadcast() {
+                Some("broadcast address")
+            } else {
+                None
+            };
+            if let Some(what) = what {
+                return Err(PlanError::UnusablePodIp {
+                    path: path.into(),
+                    pod: pod.key(),
+                    ip,
+                    what,
+                    node: node.name.clone(),
+                    cidr,
+                });
+            }
+        }
+        if let Some(other) = pods[..index].iter().find(|p| p.requested_ip == Some(ip)) {
+            return Err(PlanError::DuplicatePodIp {
+                path: path.into(),
+                a: other.key(),
+                b: pod.key(),
+                ip,
+            });
+        }
     }
     Ok(Plan {
         nodes,
@@ -267,6 +340,14 @@ mod tests {
             namespace: "default".into(),
             name: name.into(),
             node: node.into(),
+            requested_ip: None,
+        }
+    }
+
+    fn pod_at(name: &str, node: &str, ip: [u8; 4]) -> PlanPod {
+        PlanPod {
+            requested_ip: Some(Ipv4Addr::from(ip)),
+            ..pod(name, node)
         }
     }
 
@@ -364,6 +445,95 @@ status: {addresses: [{type: InternalIP, address: 172.18.0.12}]}
             matches!(err, PlanError::BadDataplane { ref node, ref value, .. } if node == "n2" && value == "cilium"),
             "{err}"
         );
+    }
+
+    const PODS: &str = "
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: at-10, namespace: default}
+spec: {nodeName: n1, containers: [{name: c, image: i}]}
+status: {podIP: 10.244.1.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: v6-first, namespace: default}
+spec: {nodeName: n2, containers: [{name: c, image: i}]}
+status: {podIPs: [{ip: \"fd00::5\"}, {ip: 10.244.2.7}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other-cidr, namespace: default}
+spec: {nodeName: n1, containers: [{name: c, image: i}]}
+status: {podIP: 10.244.2.9}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: no-ip, namespace: default}
+spec: {nodeName: n2, containers: [{name: c, image: i}]}
+";
+
+    #[test]
+    fn pods_request_the_file_address_only_inside_their_node_cidr() {
+        let text = format!("{ANNOTATED}{PODS}");
+        let state = cluster::parse_str(&text, "t.yaml").expect("parses");
+        let plan = from_state("t.yaml", &state).expect("valid plan");
+        let requested: Vec<(String, Option<Ipv4Addr>)> = plan
+            .pods
+            .iter()
+            .map(|p| (p.name.clone(), p.requested_ip))
+            .collect();
+        assert_eq!(
+            requested,
+            [
+                // (The cluster reader lists pods by namespace/name.)
+                ("at-10".to_string(), Some(Ipv4Addr::new(10, 244, 1, 10))),
+                ("no-ip".to_string(), None),
+                // 10.244.2.9 is node n2's range, not n1's: the IPAM picks.
+                ("other-cidr".to_string(), None),
+                ("v6-first".to_string(), Some(Ipv4Addr::new(10, 244, 2, 7))),
+            ]
+        );
+    }
+
+    #[test]
+    fn pod_addresses_the_cni_cannot_give_are_refused() {
+        let nodes = vec![node("n1", [10, 0, 0, 1], 1)];
+        for (ip, what) in [
+            ([10, 244, 1, 1], "gateway"),
+            ([10, 244, 1, 0], "network address"),
+            ([10, 244, 1, 255], "broadcast address"),
+        ] {
+            let err = build("f", nodes.clone(), vec![pod_at("a", "n1", ip)]).expect_err(what);
+            assert!(
+                matches!(err, PlanError::UnusablePodIp { what: w, .. } if w == what),
+                "{err}"
+            );
+            assert!(err.to_string().contains("default/a"), "{err}");
+        }
+        let err = build(
+            "f",
+            nodes.clone(),
+            vec![
+                pod_at("a", "n1", [10, 244, 1, 9]),
+                pod_at("b", "n1", [10, 244, 1, 9]),
+            ],
+        )
+        .expect_err("same address twice");
+        assert!(
+            matches!(err, PlanError::DuplicatePodIp { ref a, ref b, .. } if a == "default/a" && b == "default/b"),
+            "{err}"
+        );
+        build(
+            "f",
+            nodes,
+            vec![
+                pod_at("a", "n1", [10, 244, 1, 9]),
+                pod("b", "n1"),
+                pod("c", "n1"),
+            ],
+        )
+        .expect("one request and two IPAM picks");
     }
 
     #[test]

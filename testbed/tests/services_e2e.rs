@@ -497,7 +497,7 @@ fn prepare(tb: &Testbed) -> Vec<Server> {
         assert_eq!(
             pod_ip(tb, pod),
             ip,
-            "{pod}: services.yaml's addresses are the ones the IPAM hands out"
+            "{pod}: the pod has services.yaml's podIP (the testbed passes it as CNI_ARGS IP=)"
         );
     }
     for s in [NODE1, NODE2] {

@@ -52,6 +52,11 @@ spec:
     )
 }
 
+/// A Pod document like [`pod_doc`] whose file gives it `status.podIP: ip`.
+fn pod_doc_at(namespace: &str, name: &str, node: &str, ip: &str) -> String {
+    format!("{}status:\n  podIP: {ip}\n", pod_doc(namespace, name, node))
+}
+
 /// node1 (172.31.9.11) with default/pod-a and default/pod-b.
 fn one_node() -> String {
     [
@@ -178,6 +183,105 @@ fn kernel_mode_pods_ping_each_other_and_down_leaves_nothing() {
     assert!(root.join(&instance).join("state.json").is_file());
     testbed.down().expect("down");
     assert_nothing_left(&instance, &root);
+}
+
+#[test]
+fn pods_get_their_file_address_and_the_others_an_ipam_pick() {
+    require_root!();
+    // a-picked sorts first and has no podIP: were it created first, the IPAM's first pick (.2)
+    // would be the address b-at-2 asks for.
+    let yaml = [
+        node_doc("node1", "10.244.1.0/24", "172.31.9.11"),
+        pod_doc("default", "a-picked", "node1"),
+        pod_doc_at("default", "b-at-2", "node1", "10.244.1.2"),
+        pod_doc_at("default", "c-at-10", "node1", "10.244.1.10"),
+        // Outside node1's podCIDR: the IPAM picks, as a cluster's CNI would.
+        pod_doc_at("default", "d-elsewhere", "node1", "10.244.9.9"),
+    ]
+    .join("---");
+    let (env, instance) = kernel_case(&yaml);
+    let testbed = Testbed::up(env.kernel_options(&instance)).expect("up");
+    let listed: Vec<(&str, String)> = testbed
+        .pods()
+        .iter()
+        .map(|p| (p.key.as_str(), p.ip.to_string()))
+        .collect();
+    // In the file's order; requests as given; the picks continue after the last request
+    // (host-local's round-robin: a request moves last_reserved_ip).
+    assert_eq!(
+        listed,
+        [
+            ("default/a-picked", "10.244.1.11".to_string()),
+            ("default/b-at-2", "10.244.1.2".to_string()),
+            ("default/c-at-10", "10.244.1.10".to_string()),
+            ("default/d-elsewhere", "10.244.1.12".to_string()),
+        ]
+    );
+    // The addresses are real: on the pods' interfaces, and reachable.
+    let out = testbed
+        .exec_in_pod(
+            "default/c-at-10",
+            &["ip", "-4", "-o", "addr", "show", "eth0"],
+        )
+        .expect("ip addr runs");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("10.244.1.10/32"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = ping(
+        &testbed,
+        "default/b-at-2",
+        "10.244.1.10".parse().expect("ip"),
+    );
+    assert_succeeded(&out, "ping b-at-2 -> c-at-10");
+    let out = ping(
+        &testbed,
+        "default/a-picked",
+        "10.244.1.2".parse().expect("ip"),
+    );
+    assert_succeeded(&out, "ping a-picked -> b-at-2");
+    // The saved state (what `status` prints) has the same addresses.
+    let root = env.state_root();
+    let reopened = Testbed::open(&root, &instance).expect("open");
+    let saved: Vec<(String, String)> = reopened
+        .pods()
+        .iter()
+        .map(|p| (p.key.clone(), p.ip.to_string()))
+        .collect();
+    assert_eq!(
+        saved,
+        listed
+            .iter()
+            .map(|(k, ip)| (k.to_string(), ip.clone()))
+            .collect::<Vec<_>>()
+    );
+    drop(reopened); // an opened handle does not tear down
+    testbed.down().expect("down");
+    assert_nothing_left(&instance, &root);
+}
+
+#[test]
+fn a_file_address_the_cni_cannot_give_fails_before_anything_is_built() {
+    require_root!();
+    let yaml = [
+        node_doc("node1", "10.244.1.0/24", "172.31.9.11"),
+        pod_doc_at("default", "on-gateway", "node1", "10.244.1.1"),
+    ]
+    .join("---");
+    let (env, instance) = kernel_case(&yaml);
+    let Err(err) = Testbed::up(env.kernel_options(&instance)) else {
+        panic!("up accepted a pod whose podIP is the gateway");
+    };
+    assert!(matches!(err, TestbedError::Plan(_)), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.contains("default/on-gateway")
+            && text.contains("10.244.1.1")
+            && text.contains("gateway"),
+        "{text}"
+    );
+    assert_nothing_left(&instance, &env.state_root());
 }
 
 #[test]
