@@ -24,7 +24,7 @@ mod common;
 use common::{
     cluster, drops, hold, in_node, in_pod, ping, pod_ip, python, replace_file, require_root,
     settled_status, status, status_when, tcp_transfer, text, timed, try_ping_within, udp_datagrams,
-    unexpected_drops, Env, COUNTERS_SETTLE, MAX_PAYLOAD_PER_PACKET, STATUS_TIMEOUT,
+    unexpected_drops, Env, Proc, COUNTERS_SETTLE, MAX_PAYLOAD_PER_PACKET, STATUS_TIMEOUT,
 };
 
 /// Instance names here are `e{pid}n{counter}z`.
@@ -251,6 +251,65 @@ fn udp_between_pods() {
         "unexpected drops:\n{}",
         after.render()
     );
+}
+
+/// Prints "ready", accepts one connection on port argv[1], sends back "hello from <own
+/// address>" and the peer's address, closes.
+const HELLO_SERVER: &str = r#"
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.listen(1)
+s.settimeout(20)
+print("ready", flush=True)
+c, peer = s.accept()
+c.sendall(("hello from %s to %s" % (c.getsockname()[0], peer[0])).encode())
+c.close()
+"#;
+
+/// Connects to argv[1]:argv[2] and prints what the server says.
+const HELLO_CLIENT: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+print(c.recv(200).decode(), flush=True)
+"#;
+
+/// The demo's Service svc-b (10.96.0.20:80 -> pod-b's 8080) reaches pod-b: its EndpointSlice,
+/// derived by the agent from pod-b's `status.podIP` in demo.yaml, is the address pod-b really
+/// has, because the testbed passes that podIP to the CNI (`IP=`).
+#[test]
+fn demo_service_reaches_the_pod_at_its_file_address() {
+    require_root!();
+    let env = Env::new();
+    let tb = env.up(&cluster(DEMO), 1);
+    assert_eq!(
+        pod_ip(&tb, POD_A),
+        Ipv4Addr::new(10, 244, 1, 10),
+        "demo.yaml podIP"
+    );
+    assert_eq!(
+        pod_ip(&tb, POD_B),
+        Ipv4Addr::new(10, 244, 1, 11),
+        "demo.yaml podIP"
+    );
+    let (server, ready) =
+        Proc::start_in_pod(&tb, POD_B, "30", &[python(), "-c", HELLO_SERVER, "8080"]);
+    assert_eq!(ready, "ready", "server in {POD_B} did not start");
+    let out = in_pod(
+        &tb,
+        POD_A,
+        "15",
+        &[python(), "-c", HELLO_CLIENT, "10.96.0.20", "80"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello from 10.244.1.11 to 10.244.1.10",
+        "pod-a -> svc-b ClusterIP:\n{}",
+        text(&out)
+    );
+    let (_, err, status) = server.finish();
+    assert!(status.success(), "server: {status} {err}");
 }
 
 #[test]
