@@ -561,6 +561,13 @@ impl Conntrack {
     /// The live flow with `key` in either direction, and which direction `key` is.
     #[inline]
     pub fn lookup_dir(&mut self, key: &FlowKey, now_ns: u64) -> Option<(Direction, &mut Flow)> {
+        let (dir, idx) = self.live(key, now_ns)?;
+        Some((dir, &mut self.entries[idx].flow))
+    }
+
+    /// The entry of the live flow `key` belongs to and `key`'s direction; counts the hit or miss.
+    #[inline]
+    fn live(&mut self, key: &FlowKey, now_ns: u64) -> Option<(Direction, usize)> {
         let found = self
             .find(key)
             .map(|(_, _, r)| r)
@@ -575,7 +582,7 @@ impl Conntrack {
         } else {
             Direction::Reply
         };
-        Some((dir, &mut self.entries[(r >> 1) as usize].flow))
+        Some((dir, (r >> 1) as usize))
     }
 
     /// Looks `key` up and, when found, advances its state for this packet ([`Flow::observe`]).
@@ -603,22 +610,9 @@ impl Conntrack {
         observe: bool,
         now_ns: u64,
     ) -> Option<(Direction, FlowKey, Flow)> {
-        let found = self
-            .find(key)
-            .map(|(_, _, r)| r)
-            .filter(|r| self.entries[(r >> 1) as usize].flow.expires_ns > now_ns);
-        let Some(r) = found else {
-            self.stats.lookup_misses += 1;
-            return None;
-        };
-        self.stats.lookup_hits += 1;
-        let dir = if r & 1 == 0 {
-            Direction::Original
-        } else {
-            Direction::Reply
-        };
+        let (dir, idx) = self.live(key, now_ns)?;
         let timeouts = self.timeouts;
-        let e = &mut self.entries[(r >> 1) as usize];
+        let e = &mut self.entries[idx];
         if observe {
             e.flow.observe(dir, tcp_flags, now_ns, &timeouts);
         }
