@@ -8,9 +8,11 @@ log() { printf '[deps] %s\n' "$*"; }
 # --- Debian packages -------------------------------------------------------------------------
 # clang/libelf: eBPF tooling; llvm-22-dev (+ polly, zlib, zstd): bpf-linker links LLVM 22;
 # iproute2/ethtool/iputils-ping/iperf3/python3: testbed, CNI plugin and end-to-end tests;
-# nftables: the kernel kube-proxy (nftables mode) baseline for Services in kernel-mode testbeds.
+# nftables: the kernel kube-proxy (nftables mode) baseline for Services in kernel-mode testbeds;
+# wireguard-go/wireguard-tools: the independent WireGuard peer of the interop tests.
 APT_PACKAGES=(clang llvm-22-dev libpolly-22-dev libelf-dev zlib1g-dev libzstd-dev pkg-config
-              iproute2 ethtool iputils-ping iperf3 python3 util-linux procps curl tcpdump nftables)
+              iproute2 ethtool iputils-ping iperf3 python3 util-linux procps curl tcpdump nftables
+              wireguard-go wireguard-tools)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
