@@ -341,6 +341,15 @@ impl Attachment {
             .map_err(|e| self.map_err("CONFIG", e))
     }
 
+    /// Claims WireGuard transport messages (type 4) to UDP `port` for the dataplane and leaves
+    /// every other message to that port (handshakes, cookie replies) to the kernel; 0 turns it
+    /// off. Takes precedence over the port rules for that UDP port.
+    pub fn set_wireguard_port(&mut self, port: u16) -> Result<(), Error> {
+        self.config
+            .set(xdp_redirect_common::CONFIG_WG_PORT, u32::from(port), 0)
+            .map_err(|e| self.map_err("CONFIG", e))
+    }
+
     /// ARP senders the program has seen: (address, MAC, CLOCK_MONOTONIC ns when last seen).
     pub fn neighbors(&self) -> Vec<(std::net::Ipv4Addr, [u8; 6], u64)> {
         self.neigh

@@ -1347,3 +1347,54 @@ fn claimed_destination_addresses_take_every_packet() {
         .expect("empty the map");
     assert!(att.dst_addrs().is_empty());
 }
+
+/// A UDP datagram to `port` whose payload starts with WireGuard message type `kind`.
+fn wg_message(port: u16, kind: u8) -> Vec<u8> {
+    let mut l4 = udp_header(port).to_vec();
+    let mut body = vec![0u8; 32];
+    body[0] = kind;
+    l4[4..6].copy_from_slice(&(8 + body.len() as u16).to_be_bytes());
+    l4.extend_from_slice(&body);
+    ipv4(IPPROTO_UDP, &l4)
+}
+
+#[test]
+fn wireguard_transport_goes_to_the_dataplane_and_handshakes_to_the_kernel() {
+    require_root!();
+    let pair = Pair::new();
+    let mut att = uplink(&pair);
+    // Off: every message to the port is the kernel's (the uplink's default).
+    assert_claims(
+        &pair,
+        &att,
+        &[("transport, not claimed", wg_message(51871, 4), false)],
+        "WireGuard off",
+    );
+    att.set_wireguard_port(51871)
+        .expect("claim WireGuard transport");
+    // Even a Redirect claim on the port does not take the handshakes from the kernel.
+    att.set_port(PortProtocol::Udp, 51871, RuleAction::Redirect)
+        .expect("claim UDP 51871");
+    assert_claims(
+        &pair,
+        &att,
+        &[
+            ("transport data (type 4)", wg_message(51871, 4), true),
+            ("handshake initiation (type 1)", wg_message(51871, 1), false),
+            ("handshake response (type 2)", wg_message(51871, 2), false),
+            ("cookie reply (type 3)", wg_message(51871, 3), false),
+            ("empty datagram", udp_to(51871), false),
+            ("transport to another port", wg_message(51872, 4), false),
+        ],
+        "WireGuard on",
+    );
+    att.set_wireguard_port(0).expect("release");
+    att.remove_port(PortProtocol::Udp, 51871)
+        .expect("release UDP 51871");
+    assert_claims(
+        &pair,
+        &att,
+        &[("transport after release", wg_message(51871, 4), false)],
+        "WireGuard off again",
+    );
+}

@@ -83,12 +83,16 @@ pub const fn port_action(bits: u64) -> Option<RuleAction> {
 }
 
 /// Entries in `CONFIG`.
-pub const CONFIG_ENTRIES: u32 = 2;
+pub const CONFIG_ENTRIES: u32 = 3;
 /// `CONFIG[CONFIG_DEFAULT_ACTION]`: the [`RuleAction`] for traffic no rule matches.
 pub const CONFIG_DEFAULT_ACTION: u32 = 0;
 /// `CONFIG[CONFIG_SNOOP_ARP]` = 1: record the sender of every ARP packet in `NEIGH` (the
 /// uplink: the dataplane learns next-hop MACs while the kernel keeps answering ARP itself).
 pub const CONFIG_SNOOP_ARP: u32 = 1;
+/// `CONFIG[CONFIG_WG_PORT]` = a UDP port (0: off): WireGuard transport messages (type 4) to it
+/// go to the dataplane, every other message to it (handshake initiation and response, cookie
+/// reply) to the kernel, where the agent's handshake socket receives them.
+pub const CONFIG_WG_PORT: u32 = 2;
 /// Entries in the `NEIGH` LRU map.
 pub const MAX_NEIGHBORS: u32 = 1024;
 

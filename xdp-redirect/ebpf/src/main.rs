@@ -37,7 +37,7 @@ use aya_ebpf::{
 };
 use xdp_redirect_common::{
     port_action, port_slot, Action, NeighEntry, PassKey, RuleAction, CONFIG_DEFAULT_ACTION,
-    CONFIG_ENTRIES, CONFIG_SNOOP_ARP, MAX_DST_ADDRS, MAX_NEIGHBORS, MAX_QUEUES, MAX_RULES,
+    CONFIG_ENTRIES, CONFIG_SNOOP_ARP, CONFIG_WG_PORT, MAX_DST_ADDRS, MAX_NEIGHBORS, MAX_QUEUES, MAX_RULES,
     PORT_TABLE_ICMP_ID, PORT_TABLE_TCP, PORT_TABLE_UDP, PORT_WORDS,
 };
 
@@ -65,6 +65,8 @@ static ACTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Action::COUNT, 
 static NEIGH: LruHashMap<u32, NeighEntry> = LruHashMap::with_max_entries(MAX_NEIGHBORS, 0);
 
 const ETHERTYPE_ARP: u16 = 0x0806;
+/// WireGuard message type of transport data.
+const WG_TRANSPORT: u8 = 4;
 
 /// `CONFIG[i]`, 0 when absent. Read through a volatile load so the value, not the pointer,
 /// reaches later arithmetic (the verifier refuses bit operations on map pointers).
@@ -268,6 +270,12 @@ fn kernel_keeps(ctx: &XdpContext) -> Result<bool, ()> {
     let l4 = ETH_HDR_LEN + (ihl & 0x3c);
     if !fragment && (proto == IPPROTO_TCP || proto == IPPROTO_UDP) {
         let port = u16::from_be(load::<u16>(ctx, l4 + 2).ok_or(())?);
+        let wg_port = config(CONFIG_WG_PORT);
+        if proto == IPPROTO_UDP && wg_port != 0 && u32::from(port) == wg_port {
+            // The message type is the first byte after the UDP header: transport data (4) for
+            // the workers, handshakes and cookies (1, 2, 3) for the agent's socket.
+            return Ok(load::<u8>(ctx, l4 + 8) != Some(WG_TRANSPORT));
+        }
         if let Some(pass) = rule(&PassKey::ipv4(proto, port)) {
             return Ok(pass);
         }
