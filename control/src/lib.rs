@@ -13,3 +13,4 @@ pub mod metrics;
 pub mod overlay;
 pub mod services;
 pub mod status;
+pub mod wg;
