@@ -30,6 +30,7 @@ pub mod snapshot;
 pub mod stages;
 pub mod stats;
 pub mod wire;
+pub mod wireguard;
 pub mod worker;
 pub mod xsk;
 
