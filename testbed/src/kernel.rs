@@ -253,32 +253,43 @@ pub struct OverlayNode<'a> {
 
 /// Flannel-style vxlan routing (module doc) on every kernel node of `nodes`, towards all the
 /// others. Sluice nodes are only peers here: their agents do their side. Idempotent.
-pub fn link_nodes(nodes: &[OverlayNode<'_>], uplink: &str) -> Result<(), CmdError> {
-    for node in nodes.iter().filter(|n| n.kind == NodeKind::Kernel) {
+///
+/// On a [`NodeKind::KernelWireguard`] node the device is not bound to `uplink` (a bound
+/// device's outer route lookup skips the tunnel's routes, see [`crate::wireguard`]) and gets
+/// the MTU left inside the tunnel ([`crate::wireguard::pod_mtu`] of `uplink_mtu`).
+pub fn link_nodes(
+    nodes: &[OverlayNode<'_>],
+    uplink: &str,
+    uplink_mtu: u32,
+) -> Result<(), CmdError> {
+    for node in nodes.iter().filter(|n| n.kind.is_kernel()) {
         let ip = node.ip.to_string();
         let mac = node.vtep_mac;
         if cmd::ip_in(node.netns, &["link", "show", VXLAN_DEV]).is_err() {
-            cmd::ip_in(
-                node.netns,
-                &[
-                    "link",
-                    "add",
-                    VXLAN_DEV,
-                    "address",
-                    mac,
-                    "type",
-                    "vxlan",
-                    "id",
-                    VXLAN_VNI,
-                    "dstport",
-                    VXLAN_PORT,
-                    "local",
-                    &ip,
-                    "dev",
-                    uplink,
-                    "nolearning",
-                ],
-            )?;
+            let mut add = vec![
+                "link",
+                "add",
+                VXLAN_DEV,
+                "address",
+                mac,
+                "type",
+                "vxlan",
+                "id",
+                VXLAN_VNI,
+                "dstport",
+                VXLAN_PORT,
+                "local",
+                &ip,
+                "nolearning",
+            ];
+            if node.kind != NodeKind::KernelWireguard {
+                add.extend(["dev", uplink]);
+            }
+            cmd::ip_in(node.netns, &add)?;
+        }
+        if node.kind == NodeKind::KernelWireguard {
+            let mtu = crate::wireguard::pod_mtu(uplink_mtu).to_string();
+            cmd::ip_in(node.netns, &["link", "set", VXLAN_DEV, "mtu", &mtu])?;
         }
         cmd::ip_in(node.netns, &["link", "set", VXLAN_DEV, "up"])?;
         let vtep = format!("{}/32", node.pod_cidr.network());
@@ -381,11 +392,7 @@ pub fn install_services(testbed: &Testbed) -> Result<Vec<NodeServices>, KernelEr
         pod_cidrs: testbed.nodes().iter().map(|n| n.pod_cidr).collect(),
     };
     let mut loaded = Vec::new();
-    for node in testbed
-        .nodes()
-        .iter()
-        .filter(|n| n.kind == NodeKind::Kernel)
-    {
+    for node in testbed.nodes().iter().filter(|n| n.kind.is_kernel()) {
         let plan = control::services::translate(
             &cluster,
             &node.name,

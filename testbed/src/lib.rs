@@ -19,7 +19,13 @@
 //!   answers the plugin itself and lets the node's kernel route, with the kernel's vxlan device
 //!   between nodes (see [`kernel`]). In sluice mode, a Node annotated
 //!   `sluice.io/testbed-dataplane: kernel` is such a kernel node among sluice nodes
-//!   ([`NodeKind`]), for interop with the kernel's vxlan device (`clusters/mixed.yaml`).
+//!   ([`NodeKind`]), for interop with the kernel's vxlan device (`clusters/mixed.yaml`);
+//!   `kernel-wireguard` is such a node whose vxlan packets travel in a wireguard-go tunnel
+//!   ([`wireguard`], `clusters/wireguard-mixed.yaml`).
+//! - WireGuard ([`Encryption`]): a Node's testbed-only private key annotation is written to its
+//!   state directory as `wireguard.key` before anything runs on the node; with
+//!   [`Encryption::Wireguard`] sluice agents get `--encryption wireguard`, and in
+//!   [`Mode::Kernel`] every node becomes a kernel-wireguard node (the wireguard-go baseline).
 //!
 //! Invariants: every name carries the instance name ([`names`]); everything is recorded in
 //! `STATE_ROOT/INSTANCE/state.json` before it is created; a [`Testbed`] returned by
@@ -33,6 +39,7 @@ pub mod names;
 pub mod nft;
 pub mod plan;
 pub mod state;
+pub mod wireguard;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -47,7 +54,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::{
     agent::AgentError, cmd::CmdError, cni::CniError, kernel::KernelError, names::NameError,
-    plan::PlanError, state::StateError,
+    plan::PlanError, state::StateError, wireguard::WireguardError,
 };
 use crate::{
     names::Names,
@@ -106,6 +113,21 @@ pub enum TestbedError {
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
+    Wireguard(#[from] WireguardError),
+    #[error(
+        "cluster file {path}: node {node} runs WireGuard ({kind} node, encryption {encryption}) \
+         but has no annotation {annotation}: give it a key pair (`wg genkey | tee private | wg \
+         pubkey`) in {annotation} and {public}, or bring the testbed up without encryption",
+        annotation = plan::WG_PRIVATE_KEY_ANNOTATION,
+        public = control::wg::PUBLIC_KEY_ANNOTATION
+    )]
+    NoWgKey {
+        path: PathBuf,
+        node: String,
+        kind: &'static str,
+        encryption: &'static str,
+    },
+    #[error(transparent)]
     State(#[from] StateError),
     #[error("testbed instance {instance} has no pod {key} (pods: {known}); pods are named namespace/name")]
     UnknownPod {
@@ -126,10 +148,10 @@ pub enum TestbedError {
     #[error("testbed instance {instance} runs in kernel mode: it has no sluice agents")]
     NotSluiceMode { instance: String },
     #[error(
-        "node {node} is a kernel node (annotation {}: kernel): it has no sluice agent",
+        "node {node} is a {kind} node (annotation {}: {kind}): it has no sluice agent",
         plan::DATAPLANE_ANNOTATION
     )]
-    KernelNode { node: String },
+    KernelNode { node: String, kind: &'static str },
     #[error(
         "agent cluster file given for node {node}, which is not a sluice node of {path} \
          (sluice nodes: {known})"
@@ -171,6 +193,11 @@ pub enum NodeKind {
     /// No agent: kernel routing and the kernel's vxlan device ([`kernel`]). Every node in
     /// [`Mode::Kernel`]; in sluice mode, a node annotated [`plan::DATAPLANE_ANNOTATION`]`: kernel`.
     Kernel,
+    /// A kernel node whose vxlan packets to other nodes travel in a wireguard-go tunnel
+    /// ([`wireguard`]): annotated [`plan::DATAPLANE_ANNOTATION`]`: kernel-wireguard`, or every
+    /// node in [`Mode::Kernel`] with [`Encryption::Wireguard`].
+    #[serde(rename = "kernel-wireguard")]
+    KernelWireguard,
 }
 
 impl NodeKind {
@@ -178,6 +205,33 @@ impl NodeKind {
         match self {
             NodeKind::Sluice => "sluice",
             NodeKind::Kernel => "kernel",
+            NodeKind::KernelWireguard => "kernel-wireguard",
+        }
+    }
+
+    /// Whether the node's kernel routes its pods (no sluice agent).
+    pub fn is_kernel(self) -> bool {
+        matches!(self, NodeKind::Kernel | NodeKind::KernelWireguard)
+    }
+}
+
+/// Whether pod traffic between nodes is encrypted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encryption {
+    /// VXLAN in clear (the default).
+    #[default]
+    None,
+    /// WireGuard between nodes (UDP 51871): sluice agents run with `--encryption wireguard`;
+    /// in [`Mode::Kernel`] every node is a [`NodeKind::KernelWireguard`] node.
+    Wireguard,
+}
+
+impl Encryption {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Encryption::None => "none",
+            Encryption::Wireguard => "wireguard",
         }
     }
 }
@@ -198,6 +252,9 @@ pub struct UpOptions {
     /// so a test can change one agent's view of the cluster (nodes joining and leaving) while
     /// the testbed itself stays as built.
     pub agent_cluster_files: BTreeMap<String, PathBuf>,
+    /// [`Encryption::None`] by default. Every node that then runs WireGuard needs its keys in
+    /// the cluster file ([`plan::WG_PRIVATE_KEY_ANNOTATION`]).
+    pub encryption: Encryption,
 }
 
 impl UpOptions {
@@ -214,6 +271,7 @@ impl UpOptions {
             state_root: PathBuf::from(DEFAULT_STATE_ROOT),
             agent_args: Vec::new(),
             agent_cluster_files: BTreeMap::new(),
+            encryption: Encryption::None,
         }
     }
 }
@@ -261,6 +319,9 @@ pub struct NodeHandle {
     /// ([`UpOptions::agent_cluster_files`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_cluster_file: Option<PathBuf>,
+    /// A kernel-wireguard node's wireguard-go ([`wireguard`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wireguard: Option<wireguard::Tunnel>,
 }
 
 /// One pod of a running testbed, as its CNI ADD made it.
@@ -284,6 +345,8 @@ pub struct Testbed {
     /// Agents started by this process (reaped on stop); others are known by pid only.
     agents: HashMap<String, Child>,
     kernel_servers: Vec<kernel::KernelServer>,
+    /// wireguard-go processes started by this process, by node (reaped on stop).
+    tunnels: HashMap<String, Child>,
     teardown_on_drop: bool,
 }
 
@@ -311,7 +374,7 @@ impl Testbed {
             let sluice_nodes = || {
                 plan.nodes
                     .iter()
-                    .filter(|n| node_kind(opts.mode, n.kind) == NodeKind::Sluice)
+                    .filter(|n| node_kind(opts.mode, opts.encryption, n.kind) == NodeKind::Sluice)
                     .map(|n| n.name.as_str())
                     .collect::<Vec<_>>()
             };
@@ -328,6 +391,19 @@ impl Testbed {
                     source,
                 })?;
             agent_files.insert(node.clone(), canonical);
+        }
+        for node in &plan.nodes {
+            let kind = node_kind(opts.mode, opts.encryption, node.kind);
+            let runs_wireguard = kind == NodeKind::KernelWireguard
+                || (kind == NodeKind::Sluice && opts.encryption == Encryption::Wireguard);
+            if runs_wireguard && node.wireguard.private_key.is_none() {
+                return Err(TestbedError::NoWgKey {
+                    path: cluster_file.clone(),
+                    node: node.name.clone(),
+                    kind: kind.as_str(),
+                    encryption: opts.encryption.as_str(),
+                });
+            }
         }
         // Every name is computed (and checked) before anything is created.
         for pod in &plan.pods {
@@ -379,6 +455,7 @@ impl Testbed {
             sluice_bin,
             cni_bin,
             agent_args: opts.agent_args.clone(),
+            encryption: opts.encryption,
             fabric_netns: names.fabric_netns(),
             external_netns: names.external_netns(),
             external_ip: None,
@@ -393,6 +470,7 @@ impl Testbed {
             names,
             agents: HashMap::new(),
             kernel_servers: Vec::new(),
+            tunnels: HashMap::new(),
             teardown_on_drop: true,
         };
         testbed.save()?;
@@ -419,6 +497,7 @@ impl Testbed {
             dir,
             agents: HashMap::new(),
             kernel_servers: Vec::new(),
+            tunnels: HashMap::new(),
             teardown_on_drop: false,
         })
     }
@@ -451,6 +530,9 @@ impl Testbed {
     }
     pub fn mode(&self) -> Mode {
         self.state.mode
+    }
+    pub fn encryption(&self) -> Encryption {
+        self.state.encryption
     }
     pub fn cluster_file(&self) -> &Path {
         &self.state.cluster_file
@@ -580,9 +662,10 @@ impl Testbed {
         };
         let index = self.node_index(node)?;
         let handle = &self.state.nodes[index];
-        if handle.kind == NodeKind::Kernel {
+        if handle.kind.is_kernel() {
             return Err(TestbedError::KernelNode {
                 node: node.to_string(),
+                kind: handle.kind.as_str(),
             });
         }
         if let Some(pid) = handle.agent_pid {
@@ -601,6 +684,12 @@ impl Testbed {
         // cores (node i's worker w on core ncpus-1-((i*workers+w) % ncpus)) instead of every
         // agent's `--cores auto` putting worker 0 of every node on the same last core.
         let mut extra_args = self.state.agent_args.clone();
+        if self.state.encryption == Encryption::Wireguard
+            && !extra_args.iter().any(|a| a.starts_with("--encryption"))
+        {
+            extra_args.push("--encryption".into());
+            extra_args.push(Encryption::Wireguard.as_str().into());
+        }
         if !extra_args.iter().any(|a| a.starts_with("--cores")) {
             let ncpus = std::thread::available_parallelism().map_or(1, |n| n.get());
             let cores: Vec<String> = (0..workers as usize)
@@ -691,7 +780,7 @@ impl Testbed {
 
         for (index, node) in plan.nodes.iter().enumerate() {
             let netns = self.names.node_netns(&node.name)?;
-            let kind = node_kind(self.state.mode, node.kind);
+            let kind = node_kind(self.state.mode, self.state.encryption, node.kind);
             // Every worker gets a queue on a sluice node's uplink.
             let queues = match (self.state.mode, kind) {
                 (Mode::Sluice { workers }, NodeKind::Sluice) => workers.max(1),
@@ -720,22 +809,21 @@ impl Testbed {
                 agent_pid: None,
                 kind,
                 agent_cluster_file: agent_files.get(&node.name).cloned(),
+                wireguard: None,
             });
             self.save()?;
+            if let Some(key) = &node.wireguard.private_key {
+                let state_dir = &self.state.nodes[index].state_dir;
+                wireguard::write_key_file(&node.name, state_dir, key)?;
+            }
         }
 
-        for node in self
-            .state
-            .nodes
-            .iter()
-            .filter(|n| n.kind == NodeKind::Kernel)
-        {
-            let conf = kernel::conf(
-                node.pod_cidr,
-                node.gateway,
-                &node.state_dir,
-                kernel::pod_mtu(FABRIC_MTU),
-            );
+        for node in self.state.nodes.iter().filter(|n| n.kind.is_kernel()) {
+            let mtu = match node.kind {
+                NodeKind::KernelWireguard => wireguard::pod_mtu(FABRIC_MTU),
+                _ => kernel::pod_mtu(FABRIC_MTU),
+            };
+            let conf = kernel::conf(node.pod_cidr, node.gateway, &node.state_dir, mtu);
             let path = node.cni_conf_dir.join(CNI_CONF_NAME);
             let json = serde_json::to_vec_pretty(&conf).map_err(|e| TestbedError::Io {
                 what: "encoding the CNI config",
@@ -748,7 +836,8 @@ impl Testbed {
                 source,
             })?;
         }
-        if self.state.nodes.iter().any(|n| n.kind == NodeKind::Kernel) {
+        self.start_tunnels(plan)?;
+        if self.state.nodes.iter().any(|n| n.kind.is_kernel()) {
             // Peers are all nodes, sluice ones included, with the VTEP MACs the agents use.
             let overlay: Vec<kernel::OverlayNode<'_>> = self
                 .state
@@ -763,7 +852,7 @@ impl Testbed {
                     kind: n.kind,
                 })
                 .collect();
-            kernel::link_nodes(&overlay, UPLINK)?;
+            kernel::link_nodes(&overlay, UPLINK, FABRIC_MTU)?;
             self.start_kernel_servers()?;
         }
         let sluice_nodes: Vec<String> = self
@@ -837,16 +926,62 @@ impl Testbed {
         Ok(())
     }
 
+    /// Starts and configures wireguard-go on every kernel-wireguard node ([`wireguard`]), with
+    /// every other node that has a public key as a peer. Each pid is recorded before waiting.
+    fn start_tunnels(&mut self, plan: &Plan) -> Result<(), TestbedError> {
+        let bin = wireguard::find_in_path(wireguard::WIREGUARD_GO);
+        for index in 0..self.state.nodes.len() {
+            let node = self.state.nodes[index].clone();
+            if node.kind != NodeKind::KernelWireguard {
+                continue;
+            }
+            let bin = bin.clone().ok_or_else(|| WireguardError::NotInstalled {
+                node: node.name.clone(),
+            })?;
+            let ifname = self.names.wg_interface(index);
+            self.state.nodes[index].wireguard = Some(wireguard::Tunnel {
+                ifname: ifname.clone(),
+                bin: bin.clone(),
+                pid: None,
+            });
+            self.save()?;
+            let log = node.state_dir.join("wireguard-go.log");
+            let mut child = wireguard::spawn(&node.name, &node.netns, &bin, &ifname, &log)?;
+            if let Some(t) = self.state.nodes[index].wireguard.as_mut() {
+                t.pid = Some(child.id());
+            }
+            let ready = wireguard::wait_ready(&node.name, &node.netns, &ifname, &log, &mut child);
+            self.tunnels.insert(node.name.clone(), child);
+            self.save()?;
+            ready?;
+            let peers: Vec<wireguard::Peer> = plan
+                .nodes
+                .iter()
+                .filter(|p| p.name != node.name)
+                .filter_map(|p| {
+                    Some(wireguard::Peer {
+                        ip: p.ip,
+                        public_key: p.wireguard.public_key.clone()?,
+                    })
+                })
+                .collect();
+            wireguard::configure(
+                &node.name,
+                &node.netns,
+                &ifname,
+                &control::wg::keys::key_path(&node.state_dir),
+                &peers,
+                FABRIC_MTU,
+            )?;
+        }
+        Ok(())
+    }
+
     fn start_kernel_servers(&mut self) -> Result<(), TestbedError> {
         if !self.kernel_servers.is_empty() {
             return Ok(());
         }
-        for node in self
-            .state
-            .nodes
-            .iter()
-            .filter(|n| n.kind == NodeKind::Kernel)
-        {
+        for node in self.state.nodes.iter().filter(|n| n.kind.is_kernel()) {
             let server =
                 kernel::KernelServer::start(&node.agent_socket, &node.netns, node.gateway)?;
             self.kernel_servers.push(server);
@@ -918,7 +1053,7 @@ impl Testbed {
             .state
             .nodes
             .iter()
-            .filter(|n| n.kind == NodeKind::Kernel || self.state.mode == Mode::Kernel)
+            .filter(|n| n.kind.is_kernel() || self.state.mode == Mode::Kernel)
             .cloned()
             .collect();
         if !self.state.attachments.is_empty() && !kernel_nodes.is_empty() {
@@ -975,6 +1110,24 @@ impl Testbed {
             }
         }
 
+        for index in 0..self.state.nodes.len() {
+            let node = &self.state.nodes[index];
+            let Some(tunnel) = node.wireguard.clone() else {
+                continue;
+            };
+            let Some(pid) = tunnel.pid else { continue };
+            let name = node.name.clone();
+            match wireguard::stop(&name, &tunnel, pid, self.tunnels.get_mut(&name)) {
+                Ok(()) => {
+                    self.tunnels.remove(&name);
+                    if let Some(t) = self.state.nodes[index].wireguard.as_mut() {
+                        t.pid = None;
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+
         let mut remaining = Vec::new();
         for netns in self.state.namespaces.iter().rev() {
             if let Err(e) = cmd::netns_del(netns) {
@@ -1021,10 +1174,15 @@ impl Drop for Testbed {
     }
 }
 
-/// A node's kind: every node is a kernel node in [`Mode::Kernel`]; in sluice mode, what the
-/// cluster file says.
-fn node_kind(mode: Mode, planned: NodeKind) -> NodeKind {
+/// A node's kind: in sluice mode, what the cluster file says; in [`Mode::Kernel`], every node is
+/// a kernel node, with a wireguard-go tunnel when the file says so or encryption is on.
+fn node_kind(mode: Mode, encryption: Encryption, planned: NodeKind) -> NodeKind {
     match mode {
+        Mode::Kernel
+            if planned == NodeKind::KernelWireguard || encryption == Encryption::Wireguard =>
+        {
+            NodeKind::KernelWireguard
+        }
         Mode::Kernel => NodeKind::Kernel,
         Mode::Sluice { .. } => planned,
     }

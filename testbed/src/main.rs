@@ -7,7 +7,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use testbed::{Mode, Testbed, TestbedError, UpOptions, DEFAULT_STATE_ROOT};
+use testbed::{Encryption, Mode, Testbed, TestbedError, UpOptions, DEFAULT_STATE_ROOT};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +29,16 @@ enum ModeArg {
     Sluice,
     /// No agent: kernel routing in the node namespaces (the baseline).
     Kernel,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EncryptionArg {
+    /// VXLAN between nodes in clear.
+    None,
+    /// WireGuard between nodes (UDP 51871): agents get `--encryption wireguard`; with
+    /// `--mode kernel`, every node's vxlan travels in wireguard-go. Nodes need keys in the
+    /// cluster file (annotations sluice.io/testbed-wg-private-key, network.sluice.io/wg-pub-key).
+    Wireguard,
 }
 
 #[derive(Subcommand)]
@@ -53,6 +63,9 @@ enum Cmd {
         /// Extra arguments for every `sluice run`.
         #[arg(long = "agent-arg", allow_hyphen_values = true)]
         agent_args: Vec<String>,
+        /// Encryption between nodes.
+        #[arg(long, value_enum, default_value = "none")]
+        encryption: EncryptionArg,
     },
     /// Tear down what `up` built (CNI DEL, stop agents, delete namespaces and state).
     Down {
@@ -107,6 +120,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             sluice_bin,
             cni_bin,
             agent_args,
+            encryption,
         } => {
             let mut opts = UpOptions::new(&file);
             opts.instance = instance;
@@ -118,6 +132,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             opts.cni_bin = cni_bin.unwrap_or(opts.cni_bin);
             opts.state_root = cli.state_root;
             opts.agent_args = agent_args;
+            opts.encryption = match encryption {
+                EncryptionArg::None => Encryption::None,
+                EncryptionArg::Wireguard => Encryption::Wireguard,
+            };
             let testbed =
                 Testbed::up(opts).with_context(|| format!("bringing up {}", file.display()))?;
             print_status(&testbed, &mut |_| None);
@@ -195,8 +213,9 @@ fn print_status(testbed: &Testbed, alive: &mut dyn FnMut(&str) -> Option<bool>) 
         Mode::Kernel => "kernel (no agents)".to_string(),
     };
     println!(
-        "instance {} ({mode}), cluster file {}",
+        "instance {} ({mode}, encryption {}), cluster file {}",
         testbed.instance(),
+        testbed.encryption().as_str(),
         testbed.cluster_file().display()
     );
     println!("state {}", testbed.state_dir().display());
@@ -211,13 +230,20 @@ fn print_status(testbed: &Testbed, alive: &mut dyn FnMut(&str) -> Option<bool>) 
     println!("nodes:");
     for node in testbed.nodes() {
         let agent = match (node.agent_pid, alive(&node.name)) {
-            (None, _) => "no agent".to_string(),
+            (None, _) => match &node.wireguard {
+                Some(t) => format!(
+                    "wireguard-go {} pid {}",
+                    t.ifname,
+                    t.pid.map_or_else(|| "-".to_string(), |p| p.to_string())
+                ),
+                None => "no agent".to_string(),
+            },
             (Some(pid), Some(true)) => format!("agent pid {pid} alive"),
             (Some(pid), Some(false)) => format!("agent pid {pid} NOT running"),
             (Some(pid), None) => format!("agent pid {pid}"),
         };
         println!(
-            "  {:<16} {:<6} {:<15} pods {:<18} netns {:<28} {agent}",
+            "  {:<16} {:<16} {:<15} pods {:<18} netns {:<28} {agent}",
             node.name,
             node.kind.as_str(),
             node.ip,

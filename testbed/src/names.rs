@@ -145,6 +145,12 @@ impl Names {
         format!("s{}n{index}", self.tag)
     }
 
+    /// A kernel-wireguard node's tunnel (node `index`), unique per instance: wireguard-go's
+    /// control socket is named after it in a directory all namespaces share.
+    pub fn wg_interface(&self, index: usize) -> String {
+        format!("s{}w{index}", self.tag)
+    }
+
     /// Fabric side of the external client's veth.
     pub fn external_veth(&self) -> String {
         format!("s{}x", self.tag)
@@ -222,10 +228,15 @@ mod tests {
             names.bridge(),
             names.fabric_veth(999_999),
             names.external_veth(),
+            names.wg_interface(999_999),
         ] {
             assert!(name.len() <= MAX_IFNAME_LEN, "{name} too long");
         }
         assert_ne!(Names::new("a").bridge(), Names::new("b").bridge());
+        assert_ne!(
+            Names::new("a").wg_interface(0),
+            Names::new("b").wg_interface(0)
+        );
     }
 
     #[test]

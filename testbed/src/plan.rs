@@ -12,9 +12,17 @@
 //!   not be the node's gateway, the CIDR's network or broadcast address, nor another pod's.
 //!   Pods without an address, or with one outside their node's CIDR, get the IPAM's next free
 //!   address, as a cluster's CNI would give them.
+//! - WireGuard keys: a node's public key is its [`PUBLIC_KEY_ANNOTATION`] (what agents read for
+//!   their peers); for the testbed only, its private key is [`WG_PRIVATE_KEY_ANNOTATION`]. Both
+//!   must be base64 32-byte keys (`wg genkey`, `wg pubkey`); a node with a private key must also
+//!   carry its public key, and the two must match, so that what peers read is what the node
+//!   uses. A `kernel-wireguard` node must have both.
 use std::{net::Ipv4Addr, path::Path};
 
-use control::cluster::{self, ClusterError, ClusterState};
+use control::{
+    cluster::{self, ClusterError, ClusterState},
+    wg::{PrivateKey, PublicKey, PUBLIC_KEY_ANNOTATION},
+};
 use ipnet::Ipv4Net;
 
 use crate::NodeKind;
@@ -24,8 +32,12 @@ pub const EXTERNAL_HOST: u8 = 250;
 /// Prefix length of the fabric subnet.
 pub const FABRIC_PREFIX_LEN: u8 = 24;
 /// Node annotation choosing what moves the node's pod packets in sluice mode: `kernel` (kernel
-/// routing and the kernel's vxlan device, no agent) or `sluice` (the default).
+/// routing and the kernel's vxlan device, no agent), `kernel-wireguard` (the same, with the
+/// vxlan packets to other nodes carried by wireguard-go) or `sluice` (the default).
 pub const DATAPLANE_ANNOTATION: &str = "sluice.io/testbed-dataplane";
+/// Node annotation with the node's WireGuard private key (base64, `wg genkey`), for the testbed
+/// only: a real node keeps it in its state directory and publishes only the public key.
+pub const WG_PRIVATE_KEY_ANNOTATION: &str = "sluice.io/testbed-wg-private-key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -96,13 +108,42 @@ pub enum PlanError {
     },
     #[error(
         "cluster file {path}: node {node} has annotation {DATAPLANE_ANNOTATION}: {value:?}; \
-         use \"kernel\" or \"sluice\" (or leave it out: sluice)"
+         use \"kernel\", \"kernel-wireguard\" or \"sluice\" (or leave it out: sluice)"
     )]
     BadDataplane {
         path: String,
         node: String,
         value: String,
     },
+    #[error(
+        "cluster file {path}: node {node} has annotation {annotation}: {value:?}, which is not a \
+         base64 32-byte WireGuard key ({reason}); make a pair with `wg genkey | tee private | wg \
+         pubkey`"
+    )]
+    BadWgKey {
+        path: String,
+        node: String,
+        annotation: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error(
+        "cluster file {path}: node {node}'s private key ({WG_PRIVATE_KEY_ANNOTATION}) belongs to \
+         public key {derived}, but its annotation {PUBLIC_KEY_ANNOTATION} is {annotated:?}; peers \
+         would not accept the node: set {PUBLIC_KEY_ANNOTATION}: {derived:?}"
+    )]
+    WgKeyMismatch {
+        path: String,
+        node: String,
+        derived: String,
+        annotated: Option<String>,
+    },
+    #[error(
+        "cluster file {path}: node {node} is a kernel-wireguard node but has no WireGuard key: \
+         give it the annotations {WG_PRIVATE_KEY_ANNOTATION} (`wg genkey`) and \
+         {PUBLIC_KEY_ANNOTATION} (its `wg pubkey`)"
+    )]
+    NoWgKey { path: String, node: String },
     #[error("cluster file {path}: pod {pod} appears twice")]
     DuplicatePod { path: String, pod: String },
 }
@@ -118,6 +159,18 @@ pub struct PlanNode {
     /// `aa:bb:cc:dd:ee:ff`, as the agents compute it (`control::overlay::vtep_mac`: the
     /// `sluice.io/vtep-mac` annotation, else derived from the InternalIP).
     pub vtep_mac: String,
+    /// From [`WG_PRIVATE_KEY_ANNOTATION`] and [`PUBLIC_KEY_ANNOTATION`] (module doc).
+    pub wireguard: WgKeys,
+}
+
+/// A node's WireGuard keys as the cluster file gives them, checked and in canonical base64.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WgKeys {
+    /// What peers use ([`PUBLIC_KEY_ANNOTATION`]).
+    pub public_key: Option<String>,
+    /// The node's own key ([`WG_PRIVATE_KEY_ANNOTATION`]); when present, `public_key` is its
+    /// public key.
+    pub private_key: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -170,14 +223,12 @@ fn from_state(path: &str, state: &ClusterState) -> Result<Plan, PlanError> {
                 path: path.into(),
                 source,
             })?;
-        let annotation = node
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(DATAPLANE_ANNOTATION));
+        let annotations = node.metadata.annotations.as_ref();
+        let annotation = annotations.and_then(|a| a.get(DATAPLANE_ANNOTATION));
         let kind = match annotation.map(|v| v.trim()) {
             None | Some("sluice") => NodeKind::Sluice,
             Some("kernel") => NodeKind::Kernel,
+            Some("kernel-wireguard") => NodeKind::KernelWireguard,
             Some(other) => {
                 return Err(PlanError::BadDataplane {
                     path: path.into(),
@@ -186,8 +237,21 @@ fn from_state(path: &str, state: &ClusterState) -> Result<Plan, PlanError> {
                 })
             }
         };
+        let wireguard = wg_keys(
+            path,
+            &name,
+            annotations.and_then(|a| a.get(PUBLIC_KEY_ANNOTATION)),
+            annotations.and_then(|a| a.get(WG_PRIVATE_KEY_ANNOTATION)),
+        )?;
+        if kind == NodeKind::KernelWireguard && wireguard.private_key.is_none() {
+            return Err(PlanError::NoWgKey {
+                path: path.into(),
+                node: name,
+            });
+        }
         nodes.push(PlanNode {
             vtep_mac: control::overlay::vtep_mac(node, info.internal_ip).to_string(),
+            wireguard,
             name,
             ip: info.internal_ip,
             pod_cidr: info.pod_cidr,
@@ -227,6 +291,49 @@ fn from_state(path: &str, state: &ClusterState) -> Result<Plan, PlanError> {
         });
     }
     build(path, nodes, pods)
+}
+
+/// A node's key annotations, checked (module doc).
+pub fn wg_keys(
+    path: &str,
+    node: &str,
+    public: Option<&String>,
+    private: Option<&String>,
+) -> Result<WgKeys, PlanError> {
+    let bad = |annotation: &'static str, value: &str, reason: String| PlanError::BadWgKey {
+        path: path.into(),
+        node: node.into(),
+        annotation,
+        value: value.into(),
+        reason,
+    };
+    let public_key = public
+        .map(|v| {
+            PublicKey::from_base64(v)
+                .map(|k| k.to_base64())
+                .map_err(|reason| bad(PUBLIC_KEY_ANNOTATION, v, reason))
+        })
+        .transpose()?;
+    let private_key = private
+        .map(|v| {
+            PrivateKey::from_base64(v).map_err(|reason| bad(WG_PRIVATE_KEY_ANNOTATION, v, reason))
+        })
+        .transpose()?;
+    if let Some(key) = &private_key {
+        let derived = key.public_key().to_base64();
+        if public_key.as_deref() != Some(derived.as_str()) {
+            return Err(PlanError::WgKeyMismatch {
+                path: path.into(),
+                node: node.into(),
+                derived,
+                annotated: public.cloned(),
+            });
+        }
+    }
+    Ok(WgKeys {
+        public_key,
+        private_key: private_key.map(|k| k.to_base64()),
+    })
 }
 
 /// Checks nodes and pods (the rules in the module doc) and computes the fabric subnet.
@@ -332,6 +439,7 @@ mod tests {
             gateway: Ipv4Addr::new(10, 244, third, 1),
             kind: NodeKind::Sluice,
             vtep_mac: "0a:58:00:00:00:00".into(),
+            wireguard: WgKeys::default(),
         }
     }
 
@@ -443,6 +551,127 @@ status: {addresses: [{type: InternalIP, address: 172.18.0.12}]}
         let err = from_state("t.yaml", &state).expect_err("unknown kind");
         assert!(
             matches!(err, PlanError::BadDataplane { ref node, ref value, .. } if node == "n2" && value == "cilium"),
+            "{err}"
+        );
+    }
+
+    /// Pairs made with `wg genkey | tee private | wg pubkey`.
+    const PRIVATE_1: &str = "IMtFMu88FJkTORctIv3UxbXBgmI94VGJBOplTqCTwlg=";
+    const PUBLIC_1: &str = "F67yS5yg5sxofTAV8scCul69HAKGFpYLBa5wbwTvJH0=";
+    const PRIVATE_2: &str = "QBPk8z4vWwnV4Pv5WDvFQqc0KH7xvuu5XDyW7fEVTG0=";
+    const PUBLIC_2: &str = "+1HBB8avFFxPdmma/CYyzkkGlRmq6s1ekHOrSdeRmkM=";
+
+    /// n1: a sluice node with both keys; n2: a kernel-wireguard node with both keys.
+    fn keyed(n1_annotations: &str, n2_annotations: &str) -> String {
+        format!(
+            "
+apiVersion: v1
+kind: Node
+metadata:
+  name: n1
+  annotations: {{{n1_annotations}}}
+spec: {{podCIDR: 10.244.1.0/24}}
+status: {{addresses: [{{type: InternalIP, address: 172.18.0.11}}]}}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: n2
+  annotations: {{{n2_annotations}}}
+spec: {{podCIDR: 10.244.2.0/24}}
+status: {{addresses: [{{type: InternalIP, address: 172.18.0.12}}]}}
+"
+        )
+    }
+
+    fn keys(public: &str, private: &str) -> String {
+        format!("{PUBLIC_KEY_ANNOTATION}: \"{public}\", {WG_PRIVATE_KEY_ANNOTATION}: \"{private}\"")
+    }
+
+    fn plan_of(text: &str) -> Result<Plan, PlanError> {
+        let state = cluster::parse_str(text, "t.yaml").expect("parses");
+        from_state("t.yaml", &state)
+    }
+
+    #[test]
+    fn wireguard_keys_and_the_kernel_wireguard_kind_come_from_annotations() {
+        let n2 = format!(
+            "{DATAPLANE_ANNOTATION}: kernel-wireguard, {}",
+            keys(PUBLIC_2, PRIVATE_2)
+        );
+        let plan = plan_of(&keyed(&keys(PUBLIC_1, PRIVATE_1), &n2)).expect("valid plan");
+        assert_eq!(plan.nodes[0].kind, NodeKind::Sluice);
+        assert_eq!(
+            plan.nodes[0].wireguard,
+            WgKeys {
+                public_key: Some(PUBLIC_1.into()),
+                private_key: Some(PRIVATE_1.into()),
+            }
+        );
+        assert_eq!(plan.nodes[1].kind, NodeKind::KernelWireguard);
+        assert_eq!(
+            plan.nodes[1].wireguard.public_key.as_deref(),
+            Some(PUBLIC_2)
+        );
+        assert_eq!(
+            plan.nodes[1].wireguard.private_key.as_deref(),
+            Some(PRIVATE_2)
+        );
+        // A node with only a public key (its private key lives elsewhere) is a peer.
+        let plan = plan_of(&keyed(
+            &format!("{PUBLIC_KEY_ANNOTATION}: \"{PUBLIC_1}\""),
+            "",
+        ))
+        .expect("public key only");
+        assert_eq!(
+            plan.nodes[0].wireguard.public_key.as_deref(),
+            Some(PUBLIC_1)
+        );
+        assert_eq!(plan.nodes[0].wireguard.private_key, None);
+        assert_eq!(plan.nodes[1].wireguard, WgKeys::default());
+    }
+
+    #[test]
+    fn bad_wireguard_key_annotations_are_refused_naming_the_node() {
+        for (n2, annotation) in [
+            (keys("not base64!", PRIVATE_2), PUBLIC_KEY_ANNOTATION),
+            (keys(PUBLIC_2, "c2hvcnQ="), WG_PRIVATE_KEY_ANNOTATION),
+        ] {
+            let err = plan_of(&keyed("", &n2)).expect_err("bad key");
+            assert!(
+                matches!(err, PlanError::BadWgKey { ref node, annotation: a, .. } if node == "n2" && a == annotation),
+                "{err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains("node n2") && text.contains(annotation),
+                "{text}"
+            );
+        }
+        // The private key of node 1 with the public key of node 2: peers would reject n2.
+        let err = plan_of(&keyed("", &keys(PUBLIC_2, PRIVATE_1))).expect_err("mismatch");
+        assert!(
+            matches!(err, PlanError::WgKeyMismatch { ref node, ref derived, .. } if node == "n2" && derived == PUBLIC_1),
+            "{err}"
+        );
+        // A private key without its public key: peers could not know it.
+        let err = plan_of(&keyed(
+            &format!("{WG_PRIVATE_KEY_ANNOTATION}: \"{PRIVATE_1}\""),
+            "",
+        ))
+        .expect_err("no public key");
+        assert!(
+            matches!(err, PlanError::WgKeyMismatch { ref node, annotated: None, .. } if node == "n1"),
+            "{err}"
+        );
+        // A kernel-wireguard node cannot run wireguard-go without a key.
+        let err = plan_of(&keyed(
+            "",
+            &format!("{DATAPLANE_ANNOTATION}: kernel-wireguard"),
+        ))
+        .expect_err("no key");
+        assert!(
+            matches!(err, PlanError::NoWgKey { ref node, .. } if node == "n2"),
             "{err}"
         );
     }

@@ -7,7 +7,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Mode, NodeHandle, PodHandle};
+use crate::{Encryption, Mode, NodeHandle, PodHandle};
 
 /// Bumped when the layout changes incompatibly.
 pub const STATE_VERSION: u32 = 1;
@@ -58,6 +58,9 @@ pub struct State {
     pub sluice_bin: PathBuf,
     pub cni_bin: PathBuf,
     pub agent_args: Vec<String>,
+    /// Absent in state files written before encryption existed: none.
+    #[serde(default)]
+    pub encryption: Encryption,
     pub fabric_netns: String,
     pub external_netns: String,
     pub external_ip: Option<Ipv4Addr>,
@@ -112,6 +115,7 @@ mod tests {
             sluice_bin: "/bin/sluice".into(),
             cni_bin: "/bin/sluice-cni".into(),
             agent_args: vec!["--x".into()],
+            encryption: Encryption::Wireguard,
             fabric_netns: "sl-t-fab".into(),
             external_netns: "sl-t-ext".into(),
             external_ip: Some(Ipv4Addr::new(10, 0, 0, 250)),
@@ -127,8 +131,13 @@ mod tests {
                 cni_conf_dir: "/run/x/n1/net.d".into(),
                 agent_socket: "/run/x/n1/sluice.sock".into(),
                 agent_pid: Some(42),
-                kind: NodeKind::Kernel,
+                kind: NodeKind::KernelWireguard,
                 agent_cluster_file: None,
+                wireguard: Some(crate::wireguard::Tunnel {
+                    ifname: "sabcdefw0".into(),
+                    bin: "/usr/bin/wireguard-go".into(),
+                    pid: Some(43),
+                }),
             }],
             attachments: vec![],
             pods: vec![PodHandle {
@@ -149,6 +158,7 @@ mod tests {
         save(&path, &sample()).expect("save");
         let back = load(&path).expect("load");
         assert_eq!(back.mode, Mode::Sluice { workers: 2 });
+        assert_eq!(back.encryption, Encryption::Wireguard);
         assert_eq!(back.nodes, sample().nodes);
         assert_eq!(back.pods, sample().pods);
         assert!(!path.with_extension("json.tmp").exists());
@@ -161,12 +171,22 @@ mod tests {
         save(&path, &sample()).expect("save");
         let mut json: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
-        assert_eq!(json["nodes"][0]["kind"], "kernel", "{json}");
+        assert_eq!(json["nodes"][0]["kind"], "kernel-wireguard", "{json}");
         let node = json["nodes"][0].as_object_mut().expect("node object");
         node.remove("kind");
+        node.remove("wireguard");
+        json.as_object_mut()
+            .expect("state object")
+            .remove("encryption");
         std::fs::write(&path, serde_json::to_vec(&json).expect("encode")).expect("write");
         let back = load(&path).expect("a state file without node kinds loads");
         assert_eq!(back.nodes[0].kind, NodeKind::Sluice);
+        assert_eq!(back.nodes[0].wireguard, None);
+        assert_eq!(
+            back.encryption,
+            Encryption::None,
+            "older files: no encryption"
+        );
     }
 
     #[test]
