@@ -93,6 +93,15 @@ pub struct RunOptions {
     pub masquerade: bool,
     /// SNAT source ports (inclusive).
     pub snat_ports: (u16, u16),
+    /// WireGuard between nodes (`--encryption wireguard`): its UDP port and strict mode.
+    pub wireguard: Option<WgOptions>,
+}
+
+/// `--encryption wireguard` settings.
+#[derive(Clone, Debug)]
+pub struct WgOptions {
+    pub port: u16,
+    pub strict: bool,
 }
 
 struct Attached {
@@ -133,6 +142,10 @@ struct Agent {
     services_generation: u64,
     /// `services` as the workers read it (shared by every snapshot until the plan changes).
     service_table: Arc<dataplane::services::ServiceTable>,
+    /// The WireGuard slow path, when encryption is on.
+    wg: Option<crate::wg_runtime::WgRuntime>,
+    /// The WireGuard session generation last published.
+    wg_published: u64,
     /// healthCheckNodePort listeners of `externalTrafficPolicy: Local` Services.
     health: services::health::HealthServer,
 }
@@ -248,12 +261,15 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         services: Arc::new(ServicePlan::default()),
         services_generation: 0,
         service_table: dataplane::services::ServiceTable::empty(),
+        wg: None,
+        wg_published: 0,
         health: services::health::HealthServer::start(
             Ipv4Addr::UNSPECIFIED,
             services::health::CLIENT_TIMEOUT,
         )?,
     };
     agent.translate_services();
+    agent.start_wireguard()?;
     agent.publish();
     if let Err(e) = agent.attach_uplink() {
         tracing::error!(error = %format!("{e:#}"), "uplink not attached: pods on other nodes are unreachable");
@@ -315,6 +331,12 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         }
         agent.poll_neighbors();
+        if let Some(g) = agent.wg.as_ref().map(|w| w.generation()) {
+            if g != agent.wg_published {
+                agent.wg_published = g;
+                agent.publish();
+            }
+        }
         if last_reconcile.elapsed() >= RECONCILE_EVERY {
             agent.reconcile_interfaces();
             agent.refresh_routes();
@@ -473,6 +495,90 @@ impl Agent {
             .join(format!("{container_id}.json"))
     }
 
+    /// Starts WireGuard when asked: the node key (created on first start, kept in the state
+    /// directory with mode 0600), the handshake thread and its socket, the peers from the Nodes.
+    fn start_wireguard(&mut self) -> anyhow::Result<()> {
+        let Some(o) = self.opts.wireguard.clone() else {
+            return Ok(());
+        };
+        let key = crate::wg::keys::load_or_create(&self.opts.state_dir)
+            .context("the WireGuard node key")?;
+        let rt = crate::wg_runtime::WgRuntime::start(
+            &key,
+            self.node.internal_ip,
+            o.port,
+            crate::wg::timers::Timers::default(),
+        )?;
+        tracing::info!(
+            public_key = %rt.public_key().to_base64(),
+            annotation = crate::wg::keys::PUBLIC_KEY_ANNOTATION,
+            node = %self.node.name,
+            port = o.port,
+            strict = o.strict,
+            "WireGuard on: publish the public key as this annotation on the Node"
+        );
+        self.wg = Some(rt);
+        self.update_wireguard_peers();
+        Ok(())
+    }
+
+    /// Gives the WireGuard thread the peers the Nodes name now.
+    fn update_wireguard_peers(&mut self) {
+        let Some(w) = &self.wg else { return };
+        let found = crate::wg::keys::peers_from_cluster(&self.cluster, &self.node.name);
+        for e in &found.invalid {
+            tracing::error!(error = %e, "WireGuard peer ignored");
+        }
+        if !found.without_key.is_empty() {
+            tracing::warn!(nodes = ?found.without_key, "Nodes without a WireGuard key: traffic to them is not encrypted");
+        }
+        w.set_peers(found.peers);
+    }
+
+    fn wireguard_status(&self) -> Option<status::WgStatus> {
+        let w = self.wg.as_ref()?;
+        let o = self.opts.wireguard.as_ref()?;
+        let now = monotonic_ns();
+        let state = w.state();
+        let reports = self.dp.reports();
+        let (completed, sent, failures) = w.counters();
+        Some(status::WgStatus {
+            public_key: w.public_key().to_base64(),
+            listen_port: o.port,
+            strict: o.strict,
+            handshakes_completed: completed,
+            initiations_sent: sent,
+            handshake_failures: failures,
+            peers: state
+                .peers
+                .iter()
+                .map(|p| {
+                    let slot = p.id as usize % dataplane::stats::WG_PEER_SLOTS;
+                    let [tx, tx_bytes, rx, rx_bytes] =
+                        reports.iter().fold([0u64; 4], |mut a, r| {
+                            for (x, y) in a.iter_mut().zip(r.wg_peers[slot]) {
+                                *x += y;
+                            }
+                            a
+                        });
+                    status::WgPeerStatus {
+                        node: p.node.clone(),
+                        public_key: p.public_key.to_base64(),
+                        endpoint: p.endpoint.to_string(),
+                        latest_handshake_s_ago: p
+                            .latest_handshake_ns
+                            .map(|t| now.saturating_sub(t) / 1_000_000_000),
+                        has_session: p.send.is_some(),
+                        tx_packets: tx,
+                        tx_bytes,
+                        rx_packets: rx,
+                        rx_bytes,
+                    }
+                })
+                .collect(),
+        })
+    }
+
     /// Recomputes the service plan from the cluster state; the generation moves only when the
     /// plan changed.
     fn translate_services(&mut self) {
@@ -566,6 +672,23 @@ impl Agent {
             });
         }
         b.services(Arc::clone(&self.service_table));
+        if let (Some(w), Some(o)) = (&self.wg, &self.opts.wireguard) {
+            let state = w.state();
+            b.wireguard(dataplane::snapshot::WireguardConfig {
+                port: o.port,
+                strict: o.strict,
+                peers: state
+                    .peers
+                    .iter()
+                    .map(|p| dataplane::snapshot::WgPeer {
+                        node_ip: p.node_ip,
+                        id: p.id,
+                        send: p.send.clone(),
+                    })
+                    .collect(),
+                sessions: state.table,
+            });
+        }
         let (snap, refused) = b.build_checked();
         for r in refused {
             tracing::error!(vtep = %r.vtep_ip, pod_cidr = %format!("{}/{}", r.pod_net, r.prefix_len), "node's pod CIDR overlaps another node's: not routed");
@@ -614,6 +737,10 @@ impl Agent {
             xdp_redirect::RuleAction::Redirect,
         )?;
         attachment.set_arp_snooping(true)?;
+        if let Some(w) = &self.opts.wireguard {
+            // Transport messages to the workers, handshakes to the agent's socket.
+            attachment.set_wireguard_port(w.port)?;
+        }
         let ifindex = attachment.ifindex();
         let mac = read_mac(&ifname)?;
         let mtu = std::fs::read_to_string(format!("/sys/class/net/{ifname}/mtu"))
@@ -937,6 +1064,7 @@ impl Agent {
                 self.node = node;
                 self.source_error = None;
                 self.translate_services();
+                self.update_wireguard_peers();
                 if let Ok(bytes) = std::fs::read(path) {
                     let _ = write_atomic(&last_good_path(&self.opts.state_dir), &bytes);
                 }
@@ -1057,6 +1185,7 @@ impl Agent {
             interfaces,
             totals: status::counters_list(&totals),
             drops: status::drops_list(&totals),
+            wireguard: self.wireguard_status(),
         }
     }
 

@@ -14,3 +14,4 @@ pub mod overlay;
 pub mod services;
 pub mod status;
 pub mod wg;
+pub mod wg_runtime;

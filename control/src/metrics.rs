@@ -427,6 +427,7 @@ mod tests {
             free_frames: 10,
             total_frames: 20,
             counters: c,
+            wg_peers: [[0; 4]; dataplane::stats::WG_PEER_SLOTS],
         }];
         let interfaces = vec![InterfaceStatus {
             name: "lxc1".into(),

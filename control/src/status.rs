@@ -21,6 +21,80 @@ pub struct Status {
     pub totals: Vec<(String, u64)>,
     /// Every drop reason with its number and count (zeros included).
     pub drops: Vec<DropStatus>,
+    /// WireGuard between nodes, when on.
+    #[serde(default)]
+    pub wireguard: Option<WgStatus>,
+}
+
+/// `sluice wg peers` / the WireGuard section of `sluice status`, like `wg show`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WgStatus {
+    pub public_key: String,
+    pub listen_port: u16,
+    pub strict: bool,
+    pub handshakes_completed: u64,
+    pub initiations_sent: u64,
+    /// Handshake messages refused (bad MAC, replayed timestamp, unknown peer, ...).
+    pub handshake_failures: u64,
+    pub peers: Vec<WgPeerStatus>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WgPeerStatus {
+    pub node: String,
+    pub public_key: String,
+    pub endpoint: String,
+    /// Seconds since the latest handshake, if any.
+    pub latest_handshake_s_ago: Option<u64>,
+    pub has_session: bool,
+    /// Packets and bytes sealed to / opened from this peer by the workers (plaintext bytes
+    /// received, sealed message bytes sent, as `wg show` counts).
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+}
+
+/// `wg show`-style text for the WireGuard section.
+pub fn render_wireguard(w: &WgStatus) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "wireguard: public key {}  listening port {}{}",
+        w.public_key,
+        w.listen_port,
+        if w.strict { "  strict" } else { "" }
+    );
+    let _ = writeln!(
+        out,
+        "  handshakes completed {}  initiations sent {}  refused {}",
+        w.handshakes_completed, w.initiations_sent, w.handshake_failures
+    );
+    if w.peers.is_empty() {
+        let _ = writeln!(out, "  (no peers: no other Node has a key annotation)");
+    }
+    for p in &w.peers {
+        let _ = writeln!(out, "  peer {} ({})", p.public_key, p.node);
+        let _ = writeln!(out, "    endpoint: {}", p.endpoint);
+        match p.latest_handshake_s_ago {
+            Some(s) => {
+                let _ = writeln!(out, "    latest handshake: {s} seconds ago");
+            }
+            None => {
+                let _ = writeln!(out, "    latest handshake: never");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "    transfer: {} B received ({} packets), {} B sent ({} packets){}",
+            p.rx_bytes,
+            p.rx_packets,
+            p.tx_bytes,
+            p.tx_packets,
+            if p.has_session { "" } else { "  (no session)" }
+        );
+    }
+    out
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -192,6 +266,10 @@ impl Status {
         let _ = writeln!(s, "\ndrops by reason:");
         for d in &self.drops {
             let _ = writeln!(s, "  {:>3} {:<24} {}", d.number, d.reason, d.count);
+        }
+        if let Some(w) = &self.wireguard {
+            s.push('\n');
+            s.push_str(&render_wireguard(w));
         }
         s
     }

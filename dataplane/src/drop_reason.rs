@@ -80,11 +80,33 @@ pub enum DropReason {
     HandoffTooBig = 32,
     /// A packet that needs connection tracking reached a pipeline without flow state (tests).
     NoFlowState = 33,
+    /// Strict WireGuard mode and no session with the destination node yet: not sent in clear.
+    WgNoSession = 34,
+    /// A WireGuard transport message that is truncated, of another type, or whose plaintext is
+    /// not the IPv4 packet it should be.
+    WgMalformed = 35,
+    /// A WireGuard message for a session this node does not have (unknown receiver index,
+    /// expired, or past its message limit).
+    WgUnknownSession = 36,
+    /// A WireGuard counter already received or behind the replay window.
+    WgReplay = 37,
+    /// A WireGuard message that fails authentication (wrong key, corrupted or forged).
+    WgAuthFailed = 38,
+    /// A WireGuard keepalive (authentic, empty): consumed, nothing to forward.
+    WgKeepalive = 39,
+    /// A decrypted packet whose source is not the address of the peer whose session opened it.
+    WgSourceMismatch = 40,
+    /// Strict WireGuard mode: VXLAN in clear from a node that is a WireGuard peer.
+    WgCleartext = 41,
+    /// A packet could not be sealed (no room in the frame, or the session ran out of counters).
+    WgSealFailed = 42,
+    /// Too big for the uplink once encrypted (the pod MTU leaves room; not fragmented).
+    WgTooBig = 43,
 }
 
 impl DropReason {
     /// Every reason, in number order (metrics export all of them, even at zero).
-    pub const ALL: [DropReason; 33] = [
+    pub const ALL: [DropReason; 43] = [
         DropReason::FrameTooShort,
         DropReason::UnsupportedEthertype,
         DropReason::Ipv6Unsupported,
@@ -118,9 +140,19 @@ impl DropReason {
         DropReason::HandoffFull,
         DropReason::HandoffTooBig,
         DropReason::NoFlowState,
+        DropReason::WgNoSession,
+        DropReason::WgMalformed,
+        DropReason::WgUnknownSession,
+        DropReason::WgReplay,
+        DropReason::WgAuthFailed,
+        DropReason::WgKeepalive,
+        DropReason::WgSourceMismatch,
+        DropReason::WgCleartext,
+        DropReason::WgSealFailed,
+        DropReason::WgTooBig,
     ];
     /// Size of a counter array indexed by `reason as usize` (index 0 unused).
-    pub const SLOTS: usize = 34;
+    pub const SLOTS: usize = 44;
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -157,6 +189,16 @@ impl DropReason {
             DropReason::HandoffFull => "handoff_full",
             DropReason::HandoffTooBig => "handoff_too_big",
             DropReason::NoFlowState => "no_flow_state",
+            DropReason::WgNoSession => "wg_no_session",
+            DropReason::WgMalformed => "wg_malformed",
+            DropReason::WgUnknownSession => "wg_unknown_session",
+            DropReason::WgReplay => "wg_replay",
+            DropReason::WgAuthFailed => "wg_auth_failed",
+            DropReason::WgKeepalive => "wg_keepalive",
+            DropReason::WgSourceMismatch => "wg_source_mismatch",
+            DropReason::WgCleartext => "wg_cleartext",
+            DropReason::WgSealFailed => "wg_seal_failed",
+            DropReason::WgTooBig => "wg_too_big",
         }
     }
 

@@ -51,6 +51,8 @@ pub enum TxKind {
     Encap,
     /// Received in VXLAN from another node, decapsulated and delivered to a local pod.
     Decap,
+    /// Encapsulated in VXLAN, then sealed in WireGuard, for another node.
+    EncapEncrypted,
     /// The frame was turned into an ARP request for an unresolved next hop (the original packet
     /// counts as dropped with `NeighborUnresolved`).
     ArpRequest,

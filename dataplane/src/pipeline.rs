@@ -24,6 +24,7 @@ use crate::{
     classify::{classify, Class, Ipv4Meta},
     drop_reason::DropReason,
     packet::PacketBuf,
+    snapshot::WireguardConfig,
     snapshot::{InterfaceEntry, InterfaceRole, Snapshot},
     stages::{
         arp, decap, egress, encap, gateway, icmp_error,
@@ -31,7 +32,8 @@ use crate::{
         neighbor::ArpThrottle,
         route,
     },
-    wire::{be16, ipv4},
+    wire::{be16, ethernet, ipv4, udp, Mac},
+    wireguard::{self as wg, OpenError, OuterUdp},
     Ctx, TxKind, Verdict,
 };
 
@@ -153,7 +155,9 @@ fn pod_lb_route(
             if meta.ttl <= 1 {
                 return icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt);
             }
-            return encap::push(ctx, snap, overlay, remote, rx, meta, pkt);
+            let vtep = remote.vtep_ip;
+            let v = encap::push(ctx, snap, overlay, remote, rx, meta, pkt);
+            return wg_out(ctx, snap, vtep, pkt, v);
         }
     }
     if snap.in_cluster(meta.dst) {
@@ -189,6 +193,14 @@ fn from_uplink(
     outer: &Ipv4Meta,
     pkt: &mut PacketBuf<'_>,
 ) -> Verdict {
+    if let Some(wg) = snap.wireguard() {
+        if is_wireguard(snap, wg, outer, pkt.data()) {
+            return wg_in(ctx, snap, wg, rx, outer, pkt);
+        }
+        if wg.strict && wg.peer(outer.src).is_some() && is_vxlan(snap, outer, pkt.data()) {
+            return Verdict::Drop(DropReason::WgCleartext);
+        }
+    }
     if is_vxlan(snap, outer, pkt.data()) || snap.overlay().is_none() {
         return from_overlay(ctx, snap, rx, outer, pkt);
     }
@@ -256,12 +268,13 @@ fn after_lb_from_outside(
                 return Verdict::Drop(DropReason::NoTxPort);
             };
             let uplink = *uplink;
+            let vtep = remote.vtep_ip;
             return match encap::push(ctx, snap, overlay, remote, &uplink, meta, pkt) {
                 Verdict::Tx {
                     kind: TxKind::IcmpError,
                     ..
                 } => Verdict::Drop(DropReason::OversizeNoDf),
-                v => v,
+                v => wg_out(ctx, snap, vtep, pkt, v),
             };
         }
     }
@@ -351,4 +364,173 @@ fn overlay_lb_route(
     // Local pods, outside (replies of NodePort flows SNATed here), or back through the tunnel
     // (replies restored to a pod of another node that reached our NodePort).
     after_lb_from_outside(ctx, snap, &inner, pkt, TxKind::Decap)
+}
+
+/// Whether an outer packet on the uplink is a WireGuard transport message to this node.
+#[inline]
+fn is_wireguard(snap: &Snapshot, wg: &WireguardConfig, outer: &Ipv4Meta, frame: &[u8]) -> bool {
+    let Some(overlay) = snap.overlay() else {
+        return false;
+    };
+    outer.protocol == ipv4::PROTO_UDP
+        && outer.dst == overlay.node_ip
+        && !outer.fragment
+        && frame.len() >= outer.l4 + udp::HEADER_LEN
+        && be16(frame, outer.l4 + 2) == wg.port
+}
+
+/// Seals an encapsulated VXLAN packet (`v` is encap's verdict) for the peer node `to`, as
+/// Cilium's WireGuard+VXLAN mode: the whole VXLAN IPv4 packet is the plaintext. Without a
+/// session it goes in clear, or is dropped in strict mode.
+#[inline]
+fn wg_out(
+    ctx: &mut Ctx<'_>,
+    snap: &Snapshot,
+    to: std::net::Ipv4Addr,
+    pkt: &mut PacketBuf<'_>,
+    v: Verdict,
+) -> Verdict {
+    let Verdict::Tx {
+        ifindex,
+        kind: TxKind::Encap,
+    } = v
+    else {
+        return v;
+    };
+    let (Some(wgc), Some(overlay)) = (snap.wireguard(), snap.overlay()) else {
+        return v;
+    };
+    let Some(peer) = wgc.peer(to) else {
+        // Not a WireGuard peer (no key published): clear, unless strict.
+        return if wgc.strict {
+            Verdict::Drop(DropReason::WgNoSession)
+        } else {
+            v
+        };
+    };
+    let Some(session) = peer.send.as_deref() else {
+        return if wgc.strict {
+            Verdict::Drop(DropReason::WgNoSession)
+        } else {
+            v
+        };
+    };
+    let plain_len = pkt.len().saturating_sub(ethernet::HEADER_LEN);
+    if wg::OUTER_IPV4_UDP_LEN + wg::TRANSPORT_HEADER_LEN + wg::padded_len(plain_len) + wg::TAG_LEN
+        > usize::from(overlay.uplink_mtu)
+    {
+        return Verdict::Drop(DropReason::WgTooBig);
+    }
+    let Some(flows) = ctx.flows.as_deref_mut() else {
+        return Verdict::Drop(DropReason::NoFlowState);
+    };
+    let (dst_mac, src_mac) = {
+        let d = pkt.data();
+        let mut a = [0u8; 6];
+        let mut b = [0u8; 6];
+        a.copy_from_slice(&d[0..6]);
+        b.copy_from_slice(&d[6..12]);
+        (Mac(a), Mac(b))
+    };
+    if pkt.pull_front(ethernet::HEADER_LEN).is_err() {
+        return Verdict::Drop(DropReason::FrameTooShort);
+    }
+    let slot = peer.id as usize % crate::stages::lb::WG_BLOCKS;
+    if wg::seal_packet(session, &mut flows.wg_blocks[slot], pkt, ctx.now_ns).is_err() {
+        return Verdict::Drop(DropReason::WgSealFailed);
+    }
+    flows.wg_peers[slot][0] += 1;
+    flows.wg_peers[slot][1] += pkt.len() as u64;
+    let outer = OuterUdp {
+        src: overlay.node_ip,
+        dst: to,
+        src_port: wgc.port,
+        dst_port: wgc.port,
+        ttl: 64,
+    };
+    if wg::push_outer_ipv4_udp(pkt, &outer).is_err()
+        || pkt.push_front(ethernet::HEADER_LEN).is_err()
+    {
+        return Verdict::Drop(DropReason::WgSealFailed);
+    }
+    if ethernet::emit(pkt.data_mut(), dst_mac, src_mac, ethernet::ETHERTYPE_IPV4).is_err() {
+        return Verdict::Drop(DropReason::WgSealFailed);
+    }
+    Verdict::Tx {
+        ifindex,
+        kind: TxKind::EncapEncrypted,
+    }
+}
+
+/// Opens a WireGuard transport message from the uplink; its plaintext, a VXLAN packet from the
+/// peer node, goes on through [`from_overlay`].
+#[inline]
+fn wg_in(
+    ctx: &mut Ctx<'_>,
+    snap: &Snapshot,
+    wgc: &WireguardConfig,
+    rx: &InterfaceEntry,
+    outer: &Ipv4Meta,
+    pkt: &mut PacketBuf<'_>,
+) -> Verdict {
+    let payload = outer.l4 + udp::HEADER_LEN;
+    let end = outer.l3 + outer.total_len;
+    if end < payload || end > pkt.len() {
+        return Verdict::Drop(DropReason::WgMalformed);
+    }
+    if pkt.set_len(end).is_err() || pkt.pull_front(payload).is_err() {
+        return Verdict::Drop(DropReason::WgMalformed);
+    }
+    let opened = match wg::open_packet(&wgc.sessions, pkt, ctx.now_ns) {
+        Ok(o) => o,
+        Err(e) => {
+            return Verdict::Drop(match e {
+                OpenError::Keepalive { .. } => DropReason::WgKeepalive,
+                OpenError::Short
+                | OpenError::BadType
+                | OpenError::NotIpv4
+                | OpenError::InnerLength => DropReason::WgMalformed,
+                OpenError::UnknownReceiver
+                | OpenError::SessionExpired
+                | OpenError::CounterExhausted => DropReason::WgUnknownSession,
+                OpenError::Replayed | OpenError::TooOld | OpenError::ReplayContended => {
+                    DropReason::WgReplay
+                }
+                OpenError::AuthFailed => DropReason::WgAuthFailed,
+            })
+        }
+    };
+    if let Some(flows) = ctx.flows.as_deref_mut() {
+        flows.wg_opened += 1;
+        let slot = opened.peer as usize % crate::stages::lb::WG_BLOCKS;
+        flows.wg_peers[slot][2] += 1;
+        flows.wg_peers[slot][3] += opened.plaintext.len() as u64;
+    }
+    // The plaintext is an IPv4 packet from the peer node itself (its VXLAN outer header).
+    let src = {
+        let d = pkt.data();
+        std::net::Ipv4Addr::new(d[12], d[13], d[14], d[15])
+    };
+    if wgc.peer_by_id(opened.peer).map(|p| p.node_ip) != Some(src) {
+        return Verdict::Drop(DropReason::WgSourceMismatch);
+    }
+    if pkt.push_front(ethernet::HEADER_LEN).is_err()
+        || ethernet::emit(
+            pkt.data_mut(),
+            rx.mac,
+            outer.src_mac,
+            ethernet::ETHERTYPE_IPV4,
+        )
+        .is_err()
+    {
+        return Verdict::Drop(DropReason::WgMalformed);
+    }
+    let inner_outer = match classify(pkt.data()) {
+        Ok(Class::Ipv4(m)) => m,
+        _ => return Verdict::Drop(DropReason::WgMalformed),
+    };
+    if !is_vxlan(snap, &inner_outer, pkt.data()) {
+        return Verdict::Drop(DropReason::UplinkUnexpected);
+    }
+    from_overlay(ctx, snap, rx, &inner_outer, pkt)
 }

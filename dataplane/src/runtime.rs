@@ -135,6 +135,9 @@ pub struct WorkerReport {
     /// UMEM frames the worker owns in all.
     pub total_frames: u64,
     pub counters: Counters,
+    /// WireGuard traffic per peer slot (see [`crate::stats::WgPeerCounters`]).
+    #[serde(skip)]
+    pub wg_peers: crate::stats::WgPeerCounters,
 }
 
 /// A request to the binder thread: create and bind a socket on `umem`, sharing it through the
@@ -416,6 +419,7 @@ impl Dataplane {
                     free_frames: w.shared.free_frames(),
                     total_frames: u64::from(self.frames_per_worker),
                     counters,
+                    wg_peers: w.shared.read_wg(),
                 }
             })
             .collect()

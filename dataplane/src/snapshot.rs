@@ -9,7 +9,11 @@
 //! MACs) are learned by control from ARP and published here.
 use std::{net::Ipv4Addr, sync::Arc};
 
-use crate::{services::ServiceTable, wire::Mac};
+use crate::{
+    services::ServiceTable,
+    wire::Mac,
+    wireguard::{PeerId, Session, SessionTable},
+};
 
 /// What an interface is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -145,6 +149,47 @@ impl NatConfig {
     }
 }
 
+/// A WireGuard peer node as the workers need it.
+#[derive(Clone, Debug)]
+pub struct WgPeer {
+    /// The peer node's address: VXLAN packets to it are sealed for it, and the outer source its
+    /// transport messages must carry inside.
+    pub node_ip: Ipv4Addr,
+    pub id: PeerId,
+    /// The session to seal with; `None` until a handshake is confirmed.
+    pub send: Option<Arc<Session>>,
+}
+
+/// Encryption between nodes (WireGuard, Cilium's WireGuard+VXLAN shape).
+#[derive(Clone, Debug)]
+pub struct WireguardConfig {
+    /// UDP port of WireGuard (51871).
+    pub port: u16,
+    /// Strict mode: pod traffic to a node without a session is dropped (and clear VXLAN from a
+    /// peer node refused) instead of going in clear.
+    pub strict: bool,
+    /// Sorted by `node_ip`.
+    pub peers: Vec<WgPeer>,
+    /// Every live session by our receiver index.
+    pub sessions: SessionTable,
+}
+
+impl WireguardConfig {
+    #[inline]
+    pub fn peer(&self, node_ip: Ipv4Addr) -> Option<&WgPeer> {
+        let key = u32::from(node_ip);
+        self.peers
+            .binary_search_by_key(&key, |p| u32::from(p.node_ip))
+            .ok()
+            .map(|i| &self.peers[i])
+    }
+
+    #[inline]
+    pub fn peer_by_id(&self, id: PeerId) -> Option<&WgPeer> {
+        self.peers.iter().find(|p| p.id == id)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     generation: u64,
@@ -164,6 +209,7 @@ pub struct Snapshot {
     remote_node_index: FlatIndex,
     services: Arc<ServiceTable>,
     nat: Option<NatConfig>,
+    wireguard: Option<Arc<WireguardConfig>>,
 }
 
 /// An open-addressing hash index from a non-zero `u32` key to a position: power-of-two table at
@@ -288,6 +334,10 @@ impl Snapshot {
     pub fn nat(&self) -> Option<&NatConfig> {
         self.nat.as_ref()
     }
+    #[inline]
+    pub fn wireguard(&self) -> Option<&WireguardConfig> {
+        self.wireguard.as_deref()
+    }
     /// Whether `ip` is inside the cluster: a pod CIDR (this node's or another's) or a node
     /// address. Pod traffic to anything else is masqueraded.
     #[inline]
@@ -339,6 +389,7 @@ impl SnapshotBuilder {
                 remote_node_index: FlatIndex::default(),
                 services: ServiceTable::empty(),
                 nat: None,
+                wireguard: None,
             },
         }
     }
@@ -366,6 +417,12 @@ impl SnapshotBuilder {
     }
     pub fn nat(&mut self, config: NatConfig) -> &mut Self {
         self.snap.nat = Some(config);
+        self
+    }
+    /// Turns WireGuard on (peers are sorted here).
+    pub fn wireguard(&mut self, mut config: WireguardConfig) -> &mut Self {
+        config.peers.sort_by_key(|p| u32::from(p.node_ip));
+        self.snap.wireguard = Some(Arc::new(config));
         self
     }
     pub fn neighbor(&mut self, ip: Ipv4Addr, mac: Mac) -> &mut Self {

@@ -112,6 +112,10 @@ counters! {
     encapsulated,
     /// Received from another node in VXLAN and delivered.
     decapsulated,
+    /// Sealed in WireGuard for another node (also counted in `encapsulated`).
+    encrypted,
+    /// WireGuard transport messages opened (authentic, in the replay window).
+    decrypted,
     /// ARP requests sent for unresolved next hops on the uplink.
     arp_requests,
     /// TCP RSTs and ICMP port unreachables sent for service ports without backends.
@@ -172,6 +176,10 @@ impl Counters {
             TxKind::IcmpError => self.icmp_errors_sent += 1,
             TxKind::Encap => self.encapsulated += 1,
             TxKind::Decap => self.decapsulated += 1,
+            TxKind::EncapEncrypted => {
+                self.encapsulated += 1;
+                self.encrypted += 1;
+            }
             TxKind::ArpRequest => {
                 self.arp_requests += 1;
                 self.count_drop(DropReason::NeighborUnresolved);
@@ -196,7 +204,16 @@ pub struct SharedCounters {
     slots: Box<[AtomicU64]>,
     generation: AtomicU64,
     free_frames: AtomicU64,
+    /// Per WireGuard peer slot (peer id modulo [`WG_PEER_SLOTS`]): tx packets, tx bytes, rx
+    /// packets, rx bytes.
+    wg: Box<[AtomicU64]>,
 }
+
+/// WireGuard peer slots in the per-worker traffic counters.
+pub const WG_PEER_SLOTS: usize = crate::stages::lb::WG_BLOCKS;
+
+/// Per WireGuard peer slot: `[tx packets, tx bytes, rx packets, rx bytes]`.
+pub type WgPeerCounters = [[u64; 4]; WG_PEER_SLOTS];
 
 impl Default for SharedCounters {
     fn default() -> Self {
@@ -204,6 +221,7 @@ impl Default for SharedCounters {
             slots: (0..Counters::SLOTS).map(|_| AtomicU64::new(0)).collect(),
             generation: AtomicU64::new(0),
             free_frames: AtomicU64::new(0),
+            wg: (0..WG_PEER_SLOTS * 4).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 }
@@ -215,6 +233,19 @@ impl SharedCounters {
         self.generation
             .store(snapshot_generation, Ordering::Relaxed);
         self.free_frames.store(free_frames, Ordering::Relaxed);
+    }
+    /// Called by the owning worker only.
+    pub fn publish_wg(&self, c: &WgPeerCounters) {
+        for (i, v) in c.iter().flatten().enumerate() {
+            self.wg[i].store(*v, Ordering::Relaxed);
+        }
+    }
+    pub fn read_wg(&self) -> WgPeerCounters {
+        let mut out = [[0u64; 4]; WG_PEER_SLOTS];
+        for (i, v) in out.iter_mut().flatten().enumerate() {
+            *v = self.wg[i].load(Ordering::Relaxed);
+        }
+        out
     }
     /// Frames in the worker's free list at its last publication (a gauge).
     pub fn free_frames(&self) -> u64 {

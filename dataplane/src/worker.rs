@@ -730,6 +730,8 @@ impl Worker {
         self.counters.masq_new_flows = lb.masq_new_flows;
         self.counters.ct_hits = lb.ct_hits;
         self.counters.lb_reselected = lb.lb_reselected;
+        self.counters.decrypted = self.flows.wg_opened;
+        self.shared.publish_wg(&self.flows.wg_peers);
     }
 
     /// Publishes and kicks dirty tx rings. Returns true while frames wait to be sent.

@@ -83,6 +83,17 @@ enum Cmd {
         /// outside the kernel's ephemeral range and the NodePort range.
         #[arg(long, default_value = "61000-65535")]
         snat_ports: String,
+        /// Encrypt pod traffic between nodes: `none` or `wireguard` (VXLAN inside WireGuard, as
+        /// Cilium's WireGuard mode).
+        #[arg(long, default_value = "none")]
+        encryption: String,
+        /// WireGuard UDP port (Cilium's 51871).
+        #[arg(long, default_value_t = control::wg::keys::WIREGUARD_PORT)]
+        wg_port: u16,
+        /// Drop pod traffic to a node without a WireGuard session (and clear VXLAN from a
+        /// WireGuard peer) instead of sending it in clear.
+        #[arg(long)]
+        wg_strict: bool,
         /// How often to check the cluster file for changes, in milliseconds.
         #[arg(long, default_value_t = 500)]
         source_poll_ms: u64,
@@ -99,6 +110,23 @@ enum Cmd {
     Service {
         #[command(subcommand)]
         command: ServiceCmd,
+    },
+    /// WireGuard between nodes.
+    Wg {
+        #[command(subcommand)]
+        command: WgCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum WgCmd {
+    /// Peers, endpoints, latest handshakes and transfer, like `wg show`.
+    Peers {
+        #[arg(long, default_value = "/var/lib/sluice")]
+        state_dir: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -162,7 +190,18 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             conntrack_size,
             no_masquerade,
             snat_ports,
+            encryption,
+            wg_port,
+            wg_strict,
         } => {
+            let wireguard = match encryption.as_str() {
+                "none" => None,
+                "wireguard" => Some(control::agent::WgOptions {
+                    port: wg_port,
+                    strict: wg_strict,
+                }),
+                other => anyhow::bail!("--encryption {other:?}: expected none or wireguard"),
+            };
             let snat_ports = parse_port_range(&snat_ports).ok_or_else(|| {
                 anyhow::anyhow!(
                     "--snat-ports {snat_ports:?}: expected LO-HI with 1 <= LO <= HI <= 65535"
@@ -214,6 +253,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     conntrack_capacity: conntrack_size,
                     masquerade: !no_masquerade,
                     snat_ports,
+                    wireguard,
                 },
                 stop,
             )
@@ -232,6 +272,30 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let status: Status = serde_json::from_value(value)?;
                 print!("{}", status.render());
+            }
+            Ok(())
+        }
+        Cmd::Wg {
+            command: WgCmd::Peers { state_dir, json },
+        } => {
+            let resp = api::call(
+                &state_dir.join(api::SOCKET_NAME),
+                &Request::Status,
+                Duration::from_secs(10),
+            )?;
+            let value = resp
+                .status
+                .ok_or_else(|| anyhow::anyhow!("the agent sent no status"))?;
+            let status: Status = serde_json::from_value(value)?;
+            let Some(wg) = status.wireguard else {
+                anyhow::bail!(
+                    "WireGuard is off on this agent (start it with --encryption wireguard)"
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&wg)?);
+            } else {
+                print!("{}", control::status::render_wireguard(&wg));
             }
             Ok(())
         }

@@ -72,9 +72,19 @@ pub struct LbStats {
     pub lb_reselected: u64,
 }
 
+/// Per-worker blocks of WireGuard send counters, by peer id modulo this size (a collision only
+/// retires a block early: nonces stay unique).
+pub const WG_BLOCKS: usize = 64;
+
 /// A worker's flow state: conntrack and session affinity, allocated once.
 pub struct Flows {
     pub ct: Conntrack,
+    /// This worker's WireGuard send counters (see `wireguard::CounterBlock`).
+    pub wg_blocks: [crate::wireguard::CounterBlock; WG_BLOCKS],
+    /// WireGuard transport messages this worker opened.
+    pub wg_opened: u64,
+    /// WireGuard traffic per peer slot: tx packets, tx bytes, rx packets, rx bytes.
+    pub wg_peers: crate::stats::WgPeerCounters,
     /// Shared by every worker of the dataplane (see `affinity`).
     pub affinity: Arc<Affinity>,
     pub stats: LbStats,
@@ -84,6 +94,9 @@ impl Flows {
     pub fn new(ct: Conntrack, affinity: Arc<Affinity>) -> Self {
         Self {
             ct,
+            wg_blocks: [crate::wireguard::CounterBlock::default(); WG_BLOCKS],
+            wg_opened: 0,
+            wg_peers: [[0; 4]; WG_BLOCKS],
             affinity,
             stats: LbStats::default(),
         }

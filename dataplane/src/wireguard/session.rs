@@ -178,6 +178,11 @@ impl Session {
     pub fn counters_taken(&self) -> u64 {
         self.send_counter.0.load(Ordering::Relaxed)
     }
+    /// Whether any message was accepted on this session (counter 0 included): the
+    /// initiator's key confirmation for a responder session.
+    pub fn received_any(&self) -> bool {
+        self.replay.max_accepted() > 0 || self.replay.precheck(0).is_err()
+    }
     /// Highest counter received and accepted (0 before the first).
     pub fn max_received_counter(&self) -> u64 {
         self.replay.max_accepted()
