@@ -18,7 +18,9 @@
 //! scheme (`control::overlay::vtep_mac`: the Node's `sluice.io/vtep-mac` annotation, else
 //! `0a:58:` + the InternalIP's octets), so kernel and sluice nodes accept each other's frames.
 //! Pods of a kernel node get the uplink MTU minus the VXLAN overhead ([`pod_mtu`], 1450 on a
-//! 1500-byte fabric, as Flannel).
+//! 1500-byte fabric, as Flannel). A `kernel-wireguard` node ([`crate::wireguard`]) is the same
+//! with its vxlan packets to other nodes routed into a wireguard-go tunnel: its vxlan device is
+//! not bound to the uplink, and it and the pods get 1390 (uplink - 60 - 50).
 //!
 //! Services on kernel nodes are kube-proxy's job: [`install_services`] loads nftables rules shaped
 //! like kube-proxy's nftables mode ([`crate::nft`]) into every kernel node's namespace, translated
