@@ -415,10 +415,12 @@ fn wg_out(
             v
         };
     };
+    // Plaintext bytes the uplink carries once sealed: its MTU minus outer IPv4/UDP, the
+    // transport header and the tag. Padding stops at it (WireGuard's rule).
+    let tunnel_mtu = usize::from(overlay.uplink_mtu)
+        .saturating_sub(wg::OUTER_IPV4_UDP_LEN + wg::TRANSPORT_HEADER_LEN + wg::TAG_LEN);
     let plain_len = pkt.len().saturating_sub(ethernet::HEADER_LEN);
-    if wg::OUTER_IPV4_UDP_LEN + wg::TRANSPORT_HEADER_LEN + wg::padded_len(plain_len) + wg::TAG_LEN
-        > usize::from(overlay.uplink_mtu)
-    {
+    if plain_len > tunnel_mtu {
         return Verdict::Drop(DropReason::WgTooBig);
     }
     let Some(flows) = ctx.flows.as_deref_mut() else {
@@ -436,7 +438,15 @@ fn wg_out(
         return Verdict::Drop(DropReason::FrameTooShort);
     }
     let slot = peer.id as usize % crate::stages::lb::WG_BLOCKS;
-    if wg::seal_packet(session, &mut flows.wg_blocks[slot], pkt, ctx.now_ns).is_err() {
+    if wg::seal_packet_within(
+        session,
+        &mut flows.wg_blocks[slot],
+        pkt,
+        tunnel_mtu,
+        ctx.now_ns,
+    )
+    .is_err()
+    {
         return Verdict::Drop(DropReason::WgSealFailed);
     }
     flows.wg_peers[slot][0] += 1;

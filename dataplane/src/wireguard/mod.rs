@@ -238,6 +238,27 @@ pub fn seal(
     plaintext: Range<usize>,
     now_ns: u64,
 ) -> Result<Range<usize>, SealError> {
+    seal_within(session, block, buf, plaintext, usize::MAX, now_ns)
+}
+
+/// The padded length of a `len`-byte plaintext when the tunnel carries at most `mtu` bytes of
+/// plaintext: padding to 16 never makes it exceed `mtu` (as WireGuard pads: `min(round_up(len,
+/// 16), mtu)`), so a packet that fits the MTU is never made too big by its padding.
+#[inline]
+pub fn padded_len_within(len: usize, mtu: usize) -> usize {
+    padded_len(len).min(len.max(mtu))
+}
+
+/// [`seal`] with the padding limited by the tunnel MTU `mtu` (plaintext bytes).
+#[inline]
+pub fn seal_within(
+    session: &Session,
+    block: &mut CounterBlock,
+    buf: &mut [u8],
+    plaintext: Range<usize>,
+    mtu: usize,
+    now_ns: u64,
+) -> Result<Range<usize>, SealError> {
     let Range { start, end } = plaintext;
     if start > end || end > buf.len() {
         return Err(SealError::BadPlaintext);
@@ -245,7 +266,7 @@ pub fn seal(
     if start < TRANSPORT_HEADER_LEN {
         return Err(SealError::NoHeadroom);
     }
-    let padded_end = start + padded_len(end - start);
+    let padded_end = start + padded_len_within(end - start, mtu);
     let msg_end = padded_end + TAG_LEN;
     if msg_end > buf.len() {
         return Err(SealError::NoTailroom);
@@ -279,8 +300,21 @@ pub fn seal_packet(
     pkt: &mut PacketBuf<'_>,
     now_ns: u64,
 ) -> Result<(), SealError> {
+    seal_packet_within(session, block, pkt, usize::MAX, now_ns)
+}
+
+/// [`seal_packet`] with the padding limited by the tunnel MTU `mtu` (plaintext bytes; see
+/// [`padded_len_within`]).
+#[inline]
+pub fn seal_packet_within(
+    session: &Session,
+    block: &mut CounterBlock,
+    pkt: &mut PacketBuf<'_>,
+    mtu: usize,
+    now_ns: u64,
+) -> Result<(), SealError> {
     let len = pkt.len();
-    let msg_len = TRANSPORT_HEADER_LEN + padded_len(len) + TAG_LEN;
+    let msg_len = TRANSPORT_HEADER_LEN + padded_len_within(len, mtu) + TAG_LEN;
     if pkt.headroom() < TRANSPORT_HEADER_LEN {
         return Err(SealError::NoHeadroom);
     }
@@ -291,7 +325,7 @@ pub fn seal_packet(
         .map_err(|_| SealError::NoHeadroom)?;
     let plaintext = TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + len;
     pkt.set_len(msg_len).map_err(|_| SealError::NoTailroom)?;
-    match seal(session, block, pkt.data_mut(), plaintext, now_ns) {
+    match seal_within(session, block, pkt.data_mut(), plaintext, mtu, now_ns) {
         Ok(_) => Ok(()),
         Err(e) => {
             // Give the frame back as it was (seal left the bytes unchanged).
@@ -689,6 +723,37 @@ mod tests {
             push_outer_ipv4_udp(&mut pkt, &outer),
             Err(SealError::NoHeadroom)
         );
+    }
+
+    #[test]
+    fn padding_never_exceeds_the_tunnel_mtu() {
+        assert_eq!(
+            padded_len_within(1390, 1390),
+            1390,
+            "1390 fits: not padded to 1392"
+        );
+        assert_eq!(
+            padded_len_within(1385, 1390),
+            1390,
+            "padded only up to the MTU"
+        );
+        assert_eq!(padded_len_within(1370, 1390), 1376);
+        assert_eq!(
+            padded_len_within(1400, 1390),
+            1400,
+            "over the MTU anyway: no padding to make it worse"
+        );
+        assert_eq!(padded_len_within(0, 1390), 0);
+        let (a, b) = pair(0);
+        let mut block = CounterBlock::default();
+        let mut buf = vec![0x45u8; TRANSPORT_HEADER_LEN + 1390 + TAG_LEN + 64];
+        buf[TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + 4].copy_from_slice(&[0x45, 0, 0x05, 0x6e]);
+        let plain = TRANSPORT_HEADER_LEN..TRANSPORT_HEADER_LEN + 1390;
+        let msg = seal_within(&a, &mut block, &mut buf, plain, 1390, 0).unwrap();
+        assert_eq!(msg.len(), TRANSPORT_HEADER_LEN + 1390 + TAG_LEN);
+        let table = SessionTable::new([Arc::new(b)]);
+        let opened = open(&table, &mut buf[msg], 0).unwrap();
+        assert_eq!(opened.plaintext.len(), 1390);
     }
 
     #[test]
