@@ -90,6 +90,30 @@ wait || true
 cleanup3
 trap - EXIT
 
+section "WireGuard: a sluice node and a wireguard-go node (testbed/clusters/wireguard-mixed.yaml)"
+wgf=testbed/clusters/wireguard-mixed.yaml
+inst4=demowg$$
+cleanup4() { "$bin/sluice-testbed" down "$wgf" --instance "$inst4" >/dev/null 2>&1 || true; }
+trap cleanup4 EXIT
+"$bin/sluice-testbed" up "$wgf" --instance "$inst4" --encryption wireguard --sluice "$bin/sluice" --cni "$bin/sluice-cni"
+wg_ip() { python3 -c 'import json,sys; s=json.load(open(sys.argv[1])); print([p["ip"] for p in s["pods"] if p["key"]==sys.argv[2]][0])' "/run/sluice-testbed/$inst4/state.json" "$1"; }
+b1=$(wg_ip default/pod-b1); a1=$(wg_ip default/pod-a1)
+echo "pod-a1 (sluice node) -> pod-b1 (wireguard-go node):"
+"$bin/sluice-testbed" exec default/pod-a1 --instance "$inst4" -- ping -c 4 -i 0.2 "$b1" | tail -2 || true
+echo "pod-b1 (wireguard-go node) -> pod-a1 (sluice node):"
+"$bin/sluice-testbed" exec default/pod-b1 --instance "$inst4" -- ping -c 3 -i 0.2 "$a1" | tail -2 || true
+echo "what the fabric sees meanwhile (only UDP 51871 between the nodes):"
+fab=$(ip netns list | awk '{print $1}' | grep "^sl-$inst4-fab" | head -1)
+(ip netns exec "$fab" timeout 3 tcpdump -lni any -c 6 udp 2>/dev/null || true) &
+sleep 0.5
+"$bin/sluice-testbed" exec default/pod-a1 --instance "$inst4" -- ping -c 3 -i 0.2 "$b1" >/dev/null || true
+wait
+section "sluice wg peers (node1) and wg show (node2, wireguard-go)"
+"$bin/sluice" wg peers --state-dir "/run/sluice-testbed/$inst4/node1"
+ip netns exec "sl-$inst4-node2" wg show | sed 's/^/  /'
+cleanup4
+trap - EXIT
+
 for size in 64 1400; do
   section "sluice-perf: pod-to-pod UDP, ${size} B frames, 3 s closed loop; kernel baseline in the same run"
   "$bin/sluice-perf" run pod-to-pod --size "$size" --duration 3 --gen-cpu 0 --sink-cpu 1 --out target/demo-perf
