@@ -46,6 +46,10 @@ use crate::wg::{
 /// How long the thread waits on its socket before running timers and reading the workers'
 /// session use again.
 const LOOP_WAIT: Duration = Duration::from_millis(20);
+/// Handshake messages per second above which the device answers initiations with cookie replies
+/// (MAC2 required) until a second passes below it. wireguard-go switches when its handshake
+/// queue holds 1/8 of 4096 messages; this thread has no queue, so it counts its own rate.
+const UNDER_LOAD_PER_SECOND: u32 = 512;
 
 /// One peer as the agent shows it and the workers need it.
 #[derive(Clone, Debug)]
@@ -145,6 +149,9 @@ impl WgRuntime {
             next_peer_id: 1,
             keepalive_block: CounterBlock::default(),
             dirty: false,
+            load_count: 0,
+            load_window_ns: 0,
+            under_load: false,
         };
         let thread = std::thread::Builder::new()
             .name("sluice-wireguard".into())
@@ -238,15 +245,44 @@ struct Loop {
     next_peer_id: PeerId,
     keepalive_block: CounterBlock,
     dirty: bool,
+    /// Handshake datagrams in the current one-second window, and its start.
+    load_count: u32,
+    load_window_ns: u64,
+    under_load: bool,
 }
 
 impl Loop {
+    /// Counts one handshake datagram and switches the device's cookie mode per second.
+    fn note_load(&mut self, now: u64) {
+        if now.saturating_sub(self.load_window_ns) >= 1_000_000_000 {
+            let busy = self.load_count >= UNDER_LOAD_PER_SECOND;
+            if busy != self.under_load {
+                self.under_load = busy;
+                self.device.set_under_load(busy);
+                tracing::info!(
+                    under_load = busy,
+                    rate = self.load_count,
+                    "WireGuard handshake load"
+                );
+            }
+            self.load_count = 0;
+            self.load_window_ns = now;
+        }
+        self.load_count += 1;
+        if self.load_count >= UNDER_LOAD_PER_SECOND && !self.under_load {
+            self.under_load = true;
+            self.device.set_under_load(true);
+            tracing::info!(under_load = true, "WireGuard handshake load");
+        }
+    }
+
     fn run(&mut self) {
         let mut buf = vec![0u8; 2048];
         while !self.stop.load(Ordering::Relaxed) {
             match self.socket.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     let now = monotonic_ns();
+                    self.note_load(now);
                     let actions = self.device.handle_datagram(from, &buf[..n], now);
                     self.apply(actions, now);
                 }

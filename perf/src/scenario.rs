@@ -1,15 +1,21 @@
 //! Scenarios as data: which cluster file, which pod talks to which server, what traffic, and the
 //! default parameters. `sluice-perf run NAME` looks a name up here and the runner is generic over
 //! the entry, so a later issue adds its measurement by adding a row (cross-node: the two-node
-//! cluster file and pods on different nodes; a Service: [`Target::ClusterIp`]; WireGuard: the
-//! cluster file that enables it).
+//! cluster file and pods on different nodes; a Service: [`Target::ClusterIp`]; WireGuard:
+//! [`Scenario::encryption`] and a cluster file whose Nodes carry keys).
 //!
 //! Every scenario runs in each [`crate::metrics`] mode (sluice, then the kernel baseline) on the
 //! same cluster file, so the two figures compare like with like. For a [`Target::ClusterIp`]
 //! scenario the kernel baseline is kube-proxy's nftables mode: the testbed loads rules shaped
-//! like it into the kernel nodes ([`crate::service`], `testbed::nft`).
+//! like it into the kernel nodes ([`crate::service`], `testbed::nft`). For an encrypted scenario
+//! ([`Encryption::Wireguard`]) both testbeds are brought up with it
+//! (`testbed::UpOptions::encryption`): the sluice agents seal VXLAN in their workers, and the
+//! kernel baseline's nodes are `kernel-wireguard` nodes (the kernel's vxlan device over
+//! wireguard-go, the shape of Flannel's or Cilium's WireGuard + VXLAN modes).
 
 use serde::{Deserialize, Serialize};
+
+pub use testbed::Encryption;
 
 /// Where a scenario's server is reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +81,9 @@ pub struct Scenario {
     pub traffic: Traffic,
     /// The server's port (UDP or TCP, by `traffic`).
     pub port: u16,
+    /// Between nodes: VXLAN in clear, or in WireGuard (both modes; module doc). An encrypted
+    /// scenario needs keys on every Node of its cluster file (`testbed::plan::WG_PRIVATE_KEY_ANNOTATION`).
+    pub encryption: Encryption,
     pub defaults: Defaults,
 }
 
@@ -89,6 +98,13 @@ const CLUSTER_IP: &str =
 /// Cross-node scenarios: sluice VXLAN in the workers vs the kernel's vxlan device (Flannel's
 /// vxlan backend shape: VNI 1, port 8472) on the same two-node topology.
 const CROSS_NODE: &str = "pod-a1 (node1) -> pod-b1's IP (node2), over VXLAN";
+/// Two-node fixture whose Nodes carry WireGuard keys (otherwise the same cluster as
+/// [`TWO_NODE`]).
+const WIREGUARD: &str = "testbed/clusters/wireguard.yaml";
+/// Encrypted cross-node scenarios: sluice seals VXLAN in its workers vs the kernel's vxlan device
+/// carried by wireguard-go tunnels, on the same two-node topology.
+const CROSS_NODE_WG: &str =
+    "pod-a1 (node1) -> pod-b1's IP (node2), VXLAN in WireGuard; kernel: vxlan over wireguard-go";
 
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -101,6 +117,7 @@ pub const SCENARIOS: &[Scenario] = &[
         target: Target::PodIp,
         traffic: Traffic::UdpStream,
         port: 9000,
+        encryption: Encryption::None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -118,6 +135,7 @@ pub const SCENARIOS: &[Scenario] = &[
         target: Target::PodIp,
         traffic: Traffic::TcpStream,
         port: 9002,
+        encryption: Encryption::None,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
@@ -135,6 +153,7 @@ pub const SCENARIOS: &[Scenario] = &[
         target: Target::PodIp,
         traffic: Traffic::UdpRequestResponse,
         port: 9001,
+        encryption: Encryption::None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -152,6 +171,7 @@ pub const SCENARIOS: &[Scenario] = &[
         target: Target::PodIp,
         traffic: Traffic::UdpStream,
         port: 9000,
+        encryption: Encryption::None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -169,6 +189,7 @@ pub const SCENARIOS: &[Scenario] = &[
         target: Target::PodIp,
         traffic: Traffic::TcpStream,
         port: 9002,
+        encryption: Encryption::None,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
@@ -186,6 +207,61 @@ pub const SCENARIOS: &[Scenario] = &[
         target: Target::PodIp,
         traffic: Traffic::UdpRequestResponse,
         port: 9001,
+        encryption: Encryption::None,
+        defaults: Defaults {
+            duration_s: 5,
+            size: 64,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
+    Scenario {
+        name: "node-to-node-wg",
+        measures: "UDP packet rate, loss and one-way latency between nodes, VXLAN in WireGuard",
+        topology: CROSS_NODE_WG,
+        cluster: WIREGUARD,
+        client_pod: "default/pod-a1",
+        server_pod: "default/pod-b1",
+        target: Target::PodIp,
+        traffic: Traffic::UdpStream,
+        port: 9000,
+        encryption: Encryption::Wireguard,
+        defaults: Defaults {
+            duration_s: 5,
+            size: 64,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
+    Scenario {
+        name: "node-to-node-wg-tcp",
+        measures: "TCP throughput between nodes, VXLAN in WireGuard",
+        topology: CROSS_NODE_WG,
+        cluster: WIREGUARD,
+        client_pod: "default/pod-a1",
+        server_pod: "default/pod-b1",
+        target: Target::PodIp,
+        traffic: Traffic::TcpStream,
+        port: 9002,
+        encryption: Encryption::Wireguard,
+        defaults: Defaults {
+            duration_s: 5,
+            size: 128 * 1024,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
+    Scenario {
+        name: "node-to-node-wg-rr",
+        measures: "UDP request/response round-trip latency between nodes, VXLAN in WireGuard",
+        topology: CROSS_NODE_WG,
+        cluster: WIREGUARD,
+        client_pod: "default/pod-a1",
+        server_pod: "default/pod-b1",
+        target: Target::PodIp,
+        traffic: Traffic::UdpRequestResponse,
+        port: 9001,
+        encryption: Encryption::Wireguard,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -205,6 +281,7 @@ pub const SCENARIOS: &[Scenario] = &[
         },
         traffic: Traffic::UdpStream,
         port: 9000,
+        encryption: Encryption::None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -224,6 +301,7 @@ pub const SCENARIOS: &[Scenario] = &[
         },
         traffic: Traffic::UdpRequestResponse,
         port: 9001,
+        encryption: Encryption::None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -243,6 +321,7 @@ pub const SCENARIOS: &[Scenario] = &[
         },
         traffic: Traffic::TcpStream,
         port: 9002,
+        encryption: Encryption::None,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
@@ -259,6 +338,95 @@ pub fn find(name: &str) -> Option<&'static Scenario> {
 /// Names for error messages.
 pub fn names() -> Vec<&'static str> {
     SCENARIOS.iter().map(|s| s.name).collect()
+}
+
+/// A scenario and the cluster file it runs on do not fit together ([`check_cluster`]).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ClusterMismatch {
+    #[error(
+        "scenario {scenario}: cluster file {cluster} has no pod {pod} (the {role}); use the \
+         scenario's own cluster file or one with that pod"
+    )]
+    NoPod {
+        scenario: &'static str,
+        cluster: String,
+        pod: &'static str,
+        role: &'static str,
+    },
+    #[error(
+        "scenario {scenario}: cluster file {cluster} puts {client} and {server} on the same node \
+         {node}, so no packet would cross nodes and nothing would be encrypted; place them on \
+         two nodes"
+    )]
+    SameNode {
+        scenario: &'static str,
+        cluster: String,
+        client: &'static str,
+        server: &'static str,
+        node: String,
+    },
+    #[error(
+        "scenario {scenario}: node {node} in cluster file {cluster} has no WireGuard key pair; \
+         give every Node both {private} and {public} annotations (see \
+         testbed/clusters/wireguard.yaml)"
+    )]
+    NoWgKeys {
+        scenario: &'static str,
+        cluster: String,
+        node: String,
+        private: &'static str,
+        public: &'static str,
+    },
+}
+
+/// Whether `plan` (the scenario's cluster file, or the one given instead) can run `s`: both pods
+/// exist, and for an encrypted scenario they are on different nodes and every node has its keys.
+/// Checked before any testbed is built, and by a test for every row.
+pub fn check_cluster(
+    s: &Scenario,
+    cluster: &str,
+    plan: &testbed::plan::Plan,
+) -> Result<(), ClusterMismatch> {
+    let node_of = |pod: &'static str, role: &'static str| {
+        plan.pods
+            .iter()
+            .find(|p| p.key() == pod)
+            .map(|p| p.node.clone())
+            .ok_or_else(|| ClusterMismatch::NoPod {
+                scenario: s.name,
+                cluster: cluster.to_string(),
+                pod,
+                role,
+            })
+    };
+    let client_node = node_of(s.client_pod, "client")?;
+    let server_node = node_of(s.server_pod, "server")?;
+    if s.encryption == Encryption::None {
+        return Ok(());
+    }
+    if client_node == server_node {
+        return Err(ClusterMismatch::SameNode {
+            scenario: s.name,
+            cluster: cluster.to_string(),
+            client: s.client_pod,
+            server: s.server_pod,
+            node: client_node,
+        });
+    }
+    match plan
+        .nodes
+        .iter()
+        .find(|n| n.wireguard.private_key.is_none() || n.wireguard.public_key.is_none())
+    {
+        Some(n) => Err(ClusterMismatch::NoWgKeys {
+            scenario: s.name,
+            cluster: cluster.to_string(),
+            node: n.name.clone(),
+            private: testbed::plan::WG_PRIVATE_KEY_ANNOTATION,
+            public: control::wg::PUBLIC_KEY_ANNOTATION,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// What is wrong with a scenario entry, if anything (checked by a test for every row).
@@ -364,6 +532,129 @@ mod tests {
         assert!(find("pod-to-clusterip-rr").is_some());
     }
 
+    fn plan_of(cluster: &str) -> testbed::plan::Plan {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(cluster);
+        testbed::plan::load(&path).unwrap_or_else(|e| panic!("{cluster}: {e}"))
+    }
+
+    #[test]
+    fn every_row_fits_its_cluster_file() {
+        for s in SCENARIOS {
+            assert_eq!(
+                check_cluster(s, s.cluster, &plan_of(s.cluster)),
+                Ok(()),
+                "{}",
+                s.name
+            );
+        }
+    }
+
+    /// Every encrypted scenario is its clear twin (the name without `-wg`) with WireGuard on:
+    /// same pods, traffic, port and defaults, so the two can be read side by side.
+    #[test]
+    fn encrypted_scenarios_are_clear_ones_with_wireguard_on() {
+        let encrypted: Vec<&Scenario> = SCENARIOS
+            .iter()
+            .filter(|s| s.encryption == Encryption::Wireguard)
+            .collect();
+        for t in [
+            Traffic::UdpStream,
+            Traffic::TcpStream,
+            Traffic::UdpRequestResponse,
+        ] {
+            assert!(encrypted.iter().any(|s| s.traffic == t), "{t:?}");
+        }
+        for s in encrypted {
+            let clear_name = s.name.replacen("-wg", "", 1);
+            let clear = find(&clear_name).unwrap_or_else(|| panic!("{}: no {clear_name}", s.name));
+            assert_eq!(clear.encryption, Encryption::None, "{clear_name}");
+            assert_eq!(
+                Scenario {
+                    name: clear.name,
+                    measures: clear.measures,
+                    topology: clear.topology,
+                    cluster: clear.cluster,
+                    encryption: clear.encryption,
+                    ..*s
+                },
+                *clear,
+                "{} differs from {clear_name} in more than encryption",
+                s.name
+            );
+            assert_ne!(s.topology, clear.topology, "{}: topology says WireGuard", s.name);
+            let plan = plan_of(s.cluster);
+            let node = |pod: &str| {
+                plan.pods
+                    .iter()
+                    .find(|p| p.key() == pod)
+                    .map(|p| p.node.clone())
+            };
+            assert_ne!(node(s.client_pod), node(s.server_pod), "{}", s.name);
+        }
+        assert_eq!(
+            find("node-to-node-wg").map(|s| s.encryption),
+            Some(Encryption::Wireguard)
+        );
+        assert!(find("node-to-node-wg-tcp").is_some());
+        assert!(find("node-to-node-wg-rr").is_some());
+    }
+
+    #[test]
+    fn check_cluster_refuses_what_cannot_run_encrypted() {
+        let wg = *find("node-to-node-wg").expect("node-to-node-wg");
+        let keyed = plan_of(WIREGUARD);
+        // The clear cluster file has no keys.
+        assert!(matches!(
+            check_cluster(&wg, TWO_NODE, &plan_of(TWO_NODE)),
+            Err(ClusterMismatch::NoWgKeys { ref node, .. }) if node == "node1"
+        ));
+        // The same scenario in clear runs on it.
+        let clear = Scenario {
+            encryption: Encryption::None,
+            ..wg
+        };
+        assert_eq!(check_cluster(&clear, TWO_NODE, &plan_of(TWO_NODE)), Ok(()));
+        // pod-a2 is on node1 with the client: nothing would cross nodes.
+        let same_node = Scenario {
+            server_pod: "default/pod-a2",
+            ..wg
+        };
+        assert!(matches!(
+            check_cluster(&same_node, WIREGUARD, &keyed),
+            Err(ClusterMismatch::SameNode { ref node, .. }) if node == "node1"
+        ));
+        assert_eq!(
+            check_cluster(
+                &Scenario {
+                    encryption: Encryption::None,
+                    ..same_node
+                },
+                WIREGUARD,
+                &keyed
+            ),
+            Ok(())
+        );
+        let missing = Scenario {
+            server_pod: "default/nope",
+            ..wg
+        };
+        let err = check_cluster(&missing, WIREGUARD, &keyed).expect_err("no such pod");
+        assert!(matches!(err, ClusterMismatch::NoPod { role: "server", .. }));
+        assert!(err.to_string().contains("default/nope"), "{err}");
+        // Keys removed from one node of the keyed file.
+        let mut half = keyed.clone();
+        half.nodes[1].wireguard.private_key = None;
+        let err = check_cluster(&wg, WIREGUARD, &half).expect_err("node2 has no private key");
+        assert!(err.to_string().contains("node2"), "{err}");
+        assert!(
+            err.to_string()
+                .contains(testbed::plan::WG_PRIVATE_KEY_ANNOTATION),
+            "{err}"
+        );
+    }
+
     #[test]
     fn the_three_traffic_kinds_are_covered() {
         for t in [
@@ -407,7 +698,7 @@ mod tests {
         })
         .is_ok());
         assert!(validate(&Scenario {
-            defaults: Defaults {
+        defaults: Defaults {
                 size: 20,
                 ..good.defaults
             },
@@ -415,7 +706,7 @@ mod tests {
         })
         .is_err());
         assert!(validate(&Scenario {
-            defaults: Defaults {
+        defaults: Defaults {
                 rate_pps: Some(0),
                 ..good.defaults
             },
