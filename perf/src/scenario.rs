@@ -583,7 +583,11 @@ mod tests {
                 "{} differs from {clear_name} in more than encryption",
                 s.name
             );
-            assert_ne!(s.topology, clear.topology, "{}: topology says WireGuard", s.name);
+            assert_ne!(
+                s.topology, clear.topology,
+                "{}: topology says WireGuard",
+                s.name
+            );
             let plan = plan_of(s.cluster);
             let node = |pod: &str| {
                 plan.pods
@@ -698,7 +702,7 @@ mod tests {
         })
         .is_ok());
         assert!(validate(&Scenario {
-        defaults: Defaults {
+            defaults: Defaults {
                 size: 20,
                 ..good.defaults
             },
@@ -706,7 +710,7 @@ mod tests {
         })
         .is_err());
         assert!(validate(&Scenario {
-        defaults: Defaults {
+            defaults: Defaults {
                 rate_pps: Some(0),
                 ..good.defaults
             },

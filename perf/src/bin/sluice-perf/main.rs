@@ -18,6 +18,7 @@ use perf::tcp::{run_tcp_recv, run_tcp_send, TcpRecvConfig, TcpSendConfig};
 
 mod export;
 mod run;
+mod wg;
 
 #[derive(Parser)]
 #[command(
@@ -201,12 +202,12 @@ enum Cmd {
 
 fn list() {
     println!(
-        "{:<16} {:<22} {:<32} measures",
+        "{:<20} {:<22} {:<32} measures",
         "scenario", "traffic", "topology"
     );
     for s in perf::scenario::SCENARIOS {
         println!(
-            "{:<16} {:<22} {:<32} {}",
+            "{:<20} {:<22} {:<32} {}",
             s.name,
             s.traffic.as_str(),
             s.topology,

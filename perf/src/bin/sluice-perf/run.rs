@@ -7,6 +7,10 @@
 //! namespaces through the testbed. They report through `--json-out` files in the mode's
 //! subdirectory (their stderr goes to `*.log` files there); nothing waits without a bound, and a
 //! testbed is torn down by its `Drop` whatever fails.
+//!
+//! An encrypted scenario brings both testbeds up with its encryption (sluice agents with
+//! WireGuard in strict mode; kernel-wireguard nodes, i.e. wireguard-go, for the baseline), waits
+//! for the tunnels before the traffic and checks their counters after it ([`crate::wg`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddrV4;
@@ -25,7 +29,7 @@ use perf::report::{
     AgentRecord, Cores, MachineInfo, ModeReport, ModeResults, RunParameters, RunReport,
     ScenarioRecord, REPORT_SCHEMA_VERSION,
 };
-use perf::scenario::{self, Scenario, Target, Traffic};
+use perf::scenario::{self, Encryption, Scenario, Target, Traffic};
 use testbed::{Mode, Testbed, UpOptions};
 
 use crate::seconds;
@@ -433,7 +437,7 @@ impl Ctx<'_> {
     }
 }
 
-fn agent_call(
+pub(crate) fn agent_call(
     tb: &Testbed,
     node: &str,
     req: &control::api::Request,
@@ -570,6 +574,15 @@ fn run_mode_inner(
     let mut opts = UpOptions::new(cluster);
     opts.mode = mode;
     opts.instance = Some(instance.to_string());
+    let encrypted = scenario.encryption == Encryption::Wireguard;
+    opts.encryption = scenario.encryption;
+    if encrypted && matches!(mode, Mode::Sluice { .. }) {
+        opts.agent_args.extend(
+            crate::wg::SLUICE_AGENT_ARGS
+                .iter()
+                .map(|a| (*a).to_string()),
+        );
+    }
     let tb = Testbed::up(opts).with_context(|| {
         format!(
             "bringing up the {} testbed {instance} from {}",
@@ -616,6 +629,14 @@ fn run_mode_inner(
             report.agents.insert(node.clone(), a);
         }
     }
+    let wg_before = if encrypted {
+        let server_ip = tb.pod(scenario.server_pod)?.ip;
+        crate::wg::wait_ready(&tb, scenario.client_pod, server_ip)
+            .context("waiting for the WireGuard tunnels")?;
+        Some(crate::wg::counters(&tb).context("reading the WireGuard counters")?)
+    } else {
+        None
+    };
     let ctx = Ctx {
         tb: &tb,
         exe: exe.display().to_string(),
@@ -632,6 +653,28 @@ fn run_mode_inner(
     report.traffic_end_s = run_start.elapsed().as_secs_f64();
     if let Err(e) = traffic {
         report.errors.push(format!("traffic: {e:#}"));
+    }
+    if let Some(before) = &wg_before {
+        let client_node = tb.pod(scenario.client_pod)?.node.clone();
+        let checked = crate::wg::counters(&tb)
+            .context("reading the WireGuard counters")
+            .and_then(|after| crate::wg::check_and_record(dir, &client_node, before, &after));
+        match checked {
+            Ok(during) => {
+                for (node, s) in &during {
+                    eprintln!(
+                        "sluice-perf: {} {node}: WireGuard sealed {} bytes{}, opened {} bytes \
+                         during the traffic",
+                        report.mode,
+                        s.tx_bytes,
+                        s.tx_packets
+                            .map_or(String::new(), |p| format!(" ({p} packets)")),
+                        s.rx_bytes
+                    );
+                }
+            }
+            Err(e) => report.errors.push(format!("encryption: {e:#}")),
+        }
     }
     if sluice {
         let multi = nodes.len() > 1;
@@ -706,6 +749,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
     let p = Params::new(args, scenario);
     p.check(scenario)?;
     let cluster = cluster_file(args.cluster.as_deref(), scenario);
+    let cluster_plan = testbed::plan::load(&cluster)
+        .with_context(|| format!("reading the cluster file {}", cluster.display()))?;
+    scenario::check_cluster(scenario, &cluster.display().to_string(), &cluster_plan)?;
     let prefix = args
         .instance
         .clone()
