@@ -32,7 +32,7 @@ use crate::{
         neighbor::ArpThrottle,
         route,
     },
-    wire::{be16, ethernet, ipv4, udp, Mac},
+    wire::{be16, ethernet, ipv4, udp, vxlan, Mac},
     wireguard::{self as wg, OpenError, OuterUdp},
     Ctx, TxKind, Verdict,
 };
@@ -156,6 +156,26 @@ fn pod_lb_route(
                 return icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt);
             }
             let vtep = remote.vtep_ip;
+            // Sealed in WireGuard the tunnel carries 60 bytes less (the pod MTU allows for it):
+            // a bigger packet gets fragmentation-needed with that MTU, never a silent drop.
+            if let Some(wgc) = snap.wireguard() {
+                let mtu = overlay
+                    .uplink_mtu
+                    .saturating_sub((vxlan::OVERHEAD_BYTES + WG_OVERHEAD) as u16);
+                let sealed = wgc.peer(vtep).is_some_and(|p| p.send.is_some());
+                if sealed && meta.total_len > usize::from(mtu) {
+                    if meta.dont_fragment {
+                        return icmp_error::fragmentation_needed(
+                            snap.gateway(),
+                            rx,
+                            meta,
+                            mtu,
+                            pkt,
+                        );
+                    }
+                    return Verdict::Drop(DropReason::OversizeNoDf);
+                }
+            }
             let v = encap::push(ctx, snap, overlay, remote, rx, meta, pkt);
             return wg_out(ctx, snap, vtep, pkt, v);
         }
@@ -365,6 +385,10 @@ fn overlay_lb_route(
     // (replies restored to a pod of another node that reached our NodePort).
     after_lb_from_outside(ctx, snap, &inner, pkt, TxKind::Decap)
 }
+
+/// Bytes WireGuard adds to a VXLAN packet (outer IPv4 + UDP, header, tag; padding stops at the
+/// MTU).
+const WG_OVERHEAD: usize = wg::OUTER_IPV4_UDP_LEN + wg::TRANSPORT_HEADER_LEN + wg::TAG_LEN;
 
 /// Whether an outer packet on the uplink is a WireGuard transport message to this node.
 #[inline]

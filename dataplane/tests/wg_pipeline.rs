@@ -782,14 +782,36 @@ fn maximal_pod_packet_is_sealed_into_exactly_the_uplink_mtu() {
             assert_eq!(v, DELIVERED, "MTU {uplink_mtu}, pod packet {ip_len}");
             assert_eq!(delivered, clear_delivery(uplink_mtu, &input));
         }
-        // One byte more than the pod MTU does not fit the tunnel (it would fit clear VXLAN).
-        let (v, _) = w1.run(&n1, IF_A, &pod_udp(pod_mtu + 1 - 28));
+        // One byte more than the pod MTU does not fit the tunnel (it would fit clear VXLAN): with
+        // DF the pod learns the tunnel's MTU (ICMP fragmentation needed, RFC 1191), without DF
+        // it is a counted drop, never a silent one.
+        let (v, icmp) = w1.run(&n1, IF_A, &pod_udp(pod_mtu + 1 - 28));
         assert_eq!(
             v,
-            Verdict::Drop(DropReason::WgTooBig),
-            "MTU {uplink_mtu}: pod packet of {} bytes",
+            Verdict::Tx {
+                ifindex: IF_A,
+                kind: TxKind::IcmpError
+            },
+            "MTU {uplink_mtu}: pod packet of {} bytes with DF",
             pod_mtu + 1
         );
+        assert_eq!((icmp[34], icmp[35]), (3, 4), "fragmentation needed");
+        assert_eq!(
+            u16::from_be_bytes([icmp[40], icmp[41]]),
+            pod_mtu as u16,
+            "next-hop MTU = uplink MTU - 110"
+        );
+        let mut no_df = pod_udp(pod_mtu + 1 - 28);
+        no_df[20] = 0; // flags: DF off
+        let c = inet_checksum(&{
+            let mut h = no_df[14..34].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        });
+        no_df[24..26].copy_from_slice(&c.to_be_bytes());
+        let (v, _) = w1.run(&n1, IF_A, &no_df);
+        assert_eq!(v, Verdict::Drop(DropReason::OversizeNoDf));
         assert_eq!(
             s1.counters_taken(),
             COUNTER_BLOCK,
