@@ -522,3 +522,98 @@ pub fn udp_datagrams(tb: &Testbed, from: &str, to: &str, count: u64, size: u32) 
         .parse::<u64>()
         .unwrap_or_else(|_| panic!("UDP sink output {rest:?} ({status}), stderr:\n{err}"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// Frames on the fabric.
+
+/// Every frame on an interface of the fabric namespace, written to a file as (u32 length, bytes)
+/// records. Prints "ready", stops at stdin EOF, after argv[3] seconds or 100000 frames, then
+/// prints the frame count.
+const FRAME_CAPTURE: &str = r#"
+import socket, sys, select, struct, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[1], 0))
+out = open(sys.argv[2], "wb")
+deadline = time.monotonic() + float(sys.argv[3])
+print("ready", flush=True)
+n = 0
+while time.monotonic() < deadline and n < 100000:
+    r, _, _ = select.select([s, sys.stdin], [], [], 0.2)
+    if s in r:
+        b = s.recv(65535)
+        out.write(struct.pack("<I", len(b)) + b)
+        n += 1
+    elif sys.stdin in r and not sys.stdin.readline():
+        break
+while n < 100000:
+    try:
+        b = s.recv(65535, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        break
+    out.write(struct.pack("<I", len(b)) + b)
+    n += 1
+out.close()
+print(n, flush=True)
+"#;
+
+/// A capture of every frame on one interface of the fabric namespace (a Python `AF_PACKET`
+/// socket, at most 60 s and 100000 frames); [`FabricCapture::stop`] returns the frames. The
+/// process is killed by pid if the test panics first.
+pub struct FabricCapture {
+    proc: Proc,
+    file: PathBuf,
+}
+
+impl FabricCapture {
+    /// Starts capturing on `ifname` (in the fabric namespace) into `file`, and returns once the
+    /// socket is bound.
+    pub fn start(tb: &Testbed, ifname: &str, file: &Path) -> Self {
+        let file_arg = file.display().to_string();
+        let mut command = std::process::Command::new("ip");
+        command
+            .args(["netns", "exec", tb.fabric_netns()])
+            .args(timed(
+                "90",
+                &[python(), "-c", FRAME_CAPTURE, ifname, &file_arg, "60"],
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut proc = Proc::new(command.spawn().expect("capture starts"));
+        let ready = proc.line();
+        assert_eq!(ready, "ready", "capture on {ifname} did not start");
+        Self {
+            proc,
+            file: file.to_path_buf(),
+        }
+    }
+
+    /// Stops the capture and returns every frame it saw, in order.
+    pub fn stop(mut self) -> Vec<Vec<u8>> {
+        drop(self.proc.child.stdin.take());
+        let (count, err, status) = self.proc.finish();
+        assert!(status.success(), "capture ({status}): {count}{err}");
+        let bytes = std::fs::read(&self.file).expect("read the capture");
+        let mut frames = Vec::new();
+        let mut rest = bytes.as_slice();
+        while rest.len() >= 4 {
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+            let Some(frame) = rest.get(4..4 + len) else {
+                break;
+            };
+            frames.push(frame.to_vec());
+            rest = &rest[4 + len..];
+        }
+        assert_eq!(
+            count.trim().parse::<usize>().ok(),
+            Some(frames.len()),
+            "capture file holds every frame counted"
+        );
+        frames
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
