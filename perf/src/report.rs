@@ -141,6 +141,10 @@ pub struct ScenarioRecord {
     pub cluster_file: String,
     pub client_pod: String,
     pub server_pod: String,
+    /// Encryption between nodes in both modes (`none`, or `wireguard`: sluice seals, the
+    /// baseline's nodes run wireguard-go). Absent in reports written before it existed.
+    #[serde(default)]
+    pub encryption: crate::scenario::Encryption,
 }
 
 impl ScenarioRecord {
@@ -153,6 +157,7 @@ impl ScenarioRecord {
             cluster_file: cluster_file.display().to_string(),
             client_pod: s.client_pod.into(),
             server_pod: s.server_pod.into(),
+            encryption: s.encryption,
         }
     }
 }
@@ -947,6 +952,18 @@ mod tests {
         let v = serde_json::to_value(&r).expect("serialises");
         assert_eq!(v["schema_version"], 2);
         assert_eq!(v["scenario"]["traffic"], "udp_stream");
+        assert_eq!(v["scenario"]["encryption"], "none");
+        // Reports from before the field existed still load, as unencrypted.
+        let mut old = v.clone();
+        old["scenario"]
+            .as_object_mut()
+            .expect("scenario object")
+            .remove("encryption");
+        let back_old: RunReport = serde_json::from_value(old).expect("old report loads");
+        assert_eq!(
+            back_old.scenario.encryption,
+            crate::scenario::Encryption::None
+        );
         assert_eq!(v["modes"]["kernel"]["order"], 0);
         assert_eq!(v["modes"]["sluice"]["results"]["sink"]["received"], 990);
         assert!(v["modes"]["sluice"]["results"].get("pingpong").is_none());
