@@ -13,7 +13,6 @@
 use std::{
     net::Ipv4Addr,
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, Instant},
 };
@@ -22,8 +21,8 @@ use testbed::{names::Names, wireguard, Encryption, NodeKind, Testbed, TestbedErr
 
 mod common;
 use common::{
-    cluster, hold, in_node, in_pod, ping_within, pod_ip, python, require_root, tcp_transfer, text,
-    timed, udp_datagrams, Env, Proc,
+    cluster, contains_bytes, hold, in_node, in_pod, ping_within, pod_ip, require_root,
+    tcp_transfer, text, udp_datagrams, Env, FabricCapture,
 };
 
 /// Instance names here are `w{pid}n{counter}z`.
@@ -84,92 +83,6 @@ fn route_dev(tb: &Testbed, node: &str, to: Ipv4Addr, mark: Option<&str>) -> Stri
         .to_string()
 }
 
-/// Every frame on an interface of the fabric namespace, written to a file as (u32 length, bytes)
-/// records. Prints "ready", stops at stdin EOF, after argv[3] seconds or 100000 frames, then
-/// prints the frame count.
-const CAPTURE: &str = r#"
-import socket, sys, select, struct, time
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind((sys.argv[1], 0))
-out = open(sys.argv[2], "wb")
-deadline = time.monotonic() + float(sys.argv[3])
-print("ready", flush=True)
-n = 0
-while time.monotonic() < deadline and n < 100000:
-    r, _, _ = select.select([s, sys.stdin], [], [], 0.2)
-    if s in r:
-        b = s.recv(65535)
-        out.write(struct.pack("<I", len(b)) + b)
-        n += 1
-    elif sys.stdin in r and not sys.stdin.readline():
-        break
-while n < 100000:
-    try:
-        b = s.recv(65535, socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        break
-    out.write(struct.pack("<I", len(b)) + b)
-    n += 1
-out.close()
-print(n, flush=True)
-"#;
-
-/// A capture running in the fabric namespace; [`Capture::stop`] returns the frames.
-struct Capture {
-    proc: Proc,
-    file: PathBuf,
-}
-
-impl Capture {
-    fn start(tb: &Testbed, ifname: &str, file: &Path) -> Self {
-        let file_arg = file.display().to_string();
-        let mut command = std::process::Command::new("ip");
-        command
-            .args(["netns", "exec", tb.fabric_netns()])
-            .args(timed(
-                "90",
-                &[python(), "-c", CAPTURE, ifname, &file_arg, "60"],
-            ))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut proc = Proc::new(command.spawn().expect("capture starts"));
-        let ready = proc.line();
-        assert_eq!(ready, "ready", "capture on {ifname} did not start");
-        Self {
-            proc,
-            file: file.to_path_buf(),
-        }
-    }
-
-    fn stop(mut self) -> Vec<Vec<u8>> {
-        drop(self.proc.child.stdin.take());
-        let (count, err, status) = self.proc.finish();
-        assert!(status.success(), "capture ({status}): {count}{err}");
-        let bytes = std::fs::read(&self.file).expect("read the capture");
-        let mut frames = Vec::new();
-        let mut rest = bytes.as_slice();
-        while rest.len() >= 4 {
-            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-            let Some(frame) = rest.get(4..4 + len) else {
-                break;
-            };
-            frames.push(frame.to_vec());
-            rest = &rest[4 + len..];
-        }
-        assert_eq!(
-            count.trim().parse::<usize>().ok(),
-            Some(frames.len()),
-            "capture file holds every frame counted"
-        );
-        frames
-    }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 /// What the fabric saw: IPv4 frames by kind, and anything that should not be there.
 #[derive(Debug, Default)]
 struct FabricReport {
@@ -197,7 +110,7 @@ fn inspect(frames: &[Vec<u8>], pods: (Ipv4Addr, Ipv4Addr)) -> FabricReport {
     ];
     for (i, frame) in frames.iter().enumerate() {
         for (what, needle) in needles {
-            if contains(frame, needle) {
+            if contains_bytes(frame, needle) {
                 report.leaks.push(format!("frame {i}: {what}"));
             }
         }
@@ -359,7 +272,7 @@ fn kernel_wireguard_nodes_carry_ping_tcp_udp_and_the_fabric_sees_only_wireguard(
 
     // Traffic both ways while the fabric side of node1's uplink is captured.
     let capture_file = env.dir.path().join("fabric.frames");
-    let capture = Capture::start(&tb, &names.fabric_veth(0), &capture_file);
+    let capture = FabricCapture::start(&tb, &names.fabric_veth(0), &capture_file);
     let (a1, b1) = (pod_ip(&tb, POD_A1), pod_ip(&tb, POD_B1));
     marker_ping(&tb, POD_A1, b1, 5);
     let bytes = 256 * 1024;
@@ -452,7 +365,7 @@ fn kernel_mode_with_wireguard_encryption_runs_every_node_over_wireguard_go() {
     assert_eq!(node1.wireguard, None);
     ping_within(&tb, POD_A1, POD_B1, FIRST_PING_WITHIN);
     let capture_file = env.dir.path().join("clear.frames");
-    let capture = Capture::start(
+    let capture = FabricCapture::start(
         &tb,
         &Names::new(tb.instance()).fabric_veth(0),
         &capture_file,
