@@ -142,54 +142,7 @@ fn pod_lb_route(
         Lb::Continue(m) => m,
         Lb::Done(v) => return v,
     };
-    let meta = &meta;
-    match route::forward(snap, meta, pkt) {
-        Ok(verdict) => return verdict,
-        Err(route::NotForwarded::TtlExpired) => {
-            return icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt)
-        }
-        Err(route::NotForwarded::NotLocal) => {}
-    }
-    if let Some(overlay) = snap.overlay() {
-        if let Some(remote) = snap.remote(meta.dst).or_else(|| snap.remote_node(meta.dst)) {
-            if meta.ttl <= 1 {
-                return icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt);
-            }
-            let vtep = remote.vtep_ip;
-            // Sealed in WireGuard the tunnel carries 60 bytes less (the pod MTU allows for it):
-            // a bigger packet gets fragmentation-needed with that MTU, never a silent drop.
-            if let Some(wgc) = snap.wireguard() {
-                let mtu = overlay
-                    .uplink_mtu
-                    .saturating_sub((vxlan::OVERHEAD_BYTES + WG_OVERHEAD) as u16);
-                let sealed = wgc.peer(vtep).is_some_and(|p| p.send.is_some());
-                if sealed && meta.total_len > usize::from(mtu) {
-                    if meta.dont_fragment {
-                        return icmp_error::fragmentation_needed(
-                            snap.gateway(),
-                            rx,
-                            meta,
-                            mtu,
-                            pkt,
-                        );
-                    }
-                    return Verdict::Drop(DropReason::OversizeNoDf);
-                }
-            }
-            let v = encap::push(ctx, snap, overlay, remote, rx, meta, pkt);
-            return wg_out(ctx, snap, vtep, pkt, v);
-        }
-    }
-    if snap.in_cluster(meta.dst) {
-        return Verdict::Drop(DropReason::NoRoute);
-    }
-    match egress::send(ctx, snap, meta, pkt) {
-        Ok(v) => v,
-        Err(egress::NotSent::TtlExpired) => {
-            icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt)
-        }
-        Err(egress::NotSent::NoRoute) => Verdict::Drop(DropReason::NoRoute),
-    }
+    route_after_lb(ctx, snap, &meta, pkt, Sender::Pod(rx))
 }
 
 /// Whether an outer packet on the uplink is VXLAN for this node (fragments of UDP to the node
@@ -250,50 +203,93 @@ fn uplink_lb_route(
         Lb::Continue(m) => m,
         Lb::Done(v) => return v,
     };
-    after_lb_from_outside(ctx, snap, &meta, pkt, TxKind::Forward)
+    route_after_lb(
+        ctx,
+        snap,
+        &meta,
+        pkt,
+        Sender::Outside {
+            local_kind: TxKind::Forward,
+        },
+    )
 }
 
-/// Routing after lb for packets that came from another node or from outside: no ICMP errors
-/// are sent back (they would have to cross the tunnel or are not ours to send).
+/// Who sent the packet being routed: a pod on this node gets ICMP errors (time exceeded,
+/// fragmentation needed) back; a packet from another node or from outside is dropped with the
+/// reason instead (the error would have to cross the tunnel, or is not ours to send), and its
+/// local delivery is counted as `local_kind`.
+#[derive(Clone, Copy)]
+enum Sender<'a> {
+    Pod(&'a InterfaceEntry),
+    Outside { local_kind: TxKind },
+}
+
+/// Routing after lb: to a local pod, to another node's pod CIDR or address (VXLAN, sealed in
+/// WireGuard when there is a session), or out of the cluster on the uplink.
 #[inline]
-fn after_lb_from_outside(
+fn route_after_lb(
     ctx: &mut Ctx<'_>,
     snap: &Snapshot,
     meta: &Ipv4Meta,
     pkt: &mut PacketBuf<'_>,
-    local_kind: TxKind,
+    sender: Sender<'_>,
 ) -> Verdict {
+    let ttl_expired = |pkt: &mut PacketBuf<'_>| match sender {
+        Sender::Pod(rx) => icmp_error::time_exceeded(snap.gateway(), rx, meta, pkt),
+        Sender::Outside { .. } => Verdict::Drop(DropReason::TtlExceeded),
+    };
     match route::forward(snap, meta, pkt) {
         Ok(Verdict::Tx {
             ifindex,
             kind: TxKind::Forward,
         }) => {
-            return Verdict::Tx {
-                ifindex,
-                kind: local_kind,
-            }
+            let kind = match sender {
+                Sender::Pod(_) => TxKind::Forward,
+                Sender::Outside { local_kind } => local_kind,
+            };
+            return Verdict::Tx { ifindex, kind };
         }
         Ok(verdict) => return verdict,
-        Err(route::NotForwarded::TtlExpired) => return Verdict::Drop(DropReason::TtlExceeded),
+        Err(route::NotForwarded::TtlExpired) => return ttl_expired(pkt),
         Err(route::NotForwarded::NotLocal) => {}
     }
     if let Some(overlay) = snap.overlay() {
         if let Some(remote) = snap.remote(meta.dst).or_else(|| snap.remote_node(meta.dst)) {
             if meta.ttl <= 1 {
-                return Verdict::Drop(DropReason::TtlExceeded);
+                return ttl_expired(pkt);
             }
-            // The uplink is both rx and tx here; the ICMP error for an oversize packet is not
-            // sent (rx is not a pod).
-            let Some(uplink) = snap.interface(overlay.uplink_ifindex) else {
-                return Verdict::Drop(DropReason::NoTxPort);
-            };
-            let uplink = *uplink;
             let vtep = remote.vtep_ip;
-            return match encap::push(ctx, snap, overlay, remote, &uplink, meta, pkt) {
+            let rx = match sender {
+                Sender::Pod(rx) => *rx,
+                // The uplink is both rx and tx here.
+                Sender::Outside { .. } => match snap.interface(overlay.uplink_ifindex) {
+                    Some(u) => *u,
+                    None => return Verdict::Drop(DropReason::NoTxPort),
+                },
+            };
+            // Sealed in WireGuard the tunnel carries 60 bytes less (the pod MTU allows for it):
+            // a bigger packet gets fragmentation-needed with that MTU, never a silent drop.
+            if let Some(wgc) = snap.wireguard() {
+                let mtu = overlay
+                    .uplink_mtu
+                    .saturating_sub((vxlan::OVERHEAD_BYTES + WG_OVERHEAD) as u16);
+                let sealed = wgc.peer(vtep).is_some_and(|p| p.send.is_some());
+                if sealed && meta.total_len > usize::from(mtu) {
+                    return match sender {
+                        Sender::Pod(rx) if meta.dont_fragment => {
+                            icmp_error::fragmentation_needed(snap.gateway(), rx, meta, mtu, pkt)
+                        }
+                        _ => Verdict::Drop(DropReason::OversizeNoDf),
+                    };
+                }
+            }
+            return match encap::push(ctx, snap, overlay, remote, &rx, meta, pkt) {
                 Verdict::Tx {
                     kind: TxKind::IcmpError,
                     ..
-                } => Verdict::Drop(DropReason::OversizeNoDf),
+                } if matches!(sender, Sender::Outside { .. }) => {
+                    Verdict::Drop(DropReason::OversizeNoDf)
+                }
                 v => wg_out(ctx, snap, vtep, pkt, v),
             };
         }
@@ -303,7 +299,7 @@ fn after_lb_from_outside(
     }
     match egress::send(ctx, snap, meta, pkt) {
         Ok(v) => v,
-        Err(egress::NotSent::TtlExpired) => Verdict::Drop(DropReason::TtlExceeded),
+        Err(egress::NotSent::TtlExpired) => ttl_expired(pkt),
         Err(egress::NotSent::NoRoute) => Verdict::Drop(DropReason::NoRoute),
     }
 }
@@ -383,7 +379,15 @@ fn overlay_lb_route(
     }
     // Local pods, outside (replies of NodePort flows SNATed here), or back through the tunnel
     // (replies restored to a pod of another node that reached our NodePort).
-    after_lb_from_outside(ctx, snap, &inner, pkt, TxKind::Decap)
+    route_after_lb(
+        ctx,
+        snap,
+        &inner,
+        pkt,
+        Sender::Outside {
+            local_kind: TxKind::Decap,
+        },
+    )
 }
 
 /// Bytes WireGuard adds to a VXLAN packet (outer IPv4 + UDP, header, tag; padding stops at the

@@ -342,12 +342,13 @@ impl Snapshot {
     /// address. Pod traffic to anything else is masqueraded.
     #[inline]
     pub fn in_cluster(&self, ip: Ipv4Addr) -> bool {
-        self.remote(ip).is_some()
+        // Cheapest first: a mask compare answers for this node's pods (the common case on the
+        // per-packet path), then the other nodes' CIDRs and addresses.
+        self.nat
+            .as_ref()
+            .is_some_and(|n| n.in_local_pod_net(ip) || n.node_addrs.contains(&ip))
+            || self.remote(ip).is_some()
             || self.remote_node(ip).is_some()
-            || self
-                .nat
-                .as_ref()
-                .is_some_and(|n| n.in_local_pod_net(ip) || n.node_addrs.contains(&ip))
             || self.endpoint(ip).is_some()
     }
     pub fn remotes(&self) -> &[RemoteNode] {
