@@ -36,7 +36,7 @@ use testbed::{names::Names, wireguard::WG_PORT, Encryption, NodeKind, Testbed};
 
 mod common;
 use common::{
-    cluster, contains_bytes, drops, hold, in_node, in_pod, ping_within, pod_ip, python,
+    cluster, drops, hold, in_node, in_pod, inspect_fabric, ping_within, pod_ip, python,
     require_root, settled_status, status_when, tcp_transfer, text, timed, try_ping_within,
     udp_datagrams, unexpected_drops, Env, FabricCapture, Proc, MAX_PAYLOAD_PER_PACKET,
 };
@@ -252,76 +252,6 @@ fn exchange_packets_at_least(udp_out: u64) -> u64 {
     2 * PINGS + TCP_BYTES.div_ceil(MAX_PAYLOAD_PER_PACKET) + udp_out
 }
 
-/// What the fabric saw: IPv4 frames by kind, and anything that should not be there.
-#[derive(Debug, Default)]
-struct FabricReport {
-    /// UDP 51871 <-> 51871 between the two node addresses.
-    wireguard: usize,
-    /// VXLAN (UDP to 8472) between the two node addresses.
-    clear_vxlan: usize,
-    /// Descriptions of every other IPv4 frame.
-    other_ipv4: Vec<String>,
-    /// Frames containing an inner address pair or a payload marker.
-    leaks: Vec<String>,
-}
-
-fn inspect(frames: &[Vec<u8>], pods: (Ipv4Addr, Ipv4Addr)) -> FabricReport {
-    let mut report = FabricReport::default();
-    let (a, b) = (pods.0.octets(), pods.1.octets());
-    let pair_ab: Vec<u8> = a.iter().chain(&b).copied().collect();
-    let pair_ba: Vec<u8> = b.iter().chain(&a).copied().collect();
-    let tcp_payload = [b's'; 64];
-    let udp_payload = [b'u'; 64];
-    let needles: [(&str, &[u8]); 5] = [
-        ("pod address pair a->b", &pair_ab),
-        ("pod address pair b->a", &pair_ba),
-        ("ping marker", MARKER),
-        ("TCP payload", &tcp_payload),
-        ("UDP payload", &udp_payload),
-    ];
-    for (i, frame) in frames.iter().enumerate() {
-        for (what, needle) in needles {
-            if contains_bytes(frame, needle) {
-                report.leaks.push(format!("frame {i}: {what}"));
-            }
-        }
-        if frame.len() < 14 || frame[12..14] != [0x08, 0x00] {
-            continue; // ARP, IPv6 neighbour discovery: no pod traffic
-        }
-        let ip = &frame[14..];
-        let describe = || format!("frame {i}: {:02x?}", &ip[..ip.len().min(28)]);
-        if ip.len() < 28 {
-            report.other_ipv4.push(describe());
-            continue;
-        }
-        let header_len = usize::from(ip[0] & 0x0f) * 4;
-        let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-        let ports = ip.get(header_len..header_len + 4).map(|p| {
-            (
-                u16::from_be_bytes([p[0], p[1]]),
-                u16::from_be_bytes([p[2], p[3]]),
-            )
-        });
-        // IGMP reports that interfaces send when they come up: no pod traffic.
-        if ip[9] == 2 && dst.is_multicast() {
-            continue;
-        }
-        let between_nodes =
-            (src, dst) == (NODE1_IP, NODE2_IP) || (src, dst) == (NODE2_IP, NODE1_IP);
-        let udp = ip[9] == 17 && between_nodes;
-        if udp && ports == Some((WG_PORT, WG_PORT)) {
-            report.wireguard += 1;
-        } else if udp && ports.is_some_and(|(_, dport)| dport == VXLAN_PORT) {
-            report.clear_vxlan += 1;
-            report.other_ipv4.push(describe());
-        } else {
-            report.other_ipv4.push(describe());
-        }
-    }
-    report
-}
-
 fn capture_file(env: &Env, name: &str) -> std::path::PathBuf {
     env.dir.path().join(format!("{name}.frames"))
 }
@@ -334,7 +264,12 @@ fn node1_fabric_veth(tb: &Testbed) -> String {
 /// Asserts that the fabric carried at least `at_least` WireGuard messages and nothing else
 /// between the nodes, and no pod address or payload in clear.
 fn assert_only_wireguard(frames: &[Vec<u8>], tb: &Testbed, at_least: u64) {
-    let report = inspect(frames, (pod_ip(tb, POD_A1), pod_ip(tb, POD_B1)));
+    let report = inspect_fabric(
+        frames,
+        (pod_ip(tb, POD_A1), pod_ip(tb, POD_B1)),
+        (NODE1_IP, NODE2_IP),
+        MARKER,
+    );
     eprintln!(
         "fabric: {} frames, {} WireGuard, other IPv4 {:?}",
         frames.len(),
@@ -798,7 +733,12 @@ fn wrong_key_gives_no_session_strict_drops_and_non_strict_sends_in_clear() {
     );
     assert_eq!(grew(&before, &after, "encapsulated"), 0);
     assert_eq!(grew(&before, &after, "encrypted"), 0);
-    let report = inspect(&frames, (pod_ip(&tb, POD_A1), pod_ip(&tb, POD_B1)));
+    let report = inspect_fabric(
+        &frames,
+        (pod_ip(&tb, POD_A1), pod_ip(&tb, POD_B1)),
+        (NODE1_IP, NODE2_IP),
+        MARKER,
+    );
     assert_eq!(report.clear_vxlan, 0, "{report:?}");
     assert!(report.leaks.is_empty(), "{report:?}");
     drop(tb);
@@ -828,7 +768,12 @@ fn wrong_key_gives_no_session_strict_drops_and_non_strict_sends_in_clear() {
     );
     assert!(grew(&before, &after, "encapsulated") >= 50);
     assert_eq!(grew(&before, &after, "encrypted"), 0);
-    let report = inspect(&frames, (pod_ip(&tb, POD_A1), pod_ip(&tb, POD_B1)));
+    let report = inspect_fabric(
+        &frames,
+        (pod_ip(&tb, POD_A1), pod_ip(&tb, POD_B1)),
+        (NODE1_IP, NODE2_IP),
+        MARKER,
+    );
     assert!(report.clear_vxlan >= 50, "{report:?}");
     assert!(
         report

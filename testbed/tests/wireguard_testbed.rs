@@ -21,7 +21,7 @@ use testbed::{names::Names, wireguard, Encryption, NodeKind, Testbed, TestbedErr
 
 mod common;
 use common::{
-    cluster, contains_bytes, hold, in_node, in_pod, ping_within, pod_ip, require_root,
+    cluster, hold, in_node, in_pod, inspect_fabric, ping_within, pod_ip, require_root,
     tcp_transfer, text, udp_datagrams, Env, FabricCapture,
 };
 
@@ -81,70 +81,6 @@ fn route_dev(tb: &Testbed, node: &str, to: Ipv4Addr, mark: Option<&str>) -> Stri
         .and_then(|_| words.next())
         .unwrap_or_else(|| panic!("no dev in `ip route get {to}` on {node}: {out}"))
         .to_string()
-}
-
-/// What the fabric saw: IPv4 frames by kind, and anything that should not be there.
-#[derive(Debug, Default)]
-struct FabricReport {
-    /// UDP 51871 <-> 51871 between the two node addresses.
-    wireguard: usize,
-    /// Descriptions of every other IPv4 frame.
-    other_ipv4: Vec<String>,
-    /// Frames containing an inner address pair or a payload marker.
-    leaks: Vec<String>,
-}
-
-fn inspect(frames: &[Vec<u8>], pods: (Ipv4Addr, Ipv4Addr)) -> FabricReport {
-    let mut report = FabricReport::default();
-    let (a, b) = (pods.0.octets(), pods.1.octets());
-    let pair_ab: Vec<u8> = a.iter().chain(&b).copied().collect();
-    let pair_ba: Vec<u8> = b.iter().chain(&a).copied().collect();
-    let tcp_payload = [b's'; 64];
-    let udp_payload = [b'u'; 64];
-    let needles: [(&str, &[u8]); 5] = [
-        ("pod address pair a->b", &pair_ab),
-        ("pod address pair b->a", &pair_ba),
-        ("ping marker", MARKER),
-        ("TCP payload", &tcp_payload),
-        ("UDP payload", &udp_payload),
-    ];
-    for (i, frame) in frames.iter().enumerate() {
-        for (what, needle) in needles {
-            if contains_bytes(frame, needle) {
-                report.leaks.push(format!("frame {i}: {what}"));
-            }
-        }
-        if frame.len() < 14 || frame[12..14] != [0x08, 0x00] {
-            continue; // ARP, IPv6 neighbour discovery: no pod traffic
-        }
-        let ip = &frame[14..];
-        let describe = || format!("frame {i}: {:02x?}", &ip[..ip.len().min(28)]);
-        if ip.len() < 28 {
-            report.other_ipv4.push(describe());
-            continue;
-        }
-        let header_len = usize::from(ip[0] & 0x0f) * 4;
-        let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
-        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
-        let ports = ip.get(header_len..header_len + 4).map(|p| {
-            (
-                u16::from_be_bytes([p[0], p[1]]),
-                u16::from_be_bytes([p[2], p[3]]),
-            )
-        });
-        // IGMP reports to 224.0.0.22 that interfaces send when they come up: no pod traffic.
-        if ip[9] == 2 && dst.is_multicast() {
-            continue;
-        }
-        let between_nodes =
-            (src, dst) == (NODE1_IP, NODE2_IP) || (src, dst) == (NODE2_IP, NODE1_IP);
-        if ip[9] == 17 && between_nodes && ports == Some((wireguard::WG_PORT, wireguard::WG_PORT)) {
-            report.wireguard += 1;
-        } else {
-            report.other_ipv4.push(describe());
-        }
-    }
-    report
 }
 
 /// `wg show IFNAME latest-handshakes` in `node`: (peer public key, unix seconds) per line.
@@ -296,7 +232,7 @@ fn kernel_wireguard_nodes_carry_ping_tcp_udp_and_the_fabric_sees_only_wireguard(
     }
     let frames = capture.stop();
 
-    let report = inspect(&frames, (a1, b1));
+    let report = inspect_fabric(&frames, (a1, b1), (NODE1_IP, NODE2_IP), MARKER);
     eprintln!(
         "fabric: {} frames, {} WireGuard, other IPv4 {:?}",
         frames.len(),
@@ -372,7 +308,7 @@ fn kernel_mode_with_wireguard_encryption_runs_every_node_over_wireguard_go() {
     );
     let (a1, b1) = (pod_ip(&tb, POD_A1), pod_ip(&tb, POD_B1));
     marker_ping(&tb, POD_A1, b1, 2);
-    let report = inspect(&capture.stop(), (a1, b1));
+    let report = inspect_fabric(&capture.stop(), (a1, b1), (NODE1_IP, NODE2_IP), MARKER);
     assert_eq!(report.wireguard, 0, "{report:?}");
     assert!(report.other_ipv4.len() >= 4, "clear VXLAN seen: {report:?}");
     for leak in [

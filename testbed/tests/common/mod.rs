@@ -617,3 +617,80 @@ impl FabricCapture {
 pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+/// What the fabric saw: IPv4 frames by kind, and anything that should not be there.
+#[derive(Debug, Default)]
+pub struct FabricReport {
+    /// UDP 51871 <-> 51871 between the two node addresses.
+    pub wireguard: usize,
+    /// VXLAN (UDP to 8472) between the two node addresses.
+    pub clear_vxlan: usize,
+    /// Descriptions of every other IPv4 frame.
+    pub other_ipv4: Vec<String>,
+    /// Frames containing an inner address pair or a payload marker.
+    pub leaks: Vec<String>,
+}
+
+/// Sorts captured fabric frames: WireGuard (UDP 51871 both ways) and clear VXLAN (to 8472)
+/// between the `nodes`, any other IPv4, and leaks (a frame holding the `pods`' address pair,
+/// `marker`, or the 64-byte `s`/`u` payloads of [`tcp_transfer`]/[`udp_datagrams`]).
+pub fn inspect_fabric(
+    frames: &[Vec<u8>],
+    pods: (Ipv4Addr, Ipv4Addr),
+    nodes: (Ipv4Addr, Ipv4Addr),
+    marker: &[u8],
+) -> FabricReport {
+    let mut report = FabricReport::default();
+    let (a, b) = (pods.0.octets(), pods.1.octets());
+    let pair_ab: Vec<u8> = a.iter().chain(&b).copied().collect();
+    let pair_ba: Vec<u8> = b.iter().chain(&a).copied().collect();
+    let tcp_payload = [b's'; 64];
+    let udp_payload = [b'u'; 64];
+    let needles: [(&str, &[u8]); 5] = [
+        ("pod address pair a->b", &pair_ab),
+        ("pod address pair b->a", &pair_ba),
+        ("ping marker", marker),
+        ("TCP payload", &tcp_payload),
+        ("UDP payload", &udp_payload),
+    ];
+    for (i, frame) in frames.iter().enumerate() {
+        for (what, needle) in needles {
+            if contains_bytes(frame, needle) {
+                report.leaks.push(format!("frame {i}: {what}"));
+            }
+        }
+        if frame.len() < 14 || frame[12..14] != [0x08, 0x00] {
+            continue; // ARP, IPv6 neighbour discovery: no pod traffic
+        }
+        let ip = &frame[14..];
+        let describe = || format!("frame {i}: {:02x?}", &ip[..ip.len().min(28)]);
+        if ip.len() < 28 {
+            report.other_ipv4.push(describe());
+            continue;
+        }
+        let header_len = usize::from(ip[0] & 0x0f) * 4;
+        let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+        let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+        let ports = ip.get(header_len..header_len + 4).map(|p| {
+            (
+                u16::from_be_bytes([p[0], p[1]]),
+                u16::from_be_bytes([p[2], p[3]]),
+            )
+        });
+        // IGMP reports that interfaces send when they come up: no pod traffic.
+        if ip[9] == 2 && dst.is_multicast() {
+            continue;
+        }
+        let between_nodes = (src, dst) == nodes || (dst, src) == nodes;
+        let udp = ip[9] == 17 && between_nodes;
+        if udp && ports == Some((51871, 51871)) {
+            report.wireguard += 1;
+        } else if udp && ports.is_some_and(|(_, dport)| dport == 8472) {
+            report.clear_vxlan += 1;
+            report.other_ipv4.push(describe());
+        } else {
+            report.other_ipv4.push(describe());
+        }
+    }
+    report
+}
