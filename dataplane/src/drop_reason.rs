@@ -102,11 +102,18 @@ pub enum DropReason {
     WgSealFailed = 42,
     /// Too big for the uplink once encrypted (the pod MTU leaves room; not fragmented).
     WgTooBig = 43,
+    /// Denied by the ingress NetworkPolicies of the destination pod (it is isolated for ingress
+    /// and no rule allows the flow), or an established flow cut after a policy change.
+    PolicyDeniedIngress = 44,
+    /// Denied by the egress NetworkPolicies of the source pod (same rules, other direction).
+    PolicyDeniedEgress = 45,
+    /// Denied by the host policies of this node (host firewall).
+    HostPolicyDenied = 46,
 }
 
 impl DropReason {
     /// Every reason, in number order (metrics export all of them, even at zero).
-    pub const ALL: [DropReason; 43] = [
+    pub const ALL: [DropReason; 46] = [
         DropReason::FrameTooShort,
         DropReason::UnsupportedEthertype,
         DropReason::Ipv6Unsupported,
@@ -150,9 +157,12 @@ impl DropReason {
         DropReason::WgCleartext,
         DropReason::WgSealFailed,
         DropReason::WgTooBig,
+        DropReason::PolicyDeniedIngress,
+        DropReason::PolicyDeniedEgress,
+        DropReason::HostPolicyDenied,
     ];
     /// Size of a counter array indexed by `reason as usize` (index 0 unused).
-    pub const SLOTS: usize = 44;
+    pub const SLOTS: usize = 47;
 
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -199,6 +209,9 @@ impl DropReason {
             DropReason::WgCleartext => "wg_cleartext",
             DropReason::WgSealFailed => "wg_seal_failed",
             DropReason::WgTooBig => "wg_too_big",
+            DropReason::PolicyDeniedIngress => "policy_denied_ingress",
+            DropReason::PolicyDeniedEgress => "policy_denied_egress",
+            DropReason::HostPolicyDenied => "host_policy_denied",
         }
     }
 

@@ -24,6 +24,7 @@ pub mod handoff;
 pub mod latency;
 pub mod packet;
 pub mod pipeline;
+pub mod policy;
 pub mod runtime;
 pub mod services;
 pub mod snapshot;

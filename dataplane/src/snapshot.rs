@@ -10,6 +10,7 @@
 use std::{net::Ipv4Addr, sync::Arc};
 
 use crate::{
+    policy::PolicyTable,
     services::ServiceTable,
     wire::Mac,
     wireguard::{PeerId, Session, SessionTable},
@@ -210,12 +211,13 @@ pub struct Snapshot {
     services: Arc<ServiceTable>,
     nat: Option<NatConfig>,
     wireguard: Option<Arc<WireguardConfig>>,
+    policy: Arc<PolicyTable>,
 }
 
 /// An open-addressing hash index from a non-zero `u32` key to a position: power-of-two table at
 /// most half full, multiplicative (Fibonacci) hashing, linear probing. Built once per snapshot;
 /// lookups allocate nothing and always end at an empty slot.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct FlatIndex {
     keys: Vec<u32>,
     positions: Vec<u32>,
@@ -338,6 +340,11 @@ impl Snapshot {
     pub fn wireguard(&self) -> Option<&WireguardConfig> {
         self.wireguard.as_deref()
     }
+    /// The compiled network policy (empty, inactive, when no policy selects anything here).
+    #[inline]
+    pub fn policy(&self) -> &PolicyTable {
+        &self.policy
+    }
     /// Whether `ip` is inside the cluster: a pod CIDR (this node's or another's) or a node
     /// address. Pod traffic to anything else is masqueraded.
     #[inline]
@@ -391,6 +398,7 @@ impl SnapshotBuilder {
                 services: ServiceTable::empty(),
                 nat: None,
                 wireguard: None,
+                policy: Arc::new(PolicyTable::empty()),
             },
         }
     }
@@ -424,6 +432,11 @@ impl SnapshotBuilder {
     pub fn wireguard(&mut self, mut config: WireguardConfig) -> &mut Self {
         config.peers.sort_by_key(|p| u32::from(p.node_ip));
         self.snap.wireguard = Some(Arc::new(config));
+        self
+    }
+    /// The compiled network policy (see `policy`).
+    pub fn policy(&mut self, table: Arc<PolicyTable>) -> &mut Self {
+        self.snap.policy = table;
         self
     }
     pub fn neighbor(&mut self, ip: Ipv4Addr, mac: Mac) -> &mut Self {
