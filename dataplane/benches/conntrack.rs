@@ -43,7 +43,7 @@ fn rw() -> NatRewrite {
 fn fill(ct: &mut Conntrack, from: usize, to: usize) {
     for i in from..to {
         let k = key(i);
-        let f = ct.new_flow(6, TCP_SYN, Some(rw()), i as u32, 0);
+        let f = ct.new_flow(6, TCP_SYN, Some(rw()), i as u16, 0);
         let _ = ct.insert(&k, &k.reply_key(&rw()), f, 0);
     }
 }

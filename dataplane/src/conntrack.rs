@@ -272,9 +272,14 @@ pub struct Flow {
     pub nat: Option<NatRewrite>,
     /// Monotonic time after which the flow is gone.
     pub expires_ns: u64,
-    /// A tag for the caller: `stages::lb` keeps the service table generation its backend was
-    /// last checked against.
-    pub backend: u32,
+    /// A tag for the caller: `stages::lb` keeps the service table generation (low 16 bits) its
+    /// backend was last checked against.
+    pub backend: u16,
+    /// The policy generation the flow's verdict was taken under (0: never checked); `stages::lb`
+    /// checks the flow again when the table's generation differs.
+    pub policy_gen: u16,
+    /// The flow is forwarded under an audit verdict (a policy in audit mode would deny it).
+    pub policy_audit: bool,
     pub state: FlowState,
     /// FIN seen: bit 0 original direction, bit 1 reply.
     fins: u8,
@@ -288,7 +293,7 @@ impl Flow {
         proto: u8,
         tcp_flags: u8,
         nat: Option<NatRewrite>,
-        backend: u32,
+        backend: u16,
         now_ns: u64,
         timeouts: &Timeouts,
     ) -> Flow {
@@ -297,6 +302,8 @@ impl Flow {
             nat,
             expires_ns: now_ns.saturating_add(timeouts.for_state(state)),
             backend,
+            policy_gen: 0,
+            policy_audit: false,
             state,
             fins: if state == FlowState::TcpFinWait { 1 } else { 0 },
             slots: 0,
@@ -546,7 +553,7 @@ impl Conntrack {
         proto: u8,
         tcp_flags: u8,
         nat: Option<NatRewrite>,
-        backend: u32,
+        backend: u16,
         now_ns: u64,
     ) -> Flow {
         Flow::new(proto, tcp_flags, nat, backend, now_ns, &self.timeouts)
@@ -697,10 +704,25 @@ impl Conntrack {
     }
 
     /// Sets the `backend` tag of the flow `key` belongs to (either direction); false when absent.
-    pub fn set_backend(&mut self, key: &FlowKey, backend: u32) -> bool {
+    pub fn set_backend(&mut self, key: &FlowKey, backend: u16) -> bool {
         match self.find(key) {
             Some((_, _, r)) => {
                 self.entries[(r >> 1) as usize].flow.backend = backend;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records the policy verdict of the flow `key` belongs to (either direction): taken under
+    /// policy generation `generation`, `audit` if forwarded under an audit verdict. False when
+    /// absent.
+    pub fn set_policy(&mut self, key: &FlowKey, generation: u16, audit: bool) -> bool {
+        match self.find(key) {
+            Some((_, _, r)) => {
+                let f = &mut self.entries[(r >> 1) as usize].flow;
+                f.policy_gen = generation;
+                f.policy_audit = audit;
                 true
             }
             None => false,
@@ -1283,11 +1305,11 @@ mod tests {
                 proto: ipv4::PROTO_TCP,
             };
             let rw = NatRewrite::dnat(BACKEND, 8443);
-            let f = ct.new_flow(ipv4::PROTO_TCP, TCP_SYN, Some(rw), i, now);
+            let f = ct.new_flow(ipv4::PROTO_TCP, TCP_SYN, Some(rw), i as u16, now);
             let _ = ct.insert(&k, &k.reply_key(&rw), f, now);
             assert_eq!(
                 ct.lookup(&k.reply_key(&rw), now).map(|f| f.backend),
-                Some(i)
+                Some(i as u16)
             );
         }
         let st = *ct.stats();
@@ -1380,7 +1402,7 @@ mod load_tests {
         for i in 0..flows {
             let k = random_key(&mut rng);
             let rw = NatRewrite::dnat(backend, (i as u16) | 1);
-            let f = ct.new_flow(k.proto, TCP_SYN, Some(rw), i as u32, 0);
+            let f = ct.new_flow(k.proto, TCP_SYN, Some(rw), i as u16, 0);
             let _ = ct.insert(&k, &k.reply_key(&rw), f, 0);
         }
         ct

@@ -147,6 +147,9 @@ pub struct ServiceTable {
     service_addrs: FlatIndex,
     /// Addresses of every backend: their traffic may be a reply of a translated flow.
     backend_addrs: FlatIndex,
+    /// (address, port, protocol) of every backend, open addressing (0: empty): the server side
+    /// of a flow, which flow steering needs (`stages::lb::owner`).
+    backend_eps: Vec<u64>,
 }
 
 #[inline]
@@ -218,6 +221,24 @@ impl ServiceTable {
     #[inline]
     pub fn is_backend_addr(&self, addr: Ipv4Addr) -> bool {
         self.backend_addrs.get(u32::from(addr)).is_some()
+    }
+
+    /// Whether (`addr`, `port`, `proto`) is a backend endpoint of some service.
+    #[inline]
+    pub fn is_backend_endpoint(&self, addr: Ipv4Addr, port: u16, proto: u8) -> bool {
+        if self.backend_eps.is_empty() {
+            return false;
+        }
+        let key = frontend_key(addr, port, proto);
+        let mask = self.backend_eps.len() - 1;
+        let mut at = mix64(key) as usize & mask;
+        loop {
+            match self.backend_eps[at] {
+                0 => return false,
+                k if k == key => return true,
+                _ => at = (at + 1) & mask,
+            }
+        }
     }
 
     #[inline]
@@ -398,6 +419,28 @@ impl ServiceTableBuilder {
         backs.sort_unstable();
         backs.dedup();
         t.backend_addrs = FlatIndex::build(backs.into_iter());
+        let mut eps: Vec<u64> = Vec::new();
+        for f in &t.frontends {
+            if let Some(svc) = t.services.get(f.service as usize) {
+                for b in t.backends_of(svc) {
+                    eps.push(frontend_key(b.addr, b.port, f.proto));
+                }
+            }
+        }
+        eps.sort_unstable();
+        eps.dedup();
+        eps.retain(|&k| k != 0);
+        if !eps.is_empty() {
+            let slots = (eps.len() * 2).next_power_of_two().max(8);
+            t.backend_eps = vec![0; slots];
+            for k in eps {
+                let mut at = mix64(k) as usize & (slots - 1);
+                while t.backend_eps[at] != 0 {
+                    at = (at + 1) & (slots - 1);
+                }
+                t.backend_eps[at] = k;
+            }
+        }
         Ok(self.table)
     }
 }

@@ -128,6 +128,17 @@ counters! {
     lb_reselected,
     /// Packets that matched a tracked flow.
     ct_hits,
+    /// Flows tracked only because a NetworkPolicy isolates one of their ends.
+    policy_flows,
+    /// Flows (or untracked packets) forwarded under an audit verdict: an audit-mode policy
+    /// (or the agent-wide audit mode) would have denied them at the destination's ingress.
+    policy_audit_ingress,
+    /// The same, at the source's egress.
+    policy_audit_egress,
+    /// The same, by the host policy of this node.
+    policy_audit_host,
+    /// Established flows cut because a policy change denies them.
+    policy_cut,
     /// Frames copied to another worker that owns their flow.
     handoff_out,
     /// Frames received from other workers.

@@ -730,6 +730,11 @@ impl Worker {
         self.counters.masq_new_flows = lb.masq_new_flows;
         self.counters.ct_hits = lb.ct_hits;
         self.counters.lb_reselected = lb.lb_reselected;
+        self.counters.policy_flows = lb.policy_flows;
+        self.counters.policy_audit_ingress = lb.policy_audit[0];
+        self.counters.policy_audit_egress = lb.policy_audit[1];
+        self.counters.policy_audit_host = lb.policy_audit[2];
+        self.counters.policy_cut = lb.policy_cut;
         self.counters.decrypted = self.flows.wg_opened;
         self.shared.publish_wg(&self.flows.wg_peers);
     }

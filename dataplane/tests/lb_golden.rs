@@ -1161,7 +1161,7 @@ fn owner_of_client_port(sport: u16, n: u16) -> u16 {
         dport: 80,
         proto: TCP,
     };
-    dataplane::stages::lb::owner(&k, true, false, n)
+    dataplane::stages::lb::owner(&k, dataplane::stages::lb::FlowRole::ToFrontend, n)
 }
 
 #[test]

@@ -546,7 +546,7 @@ fn conntrack_and_nat_allocate_nothing_after_construction() {
                 proto: TCP,
             };
             if ct.track(&key, TCP_SYN, now).is_none() {
-                let f = ct.new_flow(TCP, TCP_SYN, Some(rw), i, now);
+                let f = ct.new_flow(TCP, TCP_SYN, Some(rw), i as u16, now);
                 let _ = ct.insert(&key, &key.reply_key(&rw), f, now);
             }
             let _ = ct.track(&key.reply_key(&rw), TCP_SYN | TCP_ACK, now);

@@ -14,16 +14,25 @@
 //! ```
 //!
 //! **Flow steering** (both directions of a flow must meet the worker that holds its conntrack
-//! entry). The owner is computed from the packet's key alone, identically for both directions:
-//! 1. destination is a frontend: hash of the *source* endpoint (the client) — replies of the
-//!    flow carry the client as destination, and rule 3 hashes it the same way;
+//! entry). The owner is computed from the packet's key alone, identically for both directions
+//! ([`owner`], [`FlowRole`]):
+//! 1. destination is a frontend: hash of the *source* endpoint (the client);
 //! 2. destination is a SNAT address (this node's addresses, the hairpin address): the
 //!    destination port modulo the number of workers — the port was *chosen* by the owner among
 //!    the ports that map to itself, so a reply names its worker without any lookup;
-//! 3. otherwise: hash of the destination endpoint.
+//! 3. destination is a backend endpoint (address, port, protocol of a service's backend): hash
+//!    of the source (the client), the same as rule 1 — a flow to a pod's service port, through
+//!    the ClusterIP or directly, is owned by its client's hash;
+//! 4. source is a backend endpoint: hash of the destination (the client): replies of rules 1
+//!    and 3, translated or not;
+//! 5. otherwise: a symmetric hash of both endpoints (pod-to-pod flows tracked for policy, and
+//!    masqueraded flows, whose replies come back by rule 2).
 //!
-//! A masqueraded flow (rule 3 for the request: hash of the outside server) picks its source port
-//! among those that rule 2 maps to the same worker. ICMP errors use the key of the packet they
+//! A masqueraded flow picks its source port among those that rule 2 maps to its owner.
+//! Limit: a client whose own source endpoint happens to be a backend endpoint of the same
+//! protocol (its ephemeral port equal to one of its own service target ports) is steered by
+//! rule 3 on the way out and rule 3 on the way back (to the other end): such a flow may miss its
+//! entry and be tracked twice. ICMP errors use the key of the packet they
 //! quote, reversed, so they reach the flow's owner too. With one worker nothing is steered.
 //!
 //! **Not done**: fragments to services or of masqueraded flows are dropped (`service_fragment`:
@@ -38,6 +47,7 @@ use crate::{
     drop_reason::DropReason,
     packet::PacketBuf,
     pipeline::Resume,
+    policy::{policy_port, PolicyTable, PolicyVerdict},
     services::{is_lb_protocol, Frontend, ServiceTable},
     snapshot::{InterfaceEntry, NatConfig, Snapshot},
     stages::{icmp_error, nat, nat::NatRewrite, reject},
@@ -70,6 +80,13 @@ pub struct LbStats {
     pub ct_hits: u64,
     /// Flows whose backend was removed from the service: forgotten and balanced again.
     pub lb_reselected: u64,
+    /// Flows tracked only because a policy isolates one of their ends.
+    pub policy_flows: u64,
+    /// Flows (or untracked packets) forwarded under an audit verdict, by the side that would
+    /// have denied them: ingress, egress, host.
+    pub policy_audit: [u64; 3],
+    /// Established flows removed because a policy change denies them.
+    pub policy_cut: u64,
 }
 
 /// Per-worker blocks of WireGuard send counters, by peer id modulo this size (a collision only
@@ -251,16 +268,49 @@ pub fn client_hash(client: Ipv4Addr) -> u32 {
     (mix(u64::from(u32::from(client)) | 1 << 40) >> 32) as u32
 }
 
+/// What the packet's destination is, for flow steering (module doc, "Flow steering").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlowRole {
+    /// To a service frontend: the source is the client.
+    ToFrontend,
+    /// To a SNAT address (this node, the hairpin address): the port names the owner.
+    ToSnatAddr,
+    /// To a backend endpoint (address, port, protocol of some service): the source is the
+    /// client.
+    ToServer,
+    /// From a backend endpoint: the destination is the client.
+    FromServer,
+    /// Anything else: both ends count the same (a symmetric hash).
+    Peer,
+}
+
+/// The role of a packet with key `k` (see [`FlowRole`]).
+#[inline]
+pub fn role(table: &ServiceTable, k: &FlowKey, to_frontend: bool, to_snat_addr: bool) -> FlowRole {
+    if to_frontend {
+        FlowRole::ToFrontend
+    } else if to_snat_addr {
+        FlowRole::ToSnatAddr
+    } else if table.is_backend_endpoint(k.dst, k.dport, k.proto) {
+        FlowRole::ToServer
+    } else if table.is_backend_endpoint(k.src, k.sport, k.proto) {
+        FlowRole::FromServer
+    } else {
+        FlowRole::Peer
+    }
+}
+
 /// The worker that owns the flow of a packet with key `k` (module doc, "Flow steering").
 #[inline]
-pub fn owner(k: &FlowKey, to_frontend: bool, to_snat_addr: bool, workers: u16) -> u16 {
+pub fn owner(k: &FlowKey, role: FlowRole, workers: u16) -> u16 {
     let n = u32::from(workers.max(1));
-    let v = if to_frontend {
-        endpoint_hash(k.src, k.sport) % n
-    } else if to_snat_addr {
-        u32::from(k.dport) % n
-    } else {
-        endpoint_hash(k.dst, k.dport) % n
+    let v = match role {
+        FlowRole::ToFrontend | FlowRole::ToServer => endpoint_hash(k.src, k.sport) % n,
+        FlowRole::ToSnatAddr => u32::from(k.dport) % n,
+        FlowRole::FromServer => endpoint_hash(k.dst, k.dport) % n,
+        FlowRole::Peer => {
+            (endpoint_hash(k.src, k.sport) ^ endpoint_hash(k.dst, k.dport)).rotate_left(7) % n
+        }
     };
     v as u16
 }
@@ -360,7 +410,9 @@ pub fn run(
 ) -> Lb {
     let table: &ServiceTable = snap.services();
     let nat_cfg: Option<&NatConfig> = snap.nat();
-    if table.is_empty() && nat_cfg.is_none() {
+    let policy = snap.policy();
+    let pol_on = policy.is_active();
+    if table.is_empty() && nat_cfg.is_none() && !pol_on {
         return match origin {
             Origin::Uplink => Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected)),
             _ => Lb::Continue(*meta),
@@ -379,6 +431,11 @@ pub fn run(
             Lb::Done(Verdict::Drop(DropReason::ServiceUnknownPort))
         } else if origin == Origin::Uplink {
             Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected))
+        } else if pol_on {
+            match judge_untracked(ctx, policy, meta.src, meta.dst, meta.protocol) {
+                Some(r) => Lb::Done(Verdict::Drop(r)),
+                None => Lb::Continue(*meta),
+            }
         } else {
             Lb::Continue(*meta)
         };
@@ -396,19 +453,25 @@ pub fn run(
         && nat_cfg.is_some_and(|n| n.masquerade)
         && !to_service
         && !snap.in_cluster(k.dst);
+    let policy_tracked = pol_on && (policy.isolates(k.src) || policy.isolates(k.dst));
     let stateful = fe.is_some()
         || to_snat_addr
         || to_service
         || l4.error
         || masquerade
         || origin == Origin::Uplink
+        || policy_tracked
         || table.is_backend_addr(k.src);
     if !stateful {
         return Lb::Continue(*meta);
     }
     let steer = ctx.steer;
     if steer.workers > 1 && !steered {
-        let o = owner(&k, fe.is_some(), to_snat_addr, steer.workers);
+        let o = owner(
+            &k,
+            role(table, &k, fe.is_some(), to_snat_addr),
+            steer.workers,
+        );
         if o != steer.worker {
             return Lb::Done(Verdict::Handoff { worker: o, resume });
         }
@@ -418,7 +481,8 @@ pub fn run(
         return Lb::Done(Verdict::Drop(DropReason::NoFlowState));
     };
     // A service flow records the service table generation it was checked against (`backend`).
-    let table_gen = table.generation() as u32;
+    let table_gen = table.generation() as u16;
+    let pgen = policy.generation();
     let mut hit = flows.ct.track_origin(&k, l4.tcp_flags, !l4.error, now);
     if let Some((Direction::Original, _, flow)) = hit {
         if let (Some((addr, port)), false) = (flow.nat.and_then(|n| n.dst), l4.error) {
@@ -449,6 +513,29 @@ pub fn run(
     }
     if let Some((dir, orig, flow)) = hit {
         flows.stats.ct_hits += 1;
+        if !l4.error && flow.policy_gen != pgen && (pol_on || flow.policy_gen != 0) {
+            // The policy changed since this flow was judged: judge its original direction
+            // again (after DNAT, before SNAT) and cut it if it is now denied.
+            let (dst, dport) = flow
+                .nat
+                .and_then(|n| n.dst)
+                .unwrap_or((orig.dst, orig.dport));
+            let port = policy_port(orig.proto, dport);
+            match policy.check(orig.src, dst, orig.proto, port) {
+                PolicyVerdict::Deny(r) => {
+                    flows.ct.remove(&k);
+                    flows.stats.policy_cut += 1;
+                    return Lb::Done(Verdict::Drop(r));
+                }
+                PolicyVerdict::Audit(r) => {
+                    flows.stats.policy_audit[audit_slot(r)] += 1;
+                    flows.ct.set_policy(&k, pgen, true);
+                }
+                PolicyVerdict::Allow => {
+                    flows.ct.set_policy(&k, pgen, false);
+                }
+            }
+        }
         return match flow.rewrite_for(&orig, dir) {
             Some(rw) => apply(meta, &rw, pkt),
             None => Lb::Continue(*meta),
@@ -458,6 +545,10 @@ pub fn run(
         // An error about no flow of ours.
         return match origin {
             Origin::Uplink => Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected)),
+            _ if pol_on => match judge_untracked(ctx, policy, meta.src, meta.dst, meta.protocol) {
+                Some(r) => Lb::Done(Verdict::Drop(r)),
+                None => Lb::Continue(*meta),
+            },
             _ => Lb::Continue(*meta),
         };
     }
@@ -520,9 +611,16 @@ pub fn run(
             };
             rw.src = Some((src, port));
         }
-        let flow = flows
+        let mut flow = flows
             .ct
             .new_flow(k.proto, l4.tcp_flags, Some(rw), table_gen, now);
+        if pol_on {
+            let port = policy_port(k.proto, backend.port);
+            match judge_new(flows, policy, &mut flow, k.src, backend.addr, k.proto, port) {
+                Some(r) => return Lb::Done(Verdict::Drop(r)),
+                None => {}
+            }
+        }
         // A live flow evicted to make room is counted in the table's stats.
         let _ = flows.ct.insert(&k, &k.reply_key(&rw), flow, now);
         flows.stats.lb_new_flows += 1;
@@ -552,13 +650,90 @@ pub fn run(
             return Lb::Done(Verdict::Drop(DropReason::NatPortExhausted));
         };
         let rw = NatRewrite::snat(src, port);
-        let flow = flows.ct.new_flow(k.proto, l4.tcp_flags, Some(rw), 0, now);
+        let mut flow = flows.ct.new_flow(k.proto, l4.tcp_flags, Some(rw), 0, now);
+        if pol_on {
+            let port = policy_port(k.proto, k.dport);
+            if let Some(r) = judge_new(flows, policy, &mut flow, k.src, k.dst, k.proto, port) {
+                return Lb::Done(Verdict::Drop(r));
+            }
+        }
         let _ = flows.ct.insert(&k, &k.reply_key(&rw), flow, now);
         flows.stats.masq_new_flows += 1;
         return apply(meta, &rw, pkt);
     }
+    if policy_tracked && origin != Origin::Uplink {
+        // A flow of an isolated pod, untranslated: judged and tracked, so its replies pass.
+        let mut flow = flows.ct.new_flow(k.proto, l4.tcp_flags, None, 0, now);
+        let port = policy_port(k.proto, k.dport);
+        if let Some(r) = judge_new(flows, policy, &mut flow, k.src, k.dst, k.proto, port) {
+            return Lb::Done(Verdict::Drop(r));
+        }
+        let _ = flows.ct.insert(&k, &k.reversed(), flow, now);
+        flows.stats.policy_flows += 1;
+        return Lb::Continue(*meta);
+    }
     match origin {
         Origin::Uplink => Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected)),
         _ => Lb::Continue(*meta),
+    }
+}
+
+/// The slot of `LbStats::policy_audit` for an audit verdict's reason.
+#[inline]
+fn audit_slot(r: DropReason) -> usize {
+    match r {
+        DropReason::PolicyDeniedIngress => 0,
+        DropReason::PolicyDeniedEgress => 1,
+        _ => 2,
+    }
+}
+
+/// Judges a new flow from `src` to `dst` (after DNAT) and marks `flow` with the verdict:
+/// `Some(reason)` when it is denied (nothing is inserted), else `None` (audit counted).
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn judge_new(
+    flows: &mut Flows,
+    policy: &PolicyTable,
+    flow: &mut crate::conntrack::Flow,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+    port: u16,
+) -> Option<DropReason> {
+    flow.policy_gen = policy.generation();
+    match policy.check(src, dst, proto, port) {
+        PolicyVerdict::Deny(r) => Some(r),
+        PolicyVerdict::Audit(r) => {
+            flows.stats.policy_audit[audit_slot(r)] += 1;
+            flow.policy_audit = true;
+            None
+        }
+        PolicyVerdict::Allow => None,
+    }
+}
+
+/// Judges a packet that cannot be tracked (a fragment, a protocol without ports, an ICMP error
+/// about no flow) on its own, with port 0: `Some(reason)` to drop it.
+#[inline]
+fn judge_untracked(
+    ctx: &mut Ctx<'_>,
+    policy: &PolicyTable,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    proto: u8,
+) -> Option<DropReason> {
+    if !policy.isolates(src) && !policy.isolates(dst) {
+        return None;
+    }
+    match policy.check(src, dst, proto, 0) {
+        PolicyVerdict::Deny(r) => Some(r),
+        PolicyVerdict::Audit(r) => {
+            if let Some(flows) = ctx.flows.as_deref_mut() {
+                flows.stats.policy_audit[audit_slot(r)] += 1;
+            }
+            None
+        }
+        PolicyVerdict::Allow => None,
     }
 }
