@@ -248,7 +248,14 @@ fn snapshot(o: &Opts) -> Snapshot {
 }
 
 fn snapshot_with(o: &Opts, table: ServiceTable) -> Snapshot {
+    snapshot_full(o, table, None)
+}
+
+fn snapshot_full(o: &Opts, table: ServiceTable, policy: Option<PolicyTable>) -> Snapshot {
     let mut b = SnapshotBuilder::new(1, GATEWAY);
+    if let Some(p) = policy {
+        b.policy(Arc::new(p));
+    }
     for (ifindex, mac, role) in [
         (IF_A, LXC_A_MAC, InterfaceRole::Pod),
         (IF_B, LXC_B_MAC, InterfaceRole::Pod),
@@ -2192,4 +2199,485 @@ fn flows_of_a_removed_backend_are_balanced_again_and_pinned_not_serving_ones_sta
         assert_eq!(&out.frame[14 + 16..14 + 20], &CIP_LOCAL.octets());
         assert_eq!(&out.frame[14 + 12..14 + 16], &NODE_IP.octets());
     }
+}
+
+// ---- network policy (the lb stage's policy verdicts) ------------------------------------------
+
+use dataplane::policy::{
+    Dir, Isolation, PeerSpec, PolicyBuilder, PolicyTable, PortSpec, ALLOW_AUDIT, ALLOW_ENFORCED,
+};
+
+const ID_A: u32 = 1;
+const ID_B: u32 = 2;
+const ID_REMOTE: u32 = 3;
+const ENFORCED: Isolation = Isolation {
+    enforced: true,
+    audit: false,
+};
+const AUDITED: Isolation = Isolation {
+    enforced: false,
+    audit: true,
+};
+
+/// A policy table for this node: every pod's identity, this node's address, and `rules` run on
+/// the builder with POD_A's and POD_B's endpoint ids.
+fn policy(
+    generation: u16,
+    a: (Isolation, Isolation),
+    b: (Isolation, Isolation),
+    rules: impl FnOnce(&mut PolicyBuilder, u32, u32),
+) -> PolicyTable {
+    let mut p = PolicyBuilder::new(generation);
+    p.identity(POD_A, ID_A)
+        .identity(POD_B, ID_B)
+        .identity(REMOTE_POD, ID_REMOTE)
+        .node_addr(NODE_IP);
+    let ea = p.endpoint(POD_A, a.0, a.1);
+    let eb = p.endpoint(POD_B, b.0, b.1);
+    rules(&mut p, ea, eb);
+    p.build().expect("policy table")
+}
+
+fn snap_with_policy(table: PolicyTable) -> Snapshot {
+    let o = Opts::default();
+    snapshot_full(&o, services(&o), Some(table))
+}
+
+/// B (local) admits TCP 8080 from A only; A is not isolated.
+fn b_admits_a_on_8080(generation: u16) -> PolicyTable {
+    let open = Isolation::OPEN;
+    policy(generation, (open, open), (ENFORCED, open), |p, _, eb| {
+        p.allow(
+            eb,
+            Dir::Ingress,
+            PeerSpec::Identity(ID_A),
+            PortSpec::one(TCP, 8080),
+            ALLOW_ENFORCED,
+        );
+    })
+}
+
+#[test]
+fn policy_ingress_admits_allowed_flows_and_their_replies_and_denies_the_rest() {
+    let snap = snap_with_policy(b_admits_a_on_8080(1));
+    for n in WORKERS {
+        let mut node = Node::new(n);
+        let sport = 42000 + n;
+        // A -> B:8080 allowed; the SYN-ACK (B's egress is open anyway) and the ACK ride on
+        // the flow, on its owner.
+        let out = node.request(
+            &snap,
+            IF_A,
+            &from_a(&tcp(POD_A, sport, POD_B, 8080, SYN, 64)),
+            1,
+        );
+        assert_eq!(out.v, tx(IF_B, TxKind::Forward), "n={n}");
+        assert_eq!(out.frame, to_b(&tcp(POD_A, sport, POD_B, 8080, SYN, 63)));
+        let owner = out.worker;
+        let k = key(POD_A, sport, POD_B, 8080, TCP);
+        assert_eq!(node.state(owner, &k, 1), Some(FlowState::TcpSynSent));
+        let r = node.via_owner(
+            &snap,
+            IF_B,
+            &from_b(&tcp(POD_B, 8080, POD_A, sport, SYN | ACK, 64)),
+            owner,
+            2,
+        );
+        assert_eq!(r.v, tx(IF_A, TxKind::Forward));
+        let a = node.via_owner(
+            &snap,
+            IF_A,
+            &from_a(&tcp(POD_A, sport, POD_B, 8080, ACK, 64)),
+            owner,
+            3,
+        );
+        assert_eq!(a.v, tx(IF_B, TxKind::Forward));
+        assert_eq!(node.state(owner, &k, 3), Some(FlowState::TcpEstablished));
+        // Another port, another protocol, another source: denied, no state left behind.
+        for (frame, rx, k) in [
+            (
+                from_a(&tcp(POD_A, sport, POD_B, 9090, SYN, 64)),
+                IF_A,
+                key(POD_A, sport, POD_B, 9090, TCP),
+            ),
+            (
+                from_a(&udp(POD_A, sport, POD_B, 8080, 64)),
+                IF_A,
+                key(POD_A, sport, POD_B, 8080, UDP),
+            ),
+            (
+                vxlan_in(&tcp(REMOTE_POD, sport, POD_B, 8080, SYN, 64)),
+                IF_UPLINK,
+                key(REMOTE_POD, sport, POD_B, 8080, TCP),
+            ),
+        ] {
+            let d = node.request(&snap, rx, &frame, 4);
+            assert_eq!(d.v, Verdict::Drop(DropReason::PolicyDeniedIngress), "n={n}");
+            for w in 0..n {
+                assert_eq!(node.state(w, &k, 4), None, "a denied flow leaves no entry");
+            }
+        }
+        // B may open connections to A (A is not isolated, B's egress is open).
+        let b = node.request(
+            &snap,
+            IF_B,
+            &from_b(&tcp(POD_B, 7000, POD_A, 22, SYN, 64)),
+            5,
+        );
+        assert_eq!(b.v, tx(IF_A, TxKind::Forward));
+        let flows: u64 = node.workers.iter().map(|w| w.stats.policy_flows).sum();
+        assert_eq!(flows, 2, "A->B:8080 and B->A:22 tracked for policy");
+    }
+}
+
+#[test]
+fn policy_egress_is_enforced_on_the_source_node_before_encapsulation() {
+    let open = Isolation::OPEN;
+    // A may only send UDP 53 to 10.244.2.0/24 (REMOTE_POD's node) and TCP to B's identity.
+    let table = policy(1, (open, ENFORCED), (open, open), |p, ea, _| {
+        p.allow(
+            ea,
+            Dir::Egress,
+            PeerSpec::IpBlock {
+                cidr: (Ipv4Addr::new(10, 244, 2, 0), 24),
+                except: vec![],
+            },
+            PortSpec::one(UDP, 53),
+            ALLOW_ENFORCED,
+        )
+        .allow(
+            ea,
+            Dir::Egress,
+            PeerSpec::Identity(ID_B),
+            PortSpec::all_of(TCP),
+            ALLOW_ENFORCED,
+        );
+    });
+    let snap = snap_with_policy(table);
+    for n in WORKERS {
+        let mut node = Node::new(n);
+        let d = node.request(
+            &snap,
+            IF_A,
+            &from_a(&tcp(POD_A, 43000, REMOTE_POD, 8080, SYN, 64)),
+            1,
+        );
+        assert_eq!(d.v, Verdict::Drop(DropReason::PolicyDeniedEgress));
+        let out = node.request(
+            &snap,
+            IF_A,
+            &from_a(&udp(POD_A, 43001, REMOTE_POD, 53, 64)),
+            1,
+        );
+        assert_eq!(out.v, tx(IF_UPLINK, TxKind::Encap), "n={n}");
+        let inner = assert_encap(&out.frame);
+        assert_eq!(inner, udp(POD_A, 43001, REMOTE_POD, 53, 63));
+        // The reply comes back through the tunnel to A, whose ingress is open: and it is the
+        // flow's reply on its owner.
+        let r = node.via_owner(
+            &snap,
+            IF_UPLINK,
+            &vxlan_in(&udp(REMOTE_POD, 53, POD_A, 43001, 64)),
+            out.worker,
+            2,
+        );
+        assert_eq!(r.v, tx(IF_A, TxKind::Decap));
+        // Masquerade to the internet is egress too: denied before any SNAT.
+        let m = node.request(
+            &snap,
+            IF_A,
+            &from_a(&tcp(POD_A, 43002, INTERNET, 443, SYN, 64)),
+            3,
+        );
+        assert_eq!(m.v, Verdict::Drop(DropReason::PolicyDeniedEgress));
+        let masq: u64 = node.workers.iter().map(|w| w.stats.masq_new_flows).sum();
+        assert_eq!(masq, 0, "no SNAT for a denied flow");
+    }
+}
+
+#[test]
+fn policy_sees_the_backend_and_target_port_after_dnat() {
+    let snap = snap_with_policy(b_admits_a_on_8080(1));
+    for n in WORKERS {
+        let mut node = Node::new(n);
+        // A -> ClusterIP:80 -> B:8080: allowed (the rule names the target port).
+        let out = node.request(
+            &snap,
+            IF_A,
+            &from_a(&tcp(POD_A, 44000, CIP_LOCAL, 80, SYN, 64)),
+            1,
+        );
+        assert_eq!(out.frame, to_b(&tcp(POD_A, 44000, POD_B, 8080, SYN, 63)));
+        let r = node.via_owner(
+            &snap,
+            IF_B,
+            &from_b(&tcp(POD_B, 8080, POD_A, 44000, SYN | ACK, 64)),
+            out.worker,
+            2,
+        );
+        assert_eq!(
+            r.frame,
+            to_a(&tcp(CIP_LOCAL, 80, POD_A, 44000, SYN | ACK, 63))
+        );
+    }
+    // The same service, a policy naming the service port instead: denied.
+    let open = Isolation::OPEN;
+    let table = policy(1, (open, open), (ENFORCED, open), |p, _, eb| {
+        p.allow(
+            eb,
+            Dir::Ingress,
+            PeerSpec::Identity(ID_A),
+            PortSpec::one(TCP, 80),
+            ALLOW_ENFORCED,
+        );
+    });
+    let snap = snap_with_policy(table);
+    let mut node = Node::new(2);
+    let d = node.request(
+        &snap,
+        IF_A,
+        &from_a(&tcp(POD_A, 44001, CIP_LOCAL, 80, SYN, 64)),
+        1,
+    );
+    assert_eq!(d.v, Verdict::Drop(DropReason::PolicyDeniedIngress));
+    let new: u64 = node.workers.iter().map(|w| w.stats.lb_new_flows).sum();
+    assert_eq!(new, 0, "a denied service flow is not tracked");
+}
+
+#[test]
+fn a_policy_change_cuts_flows_it_denies_and_keeps_the_others() {
+    let allow_both = |generation| {
+        let open = Isolation::OPEN;
+        policy(generation, (open, open), (ENFORCED, open), |p, _, eb| {
+            p.allow(
+                eb,
+                Dir::Ingress,
+                PeerSpec::Identity(ID_A),
+                PortSpec {
+                    proto: TCP,
+                    lo: 8080,
+                    hi: 8081,
+                },
+                ALLOW_ENFORCED,
+            );
+        })
+    };
+    let first = snap_with_policy(allow_both(1));
+    // Generation 2 only admits 8080.
+    let second = snap_with_policy(b_admits_a_on_8080(2));
+    for n in WORKERS {
+        let mut node = Node::new(n);
+        let mut owners = Vec::new();
+        for (i, port) in [8080u16, 8081].into_iter().enumerate() {
+            let sport = 45000 + i as u16;
+            let out = node.request(
+                &first,
+                IF_A,
+                &from_a(&tcp(POD_A, sport, POD_B, port, SYN, 64)),
+                1,
+            );
+            assert_eq!(out.v, tx(IF_B, TxKind::Forward));
+            owners.push(out.worker);
+            let r = node.via_owner(
+                &first,
+                IF_B,
+                &from_b(&tcp(POD_B, port, POD_A, sport, SYN | ACK, 64)),
+                out.worker,
+                2,
+            );
+            assert_eq!(r.v, tx(IF_A, TxKind::Forward));
+        }
+        // After the change: the 8080 connection goes on, both ways...
+        let keep = node.via_owner(
+            &second,
+            IF_A,
+            &from_a(&tcp(POD_A, 45000, POD_B, 8080, ACK, 64)),
+            owners[0],
+            3,
+        );
+        assert_eq!(keep.v, tx(IF_B, TxKind::Forward), "n={n}");
+        let keep = node.via_owner(
+            &second,
+            IF_B,
+            &from_b(&tcp(POD_B, 8080, POD_A, 45000, ACK, 64)),
+            owners[0],
+            3,
+        );
+        assert_eq!(keep.v, tx(IF_A, TxKind::Forward));
+        // ...the 8081 one is cut at its next packet, whichever way it goes.
+        let cut = node.via_owner(
+            &second,
+            IF_B,
+            &from_b(&tcp(POD_B, 8081, POD_A, 45001, ACK, 64)),
+            owners[1],
+            3,
+        );
+        assert_eq!(cut.v, Verdict::Drop(DropReason::PolicyDeniedIngress));
+        let k = key(POD_A, 45001, POD_B, 8081, TCP);
+        assert_eq!(node.state(owners[1], &k, 3), None, "the cut flow is gone");
+        let again = node.via_owner(
+            &second,
+            IF_A,
+            &from_a(&tcp(POD_A, 45001, POD_B, 8081, ACK, 64)),
+            owners[1],
+            4,
+        );
+        assert_eq!(again.v, Verdict::Drop(DropReason::PolicyDeniedIngress));
+        let cuts: u64 = node.workers.iter().map(|w| w.stats.policy_cut).sum();
+        assert_eq!(cuts, 1);
+    }
+}
+
+#[test]
+fn audit_mode_forwards_would_be_denied_flows_and_counts_each_once() {
+    let open = Isolation::OPEN;
+    let table = policy(1, (open, open), (AUDITED, open), |p, _, eb| {
+        p.allow(
+            eb,
+            Dir::Ingress,
+            PeerSpec::Identity(ID_A),
+            PortSpec::one(TCP, 8080),
+            ALLOW_AUDIT,
+        );
+    });
+    let snap = snap_with_policy(table);
+    for n in WORKERS {
+        let mut node = Node::new(n);
+        // Allowed by the audit policy: forwarded, not counted.
+        let ok = node.request(
+            &snap,
+            IF_A,
+            &from_a(&tcp(POD_A, 46000, POD_B, 8080, SYN, 64)),
+            1,
+        );
+        assert_eq!(ok.v, tx(IF_B, TxKind::Forward));
+        // Not allowed: forwarded all the same, counted once for the flow.
+        let out = node.request(
+            &snap,
+            IF_A,
+            &from_a(&tcp(POD_A, 46001, POD_B, 9999, SYN, 64)),
+            1,
+        );
+        assert_eq!(out.v, tx(IF_B, TxKind::Forward), "n={n}");
+        let next = node.via_owner(
+            &snap,
+            IF_A,
+            &from_a(&tcp(POD_A, 46001, POD_B, 9999, ACK, 64)),
+            out.worker,
+            2,
+        );
+        assert_eq!(next.v, tx(IF_B, TxKind::Forward));
+        let audits: u64 = node.workers.iter().map(|w| w.stats.policy_audit[0]).sum();
+        assert_eq!(audits, 1);
+        let flow = node.workers[usize::from(out.worker)]
+            .ct
+            .lookup(&key(POD_A, 46001, POD_B, 9999, TCP), 2)
+            .copied()
+            .expect("tracked");
+        assert!(flow.policy_audit && flow.policy_gen == 1);
+    }
+}
+
+#[test]
+fn untracked_packets_to_an_isolated_pod_are_judged_one_by_one() {
+    let snap = snap_with_policy(b_admits_a_on_8080(1));
+    let mut node = Node::new(2);
+    // A fragment (no ports): only an all-ports rule could admit it.
+    let frag = fragment(tcp(POD_A, 47000, POD_B, 8080, ACK, 64), false);
+    let d = node.request(&snap, IF_A, &from_a(&frag), 1);
+    assert_eq!(d.v, Verdict::Drop(DropReason::PolicyDeniedIngress));
+    // GRE (47): no ports, not tracked.
+    let gre = ip(POD_A, POD_B, 47, 64, &[0, 0, 0x08, 0, 1, 2, 3, 4]);
+    let d = node.request(&snap, IF_A, &from_a(&gre), 1);
+    assert_eq!(d.v, Verdict::Drop(DropReason::PolicyDeniedIngress));
+    // With an all-protocol rule from A, both pass.
+    let open = Isolation::OPEN;
+    let table = policy(2, (open, open), (ENFORCED, open), |p, _, eb| {
+        p.allow(
+            eb,
+            Dir::Ingress,
+            PeerSpec::Identity(ID_A),
+            PortSpec::ALL,
+            ALLOW_ENFORCED,
+        );
+    });
+    let snap = snap_with_policy(table);
+    assert_eq!(
+        node.request(&snap, IF_A, &from_a(&gre), 2).v,
+        tx(IF_B, TxKind::Forward)
+    );
+    assert_eq!(
+        node.request(&snap, IF_A, &from_a(&frag), 2).v,
+        tx(IF_B, TxKind::Forward)
+    );
+}
+
+#[test]
+fn pod_to_pod_steering_is_symmetric_and_backend_endpoints_follow_the_client() {
+    use dataplane::stages::lb::{owner, role, FlowRole};
+    let snap = snap();
+    let table = snap.services();
+    proptest!(|(a in any::<u32>(), b in any::<u32>(), sp in any::<u16>(), dp in any::<u16>(), n in 2u16..6)| {
+        let k = FlowKey { src: Ipv4Addr::from(a), dst: Ipv4Addr::from(b), sport: sp, dport: dp, proto: TCP };
+        let r = role(table, &k, false, false);
+        let back = role(table, &k.reversed(), false, false);
+        prop_assert_eq!(owner(&k, r, n), owner(&k.reversed(), back, n));
+    });
+    // A client talking to a backend endpoint directly is owned like its ClusterIP flow.
+    let direct = key(POD_A, 5000, POD_B, 8080, TCP);
+    assert_eq!(role(table, &direct, false, false), FlowRole::ToServer);
+    assert_eq!(
+        role(table, &direct.reversed(), false, false),
+        FlowRole::FromServer
+    );
+    let via_cip = key(POD_A, 5000, CIP_LOCAL, 80, TCP);
+    for n in 2..6 {
+        assert_eq!(
+            owner(&direct, FlowRole::ToServer, n),
+            owner(&via_cip, FlowRole::ToFrontend, n)
+        );
+    }
+}
+
+#[test]
+fn no_allocation_on_the_policy_path() {
+    let snap = snap_with_policy(b_admits_a_on_8080(1));
+    let mut node = Node::new(2);
+    let frames: Vec<(u32, Vec<u8>)> = (0..100u16)
+        .flat_map(|i| {
+            [
+                (IF_A, from_a(&tcp(POD_A, 30000 + i, POD_B, 8080, SYN, 64))),
+                (
+                    IF_B,
+                    from_b(&tcp(POD_B, 8080, POD_A, 30000 + i, SYN | ACK, 64)),
+                ),
+                (IF_A, from_a(&tcp(POD_A, 30000 + i, POD_B, 9, SYN, 64))),
+            ]
+        })
+        .collect();
+    let mut buf = vec![0u8; 2048];
+    let mut buf2 = vec![0u8; 2048];
+    let (results, allocs) = counting_alloc::allocations_during(|| {
+        let mut sent = 0u32;
+        let mut denied = 0u32;
+        for (i, (rx, frame)) in frames.iter().enumerate() {
+            match run_into(
+                &mut node,
+                &snap,
+                *rx,
+                frame,
+                (i % 2) as u16,
+                2,
+                &mut buf,
+                &mut buf2,
+            ) {
+                Verdict::Tx { .. } => sent += 1,
+                Verdict::Drop(DropReason::PolicyDeniedIngress) => denied += 1,
+                _ => {}
+            }
+        }
+        (sent, denied)
+    });
+    assert_eq!(allocs, 0, "allocations on the policy path");
+    assert_eq!(results, (200, 100));
 }

@@ -616,9 +616,9 @@ pub fn run(
             .new_flow(k.proto, l4.tcp_flags, Some(rw), table_gen, now);
         if pol_on {
             let port = policy_port(k.proto, backend.port);
-            match judge_new(flows, policy, &mut flow, k.src, backend.addr, k.proto, port) {
-                Some(r) => return Lb::Done(Verdict::Drop(r)),
-                None => {}
+            if let Some(r) = judge_new(flows, policy, &mut flow, k.src, backend.addr, k.proto, port)
+            {
+                return Lb::Done(Verdict::Drop(r));
             }
         }
         // A live flow evicted to make room is counted in the table's stats.
