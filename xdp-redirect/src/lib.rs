@@ -26,16 +26,25 @@ use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
+mod hostfw;
 mod ports;
+use hostfw::HostFwState;
+pub use hostfw::{Failsafe, HostFirewall, HostFlow, DEFAULT_HOST_FLOW_CAPACITY};
 pub use ports::{PortClaims, PortProtocol};
 
 use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, XskMap},
-    programs::{Xdp, XdpMode},
-    Ebpf,
+    programs::{tc::SchedClassifierLinkId, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
 };
-pub use xdp_redirect_common::{Action, PassKey, RuleAction, MAX_DST_ADDRS, MAX_QUEUES};
-use xdp_redirect_common::{NeighEntry, CONFIG_DEFAULT_ACTION, CONFIG_SNOOP_ARP, PORT_TABLE_WORDS};
+pub use xdp_redirect_common::{
+    Action, PassKey, RuleAction, HOST_FLOW_ICMP_TIMEOUT_NS, HOST_FLOW_TCP_TIMEOUT_NS,
+    HOST_FLOW_UDP_TIMEOUT_NS, MAX_CLUSTER_NODES, MAX_DST_ADDRS, MAX_HOST_ADDRS, MAX_QUEUES,
+};
+use xdp_redirect_common::{
+    HostFlowKey, HostFlowValue, NeighEntry, CONFIG_DEFAULT_ACTION, CONFIG_SNOOP_ARP,
+    HOST_FLOWS_MIN, PORT_TABLE_WORDS,
+};
 
 /// The eBPF object built by `build.rs` (nightly, bpfel-unknown-none, with BTF).
 pub static PROGRAM_OBJECT: &[u8] =
@@ -104,6 +113,53 @@ pub enum Error {
     },
     #[error("IP protocol {proto} has no port table (only TCP 6, UDP 17 and ICMP 1 have one)")]
     UnsupportedProtocol { proto: u8 },
+    #[error(
+        "host firewall on {ifname}: failsafe entry {index} has IP protocol {proto}; only TCP (6), \
+         UDP (17) and ICMP (1, with ICMP types as ports) are supported"
+    )]
+    FailsafeProtocol {
+        ifname: String,
+        index: usize,
+        proto: u8,
+    },
+    #[error(
+        "host firewall on {ifname}: failsafe entry {index} ({proto}) has port range {lo}..={hi}, \
+         which is empty or (for ICMP types) beyond 255"
+    )]
+    FailsafeRange {
+        ifname: String,
+        index: usize,
+        proto: u8,
+        lo: u16,
+        hi: u16,
+    },
+    #[error(
+        "host firewall on {ifname}: {wanted} addresses in {map} exceed its size {max}; list \
+         fewer or raise the limit in xdp-redirect-common"
+    )]
+    TooManyHostFirewallAddrs {
+        ifname: String,
+        map: &'static str,
+        wanted: usize,
+        max: u32,
+    },
+    #[error(
+        "host firewall on {ifname}: the HOST_FLOWS map holds {capacity} entries; attach the \
+         interface with Attachment::attach_with and AttachOptions::host_flow_capacity of at \
+         least {min} (the uplink; DEFAULT_HOST_FLOW_CAPACITY is {default})"
+    )]
+    HostFlowsTooSmall {
+        ifname: String,
+        capacity: u32,
+        min: u32,
+        default: u32,
+    },
+    #[error(
+        "host firewall on {ifname}: the calling thread's network namespace has no such \
+         interface with index {ifindex}; call set_host_firewall from the namespace the \
+         interface was attached in"
+    )]
+    WrongNamespace { ifname: String, ifindex: u32 },
 }
 
 impl TryFrom<u8> for PortProtocol {
@@ -131,6 +187,35 @@ impl AttachMode {
     }
 }
 
+/// How [`Attachment::attach_with`] loads and attaches the program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttachOptions {
+    /// Fall back to generic (SKB) mode when the driver has no native XDP.
+    pub allow_generic: bool,
+    /// Entries of the `HOST_FLOWS` LRU map (flows the node sent, for the host firewall). The
+    /// kernel preallocates an LRU map (about 72 bytes per entry), so only the uplink should ask
+    /// for [`DEFAULT_HOST_FLOW_CAPACITY`]; [`Attachment::set_host_firewall`] refuses to turn the
+    /// firewall on with fewer than [`hostfw::MIN_HOST_FLOW_CAPACITY`] entries.
+    pub host_flow_capacity: u32,
+}
+
+impl AttachOptions {
+    /// A pod veth: no host firewall (a one-entry `HOST_FLOWS` map).
+    pub const fn pod(allow_generic: bool) -> Self {
+        Self {
+            allow_generic,
+            host_flow_capacity: HOST_FLOWS_MIN,
+        }
+    }
+    /// An uplink: room for [`DEFAULT_HOST_FLOW_CAPACITY`] node flows.
+    pub const fn uplink(allow_generic: bool) -> Self {
+        Self {
+            allow_generic,
+            host_flow_capacity: DEFAULT_HOST_FLOW_CAPACITY,
+        }
+    }
+}
+
 /// The XDP program attached to one interface.
 pub struct Attachment {
     ifname: String,
@@ -148,8 +233,18 @@ pub struct Attachment {
     port_claims: [PortClaims; 3],
     /// What `dst_addrs` holds.
     dst_addr_claims: BTreeMap<Ipv4Addr, RuleAction>,
-    // Owns the program and its bpf_link: dropped last, which detaches the program.
-    _ebpf: Ebpf,
+    host_addrs: HashMap<MapData, u32, u8>,
+    cluster_nodes: HashMap<MapData, u32, u8>,
+    failsafe: Array<MapData, u64>,
+    host_flows: HashMap<MapData, HostFlowKey, HostFlowValue>,
+    host_flow_capacity: u32,
+    /// What the host firewall maps hold, and whether the firewall is on.
+    host_fw: HostFwState,
+    /// The TC egress program's link (TCX on kernels from 6.6), while the firewall is on.
+    tc_link: Option<SchedClassifierLinkId>,
+    // Owns the programs and their links: dropped last, which detaches the XDP program and the
+    // TC egress program.
+    ebpf: Ebpf,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -180,12 +275,24 @@ pub fn ifindex(ifname: &str) -> Result<u32, Error> {
 impl Attachment {
     /// Loads a fresh copy of the program and attaches it to `ifname`, natively if the driver
     /// allows, else in generic mode (logged as a warning: generic mode is several times slower).
+    /// The host firewall cannot be turned on (see [`AttachOptions::pod`]); an uplink uses
+    /// [`Attachment::attach_with`].
     pub fn attach(ifname: &str, allow_generic: bool) -> Result<Self, Error> {
+        Self::attach_with(ifname, &AttachOptions::pod(allow_generic))
+    }
+
+    /// [`Attachment::attach`] with options (e.g. [`AttachOptions::uplink`]).
+    pub fn attach_with(ifname: &str, options: &AttachOptions) -> Result<Self, Error> {
+        let allow_generic = options.allow_generic;
+        let host_flow_capacity = options.host_flow_capacity.max(HOST_FLOWS_MIN);
         let ifindex = ifindex(ifname)?;
-        let mut ebpf = Ebpf::load(PROGRAM_OBJECT).map_err(|e| Error::Load {
-            ifname: ifname.into(),
-            source: Box::new(e),
-        })?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries("HOST_FLOWS", host_flow_capacity)
+            .load(PROGRAM_OBJECT)
+            .map_err(|e| Error::Load {
+                ifname: ifname.into(),
+                source: Box::new(e),
+            })?;
         let prog_err = |what, e| Error::Program {
             ifname: ifname.into(),
             what,
@@ -263,6 +370,26 @@ impl Attachment {
                 .ok_or(Error::MissingMap { map: "DST_ADDRS" })?,
         )
         .map_err(|e| map_err("DST_ADDRS", e))?;
+        let host_addrs = HashMap::try_from(
+            ebpf.take_map("HOST_ADDRS")
+                .ok_or(Error::MissingMap { map: "HOST_ADDRS" })?,
+        )
+        .map_err(|e| map_err("HOST_ADDRS", e))?;
+        let cluster_nodes =
+            HashMap::try_from(ebpf.take_map("CLUSTER_NODES").ok_or(Error::MissingMap {
+                map: "CLUSTER_NODES",
+            })?)
+            .map_err(|e| map_err("CLUSTER_NODES", e))?;
+        let failsafe = Array::try_from(
+            ebpf.take_map("FAILSAFE")
+                .ok_or(Error::MissingMap { map: "FAILSAFE" })?,
+        )
+        .map_err(|e| map_err("FAILSAFE", e))?;
+        let host_flows = HashMap::try_from(
+            ebpf.take_map("HOST_FLOWS")
+                .ok_or(Error::MissingMap { map: "HOST_FLOWS" })?,
+        )
+        .map_err(|e| map_err("HOST_FLOWS", e))?;
         Ok(Self {
             ifname: ifname.into(),
             ifindex,
@@ -276,7 +403,14 @@ impl Attachment {
             dst_addrs,
             port_claims: std::array::from_fn(|_| PortClaims::new()),
             dst_addr_claims: BTreeMap::new(),
-            _ebpf: ebpf,
+            host_addrs,
+            cluster_nodes,
+            failsafe,
+            host_flows,
+            host_flow_capacity,
+            host_fw: HostFwState::default(),
+            tc_link: None,
+            ebpf,
         })
     }
 

@@ -15,6 +15,16 @@
 //!   except what the agent claims (VXLAN, WireGuard, NodePorts, masquerade ports, service IPs).
 //! - `ACTIONS` (per-CPU array of `u64`, index = [`Action`]): what the program did.
 //! - `NEIGH` (LRU hash, IPv4 -> [`NeighEntry`]): ARP senders seen, when snooping is on.
+//! - Host firewall (consulted only while [`CONFIG_HOST_FIREWALL`] is 1):
+//!   - `HOST_ADDRS` (hash, network-order IPv4 -> 1, at most [`MAX_HOST_ADDRS`]): this node's own
+//!     addresses;
+//!   - `CLUSTER_NODES` (hash, network-order IPv4 -> 1, at most [`MAX_CLUSTER_NODES`], allocated
+//!     on demand): addresses of the cluster's nodes, for "nodes only" failsafe entries;
+//!   - `FAILSAFE` (array of `u64`, [`FAILSAFE_TABLES`] tables laid out like `PORTS`, see
+//!     [`port_slot`]): per TCP/UDP destination port and per ICMP type, 2 bits saying nothing /
+//!     [`FAILSAFE_NODES_ONLY`] / [`FAILSAFE_ANYWHERE`];
+//!   - `HOST_FLOWS` (LRU hash, [`HostFlowKey`] -> [`HostFlowValue`]): flows the node itself
+//!     sent, written by the TC egress program `host_flows`, read by the XDP program.
 //!
 //! The order in which the program consults them is documented in `ebpf/src/main.rs`.
 #![no_std]
@@ -83,7 +93,7 @@ pub const fn port_action(bits: u64) -> Option<RuleAction> {
 }
 
 /// Entries in `CONFIG`.
-pub const CONFIG_ENTRIES: u32 = 3;
+pub const CONFIG_ENTRIES: u32 = 4;
 /// `CONFIG[CONFIG_DEFAULT_ACTION]`: the [`RuleAction`] for traffic no rule matches.
 pub const CONFIG_DEFAULT_ACTION: u32 = 0;
 /// `CONFIG[CONFIG_SNOOP_ARP]` = 1: record the sender of every ARP packet in `NEIGH` (the
@@ -93,6 +103,83 @@ pub const CONFIG_SNOOP_ARP: u32 = 1;
 /// go to the dataplane, every other message to it (handshake initiation and response, cookie
 /// reply) to the kernel, where the agent's handshake socket receives them.
 pub const CONFIG_WG_PORT: u32 = 2;
+/// `CONFIG[CONFIG_HOST_FIREWALL]` = 1: IPv4 traffic to a `HOST_ADDRS` address that no other
+/// rule claims is decided by the host firewall (failsafe ports, ICMP errors, flows the node
+/// sent: `XDP_PASS`; everything else to the dataplane, which applies host policy).
+pub const CONFIG_HOST_FIREWALL: u32 = 3;
+
+/// Maximum entries in `HOST_ADDRS` (this node's own IPv4 addresses).
+pub const MAX_HOST_ADDRS: u32 = 64;
+/// Maximum entries in `CLUSTER_NODES` (the cluster's node addresses).
+pub const MAX_CLUSTER_NODES: u32 = 16384;
+/// `FAILSAFE` table of TCP destination ports.
+pub const FAILSAFE_TABLE_TCP: u32 = 0;
+/// `FAILSAFE` table of UDP destination ports.
+pub const FAILSAFE_TABLE_UDP: u32 = 1;
+/// `FAILSAFE` table of ICMP types (only 0..=255 used).
+pub const FAILSAFE_TABLE_ICMP_TYPE: u32 = 2;
+/// Tables in `FAILSAFE`.
+pub const FAILSAFE_TABLES: u32 = 3;
+/// Entries in the `FAILSAFE` array map.
+pub const FAILSAFE_WORDS: u32 = FAILSAFE_TABLES * PORT_TABLE_WORDS;
+/// Two bits of a `FAILSAFE` entry: passed when the source is in `CLUSTER_NODES`.
+pub const FAILSAFE_NODES_ONLY: u64 = 1;
+/// Two bits of a `FAILSAFE` entry: passed from any source.
+pub const FAILSAFE_ANYWHERE: u64 = 2;
+/// `HOST_FLOWS` entries when the loader is not told otherwise (pod veths never use the map;
+/// an LRU map is preallocated, so every attachment pays for its size).
+pub const HOST_FLOWS_MIN: u32 = 1;
+/// How long after the node last sent on a flow its inbound packets still pass: TCP (2 h, the
+/// kernel conntrack's established timeout is 5 days; a connection idle for 2 h without
+/// keepalives goes back through the workers).
+pub const HOST_FLOW_TCP_TIMEOUT_NS: u64 = 2 * 3600 * 1_000_000_000;
+/// As [`HOST_FLOW_TCP_TIMEOUT_NS`] for UDP (180 s, nf_conntrack's udp_timeout_stream).
+pub const HOST_FLOW_UDP_TIMEOUT_NS: u64 = 180 * 1_000_000_000;
+/// As [`HOST_FLOW_TCP_TIMEOUT_NS`] for ICMP echo (30 s, nf_conntrack's icmp_timeout).
+pub const HOST_FLOW_ICMP_TIMEOUT_NS: u64 = 30 * 1_000_000_000;
+/// The TC program rewrites the last-seen time of an existing flow only when it is older than
+/// this: one map lookup per outbound packet, one write per flow per interval.
+pub const HOST_FLOW_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Key of `HOST_FLOWS`: a flow the node sent, as its inbound packets will look up.
+/// TCP/UDP: the remote's port and the node's port. ICMP echo: `remote_port` 0 and `local_port`
+/// the echo identifier. Ports in host byte order, the address as read from the packet
+/// (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct HostFlowKey {
+    pub proto: u8,
+    pub pad: u8,
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub pad2: u16,
+    pub remote_addr: u32,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: HostFlowKey is repr(C), Copy, explicit padding, no pointers.
+unsafe impl aya::Pod for HostFlowKey {}
+
+/// [`HostFlowValue::flags`]: the node opened this flow (an outbound TCP SYN without ACK, an
+/// ICMP echo request, or a connection of the node's found when the firewall was turned on).
+/// Such flows survive a host policy change; the others (replies of connections the firewall
+/// let in, UDP) are cleared so that their next inbound packet meets the new policy.
+pub const HOST_FLOW_NODE_OPENED: u64 = 1;
+
+/// Value of `HOST_FLOWS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HostFlowValue {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the node last sent on the flow; rewritten in
+    /// place by the TC program (an aligned u64 store).
+    pub seen_ns: u64,
+    /// [`HOST_FLOW_NODE_OPENED`] or 0; set when the entry is created, never changed after.
+    pub flags: u64,
+}
+
+#[cfg(feature = "user")]
+// SAFETY: HostFlowValue is repr(C), Copy, two u64, no pointers.
+unsafe impl aya::Pod for HostFlowValue {}
 /// Entries in the `NEIGH` LRU map.
 pub const MAX_NEIGHBORS: u32 = 1024;
 
@@ -170,15 +257,24 @@ pub enum Action {
     PassRule = 2,
     /// `XDP_PASS` because the frame was too short to classify.
     PassShort = 3,
+    /// Host firewall: `XDP_PASS` to a failsafe port (or ICMP type).
+    PassFailsafe = 4,
+    /// Host firewall: `XDP_PASS` as a reply or continuation of a flow the node sent.
+    PassHostFlow = 5,
+    /// Host firewall: `XDP_PASS` of an ICMP error (types 3, 4, 5, 11, 12) to the node.
+    PassIcmpError = 6,
 }
 
 impl Action {
-    pub const COUNT: u32 = 4;
-    pub const ALL: [Action; 4] = [
+    pub const COUNT: u32 = 7;
+    pub const ALL: [Action; 7] = [
         Action::Redirected,
         Action::PassNoSocket,
         Action::PassRule,
         Action::PassShort,
+        Action::PassFailsafe,
+        Action::PassHostFlow,
+        Action::PassIcmpError,
     ];
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -186,6 +282,9 @@ impl Action {
             Action::PassNoSocket => "pass_no_socket",
             Action::PassRule => "pass_rule",
             Action::PassShort => "pass_short",
+            Action::PassFailsafe => "pass_failsafe",
+            Action::PassHostFlow => "pass_host_flow",
+            Action::PassIcmpError => "pass_icmp_error",
         }
     }
 }
