@@ -60,6 +60,9 @@ pub enum TxKind {
     /// The frame was turned into a rejection (TCP RST or ICMP port unreachable) sent back to
     /// its sender, as kube-proxy's reject rules; the original counts as dropped for the reason.
     Reject(DropReason),
+    /// To this node's own stack, after the host firewall allowed it: transmitted on the
+    /// re-injection veth, whose peer the kernel receives on.
+    ToHost,
 }
 
 /// What the pipeline may use besides the snapshot and the frame: the batch's time (read once

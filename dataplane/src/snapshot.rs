@@ -16,6 +16,15 @@ use crate::{
     wireguard::{PeerId, Session, SessionTable},
 };
 
+/// Where packets for this node that the host firewall admits go: the dataplane's end of the
+/// re-injection veth pair (`ifindex`, `mac`), and the MAC of the kernel's end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostPath {
+    pub ifindex: u32,
+    pub mac: Mac,
+    pub kernel_mac: Mac,
+}
+
 /// What an interface is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum InterfaceRole {
@@ -212,6 +221,7 @@ pub struct Snapshot {
     nat: Option<NatConfig>,
     wireguard: Option<Arc<WireguardConfig>>,
     policy: Arc<PolicyTable>,
+    host: Option<HostPath>,
 }
 
 /// An open-addressing hash index from a non-zero `u32` key to a position: power-of-two table at
@@ -345,6 +355,11 @@ impl Snapshot {
     pub fn policy(&self) -> &PolicyTable {
         &self.policy
     }
+    /// The host firewall's way into the kernel (set when a host policy selects this node).
+    #[inline]
+    pub fn host_path(&self) -> Option<&HostPath> {
+        self.host.as_ref()
+    }
     /// Whether `ip` is inside the cluster: a pod CIDR (this node's or another's) or a node
     /// address. Pod traffic to anything else is masqueraded.
     #[inline]
@@ -399,6 +414,7 @@ impl SnapshotBuilder {
                 nat: None,
                 wireguard: None,
                 policy: Arc::new(PolicyTable::empty()),
+                host: None,
             },
         }
     }
@@ -432,6 +448,11 @@ impl SnapshotBuilder {
     pub fn wireguard(&mut self, mut config: WireguardConfig) -> &mut Self {
         config.peers.sort_by_key(|p| u32::from(p.node_ip));
         self.snap.wireguard = Some(Arc::new(config));
+        self
+    }
+    /// Turns the host firewall's re-injection path on.
+    pub fn host_path(&mut self, path: HostPath) -> &mut Self {
+        self.snap.host = Some(path);
         self
     }
     /// The compiled network policy (see `policy`).

@@ -128,6 +128,9 @@ counters! {
     lb_reselected,
     /// Packets that matched a tracked flow.
     ct_hits,
+    /// Packets for this node itself that the host firewall let through to the kernel (the
+    /// re-injection veth).
+    to_host,
     /// Flows tracked only because a NetworkPolicy isolates one of their ends.
     policy_flows,
     /// Flows (or untracked packets) forwarded under an audit verdict: an audit-mode policy
@@ -187,6 +190,7 @@ impl Counters {
             TxKind::IcmpError => self.icmp_errors_sent += 1,
             TxKind::Encap => self.encapsulated += 1,
             TxKind::Decap => self.decapsulated += 1,
+            TxKind::ToHost => self.to_host += 1,
             TxKind::EncapEncrypted => {
                 self.encapsulated += 1;
                 self.encrypted += 1;

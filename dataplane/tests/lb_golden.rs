@@ -2681,3 +2681,106 @@ fn no_allocation_on_the_policy_path() {
     assert_eq!(allocs, 0, "allocations on the policy path");
     assert_eq!(results, (200, 100));
 }
+
+#[test]
+fn host_firewall_admits_allowed_packets_to_the_kernel_and_drops_the_rest() {
+    use dataplane::snapshot::HostPath;
+    const IF_HOST: u32 = 40;
+    const NET_MAC: Mac = Mac([0x02, 0, 0, 0, 0x40, 0x01]);
+    const KERNEL_MAC: Mac = Mac([0x02, 0, 0, 0, 0x40, 0x02]);
+    let mut p = PolicyBuilder::new(3);
+    p.identity(POD_A, ID_A).node_addr(NODE_IP);
+    let h = p.host(ENFORCED);
+    p.allow(
+        h,
+        Dir::Ingress,
+        PeerSpec::Any,
+        PortSpec::one(TCP, 443),
+        ALLOW_ENFORCED,
+    );
+    let table = p.build().expect("policy");
+    let o = Opts::default();
+    let build = |host: bool| {
+        let mut b = SnapshotBuilder::new(1, GATEWAY);
+        b.interface(InterfaceEntry {
+            ifindex: IF_UPLINK,
+            mac: UPLINK_MAC,
+            role: InterfaceRole::Uplink,
+        });
+        b.overlay(OverlayConfig {
+            node_ip: NODE_IP,
+            vtep_mac: derived_vtep_mac(NODE_IP),
+            uplink_ifindex: IF_UPLINK,
+            uplink_mtu: 1500,
+            port: VXLAN_PORT,
+            vni: 1,
+        });
+        b.remote(RemoteNode {
+            pod_net: Ipv4Addr::new(10, 244, 2, 0),
+            prefix_len: 24,
+            vtep_ip: PEER_IP,
+            vtep_mac: derived_vtep_mac(PEER_IP),
+            next_hop: PEER_IP,
+        });
+        b.neighbor(PEER_IP, PEER_MAC);
+        b.services(Arc::new(services(&o)));
+        b.nat(NatConfig {
+            node_addrs: vec![NODE_IP],
+            hairpin_addr: HAIRPIN,
+            ports: o.ports,
+            pod_net: Ipv4Addr::new(10, 244, 1, 0),
+            pod_prefix: 24,
+            masquerade: true,
+            uplink_net: Ipv4Addr::new(172, 18, 0, 0),
+            uplink_prefix: 24,
+            uplink_gateway: Some(ROUTER),
+        });
+        b.policy(Arc::new(table.clone()));
+        if host {
+            b.host_path(HostPath {
+                ifindex: IF_HOST,
+                mac: NET_MAC,
+                kernel_mac: KERNEL_MAC,
+            });
+        }
+        b.build()
+    };
+    let snap = build(true);
+    for n in WORKERS {
+        let mut node = Node::new(n);
+        let syn = tcp(EXT_CLIENT, 50000, NODE_IP, 443, SYN, 64);
+        let out = node.request(&snap, IF_UPLINK, &on_uplink(EXT_MAC, &syn), 1);
+        assert_eq!(out.v, tx(IF_HOST, TxKind::ToHost), "n={n}");
+        // Untouched but for the MACs: the kernel sees the client's packet as sent.
+        assert_eq!(out.frame, eth(KERNEL_MAC, NET_MAC, &syn));
+        for frame in [
+            tcp(EXT_CLIENT, 50001, NODE_IP, 80, SYN, 64),
+            udp(EXT_CLIENT, 50002, NODE_IP, 443, 64),
+            echo(EXT_CLIENT, NODE_IP, 8, 7, 64),
+        ] {
+            let d = node.request(&snap, IF_UPLINK, &on_uplink(EXT_MAC, &frame), 1);
+            assert_eq!(d.v, Verdict::Drop(DropReason::HostPolicyDenied), "n={n}");
+        }
+        // A NodePort on the node's address is still the service's.
+        let np = node.request(
+            &snap,
+            IF_UPLINK,
+            &on_uplink(
+                EXT_MAC,
+                &tcp(EXT_CLIENT, 50003, NODE_IP, NP_CLUSTER, SYN, 64),
+            ),
+            1,
+        );
+        assert_eq!(np.v, tx(IF_UPLINK, TxKind::Encap));
+    }
+    // Without the host path (no host policy here) nothing is delivered to the host.
+    let snap = build(false);
+    let mut node = Node::new(1);
+    let d = node.request(
+        &snap,
+        IF_UPLINK,
+        &on_uplink(EXT_MAC, &tcp(EXT_CLIENT, 50000, NODE_IP, 443, SYN, 64)),
+        1,
+    );
+    assert_eq!(d.v, Verdict::Drop(DropReason::UplinkUnexpected));
+}

@@ -430,7 +430,21 @@ pub fn run(
         } else if to_service {
             Lb::Done(Verdict::Drop(DropReason::ServiceUnknownPort))
         } else if origin == Origin::Uplink {
-            Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected))
+            // Fragments and other protocols for the node itself (host firewall on): judged
+            // alone, port 0.
+            let key = FlowKey {
+                src: meta.src,
+                dst: meta.dst,
+                sport: 0,
+                dport: 0,
+                proto: meta.protocol,
+            };
+            match (snap.host_path(), nat_cfg) {
+                (Some(host), Some(n)) if n.node_addrs.contains(&meta.dst) => {
+                    Lb::Done(to_host(ctx, policy, host, &key, pkt))
+                }
+                _ => Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected)),
+            }
         } else if pol_on {
             match judge_untracked(ctx, policy, meta.src, meta.dst, meta.protocol) {
                 Some(r) => Lb::Done(Verdict::Drop(r)),
@@ -672,9 +686,54 @@ pub fn run(
         flows.stats.policy_flows += 1;
         return Lb::Continue(*meta);
     }
+    if origin == Origin::Uplink && !fe_port_claimed(nat_cfg, &k) {
+        if let (Some(host), Some(n)) = (snap.host_path(), nat_cfg) {
+            if n.node_addrs.contains(&k.dst) {
+                return Lb::Done(to_host(ctx, policy, host, &k, pkt));
+            }
+        }
+    }
     match origin {
         Origin::Uplink => Lb::Done(Verdict::Drop(DropReason::UplinkUnexpected)),
         _ => Lb::Continue(*meta),
+    }
+}
+
+/// Whether `k`'s destination port is in the SNAT range (a reply to a translated flow that is
+/// gone: never the host's; the kernel's ephemeral ports are below the range).
+#[inline]
+fn fe_port_claimed(nat_cfg: Option<&NatConfig>, k: &FlowKey) -> bool {
+    matches!(k.proto, ipv4::PROTO_TCP | ipv4::PROTO_UDP)
+        && nat_cfg.is_some_and(|n| (n.ports.0..=n.ports.1).contains(&k.dport))
+}
+
+/// A packet for this node that the uplink's XDP program sent to the workers because the host
+/// firewall is on (failsafe ports and the node's own flows never get here: XDP passes them).
+/// Judged on its own by the host policy; admitted ones are re-injected into the kernel.
+#[inline]
+fn to_host(
+    ctx: &mut Ctx<'_>,
+    policy: &PolicyTable,
+    host: &crate::snapshot::HostPath,
+    k: &FlowKey,
+    pkt: &mut PacketBuf<'_>,
+) -> Verdict {
+    let port = policy_port(k.proto, k.dport);
+    match policy.check_host(k.src, k.proto, port) {
+        PolicyVerdict::Deny(r) => return Verdict::Drop(r),
+        PolicyVerdict::Audit(r) => {
+            if let Some(flows) = ctx.flows.as_deref_mut() {
+                flows.stats.policy_audit[audit_slot(r)] += 1;
+            }
+        }
+        PolicyVerdict::Allow => {}
+    }
+    let d = pkt.data_mut();
+    d[0..6].copy_from_slice(&host.kernel_mac.0);
+    d[6..12].copy_from_slice(&host.mac.0);
+    Verdict::Tx {
+        ifindex: host.ifindex,
+        kind: crate::TxKind::ToHost,
     }
 }
 
