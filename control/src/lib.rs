@@ -4,6 +4,8 @@
 //! ```text
 //!  cluster file / API server --> cluster::ClusterState --> agent --(Snapshot, arc-swap)--> workers
 //!  sluice-cni --(api: EndpointAdd/Del)--> agent            sluice status --(api: Status)--> agent
+//!  policy: NetworkPolicy/HostNetworkPolicy --compile--> PolicyTable (in the Snapshot);
+//!          sluice policy trace --(api: PolicyTrace)--> agent --> policy::reference explanation
 //! ```
 pub mod agent;
 pub mod api;
@@ -11,6 +13,7 @@ pub mod cluster;
 pub mod cni;
 pub mod metrics;
 pub mod overlay;
+pub mod policy;
 pub mod services;
 pub mod status;
 pub mod wg;

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  cluster.yaml ──parse_str/load_file──> ClusterState { nodes, namespaces, pods, services,
-//!  (kubectl get -o yaml,                                 endpoint_slices, network_policies }
+//!  (kubectl get -o yaml,                                 endpoint_slices, network_policies,
+//!                                                        host_policies }
 //!   hand-written, testbed)                     │            (k8s_openapi types, sorted)
 //!  API server (kube-rs watchers, later) ───────┘
 //!                                              └──> node_info / pods_on / effective_endpoint_slices
@@ -11,7 +12,7 @@
 //!
 //! The state holds the `k8s_openapi` types themselves, so the file source and the API-server
 //! source feed one translation path. A file is a YAML stream (`---` separated) of objects of the
-//! six kinds sluice reads, `kind: List` (or `PodList`, ...) documents with `items`, and empty
+//! seven kinds sluice reads (the six Kubernetes kinds and sluice's `HostNetworkPolicy`), `kind: List` (or `PodList`, ...) documents with `items`, and empty
 //! documents; objects of other kinds (Deployments, ConfigMaps, ... in a `kubectl get all` dump)
 //! are skipped with a warning.
 //!
@@ -67,6 +68,8 @@ pub struct ClusterState {
     pub endpoint_slices: Vec<EndpointSlice>,
     /// `networking.k8s.io/v1` NetworkPolicies.
     pub network_policies: Vec<NetworkPolicy>,
+    /// `policy.sluice.io/v1alpha1` HostNetworkPolicies (cluster-scoped, sorted by name).
+    pub host_policies: Vec<crate::policy::HostNetworkPolicy>,
 }
 
 /// What a node's dataplane needs to know about a node: its pod network and its address.
@@ -118,6 +121,7 @@ impl ClusterState {
         sort_by_name(&mut self.services, |o| &o.metadata);
         sort_by_name(&mut self.endpoint_slices, |o| &o.metadata);
         sort_by_name(&mut self.network_policies, |o| &o.metadata);
+        sort_by_name(&mut self.host_policies, |o| &o.metadata);
     }
 
     /// The Node called `name`.

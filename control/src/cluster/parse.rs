@@ -33,6 +33,7 @@ pub(crate) enum Kind {
     Service,
     EndpointSlice,
     NetworkPolicy,
+    HostNetworkPolicy,
 }
 
 impl Kind {
@@ -44,6 +45,7 @@ impl Kind {
             "Service" => Kind::Service,
             "EndpointSlice" => Kind::EndpointSlice,
             "NetworkPolicy" => Kind::NetworkPolicy,
+            crate::policy::host::HOST_POLICY_KIND => Kind::HostNetworkPolicy,
             _ => return None,
         })
     }
@@ -56,6 +58,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::HostNetworkPolicy => crate::policy::host::HOST_POLICY_KIND,
         }
     }
 
@@ -68,11 +71,12 @@ impl Kind {
             Kind::Service => Service::API_VERSION,
             Kind::EndpointSlice => EndpointSlice::API_VERSION,
             Kind::NetworkPolicy => NetworkPolicy::API_VERSION,
+            Kind::HostNetworkPolicy => crate::policy::HostNetworkPolicy::API_VERSION,
         }
     }
 
     fn namespaced(self) -> bool {
-        !matches!(self, Kind::Node | Kind::Namespace)
+        !matches!(self, Kind::Node | Kind::Namespace | Kind::HostNetworkPolicy)
     }
 }
 
@@ -181,7 +185,7 @@ impl Builder<'_> {
                 item = ?at.item,
                 kind = %kind_name,
                 "skipping object of kind {kind_name} in {at}: sluice reads only Node, Namespace, \
-                 Pod, Service, EndpointSlice and NetworkPolicy"
+                 Pod, Service, EndpointSlice, NetworkPolicy and HostNetworkPolicy"
             );
             return Ok(());
         };
@@ -260,6 +264,12 @@ impl Builder<'_> {
                 validate::network_policy(&policy, &at)?;
                 self.remember(kind, &policy.metadata, &at)?;
                 self.state.network_policies.push(policy);
+            }
+            Kind::HostNetworkPolicy => {
+                let policy: crate::policy::HostNetworkPolicy = self.decode(&at, value, kind)?;
+                validate::host_policy(&policy, &at)?;
+                self.remember(kind, &policy.metadata, &at)?;
+                self.state.host_policies.push(policy);
             }
         }
         Ok(())

@@ -211,6 +211,21 @@ pub(crate) fn network_policy(policy: &NetworkPolicy, at: &Location) -> Result<()
     Ok(())
 }
 
+pub(crate) fn host_policy(
+    policy: &crate::policy::HostNetworkPolicy,
+    at: &Location,
+) -> Result<(), ClusterError> {
+    let Some(spec) = &policy.spec else {
+        return Ok(());
+    };
+    for (r, rule) in spec.ingress.iter().flatten().enumerate() {
+        let field = format!("spec.ingress[{r}]");
+        policy_ports(at, &field, rule.ports.as_deref())?;
+        policy_peers(at, &format!("{field}.from"), rule.from.as_deref())?;
+    }
+    Ok(())
+}
+
 fn policy_ports(
     at: &Location,
     rule: &str,

@@ -1,0 +1,378 @@
+//! Unit tests of the policy module's parts: selectors, failsafe parsing, validation warnings,
+//! identities, determinism. The table of end-to-end cases is in `control/tests/policy.rs`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, LabelSelectorRequirement, ObjectMeta,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::identity::{pod_views, Identities, FIRST_POD_IDENTITY};
+use super::model::policies;
+use super::selector::{Labels, Selector};
+use super::*;
+use crate::cluster::{parse_str, ClusterState};
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
+    LabelSelectorRequirement {
+        key: key.into(),
+        operator: op.into(),
+        values: (!values.is_empty()).then(|| values.iter().map(|v| (*v).to_owned()).collect()),
+    }
+}
+
+fn selector(labels_: &[(&str, &str)], exprs: Vec<LabelSelectorRequirement>) -> LabelSelector {
+    LabelSelector {
+        match_labels: (!labels_.is_empty()).then(|| {
+            labels_
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>()
+        }),
+        match_expressions: (!exprs.is_empty()).then_some(exprs),
+    }
+}
+
+fn model() -> ClusterState {
+    match parse_str(&xyz::cluster_yaml(), "xyz.yaml") {
+        Ok(s) => s,
+        Err(e) => panic!("the x/y/z model does not parse: {e}"),
+    }
+}
+
+#[test]
+fn selectors_and_their_operators() {
+    let ok = |s: LabelSelector| match Selector::new(&s) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let web = labels(&[("app", "web"), ("tier", "front")]);
+    let db = labels(&[("app", "db")]);
+    let none = Labels::new();
+
+    let everything = ok(LabelSelector::default());
+    assert!(everything.matches(&web) && everything.matches(&none) && everything.is_everything());
+
+    let app_web = ok(selector(&[("app", "web")], vec![]));
+    assert!(app_web.matches(&web) && !app_web.matches(&db) && !app_web.matches(&none));
+
+    let in_ = ok(selector(&[], vec![expr("app", "In", &["web", "api"])]));
+    assert!(in_.matches(&web) && !in_.matches(&db) && !in_.matches(&none));
+    let not_in = ok(selector(&[], vec![expr("app", "NotIn", &["web"])]));
+    assert!(!not_in.matches(&web) && not_in.matches(&db) && not_in.matches(&none));
+    let exists = ok(selector(&[], vec![expr("tier", "Exists", &[])]));
+    assert!(exists.matches(&web) && !exists.matches(&db));
+    let absent = ok(selector(&[], vec![expr("tier", "DoesNotExist", &[])]));
+    assert!(!absent.matches(&web) && absent.matches(&db) && absent.matches(&none));
+
+    // matchLabels AND matchExpressions.
+    let both = ok(selector(
+        &[("app", "web")],
+        vec![expr("tier", "In", &["back"])],
+    ));
+    assert!(!both.matches(&web));
+    assert!(both.matches(&labels(&[("app", "web"), ("tier", "back")])));
+}
+
+#[test]
+fn invalid_selectors_name_the_field_and_say_what_to_do() {
+    let err = |s: LabelSelector| {
+        Selector::new(&s)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let e = err(selector(&[], vec![expr("app", "Equals", &["x"])]));
+    assert!(
+        e.contains("matchExpressions[0].operator") && e.contains("In, NotIn"),
+        "{e}"
+    );
+    let e = err(selector(&[], vec![expr("app", "In", &[])]));
+    assert!(
+        e.contains("matchExpressions[0].values") && e.contains("at least one"),
+        "{e}"
+    );
+    let e = err(selector(
+        &[],
+        vec![expr("a", "Exists", &[]), expr("app", "Exists", &["x"])],
+    ));
+    assert!(
+        e.contains("matchExpressions[1].values") && e.contains("takes no values"),
+        "{e}"
+    );
+    let e = err(selector(&[], vec![expr("", "Exists", &[])]));
+    assert!(e.contains("matchExpressions[0].key"), "{e}");
+}
+
+#[test]
+fn failsafe_lists_parse_and_refuse_garbage() {
+    let parsed = parse_failsafe("tcp:22, udp:8472@nodes,tcp:50000-50001,SCTP:9");
+    assert_eq!(
+        parsed
+            .as_ref()
+            .map(|v| v.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        Ok(vec![
+            "tcp:22".to_owned(),
+            "tcp:50000-50001".to_owned(),
+            "udp:8472@nodes".to_owned(),
+            "sctp:9".to_owned(),
+        ])
+    );
+    assert_eq!(parse_failsafe("none"), Ok(Vec::new()));
+    for bad in [
+        "22",
+        "icmp:1",
+        "tcp:0",
+        "tcp:70000",
+        "tcp:9-8",
+        "tcp:",
+        "tcp:22@everyone",
+    ] {
+        let e = parse_failsafe(bad)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains(bad) && e.contains("PROTO:PORT"), "{bad}: {e}");
+    }
+    // The defaults round-trip through the flag syntax.
+    let text: Vec<String> = DEFAULT_FAILSAFE.iter().map(ToString::to_string).collect();
+    let mut expected = DEFAULT_FAILSAFE.to_vec();
+    expected.sort();
+    assert_eq!(parse_failsafe(&text.join(",")), Ok(expected));
+}
+
+fn policy_with_port(port: NetworkPolicyPort) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some("bad-port".into()),
+            namespace: Some("x".into()),
+            ..Default::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(selector(&[("pod", "a")], vec![])),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    from: None,
+                    ports: Some(vec![port]),
+                },
+                NetworkPolicyIngressRule {
+                    from: None,
+                    ports: Some(vec![NetworkPolicyPort {
+                        port: Some(IntOrString::Int(81)),
+                        ..Default::default()
+                    }]),
+                },
+            ]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// endPort with a named port, or without a port, cannot come through the file parser (the API
+/// server refuses them too), but can come from elsewhere: the compiler skips the rule.
+#[test]
+fn end_port_with_a_named_port_or_without_a_port_skips_the_rule() {
+    for (port, field) in [
+        (
+            NetworkPolicyPort {
+                port: Some(IntOrString::String("serve-80-tcp".into())),
+                end_port: Some(90),
+                protocol: None,
+            },
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            NetworkPolicyPort {
+                port: None,
+                end_port: Some(90),
+                protocol: None,
+            },
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            NetworkPolicyPort {
+                port: Some(IntOrString::Int(90)),
+                end_port: Some(80),
+                protocol: None,
+            },
+            "spec.ingress[0].ports[0].endPort",
+        ),
+        (
+            NetworkPolicyPort {
+                port: Some(IntOrString::Int(0)),
+                end_port: None,
+                protocol: None,
+            },
+            "spec.ingress[0].ports[0].port",
+        ),
+    ] {
+        let mut state = model();
+        state.network_policies.push(policy_with_port(port));
+        let parsed = policies(&state, false);
+        assert_eq!(parsed.warnings.len(), 1, "{:?}", parsed.warnings);
+        let w = &parsed.warnings[0];
+        assert_eq!(w.object, "NetworkPolicy x/bad-port");
+        assert_eq!(w.field, field);
+        assert!(w.message.contains("rule is ignored"), "{w}");
+        // The policy stays, with only its good rule: x/a is isolated, 81 allowed, 80 not.
+        let rules = parsed.network[0].ingress.as_deref().unwrap_or_default();
+        assert_eq!(rules.iter().map(|r| r.index).collect::<Vec<_>>(), vec![1]);
+
+        let compiled = match compile(&state, "node1", &PolicyOptions::default(), 1) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(compiled.warnings, parsed.warnings);
+        let (ya, xa) = (xyz::pod_addr("y", "a"), xyz::pod_addr("x", "a"));
+        let (Some(ya), Some(xa)) = (ya, xa) else {
+            panic!("model addresses")
+        };
+        use dataplane::policy::PolicyVerdict;
+        assert_eq!(compiled.table.check(ya, xa, 6, 81), PolicyVerdict::Allow);
+        assert!(matches!(
+            compiled.table.check(ya, xa, 6, 80),
+            PolicyVerdict::Deny(_)
+        ));
+    }
+}
+
+#[test]
+fn unknown_policy_types_and_audit_values_are_warnings() {
+    let text = format!(
+        "{}---\n{}",
+        xyz::cluster_yaml(),
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: typo, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: maybe-audit
+  namespace: y
+  annotations: {policy.sluice.io/audit: "yes"}
+spec:
+  podSelector: {}
+"#
+    );
+    let state = match parse_str(&text, "c.yaml") {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let parsed = policies(&state, false);
+    let text: Vec<String> = parsed.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(text.len(), 2, "{text:?}");
+    assert!(
+        text[0].starts_with("NetworkPolicy x/typo: spec.policyTypes[0]: unknown policy type")
+            && text[0].contains("whole policy is ignored"),
+        "{text:?}"
+    );
+    assert!(
+        text[1].starts_with(
+            "NetworkPolicy y/maybe-audit: metadata.annotations[policy.sluice.io/audit]"
+        ) && text[1].contains("enforced"),
+        "{text:?}"
+    );
+    // The typo'd policy is gone; the other is enforced.
+    assert_eq!(parsed.network.len(), 1);
+    assert!(!parsed.network[0].audit);
+}
+
+#[test]
+fn identities_group_pods_that_policy_cannot_tell_apart() {
+    let state = model();
+    let (pods, warnings) = pod_views(&state);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(pods.len(), 9);
+    let ids = Identities::new(&pods);
+    // Every pod of the model differs by namespace or label: 9 identities, from 256 up.
+    assert_eq!(ids.identities.len(), 9);
+    assert_eq!(ids.identities[0].0, FIRST_POD_IDENTITY);
+    // Two pods that differ only by name share an identity; a different named port splits.
+    let extra = format!(
+        "{}---\n{}",
+        xyz::cluster_yaml(),
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: a2, namespace: x, labels: {pod: a}}\n\
+         spec:\n  nodeName: node1\n  containers:\n  - name: c\n    image: i\n    ports:\n    \
+         - {name: serve-80-tcp, containerPort: 80}\n\
+         status: {podIP: 10.244.1.99}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: host, namespace: x, labels: {pod: a}}\n\
+         spec: {nodeName: node1, hostNetwork: true, containers: [{name: c, image: i}]}\n\
+         status: {podIP: 172.18.0.11}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: done, namespace: x, labels: {pod: a}}\n\
+         spec: {nodeName: node1, containers: [{name: c, image: i}]}\n\
+         status: {phase: Succeeded, podIP: 10.244.1.98}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: pending, namespace: x, labels: {pod: a}}\n\
+         spec: {containers: [{name: c, image: i}]}\n"
+    );
+    let state = match parse_str(&extra, "c.yaml") {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let (pods, _) = pod_views(&state);
+    let keys: Vec<&str> = pods.iter().map(|p| p.key.as_str()).collect();
+    assert!(keys.contains(&"x/a2") && !keys.contains(&"x/host") && !keys.contains(&"x/done"));
+    assert!(!keys.contains(&"x/pending"));
+    let ids = Identities::new(&pods);
+    assert_eq!(
+        ids.identities.len(),
+        10,
+        "x/a2 has other named ports than x/a"
+    );
+}
+
+#[test]
+fn compiling_twice_gives_the_same_rules_and_changes_are_seen() {
+    let case = xyz::CASES
+        .iter()
+        .find(|c| c.name == "test-network-policy")
+        .copied();
+    let Some(case) = case else {
+        panic!("case missing")
+    };
+    let state = match parse_str(
+        &format!("{}---\n{}", xyz::cluster_yaml(), case.objects),
+        "c",
+    ) {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let opts = PolicyOptions::default();
+    let a = compile(&state, "node1", &opts, 1).map(|c| c.table);
+    let b = compile(&state, "node1", &opts, 2).map(|c| c.table);
+    let (Ok(a), Ok(b)) = (a, b) else {
+        panic!("compile failed")
+    };
+    assert!(a.same_rules(&b));
+    assert_eq!((a.generation(), b.generation()), (1, 2));
+    assert!(a.is_active());
+    // Audit mode changes the rules.
+    let audit = compile(
+        &state,
+        "node1",
+        &PolicyOptions {
+            audit: true,
+            ..opts.clone()
+        },
+        3,
+    );
+    assert!(audit.is_ok_and(|c| !c.table.same_rules(&a)));
+    // node2 has no pod selected by the policy (x/a is on node1): inactive table.
+    let n2 = compile(&state, "node2", &opts, 4);
+    assert!(n2.is_ok_and(|c| !c.table.is_active() && c.isolated_pods == 0));
+}
