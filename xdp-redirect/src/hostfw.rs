@@ -332,6 +332,9 @@ impl Attachment {
             }
         }
         let tables = failsafe_tables(&self.ifname, &fw.failsafe)?;
+        if self.tc_link.is_none() {
+            self.check_namespace()?;
+        }
         self.sync_addrs(true, &node_addrs)?;
         self.sync_addrs(false, &cluster_nodes)?;
         self.sync_failsafe(&tables)?;
@@ -386,17 +389,23 @@ impl Attachment {
             })
     }
 
-    /// Loads (once) and attaches the TC egress program, if it is not attached.
-    fn attach_tc(&mut self) -> Result<(), Error> {
-        if self.tc_link.is_some() {
-            return Ok(());
-        }
+    /// The TC program is attached by name: the calling thread must see this interface.
+    fn check_namespace(&self) -> Result<(), Error> {
         if ifindex(&self.ifname).ok() != Some(self.ifindex) {
             return Err(Error::WrongNamespace {
                 ifname: self.ifname.clone(),
                 ifindex: self.ifindex,
             });
         }
+        Ok(())
+    }
+
+    /// Loads (once) and attaches the TC egress program, if it is not attached.
+    fn attach_tc(&mut self) -> Result<(), Error> {
+        if self.tc_link.is_some() {
+            return Ok(());
+        }
+        self.check_namespace()?;
         let ifname = self.ifname.clone();
         let prog_err = |what, e| Error::Program {
             ifname: ifname.clone(),
@@ -483,12 +492,17 @@ impl Attachment {
         Ok(())
     }
 
-    /// Adds `flows` to `HOST_FLOWS` as seen now (the TC program's clock, CLOCK_MONOTONIC).
+    /// Adds `flows` to `HOST_FLOWS` as seen now (e.g. connections the agent knows of).
     pub fn add_host_flows(&mut self, flows: &[HostFlow]) -> Result<(), Error> {
-        let now = monotonic_ns();
+        self.add_host_flows_at(flows, monotonic_ns())
+    }
+
+    /// Adds `flows` to `HOST_FLOWS` as last seen at `seen_ns` (CLOCK_MONOTONIC ns, the clock of
+    /// `bpf_ktime_get_ns`).
+    pub fn add_host_flows_at(&mut self, flows: &[HostFlow], seen_ns: u64) -> Result<(), Error> {
         for flow in flows {
             let value = HostFlowValue {
-                seen_ns: now,
+                seen_ns,
                 flags: if flow.node_opened {
                     HOST_FLOW_NODE_OPENED
                 } else {
@@ -545,8 +559,8 @@ impl Attachment {
     }
 }
 
-/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns`.
-fn monotonic_ns() -> u64 {
+/// CLOCK_MONOTONIC in ns, the clock of `bpf_ktime_get_ns` (0 if it cannot be read).
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

@@ -12,8 +12,11 @@
 //!    then the port tables ([`Attachment::set_port`], [`Attachment::set_port_range`]); ICMP
 //!    echo replies by identifier and ICMP errors by the quoted packet's source port or echo
 //!    identifier ([`PortProtocol::IcmpEchoId`], the TCP/UDP tables);
-//! 4. a whole-protocol rule ([`PassKey::ipv4`] with port 0), then the default
-//!    ([`Attachment::set_default`]).
+//! 4. a whole-protocol rule ([`PassKey::ipv4`] with port 0);
+//! 5. only with the host firewall on ([`Attachment::set_host_firewall`]) and for traffic to one
+//!    of the node's own addresses that nothing above claimed: failsafe ports, ICMP errors and
+//!    flows the node sent pass, the rest is redirected for host policy (see `hostfw`);
+//! 6. the default ([`Attachment::set_default`]).
 //!
 //! An uplink is set to default Pass with the agent's traffic claimed by Redirect entries; a pod
 //! veth keeps the default Redirect. For a reconcile, build the wanted sets and hand them to
@@ -29,7 +32,10 @@ use std::{
 mod hostfw;
 mod ports;
 use hostfw::HostFwState;
-pub use hostfw::{Failsafe, HostFirewall, HostFlow, DEFAULT_HOST_FLOW_CAPACITY};
+pub use hostfw::{
+    monotonic_ns, Failsafe, HostFirewall, HostFlow, DEFAULT_HOST_FLOW_CAPACITY,
+    MIN_HOST_FLOW_CAPACITY,
+};
 pub use ports::{PortClaims, PortProtocol};
 
 use aya::{
@@ -195,7 +201,7 @@ pub struct AttachOptions {
     /// Entries of the `HOST_FLOWS` LRU map (flows the node sent, for the host firewall). The
     /// kernel preallocates an LRU map (about 72 bytes per entry), so only the uplink should ask
     /// for [`DEFAULT_HOST_FLOW_CAPACITY`]; [`Attachment::set_host_firewall`] refuses to turn the
-    /// firewall on with fewer than [`hostfw::MIN_HOST_FLOW_CAPACITY`] entries.
+    /// firewall on with fewer than [`MIN_HOST_FLOW_CAPACITY`] entries.
     pub host_flow_capacity: u32,
 }
 

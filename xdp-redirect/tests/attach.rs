@@ -19,10 +19,16 @@
 //! `PACKET_OTHERHOST` after `XDP_PASS` and never answers: counter deltas for them are exact.
 //! Ping-based checks assert lower bounds (ARP may add frames).
 //!
+//! The host firewall tests (at the end) also use A as "the node": real TCP/UDP/ping between
+//! the namespaces, with a minimal AF_XDP socket bound on A's queue 0 taking every frame the
+//! program redirects, so that only what the program passes reaches A's kernel.
+//!
 //! Root only: every test but the unknown-interface one prints "skipping: needs root" otherwise.
 //! Every command runs with a time limit, every wait is bounded.
 use std::{
     fs::File,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream, UdpSocket},
     os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     process::{Command, Output, Stdio},
     sync::{
@@ -36,8 +42,8 @@ use std::{
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use xdp_redirect::{
-    Action, AttachMode, Attachment, Error, PassKey, PortClaims, PortProtocol, RuleAction,
-    MAX_DST_ADDRS, MAX_QUEUES,
+    Action, AttachMode, AttachOptions, Attachment, Error, Failsafe, HostFirewall, HostFlow,
+    PassKey, PortClaims, PortProtocol, RuleAction, MAX_DST_ADDRS, MAX_HOST_ADDRS, MAX_QUEUES,
 };
 
 /// Any command we run (ip, ping) must finish within this.
@@ -1397,4 +1403,993 @@ fn wireguard_transport_goes_to_the_dataplane_and_handshakes_to_the_kernel() {
         &[("transport after release", wg_message(51871, 4), false)],
         "WireGuard off again",
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host firewall. A is the node (10.77.0.1), B a client outside it. Raw-frame cases run without
+// an AF_XDP socket, so "redirected" shows as pass_no_socket as above; the end-to-end test binds
+// a real AF_XDP socket on A's queue 0, so that every redirected frame is taken away from the
+// kernel and only what the program passes can make a connection work.
+
+const NODE: [u8; 4] = [10, 77, 0, 1];
+const CLIENT: [u8; 4] = [10, 77, 0, 2];
+/// A cluster node's address (sent as a raw frame's source from B).
+const OTHER_NODE: [u8; 4] = [10, 77, 0, 3];
+
+/// An uplink-like attachment with room for host flows.
+fn fw_uplink(pair: &Pair) -> Attachment {
+    let ifname = pair.if_a.clone();
+    let mut att = in_netns(&pair.netns_a, move || {
+        Attachment::attach_with(&ifname, &AttachOptions::uplink(false))
+    })
+    .expect("attach to veth");
+    att.set_default(RuleAction::Pass).expect("set default Pass");
+    att
+}
+
+/// `set_host_firewall` on a thread in A (the TC program is attached by interface name);
+/// returns the attachment and the result.
+fn set_fw(
+    pair: &Pair,
+    att: Attachment,
+    fw: Option<HostFirewall>,
+) -> (Attachment, Result<(), Error>) {
+    in_netns(&pair.netns_a, move || {
+        let mut att = att;
+        let result = att.set_host_firewall(fw.as_ref());
+        (att, result)
+    })
+}
+
+fn firewall(failsafe: Vec<Failsafe>) -> HostFirewall {
+    HostFirewall {
+        node_addrs: vec![Ipv4Addr::from(NODE)],
+        cluster_nodes: vec![Ipv4Addr::from(OTHER_NODE)],
+        failsafe,
+    }
+}
+
+/// A frame from `src` to `dst` (no options) with the flags/fragment-offset field `fragment`.
+fn ip_frame(src: [u8; 4], dst: [u8; 4], proto: u8, fragment: u16, l4: &[u8]) -> Vec<u8> {
+    ethernet(
+        ETHERTYPE_IPV4,
+        &ipv4_packet(src, dst, proto, &[], fragment, l4),
+    )
+}
+
+fn tcp_from(src: [u8; 4], src_port: u16, dst_port: u16) -> Vec<u8> {
+    ip_frame(src, NODE, IPPROTO_TCP, 0, &tcp_header(src_port, dst_port))
+}
+
+fn udp_from(src: [u8; 4], src_port: u16, dst_port: u16) -> Vec<u8> {
+    ip_frame(src, NODE, IPPROTO_UDP, 0, &udp_ports(src_port, dst_port))
+}
+
+fn icmp_from(src: [u8; 4], icmp_type: u8, id: u16) -> Vec<u8> {
+    ip_frame(src, NODE, IPPROTO_ICMP, 0, &echo(icmp_type, id))
+}
+
+/// Sends each `(name, frame, action)` alone and checks that exactly that one frame was counted
+/// under `action`.
+fn assert_actions(pair: &Pair, att: &Attachment, cases: &[(&str, Vec<u8>, Action)], when: &str) {
+    for (name, frame, action) in cases {
+        assert_counts(
+            classify(pair, att, std::slice::from_ref(frame)),
+            expect_counts(&[(*action, 1)]),
+            &format!("{when}: {name} should count as {}", action.as_str()),
+        );
+    }
+}
+
+#[test]
+fn host_firewall_decides_unclaimed_traffic_to_the_node() {
+    require_root!();
+    let pair = Pair::new();
+    let att = fw_uplink(&pair);
+    use Action::{
+        PassFailsafe as Failsafe_, PassHostFlow as Flow, PassIcmpError as IcmpErr,
+        PassNoSocket as Redirected, PassRule as Rule,
+    };
+    let failsafe = vec![
+        Failsafe::tcp(22..=22),
+        Failsafe::tcp(50000..=50001),
+        Failsafe::udp(8472..=8472).from_nodes_only(),
+        Failsafe {
+            proto: IPPROTO_ICMP,
+            ports: 8..=8,
+            nodes_only: true,
+        },
+    ];
+    let everything = |when: &str| -> Vec<(String, Vec<u8>)> {
+        vec![
+            ("TCP 22".into(), tcp_from(CLIENT, 40000, 22)),
+            ("TCP 23".into(), tcp_from(CLIENT, 40000, 23)),
+            (format!("{when} ICMP unreachable"), {
+                let quoted = sent_by_a(IPPROTO_UDP, &[], 0, &udp_ports(5353, 53));
+                icmp_error(3, 3, &quoted)
+            }),
+        ]
+    };
+    // (e) Off: the old behaviour, everything to the node address passes by the default.
+    for (name, frame) in everything("off") {
+        assert_counts(
+            classify(&pair, &att, &[frame]),
+            expect_counts(&[(Rule, 1)]),
+            &format!("firewall off: {name}"),
+        );
+    }
+    let (mut att, result) = set_fw(&pair, att, Some(firewall(failsafe.clone())));
+    result.expect("host firewall on");
+    assert!(att.host_firewall_on());
+    let quoting = sent_by_a(IPPROTO_TCP, &[], 0, &tcp_header(40000, 443));
+    assert_actions(
+        &pair,
+        &att,
+        &[
+            // (a)/(b) Failsafe ports pass, the rest is redirected.
+            ("TCP 22", tcp_from(CLIENT, 40000, 22), Failsafe_),
+            ("TCP 50000", tcp_from(CLIENT, 40000, 50000), Failsafe_),
+            ("TCP 50001", tcp_from(CLIENT, 40000, 50001), Failsafe_),
+            ("TCP 50002", tcp_from(CLIENT, 40000, 50002), Redirected),
+            ("TCP 23", tcp_from(CLIENT, 40000, 23), Redirected),
+            (
+                "UDP 22 (failsafe is TCP only)",
+                udp_from(CLIENT, 40000, 22),
+                Redirected,
+            ),
+            // (c) Nodes only: from a cluster node it passes, from anyone else it is redirected.
+            (
+                "UDP 8472 from a non-node",
+                udp_from(CLIENT, 40000, 8472),
+                Redirected,
+            ),
+            (
+                "UDP 8472 from a node",
+                udp_from(OTHER_NODE, 40000, 8472),
+                Failsafe_,
+            ),
+            (
+                "echo request from a non-node",
+                icmp_from(CLIENT, 8, 7),
+                Redirected,
+            ),
+            (
+                "echo request from a node",
+                icmp_from(OTHER_NODE, 8, 7),
+                Failsafe_,
+            ),
+            // ICMP errors for the kernel's own connections.
+            ("unreachable", icmp_error(3, 4, &quoting), IcmpErr),
+            ("source quench", icmp_error(4, 0, &quoting), IcmpErr),
+            ("redirect", icmp_error(5, 1, &quoting), IcmpErr),
+            ("time exceeded", icmp_error(11, 0, &quoting), IcmpErr),
+            ("parameter problem", icmp_error(12, 0, &quoting), IcmpErr),
+            (
+                "echo reply of no flow",
+                icmp_from(CLIENT, 0, 99),
+                Redirected,
+            ),
+            // Fragments are redirected, even those of a failsafe port.
+            (
+                "first fragment to TCP 22",
+                ip_frame(CLIENT, NODE, IPPROTO_TCP, 0x2000, &tcp_header(40000, 22)),
+                Redirected,
+            ),
+            (
+                "later fragment",
+                ip_frame(CLIENT, NODE, IPPROTO_UDP, 0x0003, &[0xbb; 8]),
+                Redirected,
+            ),
+            (
+                "GRE",
+                ip_frame(CLIENT, NODE, IPPROTO_GRE, 0, &[0; 8]),
+                Redirected,
+            ),
+            // Not a node address: the default as before.
+            (
+                "TCP 23 to another address",
+                ip_frame(
+                    CLIENT,
+                    [10, 77, 0, 50],
+                    IPPROTO_TCP,
+                    0,
+                    &tcp_header(40000, 23),
+                ),
+                Rule,
+            ),
+        ],
+        "firewall on",
+    );
+
+    // Every existing rule keeps its precedence over the firewall.
+    att.set_port(PortProtocol::Tcp, 22, RuleAction::Redirect)
+        .expect("claim TCP 22");
+    att.set_rule(PassKey::ipv4(IPPROTO_TCP, 23), RuleAction::Pass)
+        .expect("RULES TCP 23 Pass");
+    att.set_rule(PassKey::ipv4(IPPROTO_GRE, 0), RuleAction::Pass)
+        .expect("RULES GRE Pass");
+    att.set_port(PortProtocol::IcmpEchoId, 99, RuleAction::Pass)
+        .expect("ICMP id 99 Pass");
+    assert_actions(
+        &pair,
+        &att,
+        &[
+            (
+                "TCP 22 claimed by a port entry",
+                tcp_from(CLIENT, 40000, 22),
+                Redirected,
+            ),
+            ("TCP 23 passed by RULES", tcp_from(CLIENT, 40000, 23), Rule),
+            (
+                "GRE passed by RULES",
+                ip_frame(CLIENT, NODE, IPPROTO_GRE, 0, &[0; 8]),
+                Rule,
+            ),
+            (
+                "echo reply id 99 passed by its port entry",
+                icmp_from(CLIENT, 0, 99),
+                Rule,
+            ),
+        ],
+        "claims before the firewall",
+    );
+    att.set_dst_addr(Ipv4Addr::from(NODE), RuleAction::Pass)
+        .expect("DST_ADDRS node Pass");
+    assert_actions(
+        &pair,
+        &att,
+        &[(
+            "TCP 24 with DST_ADDRS Pass",
+            tcp_from(CLIENT, 40000, 24),
+            Rule,
+        )],
+        "DST_ADDRS before the firewall",
+    );
+    att.remove_dst_addr(Ipv4Addr::from(NODE)).expect("remove");
+    att.clear_ports(PortProtocol::Tcp).expect("clear");
+    att.clear_ports(PortProtocol::IcmpEchoId).expect("clear");
+    att.remove_rule(&PassKey::ipv4(IPPROTO_TCP, 23))
+        .expect("remove");
+    att.remove_rule(&PassKey::ipv4(IPPROTO_GRE, 0))
+        .expect("remove");
+
+    // (d) Flows the node sent: TCP and UDP by (source, source port, destination port), echo
+    // replies by (source, identifier).
+    let client = Ipv4Addr::from(CLIENT);
+    let flow = |proto, remote_port, local_port, node_opened| HostFlow {
+        proto,
+        remote_addr: client,
+        remote_port,
+        local_port,
+        node_opened,
+    };
+    att.add_host_flows(&[
+        flow(IPPROTO_TCP, 443, 40000, true),
+        flow(IPPROTO_UDP, 53, 40001, false),
+        flow(IPPROTO_ICMP, 0, 99, true),
+    ])
+    .expect("add flows");
+    assert_actions(
+        &pair,
+        &att,
+        &[
+            ("TCP reply", tcp_from(CLIENT, 443, 40000), Flow),
+            (
+                "TCP from another port",
+                tcp_from(CLIENT, 444, 40000),
+                Redirected,
+            ),
+            (
+                "TCP to another port",
+                tcp_from(CLIENT, 443, 40002),
+                Redirected,
+            ),
+            (
+                "TCP from another host",
+                tcp_from(OTHER_NODE, 443, 40000),
+                Redirected,
+            ),
+            (
+                "UDP with the TCP flow's ports",
+                udp_from(CLIENT, 443, 40000),
+                Redirected,
+            ),
+            ("UDP reply", udp_from(CLIENT, 53, 40001), Flow),
+            ("echo reply id 99", icmp_from(CLIENT, 0, 99), Flow),
+            ("echo reply id 98", icmp_from(CLIENT, 0, 98), Redirected),
+        ],
+        "node flows",
+    );
+    // Timeouts: a UDP flow last seen 181 s ago is over, one seen 170 s ago is not.
+    let now = xdp_redirect::monotonic_ns();
+    let secs = |s: u64| s * 1_000_000_000;
+    if now > secs(3600) {
+        att.add_host_flows_at(&[flow(IPPROTO_UDP, 53, 41000, false)], now - secs(181))
+            .expect("add an old flow");
+        att.add_host_flows_at(&[flow(IPPROTO_UDP, 53, 41001, false)], now - secs(170))
+            .expect("add a recent flow");
+        att.add_host_flows_at(&[flow(IPPROTO_TCP, 443, 41002, true)], now - secs(181))
+            .expect("add a TCP flow");
+        assert_actions(
+            &pair,
+            &att,
+            &[
+                (
+                    "UDP flow idle 181 s",
+                    udp_from(CLIENT, 53, 41000),
+                    Redirected,
+                ),
+                ("UDP flow idle 170 s", udp_from(CLIENT, 53, 41001), Flow),
+                (
+                    "TCP flow idle 181 s (2 h timeout)",
+                    tcp_from(CLIENT, 443, 41002),
+                    Flow,
+                ),
+            ],
+            "flow timeouts",
+        );
+    } else {
+        eprintln!("skipping the timeout cases: the machine has been up for less than an hour");
+    }
+    // After a policy change, flows the node did not open go back through the workers.
+    let removed = att.clear_host_flows().expect("clear flows");
+    assert!(removed >= 1, "the UDP flow must be removed ({removed})");
+    assert_actions(
+        &pair,
+        &att,
+        &[
+            (
+                "UDP reply after clearing",
+                udp_from(CLIENT, 53, 40001),
+                Redirected,
+            ),
+            (
+                "TCP reply of a node-opened flow",
+                tcp_from(CLIENT, 443, 40000),
+                Flow,
+            ),
+        ],
+        "after clear_host_flows",
+    );
+
+    // Reconfiguring: a changed failsafe list and node set apply without turning off.
+    let (att, result) = set_fw(
+        &pair,
+        att,
+        Some(HostFirewall {
+            node_addrs: vec![Ipv4Addr::from(NODE)],
+            cluster_nodes: vec![client],
+            failsafe: vec![Failsafe::udp(8472..=8472).from_nodes_only()],
+        }),
+    );
+    result.expect("reconfigure");
+    assert_actions(
+        &pair,
+        &att,
+        &[
+            (
+                "TCP 22 no longer failsafe",
+                tcp_from(CLIENT, 40000, 22),
+                Redirected,
+            ),
+            (
+                "UDP 8472 from the new node",
+                udp_from(CLIENT, 40000, 8472),
+                Failsafe_,
+            ),
+            (
+                "UDP 8472 from a former node",
+                udp_from(OTHER_NODE, 40000, 8472),
+                Redirected,
+            ),
+        ],
+        "reconfigured",
+    );
+
+    // (e) Off again: the old behaviour, and no flow is left behind.
+    let (att, result) = set_fw(&pair, att, None);
+    result.expect("host firewall off");
+    assert!(!att.host_firewall_on());
+    assert!(
+        att.host_flows().expect("read flows").is_empty(),
+        "turning off empties HOST_FLOWS"
+    );
+    for (name, frame) in everything("off again") {
+        assert_counts(
+            classify(&pair, &att, &[frame]),
+            expect_counts(&[(Rule, 1)]),
+            &format!("firewall off again: {name}"),
+        );
+    }
+}
+
+#[test]
+fn host_firewall_refuses_bad_configuration_by_name() {
+    require_root!();
+    let pair = Pair::new();
+    // A pod-sized attachment has no room for host flows.
+    let att = pair.attach().expect("attach");
+    let (att, result) = set_fw(&pair, att, Some(firewall(vec![])));
+    let err = result.expect_err("a one-entry HOST_FLOWS map");
+    assert!(matches!(err, Error::HostFlowsTooSmall { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&pair.if_a) && err.to_string().contains("attach_with"),
+        "{err}"
+    );
+    assert!(!att.host_firewall_on());
+    drop(att);
+
+    let att = fw_uplink(&pair);
+    let too_many = HostFirewall {
+        node_addrs: (0..=MAX_HOST_ADDRS)
+            .map(|i| Ipv4Addr::from(0x0a4e_0000 + i))
+            .collect(),
+        ..HostFirewall::default()
+    };
+    let (att, result) = set_fw(&pair, att, Some(too_many));
+    let err = result.expect_err("more node addresses than HOST_ADDRS holds");
+    assert!(
+        matches!(
+            err,
+            Error::TooManyHostFirewallAddrs {
+                map: "HOST_ADDRS",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let bad = firewall(vec![Failsafe {
+        proto: IPPROTO_GRE,
+        ports: 0..=0,
+        nodes_only: false,
+    }]);
+    let (att, result) = set_fw(&pair, att, Some(bad));
+    let err = result.expect_err("GRE failsafe");
+    assert!(
+        matches!(err, Error::FailsafeProtocol { index: 0, .. }),
+        "{err:?}"
+    );
+    assert!(
+        !att.host_firewall_on(),
+        "a refused configuration changed the flag"
+    );
+    // Nothing changed: traffic to the node still passes by the default.
+    assert_actions(
+        &pair,
+        &att,
+        &[("TCP 23", tcp_from(CLIENT, 40000, 23), Action::PassRule)],
+        "after refused configurations",
+    );
+    // Called from a namespace where the interface does not exist: refused by name.
+    let mut att = att;
+    let err = att
+        .set_host_firewall(Some(&firewall(vec![])))
+        .expect_err("the test thread is not in A");
+    assert!(matches!(err, Error::WrongNamespace { .. }), "{err:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A minimal AF_XDP socket (copy mode, RX ring only): takes the frames the program redirects
+// away from the kernel, and lets the test look at them.
+
+const XSK_FRAMES: u32 = 64;
+const XSK_FRAME_SIZE: u32 = 4096;
+
+struct Xsk {
+    fd: OwnedFd,
+    umem: *mut libc::c_void,
+    rx_map: *mut libc::c_void,
+    rx_len: usize,
+    rx_off: libc::xdp_ring_offset,
+    fill_map: *mut libc::c_void,
+    fill_len: usize,
+    fill_off: libc::xdp_ring_offset,
+}
+
+// SAFETY: the mappings belong to this value alone and are only touched through `&mut self` (or
+// in drop); the kernel side of the rings is synchronised by the producer/consumer atomics.
+unsafe impl Send for Xsk {}
+
+fn sockopt<T>(fd: &OwnedFd, name: libc::c_int, value: &T, what: &str) {
+    // SAFETY: value points to a valid T of the given size for the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_XDP,
+            name,
+            std::ptr::from_ref(value).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "AF_XDP {what}: {}", std::io::Error::last_os_error());
+}
+
+fn map_ring(fd: &OwnedFd, len: usize, offset: libc::off_t, what: &str) -> *mut libc::c_void {
+    // SAFETY: mapping a ring of the socket at the offset the kernel defines for it; the result
+    // is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            fd.as_raw_fd(),
+            offset,
+        )
+    };
+    assert!(
+        p != libc::MAP_FAILED,
+        "mmap {what}: {}",
+        std::io::Error::last_os_error()
+    );
+    p
+}
+
+impl Xsk {
+    /// Binds to queue 0 of `ifname` in the calling thread's namespace, with every UMEM frame in
+    /// the fill ring.
+    fn bind(ifname: &str) -> Xsk {
+        let ifindex = xdp_redirect::ifindex(ifname).expect("interface exists");
+        // SAFETY: plain socket(2) call.
+        let raw = unsafe { libc::socket(libc::AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(
+            raw >= 0,
+            "AF_XDP socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: raw is a fresh descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let umem_len = (XSK_FRAMES * XSK_FRAME_SIZE) as usize;
+        // SAFETY: an anonymous private mapping; checked below.
+        let umem = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                umem_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(umem != libc::MAP_FAILED, "mmap UMEM");
+        let reg = libc::xdp_umem_reg {
+            addr: umem as u64,
+            len: umem_len as u64,
+            chunk_size: XSK_FRAME_SIZE,
+            headroom: 0,
+            flags: 0,
+            tx_metadata_len: 0,
+        };
+        sockopt(&fd, libc::XDP_UMEM_REG, &reg, "UMEM_REG");
+        sockopt(&fd, libc::XDP_UMEM_FILL_RING, &XSK_FRAMES, "fill ring");
+        sockopt(
+            &fd,
+            libc::XDP_UMEM_COMPLETION_RING,
+            &XSK_FRAMES,
+            "completion ring",
+        );
+        sockopt(&fd, libc::XDP_RX_RING, &XSK_FRAMES, "rx ring");
+        // SAFETY: xdp_mmap_offsets is plain data.
+        let mut off: libc::xdp_mmap_offsets = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::xdp_mmap_offsets>() as libc::socklen_t;
+        // SAFETY: off and len are valid for writing for the call.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_XDP,
+                libc::XDP_MMAP_OFFSETS,
+                std::ptr::from_mut(&mut off).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "XDP_MMAP_OFFSETS: {}",
+            std::io::Error::last_os_error()
+        );
+        let rx_len =
+            off.rx.desc as usize + XSK_FRAMES as usize * std::mem::size_of::<libc::xdp_desc>();
+        let rx_map = map_ring(&fd, rx_len, libc::XDP_PGOFF_RX_RING, "rx ring");
+        let fill_len = off.fr.desc as usize + XSK_FRAMES as usize * 8;
+        let fill_map = map_ring(
+            &fd,
+            fill_len,
+            libc::XDP_UMEM_PGOFF_FILL_RING as libc::off_t,
+            "fill ring",
+        );
+        let mut xsk = Xsk {
+            fd,
+            umem,
+            rx_map,
+            rx_len,
+            rx_off: off.rx,
+            fill_map,
+            fill_len,
+            fill_off: off.fr,
+        };
+        for i in 0..XSK_FRAMES {
+            xsk.give_frame(u64::from(i * XSK_FRAME_SIZE));
+        }
+        let addr = libc::sockaddr_xdp {
+            sxdp_family: libc::AF_XDP as u16,
+            sxdp_flags: libc::XDP_COPY,
+            sxdp_ifindex: ifindex,
+            sxdp_queue_id: 0,
+            sxdp_shared_umem_fd: 0,
+        };
+        // SAFETY: addr is a valid sockaddr_xdp of the given size.
+        let rc = unsafe {
+            libc::bind(
+                xsk.fd.as_raw_fd(),
+                std::ptr::from_ref(&addr).cast(),
+                std::mem::size_of::<libc::sockaddr_xdp>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "bind AF_XDP to {ifname}: {}",
+            std::io::Error::last_os_error()
+        );
+        xsk
+    }
+
+    fn counter(map: *mut libc::c_void, offset: u64) -> &'static AtomicU32 {
+        // SAFETY: offset is the kernel's offset of a u32 ring index inside the mapping, which
+        // lives as long as the Xsk (callers do not keep the reference beyond a method call).
+        unsafe { &*map.cast::<u8>().add(offset as usize).cast::<AtomicU32>() }
+    }
+
+    /// Puts the frame at `addr` into the fill ring (it never holds more than XSK_FRAMES).
+    fn give_frame(&mut self, addr: u64) {
+        let producer = Self::counter(self.fill_map, self.fill_off.producer);
+        let at = producer.load(Ordering::Relaxed);
+        let slot = (at % XSK_FRAMES) as usize;
+        // SAFETY: slot < XSK_FRAMES u64 descriptors follow fill_off.desc in the mapping.
+        unsafe {
+            self.fill_map
+                .cast::<u8>()
+                .add(self.fill_off.desc as usize)
+                .cast::<u64>()
+                .add(slot)
+                .write(addr);
+        }
+        producer.store(at.wrapping_add(1), Ordering::Release);
+    }
+
+    /// Every frame received so far (the frames go back to the fill ring).
+    fn take_frames(&mut self) -> Vec<Vec<u8>> {
+        let producer = Self::counter(self.rx_map, self.rx_off.producer).load(Ordering::Acquire);
+        let consumer = Self::counter(self.rx_map, self.rx_off.consumer);
+        let mut at = consumer.load(Ordering::Relaxed);
+        let mut frames = Vec::new();
+        while at != producer {
+            let slot = (at % XSK_FRAMES) as usize;
+            // SAFETY: slot < XSK_FRAMES descriptors follow rx_off.desc in the mapping; the
+            // producer's release store made this one visible.
+            let desc = unsafe {
+                self.rx_map
+                    .cast::<u8>()
+                    .add(self.rx_off.desc as usize)
+                    .cast::<libc::xdp_desc>()
+                    .add(slot)
+                    .read()
+            };
+            let end = desc.addr as usize + desc.len as usize;
+            assert!(
+                end <= (XSK_FRAMES * XSK_FRAME_SIZE) as usize,
+                "descriptor beyond UMEM"
+            );
+            // SAFETY: addr..addr+len lies inside the UMEM (checked above), written by the kernel
+            // before it published the descriptor.
+            let bytes = unsafe {
+                std::slice::from_raw_parts(
+                    self.umem.cast::<u8>().add(desc.addr as usize),
+                    desc.len as usize,
+                )
+            };
+            frames.push(bytes.to_vec());
+            at = at.wrapping_add(1);
+            consumer.store(at, Ordering::Release);
+            self.give_frame(desc.addr - desc.addr % u64::from(XSK_FRAME_SIZE));
+        }
+        frames
+    }
+}
+
+impl Drop for Xsk {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mappings made in bind; nothing refers to them after.
+        unsafe {
+            libc::munmap(self.rx_map, self.rx_len);
+            libc::munmap(self.fill_map, self.fill_len);
+            libc::munmap(self.umem, (XSK_FRAMES * XSK_FRAME_SIZE) as usize);
+        }
+    }
+}
+
+/// (protocol, source port, destination port, TCP flags) of an IPv4 TCP/UDP frame.
+fn l4_summary(frame: &[u8]) -> Option<(u8, u16, u16, u8)> {
+    if frame.len() < 34 || frame[12..14] != ETHERTYPE_IPV4.to_be_bytes() {
+        return None;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let l4 = frame.get(14 + ihl..)?;
+    let proto = frame[23];
+    if l4.len() < 4 {
+        return None;
+    }
+    let flags = if proto == IPPROTO_TCP {
+        *l4.get(13)?
+    } else {
+        0
+    };
+    Some((
+        proto,
+        u16::from_be_bytes([l4[0], l4[1]]),
+        u16::from_be_bytes([l4[2], l4[3]]),
+        flags,
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real sockets in the namespaces.
+
+/// Accepts one connection on `listener` (within the time limit), echoes what it reads once.
+fn echo_once(listener: TcpListener) -> thread::JoinHandle<bool> {
+    thread::spawn(move || {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return false,
+            }
+        };
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).is_ok() && stream.write_all(&buf).is_ok()
+    })
+}
+
+/// Connects to `addr` from a thread in `netns`, sends 4 bytes and reads them back.
+fn tcp_round_trip(netns: &str, addr: &str, timeout: Duration) -> std::io::Result<[u8; 4]> {
+    let addr: std::net::SocketAddr = addr.parse().expect("socket address");
+    in_netns(netns, move || {
+        let mut s = TcpStream::connect_timeout(&addr, timeout)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"ping")?;
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf)?;
+        Ok(buf)
+    })
+}
+
+fn listen_in(netns: &str, addr: &str) -> TcpListener {
+    let addr = addr.to_string();
+    in_netns(netns, move || TcpListener::bind(&addr)).expect("listen")
+}
+
+/// Names of the TCX egress programs on `ifname` in `netns` (queried from the kernel; Debian's
+/// bpftool 7.1 does not show TCX links).
+fn tc_egress_programs(netns: &str, ifname: &str) -> Vec<String> {
+    let name = ifname.to_string();
+    in_netns(netns, move || {
+        aya::programs::SchedClassifier::query_tcx(&name, aya::programs::TcAttachType::Egress)
+            .map(|(_, programs)| {
+                programs
+                    .iter()
+                    .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|e| panic!("querying TCX egress programs of {ifname}: {e}"))
+}
+
+#[test]
+fn host_firewall_end_to_end_with_an_af_xdp_socket_taking_redirected_frames() {
+    require_root!();
+    let pair = Pair::new();
+    let mut att = fw_uplink(&pair);
+    let ifname = pair.if_a.clone();
+    let mut xsk = in_netns(&pair.netns_a, move || Xsk::bind(&ifname));
+    att.register_socket(0, xsk.fd.as_fd())
+        .expect("register the AF_XDP socket");
+    let node = ADDR_A.to_string();
+    let fw = firewall(vec![Failsafe::tcp(2222..=2222)]);
+    let (att, result) = set_fw(&pair, att, Some(fw.clone()));
+    result.expect("host firewall on");
+    let tc = || tc_egress_programs(&pair.netns_a, &pair.if_a);
+    assert_eq!(
+        tc(),
+        ["host_flows"],
+        "the TC egress program after turning on"
+    );
+    let c = |att: &Attachment| counters(att);
+
+    // (a) A failsafe port: the connection reaches the node's listening socket.
+    let before = c(&att);
+    let server = echo_once(listen_in(&pair.netns_a, &format!("{node}:2222")));
+    let got = tcp_round_trip(
+        &pair.netns_b,
+        &format!("{node}:2222"),
+        Duration::from_secs(3),
+    );
+    assert_eq!(got.expect("connection to the failsafe port"), *b"ping");
+    assert!(
+        server.join().expect("server thread"),
+        "server side of the failsafe connection"
+    );
+    let d = delta(&before, &c(&att));
+    assert!(d[Action::PassFailsafe as usize] >= 3, "{}", show(&d));
+
+    // (b) A port that is not failsafe: the SYN goes to the AF_XDP socket, never to the
+    // listening socket, and the connection fails.
+    let _ = xsk.take_frames();
+    let before = c(&att);
+    let listener_2223 = listen_in(&pair.netns_a, &format!("{node}:2223"));
+    let got = tcp_round_trip(
+        &pair.netns_b,
+        &format!("{node}:2223"),
+        Duration::from_secs(1),
+    );
+    assert!(
+        got.is_err(),
+        "a connection to a non-failsafe port worked: {got:?}"
+    );
+    let d = delta(&before, &c(&att));
+    assert!(d[Action::Redirected as usize] >= 1, "{}", show(&d));
+    let frames = xsk.take_frames();
+    assert!(
+        frames.iter().any(
+            |f| matches!(l4_summary(f), Some((IPPROTO_TCP, _, 2223, flags)) if flags & 0x02 != 0)
+        ),
+        "no SYN to port 2223 on the AF_XDP socket ({} frames)",
+        frames.len()
+    );
+
+    // (d) Connections the node opens get their replies (TC flow -> XDP_PASS): TCP, UDP, ping.
+    let before = c(&att);
+    let server = echo_once(listen_in(&pair.netns_b, &format!("{ADDR_B}:8080")));
+    let got = tcp_round_trip(
+        &pair.netns_a,
+        &format!("{ADDR_B}:8080"),
+        Duration::from_secs(3),
+    );
+    assert_eq!(got.expect("node-opened TCP connection"), *b"ping");
+    assert!(server.join().expect("server thread"));
+    let peer = format!("{ADDR_B}:5353");
+    let udp_server = in_netns(&pair.netns_b, {
+        let peer = peer.clone();
+        move || UdpSocket::bind(peer)
+    })
+    .expect("bind UDP in B");
+    let echo = thread::spawn(move || {
+        udp_server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut buf = [0u8; 16];
+        match udp_server.recv_from(&mut buf) {
+            Ok((n, from)) => udp_server.send_to(&buf[..n], from).is_ok(),
+            Err(_) => false,
+        }
+    });
+    let udp_reply = in_netns(&pair.netns_a, {
+        let peer = peer.clone();
+        move || -> std::io::Result<Vec<u8>> {
+            let s = UdpSocket::bind(format!("{ADDR_A}:0"))?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            s.send_to(b"dns?", &peer)?;
+            let mut buf = [0u8; 16];
+            let n = s.recv(&mut buf)?;
+            Ok(buf[..n].to_vec())
+        }
+    });
+    assert_eq!(udp_reply.expect("node-opened UDP flow"), b"dns?");
+    assert!(echo.join().expect("UDP echo thread"));
+    let ping = run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &pair.netns_a,
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-w",
+            "10",
+            ADDR_B,
+        ],
+    );
+    assert!(
+        ping.status.success(),
+        "ping from the node with the firewall on: {}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let d = delta(&before, &c(&att));
+    assert!(
+        d[Action::PassHostFlow as usize] >= 2 + 1 + 2,
+        "SYN-ACK and data, the UDP reply, 2 echo replies: {}",
+        show(&d)
+    );
+    let flows = att.host_flows().expect("read flows");
+    let b = Ipv4Addr::from(CLIENT);
+    assert!(
+        flows.iter().any(|(f, _)| f.proto == IPPROTO_TCP
+            && f.remote_addr == b
+            && f.remote_port == 8080
+            && f.node_opened),
+        "no node-opened TCP flow to {ADDR_B}:8080 in {flows:?}"
+    );
+    assert!(
+        flows
+            .iter()
+            .any(|(f, _)| f.proto == IPPROTO_UDP && f.remote_port == 5353),
+        "no UDP flow in {flows:?}"
+    );
+    assert!(
+        flows
+            .iter()
+            .any(|(f, _)| f.proto == IPPROTO_ICMP && f.node_opened),
+        "no echo flow in {flows:?}"
+    );
+    let stray: Vec<_> = xsk
+        .take_frames()
+        .iter()
+        .filter_map(|f| l4_summary(f))
+        .filter(|&(_, src, _, _)| src == 8080 || src == 5353)
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "replies of node flows were redirected: {stray:?}"
+    );
+
+    // (e) Off: the old behaviour (default Pass), the TC program is gone.
+    let (att, result) = set_fw(&pair, att, None);
+    result.expect("host firewall off");
+    let server = echo_once(listener_2223);
+    let got = tcp_round_trip(
+        &pair.netns_b,
+        &format!("{node}:2223"),
+        Duration::from_secs(3),
+    );
+    assert_eq!(got.expect("port 2223 with the firewall off"), *b"ping");
+    assert!(server.join().expect("server thread"));
+    assert!(
+        tc().is_empty(),
+        "the TC program is still attached after turning the firewall off"
+    );
+    let flows_before = att.host_flows().expect("flows").len();
+    assert_eq!(flows_before, 0, "turning off empties HOST_FLOWS");
+
+    // On again, then dropped: the TC program goes with the Attachment.
+    let (att, result) = set_fw(&pair, att, Some(fw));
+    result.expect("host firewall on again");
+    assert_eq!(
+        tc(),
+        ["host_flows"],
+        "the TC program after turning on again"
+    );
+    drop(att);
+    assert!(tc().is_empty(), "the TC program outlived its Attachment");
+    assert!(
+        !pair.link_details().contains("prog/xdp"),
+        "the XDP program outlived its Attachment"
+    );
+    drop(xsk);
 }
