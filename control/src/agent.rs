@@ -95,6 +95,9 @@ pub struct RunOptions {
     pub snat_ports: (u16, u16),
     /// WireGuard between nodes (`--encryption wireguard`): its UDP port and strict mode.
     pub wireguard: Option<WgOptions>,
+    /// Agent-wide audit mode and the host's failsafe ports (`--policy-audit`,
+    /// `--host-failsafe`).
+    pub policy: crate::policy::PolicyOptions,
 }
 
 /// `--encryption wireguard` settings.
@@ -148,6 +151,9 @@ struct Agent {
     wg_published: u64,
     /// healthCheckNodePort listeners of `externalTrafficPolicy: Local` Services.
     health: services::health::HealthServer,
+    /// This node's compiled NetworkPolicy / HostNetworkPolicy table (shared by every snapshot
+    /// until the rules change; its generation moves only then).
+    policy_table: Arc<dataplane::policy::PolicyTable>,
 }
 
 /// Work for the control loop from the API and metrics threads.
@@ -267,8 +273,10 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             Ipv4Addr::UNSPECIFIED,
             services::health::CLIENT_TIMEOUT,
         )?,
+        policy_table: Arc::new(dataplane::policy::PolicyTable::empty()),
     };
     agent.translate_services();
+    agent.compile_policy();
     agent.start_wireguard()?;
     agent.publish();
     if let Err(e) = agent.attach_uplink() {
@@ -599,6 +607,31 @@ impl Agent {
         }
     }
 
+    /// Recompiles the policy table; a new table (and policy generation, never 0) is kept only
+    /// when the rules changed. A table the dataplane refuses leaves the previous one in force.
+    fn compile_policy(&mut self) {
+        let current = self.policy_table.generation();
+        let next = current.wrapping_add(1).max(1);
+        match crate::policy::compile(&self.cluster, &self.node.name, &self.opts.policy, next) {
+            Ok(c) => {
+                if !c.table.same_rules(&self.policy_table) {
+                    for w in &c.warnings {
+                        tracing::warn!(object = %w.object, field = %w.field, "policy: {}", w.message);
+                    }
+                    tracing::info!(
+                        generation = next,
+                        isolated_pods = c.isolated_pods,
+                        host_isolated = c.host_isolated,
+                        audit = self.opts.policy.audit,
+                        "policy table compiled"
+                    );
+                    self.policy_table = Arc::new(c.table);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "policy not applied"),
+        }
+    }
+
     fn publish(&mut self) {
         self.generation += 1;
         let mut b = SnapshotBuilder::new(self.generation, self.node.gateway);
@@ -672,6 +705,7 @@ impl Agent {
             });
         }
         b.services(Arc::clone(&self.service_table));
+        b.policy(Arc::clone(&self.policy_table));
         if let (Some(w), Some(o)) = (&self.wg, &self.opts.wireguard) {
             let state = w.state();
             b.wireguard(dataplane::snapshot::WireguardConfig {
@@ -870,6 +904,27 @@ impl Agent {
                 self.detach(&container_id);
                 Response::ok()
             }
+            Request::PolicyTrace {
+                from,
+                to,
+                protocol,
+                port,
+            } => match crate::policy::reference::trace(
+                &self.cluster,
+                &self.opts.policy,
+                &self.policy_table,
+                &self.node.name,
+                &from,
+                &to,
+                protocol,
+                port,
+            ) {
+                Ok(report) => Response {
+                    policy_trace: Some(report),
+                    ..Response::ok()
+                },
+                Err(e) => Response::error(e.to_string()),
+            },
             Request::Services => Response {
                 services: Some(services::listing::listing(
                     &self.services,
@@ -1064,6 +1119,7 @@ impl Agent {
                 self.node = node;
                 self.source_error = None;
                 self.translate_services();
+                self.compile_policy();
                 self.update_wireguard_peers();
                 if let Ok(bytes) = std::fs::read(path) {
                     let _ = write_atomic(&last_good_path(&self.opts.state_dir), &bytes);

@@ -1,6 +1,6 @@
 //! The agent's local API: a Unix stream socket at `<state-dir>/sluice.sock`, one JSON request
 //! line in, one JSON response line out, then the connection closes. Used by the CNI plugin
-//! (endpoint add/del), by `sluice status` and by `sluice service list`.
+//! (endpoint add/del), by `sluice status`, `sluice service list` and `sluice policy trace`.
 //!
 //! Also the CNI network configuration that the agent writes for the plugin (as Cilium's agent
 //! writes `05-cilium.conflist`): the plugin never guesses the node's pod CIDR.
@@ -14,6 +14,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::reference::TraceReport;
 use crate::services::listing::ServiceListing;
 
 /// File name of the agent's socket inside its state directory.
@@ -58,6 +59,15 @@ pub enum Request {
     /// The Services as translated for this node: frontends, backends with their state and
     /// Maglev shares, skipped Services. See [`ServiceListing`].
     Services,
+    /// `sluice policy trace`: judge one connection with the reference evaluator on the agent's
+    /// cluster state and with this node's compiled policy table. `from` / `to`: `NS/POD` or an
+    /// IPv4 address; `protocol`: IP protocol number. See [`TraceReport`].
+    PolicyTrace {
+        from: String,
+        to: String,
+        protocol: u8,
+        port: u16,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,6 +84,9 @@ pub struct Response {
     /// `Services` answers carry [`ServiceListing`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub services: Option<ServiceListing>,
+    /// `PolicyTrace` answers carry [`TraceReport`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_trace: Option<TraceReport>,
 }
 
 /// HDR histograms of the workers, each serialised as HdrHistogram V2 + deflate, then base64
@@ -109,6 +122,7 @@ impl Response {
             status: None,
             histograms: None,
             services: None,
+            policy_trace: None,
         }
     }
     pub fn error(msg: impl Into<String>) -> Self {
@@ -118,6 +132,7 @@ impl Response {
             status: None,
             histograms: None,
             services: None,
+            policy_trace: None,
         }
     }
 }

@@ -234,6 +234,7 @@ fn handle(request: &Request, netns: &str, gateway: Ipv4Addr) -> Response {
             Response::error("kernel mode has no sluice workers, so no histograms")
         }
         Request::Services => Response::error("kernel mode has no sluice services table"),
+        Request::PolicyTrace { .. } => Response::error("kernel mode has no sluice policy table"),
     }
 }
 

@@ -97,6 +97,19 @@ enum Cmd {
         /// How often to check the cluster file for changes, in milliseconds.
         #[arg(long, default_value_t = 500)]
         source_poll_ms: u64,
+        /// Put every NetworkPolicy and HostNetworkPolicy in audit mode: nothing is dropped by
+        /// policy, what would be is counted and reported as audit (one policy: annotate it
+        /// `policy.sluice.io/audit: "true"`).
+        #[arg(long)]
+        policy_audit: bool,
+        /// Ports of this node that host policies never close: comma-separated
+        /// PROTO:PORT[-END][@nodes] (`@nodes`: only from the cluster's node InternalIPs), or
+        /// `none`.
+        #[arg(
+            long,
+            default_value = "tcp:22,tcp:6443,tcp:7445,tcp:10250,tcp:50000-50001,tcp:2379-2380,udp:8472@nodes,udp:51871@nodes"
+        )]
+        host_failsafe: String,
     },
     /// Show workers, interfaces, counters and drop reasons of the running agent.
     Status {
@@ -115,6 +128,34 @@ enum Cmd {
     Wg {
         #[command(subcommand)]
         command: WgCmd,
+    },
+    /// Network policy as the running agent enforces it.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCmd {
+    /// Explain the verdict for one connection: which policies isolate each end, which rule
+    /// allowed it (policy, rule, peer and port indices), and this node's compiled verdict.
+    Trace {
+        /// Source: NAMESPACE/POD or an IPv4 address.
+        #[arg(long)]
+        from: String,
+        /// Destination: NAMESPACE/POD or an IPv4 address (a node address for the host
+        /// firewall).
+        #[arg(long)]
+        to: String,
+        /// Destination port: N, N/tcp, N/udp or N/sctp (TCP when not given).
+        #[arg(long)]
+        port: String,
+        #[arg(long, default_value = "/var/lib/sluice")]
+        state_dir: PathBuf,
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -193,7 +234,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             encryption,
             wg_port,
             wg_strict,
+            policy_audit,
+            host_failsafe,
         } => {
+            let failsafe = control::policy::parse_failsafe(&host_failsafe)?;
             let wireguard = match encryption.as_str() {
                 "none" => None,
                 "wireguard" => Some(control::agent::WgOptions {
@@ -254,9 +298,45 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                     masquerade: !no_masquerade,
                     snat_ports,
                     wireguard,
+                    policy: control::policy::PolicyOptions {
+                        audit: policy_audit,
+                        failsafe,
+                    },
                 },
                 stop,
             )
+        }
+        Cmd::Policy {
+            command:
+                PolicyCmd::Trace {
+                    from,
+                    to,
+                    port,
+                    state_dir,
+                    json,
+                },
+        } => {
+            let (protocol, port) = control::policy::reference::parse_port_spec(&port)
+                .map_err(|e| anyhow::anyhow!("--{e}"))?;
+            let resp = api::call(
+                &state_dir.join(api::SOCKET_NAME),
+                &Request::PolicyTrace {
+                    from,
+                    to,
+                    protocol,
+                    port,
+                },
+                Duration::from_secs(10),
+            )?;
+            let report = resp
+                .policy_trace
+                .ok_or_else(|| anyhow::anyhow!("the agent sent no policy trace"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(())
         }
         Cmd::Status { state_dir, json } => {
             let resp = api::call(

@@ -300,6 +300,8 @@ pub enum TraceError {
     UnknownPod(String),
     #[error("{0:?} is neither NAMESPACE/POD nor an IPv4 address")]
     BadEndpoint(String),
+    #[error("port {0:?}: expected N, N/tcp, N/udp or N/sctp with N in 1..=65535")]
+    BadPort(String),
 }
 
 /// The reference evaluator over one cluster state (module doc).
@@ -618,4 +620,152 @@ fn rule_allows(
         }
     }
     None
+}
+
+/// `N`, `N/tcp`, `N/udp` or `N/sctp` (`sluice policy trace --port`): (IP protocol, port).
+pub fn parse_port_spec(text: &str) -> Result<(u8, u16), TraceError> {
+    let bad = || TraceError::BadPort(text.to_owned());
+    let (port, proto) = text.split_once('/').unwrap_or((text, "tcp"));
+    let protocol = Protocol::parse_k8s(&proto.to_ascii_uppercase()).ok_or_else(bad)?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p >= 1)
+        .ok_or_else(bad)?;
+    Ok((protocol.number(), port))
+}
+
+/// What this node's compiled table says, beside the reference verdict for the same checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataplaneVerdict {
+    pub verdict: Verdict,
+    /// The drop reason the workers would count (`policy_denied_egress`, ...), if not allowed.
+    pub reason: Option<String>,
+    /// The compiled table's policy generation.
+    pub generation: u16,
+    /// The reference evaluator's verdict for the checkpoints on this node (should be equal).
+    pub reference: Verdict,
+}
+
+/// A `sluice policy trace` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceReport {
+    /// The node that answered.
+    pub node: String,
+    pub trace: Trace,
+    /// None when no checkpoint of the connection is on this node.
+    pub dataplane: Option<DataplaneVerdict>,
+    /// Invalid policies (skipped in whole or in part) that may explain a surprise.
+    pub warnings: Vec<PolicyWarning>,
+}
+
+impl TraceReport {
+    /// The explanation, then the dataplane comparison and the warnings.
+    pub fn render(&self) -> String {
+        let mut out = self.trace.render();
+        match &self.dataplane {
+            Some(d) => {
+                let _ = write!(
+                    out,
+                    "dataplane on {}: {} (policy generation {})",
+                    self.node,
+                    d.verdict.as_str().to_ascii_lowercase(),
+                    d.generation
+                );
+                if let Some(r) = &d.reason {
+                    let _ = write!(out, ", drop reason {r}");
+                }
+                if d.verdict != d.reference {
+                    let _ = write!(
+                        out,
+                        "; MISMATCH: the reference says {} for the checkpoints on this node \
+                         (please report this)",
+                        d.reference.as_str().to_ascii_lowercase()
+                    );
+                }
+                out.push('\n');
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "dataplane on {}: no checkpoint of this connection is enforced here; ask the \
+                     agent of the nodes named above",
+                    self.node
+                );
+            }
+        }
+        for w in &self.warnings {
+            let _ = writeln!(out, "warning: {w}");
+        }
+        out
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+/// Answers `sluice policy trace` on node `node`: resolves `from` / `to` (`NS/POD` or an IPv4
+/// address), judges the connection with the reference evaluator, and asks `table` (this node's
+/// compiled policy) about the checkpoints enforced here.
+pub fn trace(
+    state: &ClusterState,
+    opts: &PolicyOptions,
+    table: &dataplane::policy::PolicyTable,
+    node: &str,
+    from: &str,
+    to: &str,
+    protocol: u8,
+    port: u16,
+) -> Result<TraceReport, TraceError> {
+    let eval = Evaluator::new(state, opts);
+    let (src, dst) = (eval.resolve(from)?, eval.resolve(to)?);
+    let trace = eval.evaluate(src, dst, protocol, port);
+    let dataplane = dataplane_verdict(&trace, table, node);
+    Ok(TraceReport {
+        node: node.to_owned(),
+        trace,
+        dataplane,
+        warnings: eval.warnings().to_vec(),
+    })
+}
+
+/// What `table` (compiled for `node`) answers for the checkpoints of `trace` on `node`:
+/// `check` for the pod checkpoints, `check_host` for the host one; None when none is on `node`.
+pub fn dataplane_verdict(
+    trace: &Trace,
+    table: &dataplane::policy::PolicyTable,
+    node: &str,
+) -> Option<DataplaneVerdict> {
+    use dataplane::policy::{policy_port, PolicyVerdict};
+    let here = |host: bool| {
+        trace
+            .checkpoints
+            .iter()
+            .any(|c| c.node == node && (c.checkpoint == Checkpoint::Host) == host)
+    };
+    let port = policy_port(trace.protocol, trace.port);
+    let mut answers = Vec::new();
+    if here(false) {
+        answers.push(table.check(trace.from.addr, trace.to.addr, trace.protocol, port));
+    }
+    if here(true) {
+        answers.push(table.check_host(trace.from.addr, trace.protocol, port));
+    }
+    if answers.is_empty() {
+        return None;
+    }
+    let judged = |v: &PolicyVerdict| match v {
+        PolicyVerdict::Allow => (Verdict::Allow, None),
+        PolicyVerdict::Audit(r) => (Verdict::Audit, Some(r.as_str().to_owned())),
+        PolicyVerdict::Deny(r) => (Verdict::Deny, Some(r.as_str().to_owned())),
+    };
+    let (verdict, reason) = answers
+        .iter()
+        .map(judged)
+        .max_by_key(|(v, _)| *v)
+        .unwrap_or((Verdict::Allow, None));
+    Some(DataplaneVerdict {
+        verdict,
+        reason,
+        generation: table.generation(),
+        reference: trace.verdict_on(node),
+    })
 }
