@@ -26,3 +26,4 @@ test: deps
 bench: deps
 	$(CARGO) bench -p dataplane --bench pipeline
 	$(CARGO) bench -p dataplane --bench services
+	$(CARGO) bench -p dataplane --bench policy
