@@ -11,6 +11,7 @@ pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod cni;
+pub mod hostfw;
 pub mod metrics;
 pub mod overlay;
 pub mod policy;
