@@ -478,11 +478,7 @@ impl Evaluator {
                     FailsafeFrom::Nodes => self.node_ips.contains(&conn.from),
                 }
         });
-        let always_allowed = if conn.from == conn.to {
-            Some("the node talking to itself".to_owned())
-        } else {
-            failsafe.map(|f| format!("failsafe port {f}"))
-        };
+        let always_allowed = failsafe.map(|f| format!("failsafe port {f}"));
         self.judge(
             conn,
             Checkpoint::Host,

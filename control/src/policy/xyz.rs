@@ -680,9 +680,9 @@ spec:
   policyTypes: [Egress]
   egress:
   - to:
-    - ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.14/32]}
+    - ipBlock: {cidr: 10.244.0.0/16, except: [10.244.1.14/32]}
 "#,
-        // y/b is 10.244.2.14.
+        // y/b is 10.244.1.14.
         &[
             p("x/a", "y/b", 80, D),
             p("x/a", "y/a", 80, A),
@@ -701,7 +701,7 @@ spec:
   policyTypes: [Egress]
   egress:
   - to:
-    - ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.14/32]}
+    - ipBlock: {cidr: 10.244.0.0/16, except: [10.244.1.14/32]}
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -710,7 +710,7 @@ spec:
   podSelector: {matchLabels: {pod: a}}
   policyTypes: [Egress]
   egress:
-  - to: [{ipBlock: {cidr: 10.244.2.14/32}}]
+  - to: [{ipBlock: {cidr: 10.244.1.14/32}}]
 "#,
         &[
             p("x/a", "y/b", 80, A),
