@@ -17,7 +17,8 @@
 //!
 //! Layout: pure pieces without I/O and testable without root ([`payload`], [`seq`], [`pacing`],
 //! [`hist`], [`metrics`] (figures, sluice/baseline ratios, comparisons), [`report`],
-//! [`scenario`] (the table of scenarios), [`service`] (ClusterIP targets)); socket loops ([`gen`], [`sink`], [`pingpong`],
+//! [`scenario`] (the table of scenarios), [`service`] (ClusterIP targets), [`policy`] (evidence
+//! that a policy scenario's policies were enforced)); socket loops ([`gen`], [`sink`], [`pingpong`],
 //! [`tcp`]) over [`mmsg`] and [`sys`]; the binary `sluice-perf` wires them to a CLI and to the
 //! testbed, running every scenario with sluice and with the kernel baseline. Exports: [`hlog`]
 //! (HdrHistogram interval logs) and [`plot`] (SVG latency spectra and curves); [`scale`] is the
@@ -32,6 +33,7 @@ pub mod pacing;
 pub mod payload;
 pub mod pingpong;
 pub mod plot;
+pub mod policy;
 pub mod report;
 pub mod scale;
 pub mod scenario;

@@ -145,6 +145,10 @@ pub struct ScenarioRecord {
     /// baseline's nodes run wireguard-go). Absent in reports written before it existed.
     #[serde(default)]
     pub encryption: crate::scenario::Encryption,
+    /// A policy scenario: the cluster file of the policies-on run (`cluster_file` is the
+    /// policies-off one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies_file: Option<String>,
 }
 
 impl ScenarioRecord {
@@ -158,6 +162,7 @@ impl ScenarioRecord {
             client_pod: s.client_pod.into(),
             server_pod: s.server_pod.into(),
             encryption: s.encryption,
+            policies_file: None,
         }
     }
 }
@@ -232,6 +237,10 @@ pub struct ModeReport {
     pub agents: BTreeMap<String, AgentRecord>,
     pub warnings: Vec<String>,
     pub errors: Vec<String>,
+    /// A sluice mode of a policy scenario: what the agents' counters say about policy during
+    /// the mode ([`crate::policy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::PolicyEvidence>,
 }
 
 /// Who ran where. `None`: not pinned (the scheduler decides).
@@ -252,8 +261,12 @@ pub struct RunReport {
     pub parameters: RunParameters,
     /// By mode name.
     pub modes: BTreeMap<String, ModeReport>,
-    /// sluice / kernel per metric (empty without a baseline).
+    /// sluice / kernel per metric (empty without a baseline); see `ratio_of`.
     pub ratios: Vec<Ratio>,
+    /// What `ratios` divide, when not sluice by the kernel baseline (policy scenarios:
+    /// policies on by policies off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio_of: Option<String>,
     pub cores: Cores,
     /// What a reader must know to read the numbers: shared CPUs, core overlaps, missed rates,
     /// loss; every mode's warnings are repeated here prefixed with its name.
@@ -624,7 +637,8 @@ pub fn render_table(r: &RunReport) -> String {
     if !r.ratios.is_empty() {
         let _ = writeln!(
             t,
-            "ratio = sluice / kernel baseline, both measured in this run on the same topology"
+            "ratio = {}, both measured in this run on the same topology",
+            r.ratio_of.as_deref().unwrap_or("sluice / kernel baseline")
         );
     }
     for w in &r.warnings {
@@ -898,6 +912,7 @@ mod tests {
                 results,
                 agents: BTreeMap::new(),
                 errors: vec![],
+                policy: None,
             }
         };
         let (k, s) = (mode("kernel", 0, 1000), mode("sluice", 1, 990));
@@ -941,9 +956,58 @@ mod tests {
             cores,
             modes: [k, s].into_iter().map(|m| (m.mode.clone(), m)).collect(),
             ratios,
+            ratio_of: None,
             errors: vec![],
             files: vec!["one-way.hlog".into()],
         }
+    }
+
+    /// A policy scenario's report: two sluice modes, the ratio says what it divides, the
+    /// evidence is kept, and reports without these fields still load.
+    #[test]
+    fn policy_reports_name_their_ratio_and_keep_the_evidence() {
+        let mut r = run_report();
+        let mut off = r.modes.remove("sluice").expect("sluice mode");
+        let mut on = r.modes.remove("kernel").expect("kernel mode");
+        r.modes.clear();
+        off.order = 0;
+        off.policy = Some(crate::policy::PolicyEvidence {
+            policies_on: false,
+            probe_sent: 20,
+            ..Default::default()
+        });
+        on.mode = "sluice-policy".into();
+        on.order = 1;
+        on.policy = Some(crate::policy::PolicyEvidence {
+            policies_on: true,
+            policy_flows: 1,
+            policy_denied: 20,
+            probe_sent: 20,
+        });
+        r.ratios = crate::metrics::ratios(&on.metrics, &off.metrics);
+        r.ratio_of = Some("sluice-policy / sluice (policies on / off)".into());
+        r.scenario.policies_file = Some("p.yaml".into());
+        r.modes = [off, on].into_iter().map(|m| (m.mode.clone(), m)).collect();
+        let t = render_table(&r);
+        assert!(
+            t.contains("ratio = sluice-policy / sluice (policies on / off), both measured"),
+            "{t}"
+        );
+        assert!(!t.contains("kernel baseline"), "{t}");
+        let header = t.lines().find(|l| l.starts_with("metric")).expect("header");
+        assert!(
+            header.find(" sluice ").expect("off column")
+                < header.find("sluice-policy").expect("on column"),
+            "{header}"
+        );
+        let v = serde_json::to_value(&r).expect("serialises");
+        assert_eq!(v["modes"]["sluice-policy"]["policy"]["policy_flows"], 1);
+        assert_eq!(v["scenario"]["policies_file"], "p.yaml");
+        let back: RunReport = serde_json::from_value(v).expect("deserialises");
+        assert_eq!(back, r);
+        let plain = serde_json::to_value(run_report()).expect("serialises");
+        assert!(plain.get("ratio_of").is_none(), "absent unless set");
+        assert!(plain["modes"]["sluice"].get("policy").is_none());
     }
 
     #[test]

@@ -12,6 +12,12 @@
 //! (`testbed::UpOptions::encryption`): the sluice agents seal VXLAN in their workers, and the
 //! kernel baseline's nodes are `kernel-wireguard` nodes (the kernel's vxlan device over
 //! wireguard-go, the shape of Flannel's or Cilium's WireGuard + VXLAN modes).
+//!
+//! A **policy scenario** ([`Scenario::policies`]) compares sluice with sluice instead: the same
+//! traffic on the cluster file (no NetworkPolicy) and on its twin with NetworkPolicies that
+//! isolate both ends; the kernel baseline is not run (the kernel path here has no policy
+//! engine; `pod-to-pod` gives sluice against the kernel on the same topology). The policies-on
+//! run must prove its policies were enforced ([`crate::policy`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +90,12 @@ pub struct Scenario {
     /// Between nodes: VXLAN in clear, or in WireGuard (both modes; module doc). An encrypted
     /// scenario needs keys on every Node of its cluster file (`testbed::plan::WG_PRIVATE_KEY_ANNOTATION`).
     pub encryption: Encryption,
+    /// A policy scenario: this cluster file is [`Scenario::cluster`] plus NetworkPolicies, and
+    /// the run compares sluice on it (policies on) with sluice on `cluster` (policies off),
+    /// instead of sluice with the kernel (which has no policy engine here); see
+    /// [`crate::policy`]. The policies must isolate both ends, allow the scenario's port and
+    /// not allow [`crate::policy::PROBE_PORT`].
+    pub policies: Option<&'static str>,
     pub defaults: Defaults,
 }
 
@@ -106,6 +118,13 @@ const WIREGUARD: &str = "testbed/clusters/wireguard.yaml";
 const CROSS_NODE_WG: &str =
     "pod-a1 (node1) -> pod-b1's IP (node2), VXLAN in WireGuard; kernel: vxlan over wireguard-go";
 
+/// [`DEMO`] plus NetworkPolicies isolating pod-b's ingress (from app: a) and pod-a's egress (to
+/// app: b) on the perf ports 9000-9002.
+const POLICY_PERF: &str = "testbed/clusters/policy-perf.yaml";
+/// Policy scenarios: sluice with NetworkPolicies vs sluice without, same traffic.
+const POLICY: &str =
+    "pod-a -> pod-b's IP, same node; pod-a egress and pod-b ingress isolated (policies on vs off)";
+
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "pod-to-pod",
@@ -118,6 +137,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::UdpStream,
         port: 9000,
         encryption: Encryption::None,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -136,6 +156,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::TcpStream,
         port: 9002,
         encryption: Encryption::None,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
@@ -154,6 +175,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::UdpRequestResponse,
         port: 9001,
         encryption: Encryption::None,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -172,6 +194,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::UdpStream,
         port: 9000,
         encryption: Encryption::None,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -190,6 +213,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::TcpStream,
         port: 9002,
         encryption: Encryption::None,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
@@ -208,6 +232,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::UdpRequestResponse,
         port: 9001,
         encryption: Encryption::None,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -226,6 +251,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::UdpStream,
         port: 9000,
         encryption: Encryption::Wireguard,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -244,6 +270,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::TcpStream,
         port: 9002,
         encryption: Encryption::Wireguard,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
@@ -262,6 +289,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::UdpRequestResponse,
         port: 9001,
         encryption: Encryption::Wireguard,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -282,6 +310,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::UdpStream,
         port: 9000,
         encryption: Encryption::None,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -302,6 +331,7 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::UdpRequestResponse,
         port: 9001,
         encryption: Encryption::None,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -322,9 +352,48 @@ pub const SCENARIOS: &[Scenario] = &[
         traffic: Traffic::TcpStream,
         port: 9002,
         encryption: Encryption::None,
+        policies: None,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
+    Scenario {
+        name: "pod-to-pod-policy",
+        measures: "UDP packet rate, loss and one-way latency with NetworkPolicies on vs off",
+        topology: POLICY,
+        cluster: DEMO,
+        client_pod: "default/pod-a",
+        server_pod: "default/pod-b",
+        target: Target::PodIp,
+        traffic: Traffic::UdpStream,
+        port: 9000,
+        encryption: Encryption::None,
+        policies: Some(POLICY_PERF),
+        defaults: Defaults {
+            duration_s: 5,
+            size: 64,
+            rate_pps: None,
+            flows: 1,
+        },
+    },
+    Scenario {
+        name: "pod-to-pod-policy-rr",
+        measures: "UDP request/response round-trip latency with NetworkPolicies on vs off",
+        topology: POLICY,
+        cluster: DEMO,
+        client_pod: "default/pod-a",
+        server_pod: "default/pod-b",
+        target: Target::PodIp,
+        traffic: Traffic::UdpRequestResponse,
+        port: 9001,
+        encryption: Encryption::None,
+        policies: Some(POLICY_PERF),
+        defaults: Defaults {
+            duration_s: 5,
+            size: 64,
             rate_pps: None,
             flows: 1,
         },
@@ -460,6 +529,20 @@ pub fn validate(s: &Scenario) -> Result<(), String> {
     }
     if s.port == 0 {
         return Err(format!("{}: port 0", s.name));
+    }
+    if let Some(p) = s.policies {
+        if !p.ends_with(".yaml") || p == s.cluster {
+            return Err(format!(
+                "{}: policies {p:?} is not a .yaml file other than the cluster file",
+                s.name
+            ));
+        }
+        if s.encryption != Encryption::None {
+            return Err(format!(
+                "{}: policy scenarios run in clear (one change at a time)",
+                s.name
+            ));
+        }
     }
     if !s.cluster.ends_with(".yaml") {
         return Err(format!(
@@ -603,6 +686,192 @@ mod tests {
         );
         assert!(find("node-to-node-wg-tcp").is_some());
         assert!(find("node-to-node-wg-rr").is_some());
+    }
+
+    fn policy_scenarios() -> Vec<&'static Scenario> {
+        SCENARIOS.iter().filter(|s| s.policies.is_some()).collect()
+    }
+
+    /// Every policy scenario is its plain twin (the name without `-policy`) with policies on:
+    /// same cluster file, pods, traffic, port and defaults.
+    #[test]
+    fn policy_scenarios_are_plain_ones_with_policies_on() {
+        let with = policy_scenarios();
+        assert!(with.iter().any(|s| s.traffic == Traffic::UdpStream));
+        assert!(with
+            .iter()
+            .any(|s| s.traffic == Traffic::UdpRequestResponse));
+        for s in with {
+            let plain_name = s.name.replacen("-policy", "", 1);
+            let plain = find(&plain_name).unwrap_or_else(|| panic!("{}: no {plain_name}", s.name));
+            assert_eq!(plain.policies, None, "{plain_name}");
+            assert_eq!(
+                Scenario {
+                    name: plain.name,
+                    measures: plain.measures,
+                    topology: plain.topology,
+                    policies: None,
+                    ..*s
+                },
+                *plain,
+                "{} differs from {plain_name} in more than its policies",
+                s.name
+            );
+        }
+        assert!(find("pod-to-pod-policy").is_some());
+        assert!(find("pod-to-pod-policy-rr").is_some());
+    }
+
+    fn state_of(file: &str) -> control::cluster::ClusterState {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(file);
+        control::cluster::load_file(&path).unwrap_or_else(|e| panic!("{file}: {e}"))
+    }
+
+    /// The labels of pod `key` (`namespace/name`) in `state`.
+    fn labels_of(
+        state: &control::cluster::ClusterState,
+        key: &str,
+    ) -> std::collections::BTreeMap<String, String> {
+        let (ns, name) = key.split_once('/').expect("namespace/name");
+        state
+            .pods
+            .iter()
+            .find(|p| {
+                p.metadata.namespace.as_deref() == Some(ns)
+                    && p.metadata.name.as_deref() == Some(name)
+            })
+            .and_then(|p| p.metadata.labels.clone())
+            .unwrap_or_default()
+    }
+
+    /// Whether `selector` (a LabelSelector's JSON, matchLabels only) selects `labels`.
+    fn selects(
+        selector: &serde_json::Value,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
+        assert!(
+            selector.get("matchExpressions").is_none(),
+            "the test reads matchLabels only"
+        );
+        selector
+            .get("matchLabels")
+            .and_then(|m| m.as_object())
+            .is_some_and(|m| {
+                m.iter()
+                    .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+            })
+    }
+
+    /// The (protocol, port, endPort) of every port of a rule.
+    fn ports_of(rule: &serde_json::Value) -> Vec<(String, u64, u64)> {
+        rule.get("ports")
+            .and_then(|p| p.as_array())
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| {
+                        let port = p["port"].as_u64().expect("numeric ports in the test files");
+                        (
+                            p["protocol"].as_str().unwrap_or("TCP").to_string(),
+                            port,
+                            p["endPort"].as_u64().unwrap_or(port),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A policy scenario's policies file is its cluster file plus NetworkPolicies (nothing else
+    /// differs), they isolate the server's ingress from the client and the client's egress to
+    /// the server, both on the scenario's port, and no rule allows the denied probe's port.
+    #[test]
+    fn policies_files_are_cluster_files_plus_policies_that_fit_the_scenario() {
+        for s in policy_scenarios() {
+            let file = s.policies.expect("a policy scenario");
+            let plain = state_of(s.cluster);
+            assert!(
+                plain.network_policies.is_empty(),
+                "{}: {} has policies",
+                s.name,
+                s.cluster
+            );
+            let with = state_of(file);
+            assert!(
+                !with.network_policies.is_empty(),
+                "{}: {file} has no policy",
+                s.name
+            );
+            let mut stripped = with.clone();
+            stripped.network_policies.clear();
+            assert_eq!(
+                stripped, plain,
+                "{file} differs from {} beyond its policies",
+                s.cluster
+            );
+            assert_eq!(plan_of(file), plan_of(s.cluster));
+            assert_eq!(check_cluster(s, file, &plan_of(file)), Ok(()));
+            let client = labels_of(&with, s.client_pod);
+            let server = labels_of(&with, s.server_pod);
+            let proto = match s.traffic {
+                Traffic::TcpStream => "TCP",
+                _ => "UDP",
+            };
+            let covers = |ports: &[(String, u64, u64)], port: u16| {
+                ports
+                    .iter()
+                    .any(|(p, lo, hi)| p == proto && (*lo..=*hi).contains(&u64::from(port)))
+            };
+            let (mut ingress_ok, mut egress_ok) = (false, false);
+            for np in &with.network_policies {
+                let v = serde_json::to_value(np).expect("a policy serialises");
+                let spec = &v["spec"];
+                let types: Vec<&str> = spec["policyTypes"]
+                    .as_array()
+                    .map(|t| t.iter().filter_map(|x| x.as_str()).collect())
+                    .unwrap_or_default();
+                for (dir, peers_field, end, peer_labels) in [
+                    ("ingress", "from", &server, &client),
+                    ("egress", "to", &client, &server),
+                ] {
+                    let rules = spec[dir].as_array().cloned().unwrap_or_default();
+                    for rule in &rules {
+                        assert!(
+                            !covers(&ports_of(rule), crate::policy::PROBE_PORT)
+                                && !ports_of(rule).is_empty(),
+                            "{file}: a rule allows the probe port {}",
+                            crate::policy::PROBE_PORT
+                        );
+                    }
+                    let isolates = types.iter().any(|t| t.eq_ignore_ascii_case(dir))
+                        && selects(&spec["podSelector"], end);
+                    let allows = rules.iter().any(|r| {
+                        covers(&ports_of(r), s.port)
+                            && r[peers_field].as_array().is_some_and(|ps| {
+                                ps.iter().any(|p| selects(&p["podSelector"], peer_labels))
+                            })
+                    });
+                    if isolates && allows {
+                        if dir == "ingress" {
+                            ingress_ok = true;
+                        } else {
+                            egress_ok = true;
+                        }
+                    }
+                }
+            }
+            assert!(
+                ingress_ok,
+                "{}: no policy isolates {} and admits {} on {}",
+                s.name, s.server_pod, s.client_pod, s.port
+            );
+            assert!(
+                egress_ok,
+                "{}: no policy isolates {}'s egress and allows {} on {}",
+                s.name, s.client_pod, s.server_pod, s.port
+            );
+        }
     }
 
     #[test]

@@ -45,8 +45,13 @@ pub fn write_all(
                 .iter()
                 .map(|(m, _, _, h)| (m.as_str(), *h))
                 .collect();
+            let versus = if scenario.policies.is_some() {
+                "NetworkPolicies on vs off"
+            } else {
+                "sluice vs kernel baseline"
+            };
             let svg = perf::plot::latency_spectrum_svg(
-                &format!("{}: {what}, sluice vs kernel baseline", scenario.name),
+                &format!("{}: {what}, {versus}", scenario.name),
                 &series,
             );
             perf::plot::write_svg(&dir.join("latency.svg"), &svg).context("writing latency.svg")?;

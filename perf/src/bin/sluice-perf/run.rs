@@ -8,6 +8,12 @@
 //! subdirectory (their stderr goes to `*.log` files there); nothing waits without a bound, and a
 //! testbed is torn down by its `Drop` whatever fails.
 //!
+//! A policy scenario (`Scenario::policies`) runs sluice twice instead of sluice and the kernel:
+//! on the cluster file (mode `sluice`, policies off) and on the policies file (mode
+//! `sluice-policy`), with ratios on / off. Before each sluice mode's traffic the client sends a
+//! probe the policies deny, and the agents' counters must show the policies at work in the one
+//! mode and absent in the other ([`perf::policy`]); otherwise the mode reports an error.
+//!
 //! An encrypted scenario brings both testbeds up with its encryption (sluice agents with
 //! WireGuard in strict mode; kernel-wireguard nodes, i.e. wireguard-go, for the baseline), waits
 //! for the tunnels before the traffic and checks their counters after it ([`crate::wg`]).
@@ -105,6 +111,9 @@ pub struct RunArgs {
     /// Cluster file instead of the scenario's.
     #[arg(long)]
     cluster: Option<PathBuf>,
+    /// Policy scenarios: the policies-on cluster file instead of the scenario's.
+    #[arg(long)]
+    policies: Option<PathBuf>,
     /// Testbed instance name prefix (default perf-PID); `-k`/`-s` is appended per mode.
     #[arg(long)]
     instance: Option<String>,
@@ -163,19 +172,69 @@ impl Params {
     }
 }
 
-/// The scenario's cluster file: as given, else from the current directory, else from the
-/// source tree this binary was built from.
-fn cluster_file(arg: Option<&Path>, s: &Scenario) -> PathBuf {
+/// A scenario's cluster file (`file`, relative to the repository root): as given, else from the
+/// current directory, else from the source tree this binary was built from.
+fn cluster_file(arg: Option<&Path>, file: &str) -> PathBuf {
     if let Some(p) = arg {
         return p.to_path_buf();
     }
-    let here = PathBuf::from(s.cluster);
+    let here = PathBuf::from(file);
     if here.is_file() {
         return here;
     }
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(s.cluster)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file)
+}
+
+/// One mode of a run: which dataplane, and for sluice which of the scenario's cluster files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunMode {
+    /// Kernel routing, no agent: the baseline of ordinary scenarios.
+    Kernel,
+    /// sluice on the scenario's cluster file.
+    Sluice,
+    /// sluice on a policy scenario's policies file.
+    SluicePolicy,
+}
+
+impl RunMode {
+    fn name(self) -> &'static str {
+        match self {
+            RunMode::Kernel => "kernel",
+            RunMode::Sluice => "sluice",
+            RunMode::SluicePolicy => "sluice-policy",
+        }
+    }
+
+    /// Appended to the testbed instance name.
+    fn suffix(self) -> &'static str {
+        match self {
+            RunMode::Kernel => "k",
+            RunMode::Sluice => "s",
+            RunMode::SluicePolicy => "p",
+        }
+    }
+}
+
+/// The modes a run makes, in order (before `--sluice-first`).
+fn modes_for(s: &Scenario, mode: Option<ModeArg>, baseline: BaselineArg) -> Result<Vec<RunMode>> {
+    if s.policies.is_some() {
+        return match (mode, baseline) {
+            (Some(ModeArg::Kernel), _) => bail!(
+                "scenario {} compares sluice with and without NetworkPolicies and has no kernel                  mode; run {} for sluice against the kernel",
+                s.name,
+                s.name.replacen("-policy", "", 1)
+            ),
+            (Some(ModeArg::Sluice), _) | (None, BaselineArg::None) => {
+                Ok(vec![RunMode::SluicePolicy])
+            }
+            (None, BaselineArg::Kernel) => Ok(vec![RunMode::Sluice, RunMode::SluicePolicy]),
+        };
+    }
+    Ok(match (mode, baseline) {
+        (Some(ModeArg::Sluice), _) | (None, BaselineArg::None) => vec![RunMode::Sluice],
+        (Some(ModeArg::Kernel), _) => vec![RunMode::Kernel],
+        (None, BaselineArg::Kernel) => vec![RunMode::Kernel, RunMode::Sluice],
+    })
 }
 
 /// A child process killed (by its pid, through `Child`) and reaped if still running on drop.
@@ -270,6 +329,17 @@ impl Ctx<'_> {
     /// Starts this binary with `argv` in `pod`; stdout discarded, stderr to `<argv[0]>.log`.
     fn spawn(&self, pod: &str, what: &'static str, argv: &[String]) -> Result<ChildGuard> {
         let stem = argv.first().map_or("child", String::as_str);
+        self.spawn_logged(pod, what, stem, argv)
+    }
+
+    /// [`Ctx::spawn`] with stderr to `<stem>.log`.
+    fn spawn_logged(
+        &self,
+        pod: &str,
+        what: &'static str,
+        stem: &str,
+        argv: &[String],
+    ) -> Result<ChildGuard> {
         let mut full: Vec<&str> = vec![&self.exe];
         full.extend(argv.iter().map(String::as_str));
         let mut cmd = self.tb.pod_command(pod, &full)?;
@@ -360,6 +430,33 @@ impl Ctx<'_> {
         sink.wait(p.duration + CHILD_GRACE)?;
         r.sink = Some(read_json(Path::new(&sink_json))?);
         Ok(())
+    }
+
+    /// Policy scenarios: [`perf::policy::PROBE_PACKETS`] datagrams from the client to the
+    /// server's [`perf::policy::PROBE_PORT`], which the policies deny (nothing listens there
+    /// either way). Returns how many left the client.
+    fn denied_probe(&self, server: std::net::Ipv4Addr) -> Result<u64> {
+        let json = self.path("probe.json");
+        let mut argv = strings(&["gen", "--dst"]);
+        argv.extend([
+            SocketAddrV4::new(server, perf::policy::PROBE_PORT).to_string(),
+            "--size".into(),
+            "64".into(),
+            "--count".into(),
+            perf::policy::PROBE_PACKETS.to_string(),
+            "--rate".into(),
+            "1000".into(),
+            "--duration".into(),
+            "1".into(),
+            "--batch".into(),
+            "1".into(),
+            "--json-out".into(),
+            json.clone(),
+        ]);
+        let mut g = self.spawn_logged(self.scenario.client_pod, "denied probe", "probe", &argv)?;
+        g.wait(Duration::from_secs(1) + CHILD_GRACE)?;
+        let report: perf::gen::GenReport = read_json(Path::new(&json))?;
+        Ok(report.sent)
     }
 
     fn tcp_stream(&self, dst: SocketAddrV4, r: &mut ModeResults) -> Result<()> {
@@ -469,16 +566,22 @@ struct ModeOutcome {
     hists: ModeHistograms,
 }
 
+/// Tags: `[mode/][node/]worker`, the mode for modes other than `sluice`, the node when there
+/// are several.
 fn decode_agent(
+    mode: RunMode,
     node: &str,
     multi_node: bool,
     h: &control::api::Histograms,
 ) -> Result<Vec<(String, LatencyHistogram, LatencyHistogram)>> {
-    let prefix = if multi_node {
-        format!("{node}/")
-    } else {
+    let mut prefix = if mode == RunMode::Sluice {
         String::new()
+    } else {
+        format!("{}/", mode.name())
     };
+    if multi_node {
+        prefix.push_str(&format!("{node}/"));
+    }
     let mut out = Vec::new();
     let all = std::iter::once(("merged".to_string(), &h.merged))
         .chain(h.workers.iter().map(|w| (format!("worker{}", w.id), w)));
@@ -494,7 +597,11 @@ fn decode_agent(
 
 /// What every mode of a run shares.
 struct Plan<'a> {
+    /// The scenario's cluster file (policies off).
     cluster: &'a Path,
+    /// A policy scenario's policies file.
+    policies: Option<&'a Path>,
+    workers: u32,
     scenario: &'static Scenario,
     p: &'a Params,
     run_start: Instant,
@@ -504,18 +611,14 @@ struct Plan<'a> {
 /// `errors` in the mode's report; the testbed goes away in every case.
 fn run_mode(
     plan: &Plan<'_>,
-    mode: Mode,
+    mode: RunMode,
     order: usize,
     instance: String,
     dir: &Path,
 ) -> ModeOutcome {
     let scenario = plan.scenario;
-    let name = match mode {
-        Mode::Sluice { .. } => "sluice",
-        Mode::Kernel => "kernel",
-    };
     let mut report = ModeReport {
-        mode: name.into(),
+        mode: mode.name().into(),
         order,
         instance: instance.clone(),
         server_addr: String::new(),
@@ -526,6 +629,7 @@ fn run_mode(
         agents: BTreeMap::new(),
         warnings: Vec::new(),
         errors: Vec::new(),
+        policy: None,
     };
     let mut hists = ModeHistograms::default();
     if let Err(e) = run_mode_inner(plan, mode, &instance, dir, &mut report, &mut hists) {
@@ -557,7 +661,7 @@ fn run_mode(
 
 fn run_mode_inner(
     plan: &Plan<'_>,
-    mode: Mode,
+    which: RunMode,
     instance: &str,
     dir: &Path,
     report: &mut ModeReport,
@@ -565,10 +669,22 @@ fn run_mode_inner(
 ) -> Result<()> {
     let Plan {
         cluster,
+        policies,
+        workers,
         scenario,
         p,
         run_start,
     } = *plan;
+    let (mode, cluster) = match (which, policies) {
+        (RunMode::Kernel, _) => (Mode::Kernel, cluster),
+        (RunMode::Sluice, _) => (Mode::Sluice { workers }, cluster),
+        (RunMode::SluicePolicy, Some(file)) => (Mode::Sluice { workers }, file),
+        (RunMode::SluicePolicy, None) => bail!(
+            "scenario {} has no policies file for the {} mode",
+            scenario.name,
+            which.name()
+        ),
+    };
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let exe = std::env::current_exe().context("finding this binary to run it in the pods")?;
     let mut opts = UpOptions::new(cluster);
@@ -644,6 +760,19 @@ fn run_mode_inner(
         scenario,
         p,
     };
+    // Policy scenarios, both sluice modes: the probe the policies deny, before the traffic.
+    let probe_sent = if sluice && scenario.policies.is_some() {
+        let server_ip = tb.pod(scenario.server_pod)?.ip;
+        match ctx.denied_probe(server_ip) {
+            Ok(n) => n,
+            Err(e) => {
+                report.errors.push(format!("denied probe: {e:#}"));
+                0
+            }
+        }
+    } else {
+        0
+    };
     report.traffic_start_s = run_start.elapsed().as_secs_f64();
     let traffic = match scenario.traffic {
         Traffic::UdpStream => ctx.udp_stream(dst, &mut report.results),
@@ -692,7 +821,7 @@ fn run_mode_inner(
             });
             match got {
                 Ok(h) => {
-                    match decode_agent(node, multi, &h) {
+                    match decode_agent(which, node, multi, &h) {
                         Ok(d) => hists.agent.extend(d),
                         Err(e) => report
                             .warnings
@@ -706,6 +835,29 @@ fn run_mode_inner(
                     a.histograms_error = Some(msg);
                 }
             }
+        }
+    }
+    if sluice && scenario.policies.is_some() {
+        let pairs: Vec<(&serde_json::Value, &serde_json::Value)> = report
+            .agents
+            .values()
+            .filter_map(|a| Some((a.status_before.as_ref()?, a.status_after.as_ref()?)))
+            .collect();
+        if pairs.len() == nodes.len() {
+            let e = perf::policy::evidence(which == RunMode::SluicePolicy, probe_sent, pairs);
+            eprintln!(
+                "sluice-perf: {}: {} flows tracked for policy, {} policy drops, {} probe \
+                 datagrams sent",
+                report.mode, e.policy_flows, e.policy_denied, e.probe_sent
+            );
+            if let Err(err) = perf::policy::check(&e) {
+                report.errors.push(format!("policy: {err}"));
+            }
+            report.policy = Some(e);
+        } else {
+            report
+                .errors
+                .push("policy: agent status missing, the policies cannot be checked".into());
         }
     }
     tb.down()
@@ -748,10 +900,22 @@ pub fn run(args: &RunArgs) -> Result<()> {
     })?;
     let p = Params::new(args, scenario);
     p.check(scenario)?;
-    let cluster = cluster_file(args.cluster.as_deref(), scenario);
-    let cluster_plan = testbed::plan::load(&cluster)
-        .with_context(|| format!("reading the cluster file {}", cluster.display()))?;
-    scenario::check_cluster(scenario, &cluster.display().to_string(), &cluster_plan)?;
+    let mut modes = modes_for(scenario, args.mode, args.baseline)?;
+    let cluster = cluster_file(args.cluster.as_deref(), scenario.cluster);
+    let policies = match (scenario.policies, &args.policies) {
+        (Some(file), arg) => Some(cluster_file(arg.as_deref(), file)),
+        (None, Some(arg)) => bail!(
+            "--policies {}: scenario {} is not a policy scenario",
+            arg.display(),
+            scenario.name
+        ),
+        (None, None) => None,
+    };
+    for file in std::iter::once(&cluster).chain(policies.as_ref()) {
+        let plan = testbed::plan::load(file)
+            .with_context(|| format!("reading the cluster file {}", file.display()))?;
+        scenario::check_cluster(scenario, &file.display().to_string(), &plan)?;
+    }
     let prefix = args
         .instance
         .clone()
@@ -761,47 +925,48 @@ pub fn run(args: &RunArgs) -> Result<()> {
         .unwrap_or_default();
     let dir = output_dir(&args.out, scenario.name, started.as_secs())?;
     let machine = MachineInfo::collect();
-    let sluice_mode = Mode::Sluice {
-        workers: args.workers,
-    };
-    let mut modes: Vec<Mode> = match (args.mode, args.baseline) {
-        (Some(ModeArg::Sluice), _) | (None, BaselineArg::None) => vec![sluice_mode],
-        (Some(ModeArg::Kernel), _) => vec![Mode::Kernel],
-        (None, BaselineArg::Kernel) => vec![Mode::Kernel, sluice_mode],
-    };
     if args.sluice_first {
         modes.reverse();
     }
     let plan = Plan {
         cluster: &cluster,
+        policies: policies.as_deref(),
+        workers: args.workers,
         scenario,
         p: &p,
         run_start: Instant::now(),
     };
     let mut outcomes = Vec::new();
     for (order, mode) in modes.into_iter().enumerate() {
-        let (name, suffix) = match mode {
-            Mode::Sluice { .. } => ("sluice", "s"),
-            Mode::Kernel => ("kernel", "k"),
-        };
-        eprintln!("sluice-perf: {} with {name} ...", scenario.name);
+        eprintln!("sluice-perf: {} with {} ...", scenario.name, mode.name());
         outcomes.push(run_mode(
             &plan,
             mode,
             order,
-            format!("{prefix}-{suffix}"),
-            &dir.join(name),
+            format!("{prefix}-{}", mode.suffix()),
+            &dir.join(mode.name()),
         ));
     }
-    let get = |m: &str| outcomes.iter().find(|o| o.report.mode == m);
-    let ratios = match (get("sluice"), get("kernel")) {
-        (Some(s), Some(k)) => ratios(&s.report.metrics, &k.report.metrics),
-        _ => Vec::new(),
+    let get = |m: RunMode| outcomes.iter().find(|o| o.report.mode == m.name());
+    let (ratios, ratio_of) = if scenario.policies.is_some() {
+        match (get(RunMode::SluicePolicy), get(RunMode::Sluice)) {
+            (Some(on), Some(off)) => (
+                ratios(&on.report.metrics, &off.report.metrics),
+                Some("sluice-policy / sluice (NetworkPolicies on / off)".to_string()),
+            ),
+            _ => (Vec::new(), None),
+        }
+    } else {
+        match (get(RunMode::Sluice), get(RunMode::Kernel)) {
+            (Some(s), Some(k)) => (ratios(&s.report.metrics, &k.report.metrics), None),
+            _ => (Vec::new(), None),
+        }
     };
     let cores = Cores {
         generator: p.gen_cpu,
         sink: p.sink_cpu,
-        workers: get("sluice")
+        workers: get(RunMode::Sluice)
+            .or(get(RunMode::SluicePolicy))
             .map(|s| {
                 s.report
                     .agents
@@ -848,7 +1013,10 @@ pub fn run(args: &RunArgs) -> Result<()> {
         tool: "sluice-perf".into(),
         started_unix_s: started.as_secs_f64(),
         machine,
-        scenario: ScenarioRecord::new(scenario, &cluster),
+        scenario: ScenarioRecord {
+            policies_file: policies.as_ref().map(|f| f.display().to_string()),
+            ..ScenarioRecord::new(scenario, &cluster)
+        },
         parameters: RunParameters {
             duration_s: p.duration.as_secs_f64(),
             size: p.size,
@@ -857,6 +1025,13 @@ pub fn run(args: &RunArgs) -> Result<()> {
             batch: p.batch,
             workers: args.workers,
             baseline: match (args.mode, args.baseline) {
+                _ if scenario.policies.is_some() => {
+                    if get(RunMode::Sluice).is_some() {
+                        "sluice without policies".into()
+                    } else {
+                        "none".into()
+                    }
+                }
                 (Some(ModeArg::Kernel), _) => "kernel only".into(),
                 (Some(ModeArg::Sluice), _) | (None, BaselineArg::None) => "none".into(),
                 (None, BaselineArg::Kernel) => "kernel".into(),
@@ -871,6 +1046,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
             .map(|o| (o.report.mode.clone(), o.report))
             .collect(),
         ratios,
+        ratio_of,
         cores,
         warnings,
         errors,
