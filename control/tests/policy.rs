@@ -632,3 +632,227 @@ fn random_clusters_compiled_tables_agree_with_the_reference() {
         "verdict mix too thin: {checked:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The HostNetworkPolicy kind in the cluster file.
+
+#[test]
+fn host_policies_parse_and_bad_ones_name_document_object_and_field() {
+    let good = format!(
+        "{}---\n{}",
+        xyz::cluster_yaml(),
+        r#"apiVersion: policy.sluice.io/v1alpha1
+kind: HostNetworkPolicy
+metadata: {name: ssh-and-web, annotations: {policy.sluice.io/audit: "false"}}
+spec:
+  nodeSelector: {matchLabels: {pool: workers}}
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.0.0/8}}]
+    ports: [{port: 443, protocol: TCP}]
+---
+apiVersion: policy.sluice.io/v1alpha1
+kind: HostNetworkPolicy
+metadata: {name: a-first}
+"#
+    );
+    let state = match parse_str(&good, "c.yaml") {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    };
+    let names: Vec<_> = state
+        .host_policies
+        .iter()
+        .map(|p| p.metadata.name.as_deref().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["a-first", "ssh-and-web"], "sorted by name");
+
+    let documents = xyz::cluster_yaml().matches("\n---\n").count() + 1;
+    for (object, want) in [
+        (
+            "apiVersion: policy.sluice.io/v1alpha1\nkind: HostNetworkPolicy\nmetadata: {name: h}\nspec:\n  egress: []\n",
+            "(HostNetworkPolicy h): spec.egress: unknown field `egress`, expected `nodeSelector` or `ingress`",
+        ),
+        (
+            "apiVersion: policy.sluice.io/v1alpha1\nkind: HostNetworkPolicy\nmetadata: {name: h, namespace: x}\n",
+            "(HostNetworkPolicy h): metadata.namespace: HostNetworkPolicy is cluster-scoped",
+        ),
+        (
+            "apiVersion: policy.sluice.io/v1\nkind: HostNetworkPolicy\nmetadata: {name: h}\n",
+            "(HostNetworkPolicy h): apiVersion: HostNetworkPolicy must have apiVersion policy.sluice.io/v1alpha1",
+        ),
+        (
+            "apiVersion: policy.sluice.io/v1alpha1\nkind: HostNetworkPolicy\nmetadata: {name: h}\nspec:\n  ingress:\n  - from: [{ipBlock: {cidr: 10.0.0.0/33}}]\n",
+            "(HostNetworkPolicy h): spec.ingress[0].from[0].ipBlock.cidr: \"10.0.0.0/33\" is not a CIDR",
+        ),
+        (
+            "apiVersion: policy.sluice.io/v1alpha1\nkind: HostNetworkPolicy\nmetadata: {name: h}\nspec:\n  ingress:\n  - ports: [{port: 0}]\n",
+            "(HostNetworkPolicy h): spec.ingress[0].ports[0].port: port 0 is out of range",
+        ),
+        (
+            "apiVersion: policy.sluice.io/v1alpha1\nkind: HostNetworkPolicy\nmetadata: {name: h}\nspec:\n  nodeSelector: {matchLabels: 3}\n",
+            "(HostNetworkPolicy h): spec.nodeSelector.matchLabels: invalid type",
+        ),
+    ] {
+        let text = format!("{}---\n{object}", xyz::cluster_yaml());
+        let err = parse_str(&text, "c.yaml").err().map(|e| e.to_string()).unwrap_or_default();
+        let at = format!("c.yaml: document {} ", documents + 1);
+        assert!(err.starts_with(&at) && err.contains(want), "{object}\n-> {err}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `sluice policy trace` against an agent socket (a stand-in that answers with the real report).
+
+const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+
+#[test]
+fn the_cli_asks_the_agent_and_prints_the_explanation() {
+    use control::api::{Request, Response, SOCKET_NAME};
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::time::Duration;
+
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => panic!("{e}"),
+    };
+    // No agent yet: a clear error naming the socket.
+    let out = std::process::Command::new(SLUICE)
+        .args([
+            "policy", "trace", "--from", "x/a", "--to", "y/a", "--port", "80",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .output();
+    let Ok(out) = out else {
+        panic!("running sluice")
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("cannot reach the sluice agent") && stderr.contains(SOCKET_NAME),
+        "{stderr}"
+    );
+    // A bad port never reaches the agent.
+    let out = std::process::Command::new(SLUICE)
+        .args([
+            "policy", "trace", "--from", "x/a", "--to", "y/a", "--port", "80/icmp",
+        ])
+        .arg("--state-dir")
+        .arg(dir.path())
+        .output();
+    let stderr = out
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default();
+    assert!(
+        stderr.contains("--port \"80/icmp\": expected N, N/tcp"),
+        "{stderr}"
+    );
+
+    let Some(case) = CASES.iter().find(|c| c.name == "test-network-policy") else {
+        panic!("case missing")
+    };
+    let state = state_of(case);
+    let opts = PolicyOptions::default();
+    let Ok(compiled) = compile(&state, "node1", &opts, 7) else {
+        panic!("compile")
+    };
+    let listener = match UnixListener::bind(dir.path().join(SOCKET_NAME)) {
+        Ok(l) => l,
+        Err(e) => panic!("{e}"),
+    };
+    // Two connections: the text answer and the JSON answer; then one with an unknown pod.
+    let agent = std::thread::spawn(move || {
+        let mut requests = Vec::new();
+        for _ in 0..3 {
+            let Ok((stream, _)) = listener.accept() else {
+                break;
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut line = String::new();
+            let _ = BufReader::new(&stream).read_line(&mut line);
+            let request: Option<Request> = serde_json::from_str(line.trim_end()).ok();
+            let response = match &request {
+                Some(Request::PolicyTrace {
+                    from,
+                    to,
+                    protocol,
+                    port,
+                }) => match reference::trace(
+                    &state,
+                    &opts,
+                    &compiled.table,
+                    "node1",
+                    from,
+                    to,
+                    *protocol,
+                    *port,
+                ) {
+                    Ok(r) => Response {
+                        policy_trace: Some(r),
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::error(e.to_string()),
+                },
+                _ => Response::error("unexpected request"),
+            };
+            let mut out = serde_json::to_vec(&response).unwrap_or_default();
+            out.push(b'\n');
+            let _ = (&stream).write_all(&out);
+            requests.push(request);
+        }
+        requests
+    });
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(SLUICE)
+            .args(["policy", "trace"])
+            .args(args)
+            .arg("--state-dir")
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) => (
+                o.status.success(),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            ),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (ok, stdout, stderr) = run(&["--from", "x/a", "--to", "10.0.0.7", "--port", "5978/tcp"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("verdict: ALLOWED"), "{stdout}");
+    assert!(
+        stdout.contains("allowed by x/test-network-policy egress[0] to[0] ports[0]"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("dataplane on node1: allowed (policy generation 7)"),
+        "{stdout}"
+    );
+    let (ok, stdout, stderr) = run(&[
+        "--from", "y/c", "--to", "x/a", "--port", "6379/udp", "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let report: Result<reference::TraceReport, _> = serde_json::from_str(&stdout);
+    let Ok(report) = report else {
+        panic!("{stdout}")
+    };
+    assert_eq!(report.trace.verdict, Verdict::Deny);
+    assert_eq!(report.trace.protocol, 17);
+    let (ok, _, stderr) = run(&["--from", "x/nope", "--to", "x/a", "--port", "80"]);
+    assert!(
+        !ok && stderr.contains("pod x/nope is not in the cluster state"),
+        "{stderr}"
+    );
+    let requests = agent.join().unwrap_or_default();
+    assert_eq!(
+        requests.first().cloned().flatten(),
+        Some(Request::PolicyTrace {
+            from: "x/a".into(),
+            to: "10.0.0.7".into(),
+            protocol: 6,
+            port: 5978
+        })
+    );
+}
