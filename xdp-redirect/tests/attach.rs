@@ -2206,8 +2206,49 @@ fn host_firewall_end_to_end_with_an_af_xdp_socket_taking_redirected_frames() {
         .expect("register the AF_XDP socket");
     let node = ADDR_A.to_string();
     let fw = firewall(vec![Failsafe::tcp(2222..=2222)]);
+    // A connection the node opened before the firewall was on (kubelet's watch, say).
+    let early_listener = listen_in(&pair.netns_b, &format!("{ADDR_B}:8081"));
+    let early_peer: std::net::SocketAddr = format!("{ADDR_B}:8081").parse().expect("address");
+    let mut early_client = in_netns(&pair.netns_a, move || {
+        TcpStream::connect_timeout(&early_peer, Duration::from_secs(3))
+    })
+    .expect("connect before the firewall is on");
+    early_listener.set_nonblocking(true).expect("nonblocking");
+    let accept_deadline = Instant::now() + Duration::from_secs(5);
+    let mut early_server = loop {
+        match early_listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(Instant::now() < accept_deadline, "accept timed out");
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
     let (att, result) = set_fw(&pair, att, Some(fw.clone()));
     result.expect("host firewall on");
+    let early_port = early_client.local_addr().expect("local address").port();
+    let seeded = att.host_flows().expect("read flows");
+    assert!(
+        seeded.iter().any(|(f, _)| f.proto == IPPROTO_TCP
+            && f.remote_port == 8081
+            && f.local_port == early_port
+            && f.node_opened),
+        "the node's open connection was not seeded into HOST_FLOWS: {seeded:?}"
+    );
+    // The server speaks first: only the seeded flow lets its data in (the node has sent
+    // nothing since the firewall went on).
+    early_server.set_nonblocking(false).expect("blocking");
+    early_server.write_all(b"push").expect("server push");
+    early_client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut pushed = [0u8; 4];
+    early_client
+        .read_exact(&mut pushed)
+        .expect("data on a connection opened before the firewall went on");
+    assert_eq!(&pushed, b"push");
+    drop((early_client, early_server, early_listener));
     let tc = || tc_egress_programs(&pair.netns_a, &pair.if_a);
     assert_eq!(
         tc(),
