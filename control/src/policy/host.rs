@@ -16,12 +16,12 @@
 //!
 //! A node is open until a HostNetworkPolicy selects it; from then on only what some selecting
 //! policy's rules allow reaches the node's own addresses, plus the failsafe ports
-//! ([`super::Failsafe`]), which are always allowed. `ingress: []` (or no `ingress`) denies all
-//! but the failsafe ports. Peers with `podSelector` / `namespaceSelector` select pods by
-//! identity as in a NetworkPolicy, with the policy's namespace taken as `default` (pods reach
-//! the node from their pod address, so a pod-selecting peer is meaningful). Named ports never
-//! match the host: it has no container ports. Only ingress exists: egress of the host is not
-//! filtered.
+//! ([`super::PolicyOptions::failsafe`]), which are always allowed. `ingress: []` (or no
+//! `ingress`) denies all but the failsafe ports. Peers with `podSelector` / `namespaceSelector`
+//! select pods as in a NetworkPolicy (pods reach the node from their pod address), except that
+//! a `podSelector` alone selects in *every* namespace, as in Cilium's clusterwide policies
+//! (the policy has no namespace of its own). Named ports never match the host: it has no
+//! container ports. Only ingress exists: egress of the host is not filtered.
 
 use k8s_openapi::api::networking::v1::NetworkPolicyIngressRule;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};

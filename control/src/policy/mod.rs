@@ -1,5 +1,5 @@
 //! Network policy: Kubernetes NetworkPolicies and sluice's HostNetworkPolicies compiled into the
-//! dataplane's [`PolicyTable`] for one node, and evaluated directly on the objects to explain a
+//! dataplane's [`PolicyTable`](dataplane::policy::PolicyTable) for one node, and evaluated directly on the objects to explain a
 //! verdict (`sluice policy trace`).
 //!
 //! ```text
@@ -30,8 +30,14 @@
 //! [`PolicyOptions::audit`]) does not drop; what it alone would deny is forwarded and reported
 //! as audit (see `dataplane::policy`). Host policies: [`host`].
 //!
-//! Limits: IPv4 only (IPv6 ipBlocks match nothing); no `--policy` for `hostNetwork` pods (their
-//! traffic is the node's); SCTP is matched by number only.
+//! Invalid parts of a policy become [`PolicyWarning`]s and are skipped (see [`model`]); the
+//! rest compiles. Which pods count, and how they group into identities: [`identity`].
+//!
+//! Limits: IPv4 only (IPv6 ipBlocks match nothing); `hostNetwork` pods are not policy endpoints
+//! (their traffic is the node's); a named port reached through an `ipBlock` peer never matches
+//! (the table keys rules by identity *or* CIDR, not both); the file parser refuses what the API
+//! server refuses (e.g. `endPort` with a named port), so those warnings only appear for objects
+//! from other sources.
 
 pub mod compile;
 pub mod host;

@@ -10,7 +10,7 @@
 //!   broken rule allows less, never more.
 //!
 //! This layer only parses. What a rule *matches* is decided twice, independently: by expansion
-//! into identities and CIDRs in [`super::compile`] and by direct evaluation on the objects in
+//! into identities and CIDRs in [`super::compile()`] and by direct evaluation on the objects in
 //! [`super::reference`].
 
 use std::collections::BTreeMap;

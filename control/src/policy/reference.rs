@@ -697,10 +697,10 @@ impl TraceReport {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 /// Answers `sluice policy trace` on node `node`: resolves `from` / `to` (`NS/POD` or an IPv4
 /// address), judges the connection with the reference evaluator, and asks `table` (this node's
 /// compiled policy) about the checkpoints enforced here.
+#[allow(clippy::too_many_arguments)]
 pub fn trace(
     state: &ClusterState,
     opts: &PolicyOptions,
