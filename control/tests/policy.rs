@@ -856,3 +856,24 @@ fn the_cli_asks_the_agent_and_prints_the_explanation() {
         })
     );
 }
+
+#[test]
+fn the_agent_flag_default_is_the_default_failsafe_list() {
+    let out = std::process::Command::new(SLUICE)
+        .args(["run", "--help"])
+        .output();
+    let help = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let Some(default) = help
+        .split("--host-failsafe")
+        .nth(1)
+        .and_then(|s| s.split("[default: ").nth(1))
+        .and_then(|s| s.split(']').next())
+    else {
+        panic!("no --host-failsafe default in:\n{help}")
+    };
+    let mut expected = control::policy::DEFAULT_FAILSAFE.to_vec();
+    expected.sort();
+    assert_eq!(control::policy::parse_failsafe(default), Ok(expected));
+}
