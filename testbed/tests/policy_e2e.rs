@@ -102,6 +102,7 @@ const XA: Pod = Pod::new("x", "a");
 const XB: Pod = Pod::new("x", "b");
 const YA: Pod = Pod::new("y", "a");
 const YB: Pod = Pod::new("y", "b");
+const YC: Pod = Pod::new("y", "c");
 const ZA: Pod = Pod::new("z", "a");
 const ZB: Pod = Pod::new("z", "b");
 
@@ -1173,11 +1174,110 @@ spec:
   policyTypes: [Ingress]
 "#;
 
-/// Item 2: policy changes while connections are open. From y/a (node2): TCP and UDP flows to
-/// x/a (node1) and to z/a (node1) / z/b (node2). An unrelated policy leaves all of them usable;
-/// a default-deny-ingress in x cuts the ones to x/a (their next request gets no answer) while
-/// the others keep working and a new connection to z still opens; new connections to x/a are
-/// refused until the policy goes, then open again.
+/// Another one: y/c sends nothing.
+const UNRELATED_2: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: y-c-no-egress, namespace: y}
+spec:
+  podSelector: {matchLabels: {pod: c}}
+  policyTypes: [Egress]
+"#;
+
+/// x takes ingress from y only.
+const X_FROM_Y: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: x-from-ns-y, namespace: x}
+spec:
+  podSelector: {}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {ns: y}}}]
+"#;
+
+/// Only x/a takes ingress from y; x/b and x/c take none.
+const X_A_FROM_Y: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: x-from-ns-y, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {ns: y}}}]
+"#;
+
+/// `objects` joined into one stream.
+fn objects(parts: &[&str]) -> String {
+    parts.join("---\n")
+}
+
+/// One request per (from, to, port), each on a new connection, all at once: (label, answered).
+fn new_connections(tb: &Testbed, pairs: &[(Pod, Pod, Port)]) -> Vec<(String, bool)> {
+    let batches: Vec<(Origin, Vec<Target>)> = pairs
+        .iter()
+        .map(|(from, to, port)| {
+            (
+                Origin::Pod(*from),
+                vec![Target {
+                    host: to.ip(),
+                    port: *port,
+                    name: to.key(),
+                }],
+            )
+        })
+        .collect();
+    let out = probe_all(tb, &batches);
+    pairs
+        .iter()
+        .zip(out)
+        .map(|((f, t, p), o)| {
+            (
+                format!("{} -> {} {}", f.key(), t.key(), p.label()),
+                o.first().is_some_and(|o| o.ok),
+            )
+        })
+        .collect()
+}
+
+/// Asserts that each labelled result is "ok" exactly when `passes(label)`.
+fn assert_round(step: &str, round: &[(String, String)], passes: impl Fn(&str) -> bool) {
+    for (label, result) in round {
+        if passes(label) {
+            assert_eq!(
+                result, "ok",
+                "{step}: {label} should still pass data; the round: {round:?}"
+            );
+        } else {
+            assert_ne!(
+                result, "ok",
+                "{step}: {label} should pass no more data; the round: {round:?}"
+            );
+        }
+    }
+}
+
+/// Asserts that each new connection opens exactly when `opens(label)`.
+fn assert_new(step: &str, seen: &[(String, bool)], opens: impl Fn(&str) -> bool) {
+    for (label, ok) in seen {
+        assert_eq!(
+            *ok,
+            opens(label),
+            "{step}: new connection {label} (all: {seen:?})"
+        );
+    }
+}
+
+/// Item 2: policy changes while connections are open, TCP and UDP, same node and across nodes.
+///
+/// Part 1, flows opened while nothing isolates their pods (untracked): from y/a (node2) to
+/// x/a (node1), z/a (node1), z/b (node2). An unrelated policy leaves them all usable; a
+/// default-deny-ingress in x stops the ones to x/a (the next request gets no answer, counted as
+/// `policy_denied_ingress`) while the others and new connections to z keep working.
+///
+/// Part 2, flows opened while a policy isolates and allows them (tracked, judged): from y/a to
+/// x/a and x/b (node2) while x takes ingress from y. An unrelated change keeps them usable
+/// (they are judged again and still allowed); narrowing the rule to x/a cuts the flows to x/b
+/// (`policy_cut`) and keeps those to x/a; removing the policies opens x/b again.
 #[test]
 fn policy_changes_with_open_connections() {
     require_root!();
@@ -1186,105 +1286,104 @@ fn policy_changes_with_open_connections() {
     let tb = &cluster.tb;
     let _servers = pod_servers(tb);
     warm_up(tb);
-    let held = [(XA, TCP_80), (XA, UDP_81), (ZA, TCP_80), (ZB, UDP_81)];
-    let to_x = |label: &str| label.contains("-> x/a");
-    let mut holder = Holder::start(tb, YA, &held);
-    let all_ok = |round: &[(String, String)]| round.iter().all(|(_, r)| r == "ok");
+    let zc = Pod::new("z", "c");
 
-    let first = holder.round();
-    assert!(all_ok(&first), "before any policy: {first:?}");
-
+    // Part 1.
+    let mut untracked = Holder::start(
+        tb,
+        YA,
+        &[(XA, TCP_80), (XA, UDP_81), (ZA, TCP_80), (ZB, UDP_81)],
+    );
+    assert_round("no policy", &untracked.round(), |_| true);
     cluster.apply("unrelated", UNRELATED);
-    let new_probe = |pairs: &[(Pod, Pod, Port)]| -> Vec<(String, bool)> {
-        let batches: Vec<(Origin, Vec<Target>)> = pairs
-            .iter()
-            .map(|(from, to, port)| {
-                (
-                    Origin::Pod(*from),
-                    vec![Target {
-                        host: to.ip(),
-                        port: *port,
-                        name: to.key(),
-                    }],
-                )
-            })
-            .collect();
-        let out = probe_all(tb, &batches);
-        pairs
-            .iter()
-            .zip(out)
-            .map(|((f, t, p), o)| (format!("{} -> {} {}", f.key(), t.key(), p.label()), o[0].ok))
-            .collect()
-    };
     // The unrelated policy is in force (so that "still usable" means something).
-    let zc = new_probe(&[(YA, Pod::new("z", "c"), TCP_80)]);
-    assert_eq!(
-        zc[0].1, false,
-        "the unrelated policy denies new connections to z/c: {zc:?}"
+    assert_new(
+        "unrelated",
+        &new_connections(tb, &[(YA, zc, TCP_80)]),
+        |_| false,
     );
-    let second = holder.round();
+    assert_round("unrelated", &untracked.round(), |_| true);
+
+    let before = settled(tb);
+    cluster.apply("deny-x", &objects(&[UNRELATED, DEFAULT_DENY_INGRESS_X]));
+    assert_round("deny-x", &untracked.round(), |l| !l.contains("-> x/"));
+    let fresh = new_connections(
+        tb,
+        &[
+            (YA, ZA, TCP_80),
+            (YA, ZB, UDP_81),
+            (YA, XA, TCP_80),
+            (YA, XA, UDP_81),
+        ],
+    );
+    assert_new("deny-x", &fresh, |l| !l.contains("-> x/"));
+    let after = settled(tb);
+    let denied = drop_growth(&before, &after, "policy_denied_ingress");
     assert!(
-        all_ok(&second),
-        "after an unrelated policy change: {second:?}"
+        denied[0] > 0,
+        "deny-x: x/a's node counts the dropped packets as policy_denied_ingress (node1, node2: \
+         {denied:?})"
     );
+    drop(untracked);
+
+    // Part 2.
+    cluster.apply("x-from-y", &objects(&[UNRELATED, X_FROM_Y]));
+    assert_new(
+        "x-from-y",
+        &new_connections(tb, &[(YA, XB, TCP_80), (ZA, XB, TCP_80)]),
+        |l| l.starts_with("y/"),
+    );
+    let mut tracked = Holder::start(
+        tb,
+        YA,
+        &[(XA, TCP_80), (XA, UDP_81), (XB, TCP_80), (XB, UDP_81)],
+    );
+    assert_round("x-from-y", &tracked.round(), |_| true);
+    cluster.apply(
+        "x-from-y-unrelated",
+        &objects(&[UNRELATED, UNRELATED_2, X_FROM_Y]),
+    );
+    assert_new(
+        "x-from-y-unrelated",
+        &new_connections(tb, &[(YC, ZA, TCP_80)]),
+        |_| false,
+    );
+    assert_round("x-from-y-unrelated", &tracked.round(), |_| true);
 
     let before = settled(tb);
     cluster.apply(
-        "deny-x",
-        &format!("{UNRELATED}---\n{DEFAULT_DENY_INGRESS_X}"),
+        "x-a-from-y",
+        &objects(&[UNRELATED, X_A_FROM_Y, DEFAULT_DENY_INGRESS_X]),
     );
-    let third = holder.round();
-    for (label, result) in &third {
-        if to_x(label) {
-            assert_ne!(
-                result, "ok",
-                "{label}: a flow the new policy denies still passes: {third:?}"
-            );
-        } else {
-            assert_eq!(
-                result, "ok",
-                "{label}: an allowed flow stopped after the change: {third:?}"
-            );
-        }
-    }
-    let fresh = new_probe(&[
-        (YA, ZA, TCP_80),
-        (YA, ZB, UDP_81),
-        (YA, XA, TCP_80),
-        (YA, XA, UDP_81),
-    ]);
-    for (label, ok) in &fresh {
-        assert_eq!(
-            *ok,
-            !label.contains("-> x/a"),
-            "new connection {label}: {fresh:?}"
-        );
-    }
+    assert_round("x-a-from-y", &tracked.round(), |l| l.contains("-> x/a"));
+    assert_new(
+        "x-a-from-y",
+        &new_connections(tb, &[(YA, XA, TCP_80), (YA, XB, TCP_80), (YA, XB, UDP_81)]),
+        |l| l.contains("-> x/a"),
+    );
     let after = settled(tb);
     let cut = growth(&before, &after, "policy_cut");
-    eprintln!("policy_cut grew by {cut:?} (node1, node2)");
+    eprintln!("x-a-from-y: policy_cut grew by {cut:?} (node1, node2)");
     assert!(
-        cut.iter().sum::<u64>() >= 1,
-        "the cut flows are counted as policy_cut (node1, node2: {cut:?})"
-    );
-    let denied = drop_growth(&before, &after, "policy_denied_ingress");
-    assert!(
-        denied.iter().sum::<u64>() >= 1,
-        "the denied packets are counted as policy_denied_ingress (node1, node2: {denied:?})"
+        cut[1] >= 2,
+        "x-a-from-y: the TCP and UDP flows to x/b (both ends on node2) are cut and counted as \
+         policy_cut (node1, node2: {cut:?})"
     );
 
-    cluster.apply("unrelated-again", UNRELATED);
-    let reopened = new_probe(&[(YA, XA, TCP_80), (YA, XA, UDP_81)]);
-    assert!(
-        reopened.iter().all(|(_, ok)| *ok),
-        "without the deny policy, new connections to x/a open again: {reopened:?}"
+    cluster.apply("no-policy", "");
+    assert_new(
+        "no-policy",
+        &new_connections(tb, &[(YA, XB, TCP_80), (YA, XB, UDP_81), (ZA, XB, TCP_80)]),
+        |_| true,
     );
-    let fourth = holder.round();
-    for (label, result) in &fourth {
-        if !to_x(label) {
-            assert_eq!(result, "ok", "{label} after the policy went: {fourth:?}");
-        }
-    }
+    // The flows to x/a were never cut. (Those to x/b: a cut UDP flow may pass again, as a new
+    // flow, now that nothing denies it; the cut TCP connection's client gave up on its socket.)
+    let last: Vec<_> = tracked
+        .round()
+        .into_iter()
+        .filter(|(l, _)| l.contains("-> x/a"))
+        .collect();
+    assert_round("no-policy", &last, |_| true);
 }
 
 /// Ports of the audit matrices.
