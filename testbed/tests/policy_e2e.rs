@@ -1675,3 +1675,62 @@ fn fixture_matches_the_model() {
         "named container ports"
     );
 }
+
+/// The comparison finds every differing cell and prints the three tables; equal matrices pass.
+#[test]
+fn comparison_reports_every_mismatch() {
+    let ports = [TCP_80, UDP_81];
+    let expect = expected(&ports, |_, to, _| to.ns != "x");
+    let mut seen: Observed = expect
+        .iter()
+        .map(|(k, &ok)| {
+            let tries = if ok {
+                vec![]
+            } else {
+                vec!["timeout".into(); 2]
+            };
+            (*k, Outcome { ok, tries })
+        })
+        .collect();
+    assert_eq!(compare("same", &ports, &expect, &seen), Ok(()));
+    // y/a reaches x/a on UDP 81 although it should not; z/b does not reach y/c on TCP 80.
+    seen.insert(
+        (YA, XA, UDP_81),
+        Outcome {
+            ok: true,
+            tries: vec![],
+        },
+    );
+    seen.insert(
+        (ZB, Pod::new("y", "c"), TCP_80),
+        Outcome {
+            ok: false,
+            tries: vec!["timeout".into(), "ConnectionRefusedError".into()],
+        },
+    );
+    let report = compare("two wrong", &ports, &expect, &seen).expect_err("mismatches found");
+    assert!(
+        report.starts_with("two wrong: 2 of 162 probes differ"),
+        "{report}"
+    );
+    for table in [
+        "expected TCP/80:",
+        "observed UDP/81:",
+        "comparison (X: differs) TCP/80:",
+    ] {
+        assert!(report.contains(table), "{table} in:\n{report}");
+    }
+    assert!(
+        report.contains("y/a -> x/a UDP/81: expected unreachable, saw an answer"),
+        "{report}"
+    );
+    assert!(
+        report
+            .contains("z/b -> y/c TCP/80: expected reachable, saw timeout, ConnectionRefusedError"),
+        "{report}"
+    );
+    // The comparison table marks exactly the two cells.
+    let comparison: String = report.split("comparison (X: differs)").skip(1).collect();
+    assert_eq!(comparison.matches('X').count(), 2, "{report}");
+    eprintln!("{report}");
+}
