@@ -301,6 +301,13 @@ fn host_trace_names_the_failsafe_port() {
     let Ok(report) = report else {
         panic!("{report:?}")
     };
+    assert!(
+        report
+            .render()
+            .contains("verdict: DENIED (host firewall of node node1)"),
+        "{}",
+        report.render()
+    );
     assert_eq!(report.trace.checkpoints.len(), 1);
     assert_eq!(report.trace.checkpoints[0].checkpoint, Checkpoint::Host);
     assert!(

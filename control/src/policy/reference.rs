@@ -213,13 +213,11 @@ impl Trace {
         );
         match self.decided_by() {
             Some(c) => {
-                let _ = writeln!(
-                    out,
-                    "verdict: {} ({} of {})",
-                    self.verdict.as_str(),
-                    c.checkpoint.as_str(),
-                    c.subject
-                );
+                let at = match c.checkpoint {
+                    Checkpoint::Host => format!("host firewall of {}", c.subject),
+                    other => format!("{} of {}", other.as_str(), c.subject),
+                };
+                let _ = writeln!(out, "verdict: {} ({at})", self.verdict.as_str());
             }
             None => {
                 let _ = writeln!(out, "verdict: {}", self.verdict.as_str());
