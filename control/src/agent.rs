@@ -154,6 +154,19 @@ struct Agent {
     /// This node's compiled NetworkPolicy / HostNetworkPolicy table (shared by every snapshot
     /// until the rules change; its generation moves only then).
     policy_table: Arc<dataplane::policy::PolicyTable>,
+    /// The host firewall's re-injection pair and sockets, while a host policy selects this node.
+    host_fw: Option<HostFw>,
+    /// Local pods the policy table isolates (for status).
+    isolated_pods: usize,
+}
+
+/// The host firewall in force: the veth pair the workers re-inject admitted packets through,
+/// the queues with a socket on its dataplane end, and the policy generation the uplink's XDP
+/// program was last configured for.
+struct HostFw {
+    pair: crate::hostfw::HostPair,
+    queues: u32,
+    generation: u16,
 }
 
 /// Work for the control loop from the API and metrics threads.
@@ -274,12 +287,18 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             services::health::CLIENT_TIMEOUT,
         )?,
         policy_table: Arc::new(dataplane::policy::PolicyTable::empty()),
+        host_fw: None,
+        isolated_pods: 0,
     };
     agent.translate_services();
     agent.compile_policy();
     agent.start_wireguard()?;
     agent.publish();
-    if let Err(e) = agent.attach_uplink() {
+    let uplink_result = agent.attach_uplink();
+    if uplink_result.is_ok() {
+        agent.sync_host_firewall();
+    }
+    if let Err(e) = uplink_result {
         tracing::error!(error = %format!("{e:#}"), "uplink not attached: pods on other nodes are unreachable");
     }
     agent.restore_endpoints();
@@ -626,10 +645,166 @@ impl Agent {
                         "policy table compiled"
                     );
                     self.policy_table = Arc::new(c.table);
+                    self.isolated_pods = c.isolated_pods;
                 }
             }
             Err(e) => tracing::error!(error = %e, "policy not applied"),
         }
+    }
+
+    /// Turns the host firewall on, updates it, or off, as the policy table says (a host policy
+    /// selects this node or not). On: the re-injection pair and a socket per worker on its
+    /// dataplane end, a snapshot whose workers know the path, then the uplink's XDP program
+    /// sends the node's unclaimed traffic to them. Off in the reverse order. A rule change
+    /// empties the XDP flow map so established host flows are judged again.
+    fn sync_host_firewall(&mut self) {
+        let want = self.policy_table.host_isolated();
+        let generation = self.policy_table.generation();
+        if want && self.host_fw.is_none() {
+            if let Err(e) = self.start_host_firewall() {
+                tracing::error!(error = %format!("{e:#}"), "host firewall not started: the node stays open (host policies are not enforced)");
+                return;
+            }
+        }
+        if !want {
+            if self.host_fw.is_some() {
+                self.stop_host_firewall();
+            }
+            return;
+        }
+        let fw = self.host_firewall_config();
+        let Some(u) = &mut self.uplink else { return };
+        let Some(h) = &mut self.host_fw else { return };
+        if h.generation == generation {
+            return;
+        }
+        if let Err(e) = u.attachment.set_host_firewall(Some(&fw)) {
+            tracing::error!(error = %e, "host firewall: the uplink program was not updated");
+            return;
+        }
+        match u.attachment.clear_host_flows() {
+            Ok(n) => tracing::info!(generation, flows_cleared = n, "host firewall rules changed"),
+            Err(e) => tracing::warn!(error = %e, "host firewall: flow map not cleared"),
+        }
+        h.generation = generation;
+    }
+
+    /// What the uplink's XDP program needs: this node's addresses, every node's address (the
+    /// failsafe ports between nodes) and the failsafe ports (the configured ones, plus this
+    /// agent's VXLAN and WireGuard ports from nodes).
+    fn host_firewall_config(&self) -> xdp_redirect::HostFirewall {
+        let mut failsafe: Vec<xdp_redirect::Failsafe> = self
+            .opts
+            .policy
+            .failsafe
+            .iter()
+            .filter_map(|f| {
+                // SCTP failsafe ports are not XDP's: the compiler also allows every failsafe
+                // port in the host endpoint's rules, so the workers admit them.
+                let base = match f.protocol {
+                    crate::policy::Protocol::Udp => xdp_redirect::Failsafe::udp(f.lo..=f.hi),
+                    crate::policy::Protocol::Tcp => xdp_redirect::Failsafe::tcp(f.lo..=f.hi),
+                    crate::policy::Protocol::Sctp => return None,
+                };
+                Some(if matches!(f.from, crate::policy::FailsafeFrom::Nodes) {
+                    base.from_nodes_only()
+                } else {
+                    base
+                })
+            })
+            .collect();
+        failsafe.push(
+            xdp_redirect::Failsafe::udp(self.opts.vxlan_port..=self.opts.vxlan_port)
+                .from_nodes_only(),
+        );
+        if let Some(w) = &self.opts.wireguard {
+            failsafe.push(xdp_redirect::Failsafe::udp(w.port..=w.port).from_nodes_only());
+        }
+        let cluster_nodes = self
+            .cluster
+            .nodes
+            .iter()
+            .filter_map(|n| {
+                let name = n.metadata.name.as_deref()?;
+                self.cluster.node_info(name).ok().map(|i| i.internal_ip)
+            })
+            .collect();
+        xdp_redirect::HostFirewall {
+            node_addrs: services::dataplane::node_addresses(&self.services, self.node.internal_ip),
+            cluster_nodes,
+            failsafe,
+        }
+    }
+
+    fn start_host_firewall(&mut self) -> anyhow::Result<()> {
+        if self.uplink.is_none() {
+            bail!("no uplink attached");
+        }
+        let workers = self.dp.workers() as u32;
+        let pair = crate::hostfw::HostPair::ensure_with_queues(
+            crate::hostfw::DEFAULT_HOST_IFNAME,
+            crate::hostfw::DEFAULT_NET_IFNAME,
+            workers,
+        )?;
+        for w in &pair.warnings {
+            tracing::warn!("host firewall: {w}");
+        }
+        let queues = rx_queues(&pair.net.ifname).clamp(1, MAX_QUEUES);
+        if (queues as usize) < self.dp.workers() {
+            tracing::warn!(ifname = %pair.net.ifname, queues, "re-injection veth has fewer queues than workers: workers without one drop admitted host packets (no_tx_port)");
+        }
+        let mut added = Vec::new();
+        for q in 0..queues {
+            match self.dp.add_port(pair.net.ifindex, q) {
+                Ok(_) => added.push(q),
+                Err(e) => {
+                    for q in added {
+                        let _ = self.dp.remove_port(pair.net.ifindex, q);
+                    }
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("AF_XDP socket on {} queue {q}", pair.net.ifname)));
+                }
+            }
+        }
+        let fw = self.host_firewall_config();
+        self.host_fw = Some(HostFw {
+            pair,
+            queues,
+            generation: self.policy_table.generation(),
+        });
+        // Workers learn the path before XDP sends them anything for the host.
+        self.publish();
+        let Some(u) = &mut self.uplink else {
+            bail!("no uplink attached");
+        };
+        if let Err(e) = u.attachment.set_host_firewall(Some(&fw)) {
+            self.stop_host_firewall();
+            return Err(anyhow::Error::new(e).context("configuring the uplink's XDP program"));
+        }
+        tracing::info!(
+            host = crate::hostfw::DEFAULT_HOST_IFNAME,
+            net = crate::hostfw::DEFAULT_NET_IFNAME,
+            failsafe = fw.failsafe.len(),
+            "host firewall on"
+        );
+        Ok(())
+    }
+
+    fn stop_host_firewall(&mut self) {
+        if let Some(u) = &mut self.uplink {
+            if let Err(e) = u.attachment.set_host_firewall(None) {
+                tracing::warn!(error = %e, "host firewall: the uplink program was not reset");
+            }
+        }
+        let Some(h) = self.host_fw.take() else { return };
+        self.publish();
+        for q in 0..h.queues {
+            let _ = self.dp.remove_port(h.pair.net.ifindex, q);
+        }
+        if let Err(e) = h.pair.remove() {
+            tracing::warn!(error = %e, "host firewall: re-injection pair not removed");
+        }
+        tracing::info!("host firewall off");
     }
 
     fn publish(&mut self) {
@@ -706,6 +881,13 @@ impl Agent {
         }
         b.services(Arc::clone(&self.service_table));
         b.policy(Arc::clone(&self.policy_table));
+        if let Some(h) = &self.host_fw {
+            b.host_path(dataplane::snapshot::HostPath {
+                ifindex: h.pair.net.ifindex,
+                mac: Mac(h.pair.net.mac),
+                kernel_mac: Mac(h.pair.host.mac),
+            });
+        }
         if let (Some(w), Some(o)) = (&self.wg, &self.opts.wireguard) {
             let state = w.state();
             b.wireguard(dataplane::snapshot::WireguardConfig {
@@ -763,8 +945,10 @@ impl Agent {
                 self.node.internal_ip
             );
         };
-        let mut attachment = Attachment::attach(&ifname, true)
-            .with_context(|| format!("attaching XDP to the uplink {ifname}"))?;
+        // The uplink's program keeps the host firewall's flow map (sized for the node's flows).
+        let mut attachment =
+            Attachment::attach_with(&ifname, &xdp_redirect::AttachOptions::uplink(true))
+                .with_context(|| format!("attaching XDP to the uplink {ifname}"))?;
         attachment.set_default(xdp_redirect::RuleAction::Pass)?;
         attachment.set_rule(
             xdp_redirect::PassKey::ipv4(17, self.opts.vxlan_port),
@@ -1120,6 +1304,7 @@ impl Agent {
                 self.source_error = None;
                 self.translate_services();
                 self.compile_policy();
+                self.sync_host_firewall();
                 self.update_wireguard_peers();
                 if let Ok(bytes) = std::fs::read(path) {
                     let _ = write_atomic(&last_good_path(&self.opts.state_dir), &bytes);
@@ -1242,11 +1427,21 @@ impl Agent {
             totals: status::counters_list(&totals),
             drops: status::drops_list(&totals),
             wireguard: self.wireguard_status(),
+            policy: Some(status::PolicyStatus {
+                generation: self.policy_table.generation(),
+                isolated_pods: self.isolated_pods,
+                host_isolated: self.policy_table.host_isolated(),
+                host_firewall: self.host_fw.is_some(),
+                audit: self.opts.policy.audit,
+            }),
         }
     }
 
     fn shutdown(mut self) {
         // Detach every program first (traffic falls back to the kernel), then stop workers.
+        if self.host_fw.is_some() {
+            self.stop_host_firewall();
+        }
         for a in std::mem::take(&mut self.endpoints).into_values() {
             drop(a.attachment);
         }

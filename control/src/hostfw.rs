@@ -288,6 +288,17 @@ impl HostPair {
     /// (see the module doc). Idempotent; an interface of another kind, or two veths that are
     /// not each other's peer, are errors that name them.
     pub fn ensure(host_name: &str, net_name: &str) -> Result<HostPair, HostFwError> {
+        Self::ensure_with_queues(host_name, net_name, 1)
+    }
+
+    /// [`HostPair::ensure`], creating the pair with `queues` tx and rx queues on each end (one
+    /// per worker, so every worker has a socket to transmit on). An existing pair keeps its
+    /// queues.
+    pub fn ensure_with_queues(
+        host_name: &str,
+        net_name: &str,
+        queues: u32,
+    ) -> Result<HostPair, HostFwError> {
         check_name(host_name)?;
         check_name(net_name)?;
         if host_name == net_name {
@@ -298,8 +309,24 @@ impl HostPair {
         }
         match (link(host_name)?, link(net_name)?) {
             (None, None) => {
+                let q = queues.max(1).to_string();
                 ip(&[
-                    "link", "add", host_name, "type", "veth", "peer", "name", net_name,
+                    "link",
+                    "add",
+                    host_name,
+                    "numtxqueues",
+                    &q,
+                    "numrxqueues",
+                    &q,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    net_name,
+                    "numtxqueues",
+                    &q,
+                    "numrxqueues",
+                    &q,
                 ])?;
                 tracing::info!(
                     host = host_name,

@@ -24,6 +24,24 @@ pub struct Status {
     /// WireGuard between nodes, when on.
     #[serde(default)]
     pub wireguard: Option<WgStatus>,
+    /// The policy table in force.
+    #[serde(default)]
+    pub policy: Option<PolicyStatus>,
+}
+
+/// The `policy` section of `sluice status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyStatus {
+    /// Generation of the compiled table (moves only when the rules change; 0: never compiled).
+    pub generation: u16,
+    /// Local pods some NetworkPolicy isolates (their flows are tracked and judged).
+    pub isolated_pods: usize,
+    /// A HostNetworkPolicy selects this node.
+    pub host_isolated: bool,
+    /// The host firewall is running (re-injection pair up, uplink program configured).
+    pub host_firewall: bool,
+    /// Agent-wide audit mode (`--policy-audit`).
+    pub audit: bool,
 }
 
 /// `sluice wg peers` / the WireGuard section of `sluice status`, like `wg show`.
@@ -266,6 +284,25 @@ impl Status {
         let _ = writeln!(s, "\ndrops by reason:");
         for d in &self.drops {
             let _ = writeln!(s, "  {:>3} {:<24} {}", d.number, d.reason, d.count);
+        }
+        if let Some(p) = &self.policy {
+            let _ = writeln!(
+                s,
+                "\npolicy: generation {}, {} isolated pods, host policy {}, host firewall {}{}",
+                p.generation,
+                p.isolated_pods,
+                if p.host_isolated {
+                    "selects this node"
+                } else {
+                    "none"
+                },
+                if p.host_firewall { "on" } else { "off" },
+                if p.audit {
+                    ", AUDIT MODE (nothing dropped by policy)"
+                } else {
+                    ""
+                }
+            );
         }
         if let Some(w) = &self.wireguard {
             s.push('\n');
