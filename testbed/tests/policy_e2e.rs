@@ -1513,6 +1513,13 @@ fn audit_agent_flag_forwards_and_counts() {
     let _servers = pod_servers(tb);
     warm_up(tb);
     cluster.apply("audit-agent-wide", AUDIT_AGENT_WIDE);
+    for node in NODES {
+        let p = status(tb, node).policy;
+        assert!(
+            p.as_ref().is_some_and(|p| p.audit),
+            "{node}'s status shows agent-wide audit mode: {p:?}"
+        );
+    }
     check_audit(tb, "--policy-audit", |_, _, _| true, false);
 }
 
@@ -1569,6 +1576,17 @@ fn host_probes(tb: &Testbed) -> Vec<(String, bool)> {
         .collect()
 }
 
+/// (a host policy selects the node, its host firewall runs) per node, from `sluice status`.
+fn host_firewall(tb: &Testbed) -> [(bool, bool); 2] {
+    NODES.map(|n| {
+        let s = status(tb, n);
+        let p = s
+            .policy
+            .unwrap_or_else(|| panic!("{n}'s status has no policy section"));
+        (p.host_isolated, p.host_firewall)
+    })
+}
+
 /// Item 4: a HostNetworkPolicy selecting node1 that allows only TCP 8080 from the external
 /// client: node1's SSH port (failsafe) and 8080 stay reachable, 9090 does not, node2 (not
 /// selected) stays open, node1's own outbound connection works, pods still reach each other
@@ -1600,6 +1618,11 @@ fn host_firewall_failsafe_and_removal() {
 
     let before = settled(tb);
     cluster.apply("host-policy", HOST_POLICY);
+    assert_eq!(
+        host_firewall(tb),
+        [(true, true), (false, false)],
+        "(host policy selects, host firewall runs) on node1 and node2"
+    );
     let closed = host_probes(tb);
     for (label, ok) in &closed {
         let want = !label.ends_with(&format!("{NODE1_IP}:{HOST_DENIED_PORT}"));
@@ -1618,6 +1641,11 @@ fn host_firewall_failsafe_and_removal() {
     }
 
     cluster.apply("host-policy-removed", "");
+    assert_eq!(
+        host_firewall(tb),
+        [(false, false), (false, false)],
+        "(host policy selects, host firewall runs) on node1 and node2 without the policy"
+    );
     let reopened = host_probes(tb);
     assert!(
         reopened.iter().all(|(_, ok)| *ok),
