@@ -76,8 +76,10 @@ const WARM_UP_WITHIN: Duration = Duration::from_secs(30);
 /// One probe's wait (connect, answer); a failed probe is tried once more with [`RETRY_SECONDS`].
 const PROBE_SECONDS: f64 = 0.5;
 const RETRY_SECONDS: f64 = 1.0;
-/// An open connection's wait for its answer ([`Holder::round`]).
-const HOLD_ANSWER_SECONDS: f64 = 1.0;
+/// An open connection's wait for its answer ([`Holder::round`]). Generous: an allowed held
+/// connection gets no second try (a timed-out TCP request leaves its answer in flight), and on a
+/// loaded machine (other agents busy-polling the two vCPUs) an answer took over a second.
+const HOLD_ANSWER_SECONDS: f64 = 2.5;
 /// The agent's copy of the last cluster file it accepted, in its state directory
 /// (`control::agent`'s `last_good_path`, written just before it publishes the new state).
 const LAST_GOOD_FILE: &str = "last-good-cluster.yaml";
@@ -1239,21 +1241,53 @@ fn new_connections(tb: &Testbed, pairs: &[(Pod, Pod, Port)]) -> Vec<(String, boo
         .collect()
 }
 
-/// Asserts that each labelled result is "ok" exactly when `passes(label)`.
-fn assert_round(step: &str, round: &[(String, String)], passes: impl Fn(&str) -> bool) {
-    for (label, result) in round {
-        if passes(label) {
-            assert_eq!(
-                result, "ok",
-                "{step}: {label} should still pass data; the round: {round:?}"
-            );
-        } else {
-            assert_ne!(
-                result, "ok",
-                "{step}: {label} should pass no more data; the round: {round:?}"
-            );
-        }
+/// What happened to each held connection in a round, if anything is expected of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Passes,
+    Stopped,
+    /// Either.
+    Any,
+}
+
+/// One round on `holder`'s connections; each must do what `expect(label)` says. On a mismatch
+/// the panic shows the round and every counter and drop reason that grew on each node meanwhile.
+fn check_round(tb: &Testbed, step: &str, holder: &mut Holder, expect: impl Fn(&str) -> Held) {
+    // Not settled: the round follows the change as closely as the test can make it.
+    let before = NODES.map(|n| status(tb, n));
+    let round = holder.round();
+    let wrong: Vec<_> = round
+        .iter()
+        .filter(|(label, result)| match expect(label) {
+            Held::Passes => result != "ok",
+            Held::Stopped => result == "ok",
+            Held::Any => false,
+        })
+        .map(|(label, result)| format!("{label}: {result}, expected {:?}", expect(label)))
+        .collect();
+    if wrong.is_empty() {
+        return;
     }
+    let after = settled(tb);
+    let mut grew = String::new();
+    for i in 0..NODES.len() {
+        let counters: Vec<_> = after[i]
+            .totals
+            .iter()
+            .map(|(k, v)| (k, v - before[i].total(k)))
+            .filter(|(_, d)| *d > 0)
+            .collect();
+        let drops = common::unexpected_drops(&before[i], &after[i], &[]);
+        let _ = writeln!(
+            grew,
+            "  {}: counters {counters:?}\n    drops {drops:?}",
+            NODES[i]
+        );
+    }
+    panic!(
+        "{step}: held connections: {}\nround: {round:?}\nduring the round:\n{grew}",
+        wrong.join("; ")
+    );
 }
 
 /// Asserts that each new connection opens exactly when `opens(label)`.
@@ -1294,7 +1328,7 @@ fn policy_changes_with_open_connections() {
         YA,
         &[(XA, TCP_80), (XA, UDP_81), (ZA, TCP_80), (ZB, UDP_81)],
     );
-    assert_round("no policy", &untracked.round(), |_| true);
+    check_round(tb, "no policy", &mut untracked, |_| Held::Passes);
     cluster.apply("unrelated", UNRELATED);
     // The unrelated policy is in force (so that "still usable" means something).
     assert_new(
@@ -1302,11 +1336,17 @@ fn policy_changes_with_open_connections() {
         &new_connections(tb, &[(YA, zc, TCP_80)]),
         |_| false,
     );
-    assert_round("unrelated", &untracked.round(), |_| true);
+    check_round(tb, "unrelated", &mut untracked, |_| Held::Passes);
 
     let before = settled(tb);
     cluster.apply("deny-x", &objects(&[UNRELATED, DEFAULT_DENY_INGRESS_X]));
-    assert_round("deny-x", &untracked.round(), |l| !l.contains("-> x/"));
+    check_round(tb, "deny-x", &mut untracked, |l| {
+        if l.contains("-> x/") {
+            Held::Stopped
+        } else {
+            Held::Passes
+        }
+    });
     let fresh = new_connections(
         tb,
         &[
@@ -1338,7 +1378,7 @@ fn policy_changes_with_open_connections() {
         YA,
         &[(XA, TCP_80), (XA, UDP_81), (XB, TCP_80), (XB, UDP_81)],
     );
-    assert_round("x-from-y", &tracked.round(), |_| true);
+    check_round(tb, "x-from-y", &mut tracked, |_| Held::Passes);
     cluster.apply(
         "x-from-y-unrelated",
         &objects(&[UNRELATED, UNRELATED_2, X_FROM_Y]),
@@ -1348,14 +1388,20 @@ fn policy_changes_with_open_connections() {
         &new_connections(tb, &[(YC, ZA, TCP_80)]),
         |_| false,
     );
-    assert_round("x-from-y-unrelated", &tracked.round(), |_| true);
+    check_round(tb, "x-from-y-unrelated", &mut tracked, |_| Held::Passes);
 
     let before = settled(tb);
     cluster.apply(
         "x-a-from-y",
         &objects(&[UNRELATED, X_A_FROM_Y, DEFAULT_DENY_INGRESS_X]),
     );
-    assert_round("x-a-from-y", &tracked.round(), |l| l.contains("-> x/a"));
+    check_round(tb, "x-a-from-y", &mut tracked, |l| {
+        if l.contains("-> x/a") {
+            Held::Passes
+        } else {
+            Held::Stopped
+        }
+    });
     assert_new(
         "x-a-from-y",
         &new_connections(tb, &[(YA, XA, TCP_80), (YA, XB, TCP_80), (YA, XB, UDP_81)]),
@@ -1378,12 +1424,13 @@ fn policy_changes_with_open_connections() {
     );
     // The flows to x/a were never cut. (Those to x/b: a cut UDP flow may pass again, as a new
     // flow, now that nothing denies it; the cut TCP connection's client gave up on its socket.)
-    let last: Vec<_> = tracked
-        .round()
-        .into_iter()
-        .filter(|(l, _)| l.contains("-> x/a"))
-        .collect();
-    assert_round("no-policy", &last, |_| true);
+    check_round(tb, "no-policy", &mut tracked, |l| {
+        if l.contains("-> x/a") {
+            Held::Passes
+        } else {
+            Held::Any
+        }
+    });
 }
 
 /// Ports of the audit matrices.
