@@ -245,25 +245,38 @@ impl RuleIndex {
     }
 }
 
-/// Overlapping ranges (sorted by `lo`) to disjoint ones, flags OR-ed where they overlap.
+/// Overlapping ranges to disjoint ones, flags OR-ed where they overlap: one sweep over the
+/// range ends with a count of open ranges per flag bit, O(n log n).
 fn disjoint(rs: &[Range]) -> Vec<Range> {
-    // Boundaries: every lo and every hi + 1.
-    let mut cuts: Vec<u32> = rs
-        .iter()
-        .flat_map(|r| [u32::from(r.lo), u32::from(r.hi) + 1])
-        .collect();
-    cuts.sort_unstable();
-    cuts.dedup();
+    // (position, bit, +1 open / -1 close); a range closes after its last port.
+    let mut events: Vec<(u32, usize, i32)> = Vec::with_capacity(rs.len() * 4);
+    for r in rs {
+        for bit in 0..8 {
+            if r.flags & (1 << bit) != 0 {
+                events.push((u32::from(r.lo), bit, 1));
+                events.push((u32::from(r.hi) + 1, bit, -1));
+            }
+        }
+    }
+    events.sort_unstable();
+    let mut open = [0i32; 8];
     let mut out: Vec<Range> = Vec::new();
-    for w in cuts.windows(2) {
-        let (lo, hi) = (w[0], w[1] - 1);
-        let flags = rs
-            .iter()
-            .filter(|r| u32::from(r.lo) <= lo && hi <= u32::from(r.hi))
-            .fold(0, |f, r| f | r.flags);
+    let mut i = 0;
+    while i < events.len() {
+        let at = events[i].0;
+        while i < events.len() && events[i].0 == at {
+            open[events[i].1] += events[i].2;
+            i += 1;
+        }
+        if at > u32::from(u16::MAX) {
+            break;
+        }
+        let flags = (0..8).fold(0u8, |f, b| if open[b] > 0 { f | 1 << b } else { f });
+        let next = events.get(i).map_or(u32::from(u16::MAX) + 1, |e| e.0);
         if flags == 0 {
             continue;
         }
+        let (lo, hi) = (at, next - 1);
         match out.last_mut() {
             Some(last) if u32::from(last.hi) + 1 == lo && last.flags == flags => {
                 last.hi = hi as u16
@@ -1021,5 +1034,45 @@ mod tests {
         b.endpoint(ip("10.0.0.2"), ENF, ENF);
         b.endpoint(ip("10.0.0.2"), ENF, ENF);
         assert!(matches!(b.build(), Err(PolicyError::DuplicateEndpoint(_))));
+    }
+
+    #[test]
+    fn disjoint_ranges_or_the_flags_of_every_covering_range() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..200 {
+            let n = 1 + next() % 12;
+            let rs: Vec<Range> = (0..n)
+                .map(|_| {
+                    let a = (next() % 70) as u16 * 937;
+                    let b = a.saturating_add((next() % 3000) as u16);
+                    Range {
+                        lo: a,
+                        hi: b,
+                        flags: 1 + (next() % 3) as u8,
+                    }
+                })
+                .collect();
+            let d = disjoint(&rs);
+            for w in d.windows(2) {
+                assert!(w[0].hi < w[1].lo, "sorted and disjoint: {d:?}");
+            }
+            for port in (0..=u16::MAX).step_by(97).chain([u16::MAX, 0]) {
+                let want = rs
+                    .iter()
+                    .filter(|r| r.lo <= port && port <= r.hi)
+                    .fold(0, |f, r| f | r.flags);
+                let got = d
+                    .iter()
+                    .find(|r| r.lo <= port && port <= r.hi)
+                    .map_or(0, |r| r.flags);
+                assert_eq!(got, want, "port {port} in {rs:?}");
+            }
+        }
     }
 }
