@@ -505,17 +505,14 @@ fn render_table(title: &str, ports: &[Port], cell: impl Fn(Pod, Pod, Port) -> ch
     let mut out = String::new();
     for &port in ports {
         let _ = writeln!(out, "{title} {}:", port.label());
-        let _ = write!(out, "{:5}", "-");
-        for to in &pods {
-            let _ = write!(out, " {:4}", to.key());
-        }
-        out.push('\n');
+        let header: String = pods.iter().map(|to| format!(" {:4}", to.key())).collect();
+        let _ = writeln!(out, "{:5}{}", "-", header.trim_end());
         for &from in &pods {
-            let _ = write!(out, "{:5}", from.key());
-            for &to in &pods {
-                let _ = write!(out, " {:4}", cell(from, to, port));
-            }
-            out.push('\n');
+            let row: String = pods
+                .iter()
+                .map(|&to| format!(" {:4}", cell(from, to, port)))
+                .collect();
+            let _ = writeln!(out, "{:5}{}", from.key(), row.trim_end());
         }
     }
     out
