@@ -13,12 +13,20 @@
 //!   ([`scenario_expectations_agree_with_reference_evaluator`]) checks that sluice's reference
 //!   evaluator (`control::policy::reference`) agrees with them. A mismatch prints expected,
 //!   observed and the difference as tables (upstream's "reachability" printout).
-//! - **Policy changes under open connections** ([`policy_changes_with_open_connections`]).
+//! - **Policy changes under open connections** ([`policy_changes_with_open_connections`]):
+//!   flows opened before any policy isolated their pods are not tracked, so a policy that now
+//!   denies them drops their next packets (`policy_denied_ingress`); flows opened under an
+//!   isolating policy are tracked and judged again on every rule change (kept, or cut:
+//!   `policy_cut`).
 //! - **Audit mode**, per policy and agent-wide ([`audit_annotation_forwards_and_counts`],
-//!   [`audit_agent_flag_forwards_and_counts`]).
-//! - **Host firewall** ([`host_firewall_failsafe_and_removal`]).
+//!   [`audit_agent_flag_forwards_and_counts`]): everything gets through, the agents count
+//!   `policy_audit_ingress` / `policy_audit_egress` (`sluice status` totals).
+//! - **Host firewall** ([`host_firewall_failsafe_and_removal`]): servers in the node namespaces
+//!   probed from the external client, `sluice status`'s policy section.
 //!
-//! Root only; build the binaries first: `cargo build -p control --bins`.
+//! The testbed tests need root (otherwise they print "skipping: needs root"); build the binaries
+//! first: `cargo build -p control --bins`. The checks of the test's own machinery (fixture,
+//! expectations against the reference evaluator, the matrix comparison) run anywhere.
 //!
 //! Every test brings up its own instance (`p{pid}n{counter}z`) with a temporary state root and a
 //! copy of the fixture that the agents read (`--source file:`, polled every 500 ms); applying
