@@ -145,6 +145,20 @@ struct Port {
     id: u16,
     sock: XskSocket,
     tx_dirty: bool,
+    /// Frames this port's fill ring is topped up to: starts small ([`fill_start`]) and doubles
+    /// (up to the worker's per-port cap) each time traffic drained it below a quarter between
+    /// two refills. Idle ports hold few frames, so adding ports never takes the pool
+    /// from the busy ones (with one fixed share per port, the first ports added kept the big
+    /// shares of a worker with few ports, and a node with many pods ran out of free frames).
+    fill_target: u32,
+    /// Frames in the fill ring right after the last refill (what it received since is the
+    /// difference with the ring's count now).
+    filled: u32,
+}
+
+/// A new port's fill target: 128 frames, at most a sixteenth of the UMEM and one ring.
+fn fill_start(frames: u32, ring: u32) -> u32 {
+    128.min(frames / 16).min(ring).max(1)
 }
 
 /// Worker state. Field order matters for Drop: ports (sockets, rings) before the UMEM.
@@ -415,6 +429,8 @@ impl Worker {
         };
         let id = self.allocate_port_id();
         self.ports.push(Port {
+            fill_target: fill_start(self.config.umem.frames, self.config.rings.fill),
+            filled: 0,
             id,
             sock,
             tx_dirty: false,
@@ -781,13 +797,27 @@ impl Worker {
             return;
         }
         self.refill_from = (self.refill_from + 1) % nports;
+        // Frames kept out of fill rings for frames in flight (handoff copies, generated
+        // replies), so that a burst on some ports cannot take the pool from the others.
+        let reserve = (self.config.umem.frames / 8) as usize;
         for k in 0..nports {
             let p = &mut self.ports[(self.refill_from + k) % nports];
             let outstanding = p.sock.fill.pending();
-            if outstanding < self.fill_target {
-                let want = self.fill_target - outstanding;
+            let received = p.filled.saturating_sub(outstanding);
+            // Grown when traffic drained the ring to a quarter since the last refill (a burst,
+            // or the worker was away): idle and lightly used ports stay small.
+            if received > 0 && outstanding < p.fill_target / 4 && p.fill_target < self.fill_target {
+                p.fill_target = (p.fill_target * 2).min(self.fill_target);
+            }
+            let target = p.fill_target.min(self.fill_target);
+            if outstanding < target {
+                let want = target - outstanding;
                 let mut pushed = 0;
                 while pushed < want {
+                    if self.free.len() <= reserve {
+                        self.counters.fill_starved += 1;
+                        break;
+                    }
                     let Some(addr) = self.free.pop() else {
                         self.counters.fill_starved += 1;
                         break;
@@ -802,6 +832,9 @@ impl Worker {
                 if pushed > 0 {
                     p.sock.fill.submit();
                 }
+                p.filled = outstanding + pushed;
+            } else {
+                p.filled = outstanding;
             }
             if p.sock.fill.needs_wakeup() {
                 self.counters.fill_kicks += 1;

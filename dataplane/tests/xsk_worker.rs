@@ -1053,3 +1053,57 @@ fn two_workers_each_own_their_queue() {
     thread::sleep(UNREGISTER_GRACE);
     remove_and_check_all_free(&dp, &[port0, port1]);
 }
+
+/// Many ports on one worker: with a fixed share per port, the first ports added kept the big
+/// shares of a worker with few ports and the pool ran dry (every frame in some fill ring, none
+/// left for handoff copies, later ports with empty fill rings). Now idle ports hold a small
+/// start share, a reserve stays free, and every port has frames to receive into.
+#[test]
+fn many_idle_ports_leave_free_frames_and_every_port_gets_some() {
+    require_root!();
+    const PORTS: usize = 12;
+    let mut ns = Namespaces::new();
+    let netns_a = ns.add("a");
+    let netns_b = ns.add("b");
+    let mut cfg = config(1);
+    cfg.umem.frames = 1024;
+    cfg.rings = RingSizes {
+        rx: 512,
+        tx: 512,
+        fill: 512,
+        completion: 512,
+    };
+    let dp = start_in(&netns_a, cfg);
+    let mut atts = Vec::new();
+    for i in 0..PORTS {
+        let (a, b) = (ns.ifname(&format!("m{i}a")), ns.ifname(&format!("m{i}b")));
+        let mac_a = Mac([0x02, 0, 0, 0, 0xa0, i as u8]);
+        let mac_b = Mac([0x02, 0, 0, 0, 0xb0, i as u8]);
+        veth(&netns_a, &a, mac_a, &netns_b, &b, mac_b, None);
+        let ifx = ifindex_in(&netns_a, &a);
+        let mut att = attach_in(&netns_a, &a);
+        let port = dp.add_port(ifx, 0).expect("add_port");
+        register(&mut att, &port);
+        atts.push(att);
+    }
+    // Let the worker refill every port (bounded wait).
+    let deadline = Instant::now() + COUNTER_WAIT;
+    let stats = loop {
+        let stats = check_frames_accounted(&dp);
+        if stats.iter().all(|s| s.frames_in_kernel > 0) || Instant::now() >= deadline {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(stats.len(), PORTS);
+    for s in &stats {
+        assert!(s.frames_in_kernel > 0, "a port without fill frames: {stats:?}");
+    }
+    let r = report(&dp, 0);
+    assert!(
+        r.free_frames >= 1024 / 8,
+        "the reserve for frames in flight is gone: {} free; ports {stats:?}",
+        r.free_frames
+    );
+    drop(atts);
+}
