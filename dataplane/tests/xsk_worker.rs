@@ -1097,7 +1097,10 @@ fn many_idle_ports_leave_free_frames_and_every_port_gets_some() {
     };
     assert_eq!(stats.len(), PORTS);
     for s in &stats {
-        assert!(s.frames_in_kernel > 0, "a port without fill frames: {stats:?}");
+        assert!(
+            s.frames_in_kernel > 0,
+            "a port without fill frames: {stats:?}"
+        );
     }
     let r = report(&dp, 0);
     assert!(
