@@ -158,6 +158,11 @@ struct Agent {
     host_fw: Option<HostFw>,
     /// Local pods the policy table isolates (for status).
     isolated_pods: usize,
+    /// Network programming latency, microseconds (see `metrics::Snapshot::programming`).
+    programming: hdrhistogram::Histogram<u64>,
+    /// Generations published for a cluster change, with when the source saw that change,
+    /// until every worker reports running them.
+    programming_pending: std::collections::VecDeque<(u64, Instant)>,
 }
 
 /// The host firewall in force: the veth pair the workers re-inject admitted packets through,
@@ -289,6 +294,9 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         policy_table: Arc::new(dataplane::policy::PolicyTable::empty()),
         host_fw: None,
         isolated_pods: 0,
+        programming: hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
+            .context("programming latency histogram")?,
+        programming_pending: std::collections::VecDeque::new(),
     };
     agent.translate_services();
     agent.compile_policy();
@@ -351,12 +359,18 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
         match source.poll() {
             None => {}
-            Some(Ok(c)) => agent.apply_cluster(c, source.path()),
+            Some(Ok(c)) => {
+                let seen = Instant::now();
+                let before = agent.generation;
+                agent.apply_cluster(c, source.path());
+                agent.programming_started(before, seen);
+            }
             Some(Err(e)) => {
                 tracing::error!(error = %e, "cluster file update rejected; keeping the last good state");
                 agent.source_error = Some(e.to_string());
             }
         }
+        agent.track_programming();
         agent.poll_neighbors();
         if let Some(g) = agent.wg.as_ref().map(|w| w.generation()) {
             if g != agent.wg_published {
@@ -1351,6 +1365,36 @@ impl Agent {
         })
     }
 
+    /// A cluster change seen at `seen` was applied: if it published a new generation (the
+    /// agent's generation moved from `before`), time it until every worker runs it.
+    fn programming_started(&mut self, before: u64, seen: Instant) {
+        if self.generation != before {
+            // Bounded: a worker that never reports (stuck) must not grow this forever.
+            if self.programming_pending.len() >= 1024 {
+                self.programming_pending.pop_front();
+            }
+            self.programming_pending.push_back((self.generation, seen));
+        }
+    }
+
+    /// Records the programming latency of generations every worker now reports.
+    fn track_programming(&mut self) {
+        if self.programming_pending.is_empty() {
+            return;
+        }
+        let Some(running) = self.dp.reports().iter().map(|r| r.generation).min() else {
+            return;
+        };
+        while let Some(&(g, seen)) = self.programming_pending.front() {
+            if g > running {
+                break;
+            }
+            let us = seen.elapsed().as_micros().clamp(1, 600_000_000) as u64;
+            let _ = self.programming.record(us);
+            self.programming_pending.pop_front();
+        }
+    }
+
     fn render_metrics(&self) -> String {
         let status = self.status();
         let reports = self.dp.reports();
@@ -1363,6 +1407,7 @@ impl Agent {
             workers: &reports,
             interfaces: &status.interfaces,
             histograms: hists.as_deref(),
+            programming: Some(&self.programming),
         })
     }
 

@@ -37,7 +37,17 @@ pub struct Snapshot<'a> {
     pub interfaces: &'a [InterfaceStatus],
     /// Per worker, in `workers` order.
     pub histograms: Option<&'a [LatencyHistograms]>,
+    /// Network programming latency in microseconds: a change of cluster state seen by the
+    /// source -> every worker running the snapshot generation that carries it.
+    pub programming: Option<&'a Histogram<u64>>,
 }
+
+/// Buckets of `sluice_network_programming_duration_seconds`: 1 ms doubling to 16 s (kube-proxy's
+/// metric of the same name starts at 250 ms: it also counts the API server and the informer).
+pub const PROGRAMMING_BUCKETS: [f64; 15] = [
+    0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.024, 2.048, 4.096,
+    8.192, 16.384,
+];
 
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -114,6 +124,22 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "sluice_snapshot_generation{{node=\"{node}\"}} {}",
         s.generation
     );
+    if let Some(h) = s.programming {
+        header(
+            &mut out,
+            "sluice_network_programming_duration_seconds",
+            "histogram",
+            "Time from a cluster state change seen by the source (file or Kubernetes API) to every worker running the snapshot that carries it (as kube-proxy's network_programming_duration_seconds).",
+        );
+        histogram(
+            &mut out,
+            "sluice_network_programming_duration_seconds",
+            &format!("node=\"{node}\""),
+            h,
+            &PROGRAMMING_BUCKETS,
+            1e-6,
+        );
+    }
     header(
         &mut out,
         "sluice_worker_snapshot_generation",
@@ -460,6 +486,7 @@ mod tests {
             workers: &workers,
             interfaces: &interfaces,
             histograms: Some(&hists),
+            programming: None,
         });
         let m = parse(&text);
         let get = |k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
@@ -530,5 +557,45 @@ mod tests {
                 "{family} undeclared"
             );
         }
+    }
+
+    #[test]
+    fn programming_latency_is_a_cumulative_histogram_in_seconds() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
+        // 3 ms, 3 ms, 40 ms, 2 s (microseconds).
+        for us in [3_000, 3_000, 40_000, 2_000_000] {
+            h.record(us).unwrap();
+        }
+        let text = render(&Snapshot {
+            node: "n1",
+            generation: 3,
+            source_error: false,
+            endpoints: 0,
+            workers: &[],
+            interfaces: &[],
+            histograms: None,
+            programming: Some(&h),
+        });
+        let m = parse(&text);
+        let get = |le: &str| {
+            let k = format!(
+                "sluice_network_programming_duration_seconds_bucket{{node=\"n1\",le=\"{le}\"}}"
+            );
+            m.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| *v)
+                .unwrap_or_else(|| panic!("{k} missing in\n{text}"))
+        };
+        assert_eq!(get("0.002"), 0.0);
+        assert_eq!(get("0.004"), 2.0);
+        assert_eq!(get("0.032"), 2.0);
+        assert_eq!(get("0.064"), 3.0);
+        assert_eq!(get("2.048"), 4.0);
+        assert_eq!(get("+Inf"), 4.0);
+        let count = m
+            .iter()
+            .find(|(n, _)| n == "sluice_network_programming_duration_seconds_count{node=\"n1\"}")
+            .map(|(_, v)| *v);
+        assert_eq!(count, Some(4.0));
     }
 }
