@@ -12,6 +12,7 @@ pub mod api;
 pub mod cluster;
 pub mod cni;
 pub mod hostfw;
+pub mod kube;
 pub mod metrics;
 pub mod overlay;
 pub mod policy;

@@ -33,7 +33,7 @@ mod endpoints;
 mod error;
 mod parse;
 mod source;
-mod validate;
+pub(crate) mod validate;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
