@@ -29,6 +29,7 @@
 //! and the field path: `cluster.yaml: document 3 (Pod default/web):
 //! spec.containers[0].ports[0].containerPort: invalid type: string "x", expected i32`.
 
+mod checkpoint;
 mod endpoints;
 mod error;
 mod parse;
@@ -44,6 +45,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
+pub use checkpoint::ToYamlError;
 pub use endpoints::{
     ENDPOINTSLICE_CONTROLLER, MANAGED_BY_LABEL, MAX_ENDPOINTS_PER_SLICE, SERVICE_NAME_LABEL,
 };
