@@ -68,8 +68,12 @@ const REDIRECT_QUIESCE: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Debug)]
 pub struct RunOptions {
-    /// `file:PATH` (the Kubernetes source comes with the control-plane issue).
+    /// `file:PATH` or `kubernetes`.
     pub source: String,
+    /// `--source kubernetes`: an explicit API server URL (KubePrism: `https://127.0.0.1:7445`)
+    /// and kubeconfig; both `None`: in-cluster config, else `$KUBECONFIG`.
+    pub api_server: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
     pub node: String,
     pub state_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
@@ -136,6 +140,8 @@ struct Agent {
     node: NodeInfo,
     cluster: ClusterState,
     source_error: Option<String>,
+    /// `--source kubernetes`: the API source's last report.
+    api_health: Option<crate::kube::ApiHealth>,
     endpoints: BTreeMap<String, Attached>,
     generation: u64,
     mtu: u32,
@@ -180,14 +186,38 @@ enum Job {
     Scrape(metrics::Scrape),
 }
 
+/// What to keep as the last good state (`last-good-cluster.yaml`) after applying one.
+enum Checkpoint {
+    /// The cluster file's own bytes.
+    Bytes(Option<Vec<u8>>),
+    /// The applied state, serialised (`--source kubernetes`).
+    State,
+}
+
+/// Where cluster state comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// `file:PATH`, re-read on change.
+    File(PathBuf),
+    /// `kubernetes`: kube-rs watchers (`crate::kube`).
+    Kubernetes,
+}
+
+/// Parses `--source`.
+pub fn source_spec(source: &str) -> anyhow::Result<SourceSpec> {
+    if source == "kubernetes" {
+        return Ok(SourceSpec::Kubernetes);
+    }
+    file_source_path(source).map(SourceSpec::File)
+}
+
 /// Parses `file:PATH`.
 pub fn file_source_path(source: &str) -> anyhow::Result<PathBuf> {
     match source.split_once(':') {
         Some(("file", path)) if !path.is_empty() => Ok(PathBuf::from(path)),
-        Some(("kubernetes", _)) | None if source == "kubernetes" => {
-            bail!("--source kubernetes is not implemented yet; use --source file:PATH")
-        }
-        _ => bail!("--source {source:?} is not understood; use --source file:PATH"),
+        _ => bail!(
+            "--source {source:?} is not understood; use --source file:PATH or --source kubernetes"
+        ),
     }
 }
 
@@ -227,14 +257,143 @@ fn initial_cluster(
     }
 }
 
+/// The running source.
+enum Source {
+    File(FileSource),
+    Kube(crate::kube::KubeSource),
+}
+
+/// `--source kubernetes` at start-up: the checkpoint of the last applied state when there is
+/// one (forwarding starts from it before the first sync completes; the first complete state
+/// from the API replaces it), else the first complete state from the API (waited for: without
+/// this node's Node object there is nothing to forward with).
+fn initial_kube_cluster(
+    kube: &crate::kube::KubeSource,
+    opts: &RunOptions,
+    stop: &AtomicBool,
+) -> anyhow::Result<(ClusterState, bool)> {
+    let checkpoint = last_good_path(&opts.state_dir);
+    if checkpoint.exists() {
+        match cluster::load_file(&checkpoint) {
+            Ok(c) if c.node_info(&opts.node).is_ok() => {
+                tracing::info!(checkpoint = %checkpoint.display(), "forwarding from the checkpoint until the API server's first full sync");
+                return Ok((c, true));
+            }
+            Ok(_) => {
+                tracing::warn!(checkpoint = %checkpoint.display(), node = %opts.node, "the checkpoint lacks this node; waiting for the API server")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the checkpoint is unusable; waiting for the API server")
+            }
+        }
+    }
+    let mut last_log = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            bail!("stopped before the first sync with the API server");
+        }
+        match kube.recv_timeout(Duration::from_millis(200)) {
+            Some(crate::kube::SourceEvent::State { state, .. }) => {
+                if state.node_info(&opts.node).is_ok() {
+                    return Ok((state, false));
+                }
+                tracing::warn!(node = %opts.node, "the API server has no usable Node object for this node yet; waiting");
+            }
+            Some(crate::kube::SourceEvent::Health(_)) | None => {}
+        }
+        if last_log.elapsed() >= Duration::from_secs(10) {
+            let h = kube.health();
+            tracing::warn!(connected = h.connected, synced = ?h.kinds_synced, last_error = ?h.last_error, "still waiting for the first full sync with the API server");
+            last_log = Instant::now();
+        }
+    }
+}
+
+/// The checkpoint of a state from the API: every object as one YAML document (the cluster-file
+/// format, so the same reader loads it back).
+fn checkpoint_yaml(c: &ClusterState) -> anyhow::Result<String> {
+    let mut out =
+        String::from("# sluice checkpoint: the last cluster state applied from the API server\n");
+    let mut push = |v: serde_yaml::Value| -> anyhow::Result<()> {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&v)?);
+        Ok(())
+    };
+    let with_kind = |v: serde_yaml::Value, api_version: &str, kind: &str| -> serde_yaml::Value {
+        let mut v = v;
+        if let serde_yaml::Value::Mapping(m) = &mut v {
+            m.insert("apiVersion".into(), api_version.into());
+            m.insert("kind".into(), kind.into());
+        }
+        v
+    };
+    use k8s_openapi::Resource;
+    macro_rules! each {
+        ($items:expr, $t:ty) => {
+            for o in $items {
+                push(with_kind(
+                    serde_yaml::to_value(o)?,
+                    <$t>::API_VERSION,
+                    <$t>::KIND,
+                ))?;
+            }
+        };
+    }
+    each!(&c.nodes, k8s_openapi::api::core::v1::Node);
+    each!(&c.namespaces, k8s_openapi::api::core::v1::Namespace);
+    each!(&c.pods, k8s_openapi::api::core::v1::Pod);
+    each!(&c.services, k8s_openapi::api::core::v1::Service);
+    each!(
+        &c.endpoint_slices,
+        k8s_openapi::api::discovery::v1::EndpointSlice
+    );
+    each!(
+        &c.network_policies,
+        k8s_openapi::api::networking::v1::NetworkPolicy
+    );
+    for o in &c.host_policies {
+        push(with_kind(
+            serde_yaml::to_value(o)?,
+            crate::policy::host::HOST_POLICY_API_VERSION,
+            crate::policy::host::HOST_POLICY_KIND,
+        ))?;
+    }
+    Ok(out)
+}
+
 pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let path = file_source_path(&opts.source)?;
+    let spec = source_spec(&opts.source)?;
     std::fs::create_dir_all(opts.state_dir.join("endpoints"))
         .with_context(|| format!("creating state directory {}", opts.state_dir.display()))?;
-    let (cluster, source_error) = initial_cluster(&path, &opts.state_dir)?;
-    let node = cluster
-        .node_info(&opts.node)
-        .with_context(|| format!("node {:?} in {}", opts.node, path.display()))?;
+    let (cluster, source_error, mut source) = match &spec {
+        SourceSpec::File(path) => {
+            let (c, e) = initial_cluster(path, &opts.state_dir)?;
+            (
+                c,
+                e,
+                Source::File(FileSource::new(path.clone(), opts.source_poll)),
+            )
+        }
+        SourceSpec::Kubernetes => {
+            let mut k = crate::kube::KubeOptions::new(opts.node.clone());
+            k.api_server = opts.api_server.clone();
+            k.kubeconfig = opts.kubeconfig.clone();
+            let kube =
+                crate::kube::KubeSource::start(k).context("starting the Kubernetes API source")?;
+            let (c, from_checkpoint) = initial_kube_cluster(&kube, &opts, &stop)?;
+            let note = from_checkpoint.then(|| {
+                "forwarding from the checkpoint; the API server has not completed a sync yet"
+                    .to_owned()
+            });
+            (c, note, Source::Kube(kube))
+        }
+    };
+    let node = cluster.node_info(&opts.node).with_context(|| {
+        format!(
+            "node {:?} in the cluster state ({})",
+            opts.node, opts.source
+        )
+    })?;
     let socket_path = opts.state_dir.join(api::SOCKET_NAME);
     if UnixStream::connect(&socket_path).is_ok() {
         bail!(
@@ -279,6 +438,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         node,
         cluster,
         source_error,
+        api_health: None,
         endpoints: BTreeMap::new(),
         generation: 0,
         mtu,
@@ -339,8 +499,16 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         "sluice agent running"
     );
 
-    let mut source = FileSource::new(path, agent.opts.source_poll);
-    let _ = source.poll(); // the first read is the state we already have
+    if let Source::File(f) = &mut source {
+        let _ = f.poll(); // the first read is the state we already have
+    }
+    if let (Source::Kube(k), Some(w)) = (&source, &agent.wg) {
+        // Other nodes learn this node's key from its Node object.
+        k.annotate_node(
+            crate::wg::keys::PUBLIC_KEY_ANNOTATION,
+            &w.public_key().to_base64(),
+        );
+    }
     let mut last_reconcile = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         match req_rx.recv_timeout(LOOP_TICK) {
@@ -357,17 +525,47 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => bail!("the API thread stopped"),
         }
-        match source.poll() {
-            None => {}
-            Some(Ok(c)) => {
-                let seen = Instant::now();
-                let before = agent.generation;
-                agent.apply_cluster(c, source.path());
-                agent.programming_started(before, seen);
-            }
-            Some(Err(e)) => {
-                tracing::error!(error = %e, "cluster file update rejected; keeping the last good state");
-                agent.source_error = Some(e.to_string());
+        match &mut source {
+            Source::File(f) => match f.poll() {
+                None => {}
+                Some(Ok(c)) => {
+                    let seen = Instant::now();
+                    let before = agent.generation;
+                    let bytes = std::fs::read(f.path()).ok();
+                    agent.apply_cluster(c, Checkpoint::Bytes(bytes));
+                    agent.programming_started(before, seen);
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "cluster file update rejected; keeping the last good state");
+                    agent.source_error = Some(e.to_string());
+                }
+            },
+            Source::Kube(k) => {
+                // Bounded per tick: a flood of events must not starve the API and scrapes.
+                for _ in 0..16 {
+                    match k.try_recv() {
+                        None => break,
+                        Some(crate::kube::SourceEvent::State {
+                            state,
+                            first_change,
+                        }) => {
+                            let before = agent.generation;
+                            agent.apply_cluster(state, Checkpoint::State);
+                            agent.programming_started(before, first_change);
+                        }
+                        Some(crate::kube::SourceEvent::Health(h)) => {
+                            if h.connected != agent.api_health.as_ref().is_some_and(|a| a.connected)
+                            {
+                                if h.connected {
+                                    tracing::info!(synced = h.all_synced, "API server reachable");
+                                } else {
+                                    tracing::warn!(error = ?h.last_error, "API server unreachable: forwarding with the last state");
+                                }
+                            }
+                            agent.api_health = Some(h);
+                        }
+                    }
+                }
             }
         }
         agent.track_programming();
@@ -1309,7 +1507,7 @@ impl Agent {
         }
     }
 
-    fn apply_cluster(&mut self, c: ClusterState, path: &Path) {
+    fn apply_cluster(&mut self, c: ClusterState, checkpoint: Checkpoint) {
         match c.node_info(&self.opts.node) {
             Ok(node) => {
                 let changed = node != self.node;
@@ -1320,8 +1518,20 @@ impl Agent {
                 self.compile_policy();
                 self.sync_host_firewall();
                 self.update_wireguard_peers();
-                if let Ok(bytes) = std::fs::read(path) {
-                    let _ = write_atomic(&last_good_path(&self.opts.state_dir), &bytes);
+                let bytes = match checkpoint {
+                    Checkpoint::Bytes(b) => b,
+                    Checkpoint::State => match checkpoint_yaml(&self.cluster) {
+                        Ok(y) => Some(y.into_bytes()),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "checkpoint not written");
+                            None
+                        }
+                    },
+                };
+                if let Some(bytes) = bytes {
+                    if let Err(e) = write_atomic(&last_good_path(&self.opts.state_dir), &bytes) {
+                        tracing::warn!(error = %e, "checkpoint not written");
+                    }
                 }
                 if changed {
                     if let Err(e) = self.write_cni_conf() {
@@ -1472,6 +1682,18 @@ impl Agent {
             totals: status::counters_list(&totals),
             drops: status::drops_list(&totals),
             wireguard: self.wireguard_status(),
+            api: self.api_health.as_ref().map(|h| status::ApiStatus {
+                connected: h.connected,
+                since_unix: h
+                    .since
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
+                last_error: h.last_error.clone(),
+                kinds_synced: h.kinds_synced.clone(),
+                all_synced: h.all_synced,
+                relists: h.relists,
+                skipped_objects: h.skipped_objects,
+            }),
             policy: Some(status::PolicyStatus {
                 generation: self.policy_table.generation(),
                 isolated_pods: self.isolated_pods,

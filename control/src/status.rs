@@ -27,6 +27,23 @@ pub struct Status {
     /// The policy table in force.
     #[serde(default)]
     pub policy: Option<PolicyStatus>,
+    /// `--source kubernetes`: the API server as the source sees it.
+    #[serde(default)]
+    pub api: Option<ApiStatus>,
+}
+
+/// The `api` section of `sluice status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiStatus {
+    pub connected: bool,
+    /// Unix seconds of the last change of `connected`.
+    pub since_unix: u64,
+    pub last_error: Option<String>,
+    pub kinds_synced: Vec<String>,
+    /// Every kind finished a list: the state in force is the API's, not the checkpoint's.
+    pub all_synced: bool,
+    pub relists: u64,
+    pub skipped_objects: u64,
 }
 
 /// The `policy` section of `sluice status`.
@@ -284,6 +301,34 @@ impl Status {
         let _ = writeln!(s, "\ndrops by reason:");
         for d in &self.drops {
             let _ = writeln!(s, "  {:>3} {:<24} {}", d.number, d.reason, d.count);
+        }
+        if let Some(a) = &self.api {
+            let _ = writeln!(
+                s,
+                "\napi server: {} since {} (unix), {}{}, relists {}, skipped objects {}{}",
+                if a.connected {
+                    "connected"
+                } else {
+                    "UNREACHABLE (forwarding with the last state)"
+                },
+                a.since_unix,
+                if a.all_synced {
+                    "synced"
+                } else {
+                    "not synced yet: "
+                },
+                if a.all_synced {
+                    String::new()
+                } else {
+                    format!("{} kinds listed", a.kinds_synced.len())
+                },
+                a.relists,
+                a.skipped_objects,
+                a.last_error
+                    .as_deref()
+                    .map(|e| format!(", last error: {e}"))
+                    .unwrap_or_default()
+            );
         }
         if let Some(p) = &self.policy {
             let _ = writeln!(

@@ -29,9 +29,18 @@ struct Cli {
 enum Cmd {
     /// Run the agent on this node.
     Run {
-        /// Where cluster state comes from: `file:PATH` (multi-document Kubernetes YAML).
+        /// Where cluster state comes from: `file:PATH` (multi-document Kubernetes YAML, re-read
+        /// on change) or `kubernetes` (watch the API server: in-cluster config, else
+        /// --kubeconfig / $KUBECONFIG, else --api-server).
         #[arg(long)]
         source: String,
+        /// `--source kubernetes`: the API server's URL, overriding the config's (Talos
+        /// KubePrism: https://127.0.0.1:7445).
+        #[arg(long)]
+        api_server: Option<String>,
+        /// `--source kubernetes`: a kubeconfig file (default: in-cluster, else $KUBECONFIG).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
         /// This node's name (a Node object in the source). Default: $NODE_NAME, else hostname.
         #[arg(long)]
         node: Option<String>,
@@ -214,6 +223,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run {
             source,
+            api_server,
+            kubeconfig,
             node,
             state_dir,
             cni_conf_dir,
@@ -280,6 +291,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             agent::run(
                 RunOptions {
+                    api_server,
+                    kubeconfig,
                     source,
                     node,
                     state_dir,
