@@ -309,58 +309,6 @@ fn initial_kube_cluster(
     }
 }
 
-/// The checkpoint of a state from the API: every object as one YAML document (the cluster-file
-/// format, so the same reader loads it back).
-fn checkpoint_yaml(c: &ClusterState) -> anyhow::Result<String> {
-    let mut out =
-        String::from("# sluice checkpoint: the last cluster state applied from the API server\n");
-    let mut push = |v: serde_yaml::Value| -> anyhow::Result<()> {
-        out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(&v)?);
-        Ok(())
-    };
-    let with_kind = |v: serde_yaml::Value, api_version: &str, kind: &str| -> serde_yaml::Value {
-        let mut v = v;
-        if let serde_yaml::Value::Mapping(m) = &mut v {
-            m.insert("apiVersion".into(), api_version.into());
-            m.insert("kind".into(), kind.into());
-        }
-        v
-    };
-    use k8s_openapi::Resource;
-    macro_rules! each {
-        ($items:expr, $t:ty) => {
-            for o in $items {
-                push(with_kind(
-                    serde_yaml::to_value(o)?,
-                    <$t>::API_VERSION,
-                    <$t>::KIND,
-                ))?;
-            }
-        };
-    }
-    each!(&c.nodes, k8s_openapi::api::core::v1::Node);
-    each!(&c.namespaces, k8s_openapi::api::core::v1::Namespace);
-    each!(&c.pods, k8s_openapi::api::core::v1::Pod);
-    each!(&c.services, k8s_openapi::api::core::v1::Service);
-    each!(
-        &c.endpoint_slices,
-        k8s_openapi::api::discovery::v1::EndpointSlice
-    );
-    each!(
-        &c.network_policies,
-        k8s_openapi::api::networking::v1::NetworkPolicy
-    );
-    for o in &c.host_policies {
-        push(with_kind(
-            serde_yaml::to_value(o)?,
-            crate::policy::host::HOST_POLICY_API_VERSION,
-            crate::policy::host::HOST_POLICY_KIND,
-        ))?;
-    }
-    Ok(out)
-}
-
 pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let spec = source_spec(&opts.source)?;
     std::fs::create_dir_all(opts.state_dir.join("endpoints"))
@@ -1520,7 +1468,7 @@ impl Agent {
                 self.update_wireguard_peers();
                 let bytes = match checkpoint {
                     Checkpoint::Bytes(b) => b,
-                    Checkpoint::State => match checkpoint_yaml(&self.cluster) {
+                    Checkpoint::State => match self.cluster.to_yaml() {
                         Ok(y) => Some(y.into_bytes()),
                         Err(e) => {
                             tracing::warn!(error = %e, "checkpoint not written");
