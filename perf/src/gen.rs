@@ -78,6 +78,9 @@ pub struct GenReport {
     pub flows: u16,
     pub batch: usize,
     pub sent: u64,
+    /// `CLOCK_MONOTONIC` ns when sending began (0 in reports written before it existed).
+    #[serde(default)]
+    pub start_ns: u64,
     /// `sendmmsg` calls that failed (their packets were not sent and are retried).
     pub send_errors: u64,
     pub duration_ns: u64,
@@ -177,6 +180,7 @@ pub fn run_gen(cfg: &GenConfig) -> Result<GenReport, GenError> {
         flows: cfg.flows,
         batch: cfg.batch,
         sent,
+        start_ns: start,
         send_errors,
         duration_ns,
         achieved_pps,

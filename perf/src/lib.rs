@@ -18,7 +18,8 @@
 //! Layout: pure pieces without I/O and testable without root ([`payload`], [`seq`], [`pacing`],
 //! [`hist`], [`metrics`] (figures, sluice/baseline ratios, comparisons), [`report`],
 //! [`scenario`] (the table of scenarios), [`service`] (ClusterIP targets), [`policy`] (evidence
-//! that a policy scenario's policies were enforced)); socket loops ([`gen`], [`sink`], [`pingpong`],
+//! that a policy scenario's policies were enforced), [`restart`] (the loss an agent restart causes
+//! under traffic)); socket loops ([`gen`], [`sink`], [`pingpong`],
 //! [`tcp`]) over [`mmsg`] and [`sys`]; the binary `sluice-perf` wires them to a CLI and to the
 //! testbed, running every scenario with sluice and with the kernel baseline. Exports: [`hlog`]
 //! (HdrHistogram interval logs) and [`plot`] (SVG latency spectra and curves); [`scale`] is the
@@ -35,6 +36,7 @@ pub mod pingpong;
 pub mod plot;
 pub mod policy;
 pub mod report;
+pub mod restart;
 pub mod scale;
 pub mod scenario;
 pub mod seq;

@@ -241,6 +241,10 @@ pub struct ModeReport {
     /// the mode ([`crate::policy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<crate::policy::PolicyEvidence>,
+    /// A restart scenario: the agent restart made during the traffic and the loss it caused
+    /// ([`crate::restart`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<crate::restart::RestartRecord>,
 }
 
 /// Who ran where. `None`: not pinned (the scheduler decides).
@@ -697,6 +701,7 @@ mod tests {
             flows: 1,
             batch: 32,
             sent: 1000,
+            start_ns: 0,
             send_errors: 0,
             duration_ns: 1_000_000_000,
             achieved_pps: achieved,
@@ -731,6 +736,8 @@ mod tests {
                 ..Default::default()
             },
             stopped_by: StopReason::IdleTimeout,
+            longest_gap: None,
+            last_packet: None,
             histogram: None,
         }
     }
@@ -913,6 +920,7 @@ mod tests {
                 agents: BTreeMap::new(),
                 errors: vec![],
                 policy: None,
+                restart: None,
             }
         };
         let (k, s) = (mode("kernel", 0, 1000), mode("sluice", 1, 990));

@@ -96,6 +96,10 @@ pub struct Scenario {
     /// [`crate::policy`]. The policies must isolate both ends, allow the scenario's port and
     /// not allow [`crate::policy::PROBE_PORT`].
     pub policies: Option<&'static str>,
+    /// A restart scenario: during a UDP stream at a fixed rate the agent of the client's node
+    /// is restarted (`--restart term|kill`, `--restart-at`), and the run reports the loss and
+    /// the outage ([`crate::restart`]). No kernel baseline (the kernel path has no agent).
+    pub restart: bool,
     pub defaults: Defaults,
 }
 
@@ -125,6 +129,19 @@ const POLICY_PERF: &str = "testbed/clusters/policy-perf.yaml";
 const POLICY: &str =
     "pod-a -> pod-b's IP, same node; pod-a egress and pod-b ingress isolated (policies on vs off)";
 
+/// Restart scenarios: the agent of the client's node is stopped and started again mid-stream.
+const RESTART: &str = "pod-a -> pod-b's IP, same node; node1's agent restarted mid-stream";
+const RESTART_CROSS_NODE: &str =
+    "pod-a1 (node1) -> pod-b1 (node2), VXLAN; node1's agent restarted mid-stream";
+/// Restart scenarios: a fixed rate (so lost packets are time), long enough for the new agent
+/// to come up and the flow to resume well before the end.
+const RESTART_DEFAULTS: Defaults = Defaults {
+    duration_s: 4,
+    size: 64,
+    rate_pps: Some(50_000),
+    flows: 1,
+};
+
 pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "pod-to-pod",
@@ -138,6 +155,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9000,
         encryption: Encryption::None,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -157,6 +175,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9002,
         encryption: Encryption::None,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
@@ -176,6 +195,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9001,
         encryption: Encryption::None,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -195,6 +215,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9000,
         encryption: Encryption::None,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -214,6 +235,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9002,
         encryption: Encryption::None,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
@@ -233,6 +255,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9001,
         encryption: Encryption::None,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -252,6 +275,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9000,
         encryption: Encryption::Wireguard,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -271,6 +295,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9002,
         encryption: Encryption::Wireguard,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
@@ -290,6 +315,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9001,
         encryption: Encryption::Wireguard,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -311,6 +337,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9000,
         encryption: Encryption::None,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -332,6 +359,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9001,
         encryption: Encryption::None,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -353,6 +381,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9002,
         encryption: Encryption::None,
         policies: None,
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 128 * 1024,
@@ -372,6 +401,7 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9000,
         encryption: Encryption::None,
         policies: Some(POLICY_PERF),
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
@@ -391,12 +421,43 @@ pub const SCENARIOS: &[Scenario] = &[
         port: 9001,
         encryption: Encryption::None,
         policies: Some(POLICY_PERF),
+        restart: false,
         defaults: Defaults {
             duration_s: 5,
             size: 64,
             rate_pps: None,
             flows: 1,
         },
+    },
+    Scenario {
+        name: "pod-to-pod-restart",
+        measures: "UDP loss and outage while the agent restarts (--restart term|kill)",
+        topology: RESTART,
+        cluster: DEMO,
+        client_pod: "default/pod-a",
+        server_pod: "default/pod-b",
+        target: Target::PodIp,
+        traffic: Traffic::UdpStream,
+        port: 9000,
+        encryption: Encryption::None,
+        policies: None,
+        restart: true,
+        defaults: RESTART_DEFAULTS,
+    },
+    Scenario {
+        name: "node-to-node-restart",
+        measures: "UDP loss and outage between nodes while node1's agent restarts",
+        topology: RESTART_CROSS_NODE,
+        cluster: TWO_NODE,
+        client_pod: "default/pod-a1",
+        server_pod: "default/pod-b1",
+        target: Target::PodIp,
+        traffic: Traffic::UdpStream,
+        port: 9000,
+        encryption: Encryption::None,
+        policies: None,
+        restart: true,
+        defaults: RESTART_DEFAULTS,
     },
 ];
 
@@ -551,6 +612,15 @@ pub fn validate(s: &Scenario) -> Result<(), String> {
         ));
     }
     let d = s.defaults;
+    if s.restart
+        && (s.traffic != Traffic::UdpStream || d.rate_pps.is_none() || s.policies.is_some())
+    {
+        return Err(format!(
+            "{}: a restart scenario is a UDP stream at a fixed rate without policies (lost \
+             packets must be time)",
+            s.name
+        ));
+    }
     if d.duration_s == 0 || d.flows == 0 || d.size == 0 || d.rate_pps == Some(0) {
         return Err(format!("{}: defaults {d:?} have a zero", s.name));
     }
@@ -937,6 +1007,52 @@ mod tests {
         ] {
             assert!(SCENARIOS.iter().any(|s| s.traffic == t), "{t:?}");
         }
+    }
+
+    /// Every restart scenario is its plain twin (the name without `-restart`) at a fixed rate
+    /// with a restart: same cluster file, pods, target, traffic and port.
+    #[test]
+    fn restart_scenarios_are_plain_udp_streams_with_a_restart() {
+        let with: Vec<&Scenario> = SCENARIOS.iter().filter(|s| s.restart).collect();
+        assert!(with.len() >= 2, "same-node and cross-node");
+        for s in with {
+            let plain_name = s.name.replacen("-restart", "", 1);
+            let plain = find(&plain_name).unwrap_or_else(|| panic!("{}: no {plain_name}", s.name));
+            assert!(!plain.restart);
+            assert!(s.defaults.rate_pps.is_some(), "{}", s.name);
+            assert_eq!(
+                Scenario {
+                    name: plain.name,
+                    measures: plain.measures,
+                    topology: plain.topology,
+                    restart: false,
+                    defaults: plain.defaults,
+                    ..*s
+                },
+                *plain,
+                "{} differs from {plain_name} in more than the restart",
+                s.name
+            );
+        }
+        let p2p = find("pod-to-pod-restart").expect("pod-to-pod-restart");
+        assert!(validate(&Scenario {
+            defaults: Defaults {
+                rate_pps: None,
+                ..p2p.defaults
+            },
+            ..*p2p
+        })
+        .is_err());
+        assert!(validate(&Scenario {
+            traffic: Traffic::TcpStream,
+            ..*p2p
+        })
+        .is_err());
+        assert!(validate(&Scenario {
+            policies: Some(POLICY_PERF),
+            ..*p2p
+        })
+        .is_err());
     }
 
     #[test]

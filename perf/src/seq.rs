@@ -9,6 +9,13 @@
 //! Packets older than the window cannot be told apart: they count as reordered and as *late*,
 //! and fill a gap. Every flow is expected to start at sequence 0, so packets missed before the
 //! first one received count as lost.
+//!
+//! [`FlowSeq::record_at`] also keeps the longest *gap*: the most sequence numbers missing
+//! between two packets received one after the other in sequence order ([`SeqGap`]), with both
+//! packets' send and receive timestamps, so an outage (an agent restart) can be placed in time.
+//! The gap is found when the packet after it arrives; late packets that arrive later inside it
+//! do not shrink it but are counted in [`SeqGap::filled_later`]. Lost packets before the first
+//! and after the last received one are not a gap (nothing brackets them).
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +48,44 @@ impl SeqStats {
     }
 }
 
+/// One received packet placed in sequence and time: its unwrapped sequence number, the
+/// sender's timestamp it carried and the receiver's clock when it arrived (both
+/// `CLOCK_MONOTONIC` ns, which every namespace on the machine shares).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub seq: u64,
+    pub send_ts_ns: u64,
+    pub rx_ts_ns: u64,
+}
+
+/// The longest run of sequence numbers missing between two packets of a flow received one
+/// after the other in sequence order: `before` is the last packet before the run, `after` the
+/// first one past it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqGap {
+    pub flow: u16,
+    /// Sequence numbers missing: `after.seq - before.seq - 1`.
+    pub missing: u64,
+    pub before: Stamp,
+    pub after: Stamp,
+    /// Late packets that arrived inside the run after it was found (the run was then not one
+    /// outage but several, or reordering).
+    pub filled_later: u64,
+}
+
+impl SeqGap {
+    /// Sender's time from the last packet before the run to the first one after it: how long
+    /// the sender's packets were lost (to one send batch's resolution).
+    pub fn send_span_ns(&self) -> u64 {
+        self.after.send_ts_ns.saturating_sub(self.before.send_ts_ns)
+    }
+
+    /// Receiver's time between the two packets: how long the receiver saw nothing.
+    pub fn rx_span_ns(&self) -> u64 {
+        self.after.rx_ts_ns.saturating_sub(self.before.rx_ts_ns)
+    }
+}
+
 /// The state of one flow.
 #[derive(Clone, Debug)]
 pub struct FlowSeq {
@@ -49,6 +94,9 @@ pub struct FlowSeq {
     /// Bit `s % REORDER_WINDOW` set: sequence `s` (within the window below `next`) arrived.
     window: [u64; WINDOW_WORDS],
     stats: SeqStats,
+    /// The packet with the highest sequence number so far.
+    highest: Option<Stamp>,
+    longest_gap: Option<SeqGap>,
 }
 
 impl Default for FlowSeq {
@@ -69,11 +117,24 @@ impl FlowSeq {
             next: first,
             window: [0; WINDOW_WORDS],
             stats: SeqStats::default(),
+            highest: None,
+            longest_gap: None,
         }
     }
 
     pub fn stats(&self) -> SeqStats {
         self.stats
+    }
+
+    /// The packet with the highest sequence number received (with [`FlowSeq::record_at`]'s
+    /// timestamps).
+    pub fn highest(&self) -> Option<Stamp> {
+        self.highest
+    }
+
+    /// The longest gap between two received packets (flow id 0; [`FlowTable`] sets it).
+    pub fn longest_gap(&self) -> Option<SeqGap> {
+        self.longest_gap
     }
 
     fn bit(seq: u64) -> (usize, u64) {
@@ -93,8 +154,15 @@ impl FlowSeq {
         self.window[w] &= !m;
     }
 
-    /// Accounts one received packet carrying wire sequence `seq`.
+    /// Accounts one received packet carrying wire sequence `seq` (no timestamps: gaps are still
+    /// found, with zero times).
     pub fn record(&mut self, seq: u32) {
+        self.record_at(seq, 0, 0);
+    }
+
+    /// Accounts one received packet carrying wire sequence `seq`, sent at `send_ts_ns` and
+    /// received at `rx_ts_ns`.
+    pub fn record_at(&mut self, seq: u32, send_ts_ns: u64, rx_ts_ns: u64) {
         // Signed distance from the next expected sequence, on the 32-bit circle.
         let diff = i64::from(seq.wrapping_sub(self.next as u32) as i32);
         let Some(ext) = self.next.checked_add_signed(diff) else {
@@ -119,17 +187,39 @@ impl FlowSeq {
             self.test_and_set(ext);
             self.stats.received += 1;
             self.next = ext + 1;
-        } else if self.next - ext > REORDER_WINDOW {
+            let here = Stamp {
+                seq: ext,
+                send_ts_ns,
+                rx_ts_ns,
+            };
+            if let Some(before) = self.highest {
+                if gap > 0 && self.longest_gap.is_none_or(|g| gap > g.missing) {
+                    self.longest_gap = Some(SeqGap {
+                        flow: 0,
+                        missing: gap,
+                        before,
+                        after: here,
+                        filled_later: 0,
+                    });
+                }
+            }
+            self.highest = Some(here);
+            return;
+        }
+        if self.next - ext > REORDER_WINDOW {
             self.stats.late += 1;
-            self.stats.reordered += 1;
-            self.stats.received += 1;
-            self.stats.lost = self.stats.lost.saturating_sub(1);
         } else if self.test_and_set(ext) {
             self.stats.duplicates += 1;
-        } else {
-            self.stats.reordered += 1;
-            self.stats.received += 1;
-            self.stats.lost = self.stats.lost.saturating_sub(1);
+            return;
+        }
+        // A gap being filled.
+        self.stats.reordered += 1;
+        self.stats.received += 1;
+        self.stats.lost = self.stats.lost.saturating_sub(1);
+        if let Some(g) = self.longest_gap.as_mut() {
+            if g.before.seq < ext && ext < g.after.seq {
+                g.filled_later += 1;
+            }
         }
     }
 }
@@ -142,11 +232,16 @@ pub struct FlowTable {
 
 impl FlowTable {
     pub fn record(&mut self, flow: u16, seq: u32) {
+        self.record_at(flow, seq, 0, 0);
+    }
+
+    /// [`FlowSeq::record_at`] on flow `flow`.
+    pub fn record_at(&mut self, flow: u16, seq: u32, send_ts_ns: u64, rx_ts_ns: u64) {
         let i = usize::from(flow);
         if i >= self.flows.len() {
             self.flows.resize_with(i + 1, FlowSeq::new);
         }
-        self.flows[i].record(seq);
+        self.flows[i].record_at(seq, send_ts_ns, rx_ts_ns);
     }
 
     /// Flows that received at least one packet.
@@ -155,6 +250,30 @@ impl FlowTable {
             .iter()
             .filter(|f| f.stats.received + f.stats.duplicates > 0)
             .count()
+    }
+
+    /// The longest gap over all flows (the first flow's on a tie), with its flow id.
+    pub fn longest_gap(&self) -> Option<SeqGap> {
+        let mut best: Option<SeqGap> = None;
+        for (id, f) in self.flows.iter().enumerate() {
+            if let Some(g) = f.longest_gap {
+                if best.is_none_or(|b| g.missing > b.missing) {
+                    best = Some(SeqGap {
+                        flow: u16::try_from(id).unwrap_or(u16::MAX),
+                        ..g
+                    });
+                }
+            }
+        }
+        best
+    }
+
+    /// Of every flow's highest-sequence packet, the one sent last.
+    pub fn last_sent(&self) -> Option<Stamp> {
+        self.flows
+            .iter()
+            .filter_map(|f| f.highest)
+            .max_by_key(|s| s.send_ts_ns)
     }
 
     pub fn totals(&self) -> SeqStats {
@@ -298,6 +417,48 @@ mod tests {
                 ..Default::default()
             }
         );
+    }
+
+    #[test]
+    fn longest_gap_is_placed_in_time_and_by_flow() {
+        let mut t = FlowTable::default();
+        // Flow 0: 0..10, then 10..13 lost (3), then 13..20; flow 2: 0, then 1..=7 lost (7), 8.
+        for s in (0..10).chain(13..20) {
+            t.record_at(0, s, 1_000 * u64::from(s), 1_000 * u64::from(s) + 50);
+        }
+        t.record_at(2, 0, 500, 600);
+        t.record_at(2, 8, 9_000, 9_700);
+        let g = t.longest_gap().expect("a gap");
+        assert_eq!(g.flow, 2);
+        assert_eq!(g.missing, 7);
+        assert_eq!((g.before.seq, g.after.seq), (0, 8));
+        assert_eq!(g.send_span_ns(), 8_500);
+        assert_eq!(g.rx_span_ns(), 9_100);
+        assert_eq!(g.filled_later, 0);
+        assert_eq!(t.last_sent().map(|s| s.send_ts_ns), Some(19_000));
+        assert_eq!(t.totals().lost, 3 + 7);
+    }
+
+    #[test]
+    fn missed_start_is_not_a_gap_and_late_fills_are_counted() {
+        let mut f = FlowSeq::new();
+        // 0..5 never arrive: lost, but nothing brackets them.
+        f.record_at(5, 5, 5);
+        f.record_at(6, 6, 6);
+        assert_eq!(f.longest_gap(), None);
+        assert_eq!(f.stats().lost, 5);
+        f.record_at(20, 20, 20);
+        f.record_at(10, 10, 30);
+        f.record_at(10, 10, 31);
+        let g = f.longest_gap().expect("gap 7..20");
+        assert_eq!((g.missing, g.filled_later), (13, 1));
+        // A shorter gap later does not replace it; an equal one neither.
+        f.record_at(30, 30, 40);
+        f.record_at(44, 44, 50);
+        assert_eq!(f.longest_gap().map(|g| g.after.seq), Some(20));
+        f.record_at(46, 46, 60);
+        assert_eq!(f.highest().map(|s| s.seq), Some(46));
+        assert_eq!(f.stats().duplicates, 1);
     }
 
     proptest! {

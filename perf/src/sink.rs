@@ -21,7 +21,7 @@ use crate::hist::{HistError, LatencyHistogram, LatencySummary};
 use crate::mmsg::{is_timeout, Batch};
 use crate::pacing::rate_pps;
 use crate::payload::{Header, Kind, MAX_FRAME_BYTES};
-use crate::seq::{FlowTable, SeqStats};
+use crate::seq::{FlowTable, SeqGap, SeqStats, Stamp};
 use crate::sys::{grow_recv_buffer, monotonic_ns, pin_to_cpu, SysError};
 
 const RECV_BUFFER_BYTES: usize = 32 << 20;
@@ -88,6 +88,14 @@ pub struct SinkReport {
     #[serde(flatten)]
     pub latency: LatencySummary,
     pub stopped_by: StopReason,
+    /// The longest run of sequence numbers missing between two received packets of a flow
+    /// ([`crate::seq`]): where an outage was, in sequence and in time. Absent without a gap
+    /// (and in reports written before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub longest_gap: Option<SeqGap>,
+    /// Of every flow's highest-sequence packet, the one sent last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_packet: Option<Stamp>,
     /// One-way latency histogram, HdrHistogram V2 + deflate, base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub histogram: Option<String>,
@@ -153,7 +161,7 @@ pub fn run_sink_on(sock: &UdpSocket, cfg: &SinkConfig) -> Result<SinkReport, Sin
             bytes += d.len() as u64;
             match Header::decode(d) {
                 Ok(h) if h.kind == Kind::Data => {
-                    flows.record(h.flow, h.seq);
+                    flows.record_at(h.flow, h.seq, h.send_ts_ns, now);
                     hist.record(now.saturating_sub(h.send_ts_ns));
                 }
                 _ => malformed += 1,
@@ -184,6 +192,8 @@ pub fn run_sink_on(sock: &UdpSocket, cfg: &SinkConfig) -> Result<SinkReport, Sin
         missing_vs_expected: cfg.expect.map(|e| e.saturating_sub(seq.received)),
         latency: hist.summary(),
         stopped_by,
+        longest_gap: flows.longest_gap(),
+        last_packet: flows.last_sent(),
         histogram: if cfg.include_histogram {
             Some(hist.to_base64()?)
         } else {

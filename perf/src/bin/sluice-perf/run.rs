@@ -14,6 +14,12 @@
 //! probe the policies deny, and the agents' counters must show the policies at work in the one
 //! mode and absent in the other ([`perf::policy`]); otherwise the mode reports an error.
 //!
+//! A restart scenario (`Scenario::restart`) runs sluice only: during its UDP stream the agent of
+//! the client's node (or `--restart-node`) is stopped with SIGTERM or SIGKILL (`--restart`) at
+//! `--restart-at` and started again with the same arguments; the mode's report gets the
+//! restart's instants and figures ([`perf::restart`]) and its table rows. The sink then runs
+//! with an idle timeout longer than the traffic, so an outage does not end it.
+//!
 //! An encrypted scenario brings both testbeds up with its encryption (sluice agents with
 //! WireGuard in strict mode; kernel-wireguard nodes, i.e. wireguard-go, for the baseline), waits
 //! for the tunnels before the traffic and checks their counters after it ([`crate::wg`]).
@@ -35,6 +41,7 @@ use perf::report::{
     AgentRecord, Cores, MachineInfo, ModeReport, ModeResults, RunParameters, RunReport,
     ScenarioRecord, REPORT_SCHEMA_VERSION,
 };
+use perf::restart::{RestartHow, RestartRecord, RestartTimes};
 use perf::scenario::{self, Encryption, Scenario, Target, Traffic};
 use testbed::{Mode, Testbed, UpOptions};
 
@@ -54,6 +61,24 @@ pub enum BaselineArg {
     Kernel,
     /// sluice only.
     None,
+}
+
+/// How a restart scenario restarts the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RestartArg {
+    /// SIGTERM, then a new agent: a planned restart (upgrade).
+    Term,
+    /// SIGKILL, then a new agent: a crash.
+    Kill,
+}
+
+impl RestartArg {
+    fn how(self) -> RestartHow {
+        match self {
+            RestartArg::Term => RestartHow::Term,
+            RestartArg::Kill => RestartHow::Kill,
+        }
+    }
 }
 
 /// One mode only (kept for scripts written before the baseline ran in the same run).
@@ -117,6 +142,23 @@ pub struct RunArgs {
     /// Testbed instance name prefix (default perf-PID); `-k`/`-s` is appended per mode.
     #[arg(long)]
     instance: Option<String>,
+    /// Restart scenarios: how the agent is stopped before a new one starts (default term).
+    #[arg(long, value_enum)]
+    restart: Option<RestartArg>,
+    /// Restart scenarios: seconds after the generator started at which the agent is signalled.
+    #[arg(long, value_parser = seconds, default_value = "1.5")]
+    restart_at: Duration,
+    /// Restart scenarios: the node whose agent restarts (default: the client's node).
+    #[arg(long)]
+    restart_node: Option<String>,
+}
+
+/// A restart scenario's restart, as asked for.
+#[derive(Clone, Debug)]
+struct RestartPlan {
+    how: RestartHow,
+    at: Duration,
+    node: Option<String>,
 }
 
 /// The parameters in force: the command line over the scenario's defaults.
@@ -217,6 +259,16 @@ impl RunMode {
 
 /// The modes a run makes, in order (before `--sluice-first`).
 fn modes_for(s: &Scenario, mode: Option<ModeArg>, baseline: BaselineArg) -> Result<Vec<RunMode>> {
+    if s.restart {
+        if mode == Some(ModeArg::Kernel) {
+            bail!(
+                "scenario {} restarts a sluice agent and has no kernel mode (the kernel path has \
+                 no agent to restart)",
+                s.name
+            );
+        }
+        return Ok(vec![RunMode::Sluice]);
+    }
     if s.policies.is_some() {
         return match (mode, baseline) {
             (Some(ModeArg::Kernel), _) => bail!(
@@ -384,6 +436,14 @@ impl Ctx<'_> {
     }
 
     fn udp_stream(&self, dst: SocketAddrV4, r: &mut ModeResults) -> Result<()> {
+        let mut run = self.start_udp_stream(dst, false)?;
+        run.finish(self.p.duration, r)
+    }
+
+    /// Starts the sink, then the generator, and returns without waiting for them. With
+    /// `outage_expected` the sink's idle timeout is longer than the traffic (an outage must
+    /// not end it) and its own bound is the traffic plus two seconds.
+    fn start_udp_stream(&self, dst: SocketAddrV4, outage_expected: bool) -> Result<UdpStreamRun> {
         let p = self.p;
         let count = p
             .rate
@@ -393,9 +453,17 @@ impl Ctx<'_> {
         sink_argv.extend([
             format!("0.0.0.0:{}", dst.port()),
             "--duration".into(),
-            self.server_secs(),
+            if outage_expected {
+                (p.duration.as_secs_f64() + 2.0).to_string()
+            } else {
+                self.server_secs()
+            },
             "--idle-timeout-ms".into(),
-            "500".into(),
+            if outage_expected {
+                (p.duration.as_millis() + 2_000).to_string()
+            } else {
+                "500".into()
+            },
             "--histogram".into(),
             "--json-out".into(),
             sink_json.clone(),
@@ -404,7 +472,7 @@ impl Ctx<'_> {
             // Open loop: stop as soon as everything arrived.
             sink_argv.extend(["--expect".into(), c.to_string()]);
         }
-        let mut sink = self.start_server("sink", sink_argv)?;
+        let sink = self.start_server("sink", sink_argv)?;
         let gen_json = self.path("gen.json");
         let mut gen_argv = strings(&["gen", "--dst"]);
         gen_argv.extend([
@@ -425,11 +493,16 @@ impl Ctx<'_> {
         if let Some(rate) = p.rate {
             gen_argv.extend(["--rate".into(), rate.to_string()]);
         }
-        self.run_client("generator", gen_argv)?;
-        r.gen = Some(read_json(Path::new(&gen_json))?);
-        sink.wait(p.duration + CHILD_GRACE)?;
-        r.sink = Some(read_json(Path::new(&sink_json))?);
-        Ok(())
+        gen_argv.extend(Self::cpu(p.gen_cpu));
+        let started = Instant::now();
+        let gen = self.spawn(self.scenario.client_pod, "generator", &gen_argv)?;
+        Ok(UdpStreamRun {
+            sink,
+            gen,
+            sink_json: PathBuf::from(sink_json),
+            gen_json: PathBuf::from(gen_json),
+            started,
+        })
     }
 
     /// Policy scenarios: [`perf::policy::PROBE_PACKETS`] datagrams from the client to the
@@ -534,6 +607,58 @@ impl Ctx<'_> {
     }
 }
 
+/// A UDP stream under way: its two programs and where they report.
+struct UdpStreamRun {
+    sink: ChildGuard,
+    gen: ChildGuard,
+    sink_json: PathBuf,
+    gen_json: PathBuf,
+    /// When the generator was started.
+    started: Instant,
+}
+
+impl UdpStreamRun {
+    /// Waits for the generator, then the sink (each at most `duration` + [`CHILD_GRACE`]), and
+    /// reads their reports.
+    fn finish(&mut self, duration: Duration, r: &mut ModeResults) -> Result<()> {
+        self.gen.wait(duration + CHILD_GRACE)?;
+        r.gen = Some(read_json(&self.gen_json)?);
+        self.sink.wait(duration + CHILD_GRACE)?;
+        r.sink = Some(read_json(&self.sink_json)?);
+        Ok(())
+    }
+}
+
+/// Restarts `node`'s agent `at` after `started`: the signal, the old process reaped (SIGKILL
+/// after `testbed::agent::STOP_GRACE`), a new agent with the same arguments, ready. Returns the
+/// instants on `CLOCK_MONOTONIC` (the packets' clock) and the old and new pids.
+fn restart_agent(
+    tb: &mut Testbed,
+    node: &str,
+    how: RestartHow,
+    at: Duration,
+    started: Instant,
+) -> Result<(u32, Option<u32>, RestartTimes)> {
+    let old_pid = tb
+        .node(node)?
+        .agent_pid
+        .ok_or_else(|| anyhow!("node {node} has no sluice agent to restart"))?;
+    if let Some(left) = at.checked_sub(started.elapsed()) {
+        std::thread::sleep(left);
+    }
+    let mut times = RestartTimes {
+        signal_ns: perf::sys::monotonic_ns(),
+        ..RestartTimes::default()
+    };
+    tb.stop_agent(node, how.signal())
+        .with_context(|| format!("stopping the agent of {node} (pid {old_pid}) with {how:?}"))?;
+    times.exited_ns = perf::sys::monotonic_ns();
+    tb.start_agent(node)
+        .with_context(|| format!("starting the agent of {node} again"))?;
+    times.ready_ns = perf::sys::monotonic_ns();
+    Ok((old_pid, tb.node(node)?.agent_pid, times))
+}
+
 pub(crate) fn agent_call(
     tb: &Testbed,
     node: &str,
@@ -605,6 +730,8 @@ struct Plan<'a> {
     scenario: &'static Scenario,
     p: &'a Params,
     run_start: Instant,
+    /// A restart scenario's restart.
+    restart: Option<&'a RestartPlan>,
 }
 
 /// Brings up a testbed in `mode`, runs the traffic, collects, tears down. Failures become
@@ -630,12 +757,16 @@ fn run_mode(
         warnings: Vec::new(),
         errors: Vec::new(),
         policy: None,
+        restart: None,
     };
     let mut hists = ModeHistograms::default();
     if let Err(e) = run_mode_inner(plan, mode, &instance, dir, &mut report, &mut hists) {
         report.errors.push(format!("{e:#}"));
     }
     report.metrics = metrics_for(scenario.traffic, &report.results);
+    if let Some(o) = report.restart.as_ref().and_then(|r| r.outcome.as_ref()) {
+        report.metrics.extend(perf::restart::metrics(o));
+    }
     report
         .warnings
         .extend(mode_warnings(scenario.traffic, &report.results));
@@ -674,6 +805,7 @@ fn run_mode_inner(
         scenario,
         p,
         run_start,
+        restart,
     } = *plan;
     let (mode, cluster) = match (which, policies) {
         (RunMode::Kernel, _) => (Mode::Kernel, cluster),
@@ -699,7 +831,7 @@ fn run_mode_inner(
                 .map(|a| (*a).to_string()),
         );
     }
-    let tb = Testbed::up(opts).with_context(|| {
+    let mut tb = Testbed::up(opts).with_context(|| {
         format!(
             "bringing up the {} testbed {instance} from {}",
             report.mode,
@@ -774,10 +906,59 @@ fn run_mode_inner(
         0
     };
     report.traffic_start_s = run_start.elapsed().as_secs_f64();
-    let traffic = match scenario.traffic {
-        Traffic::UdpStream => ctx.udp_stream(dst, &mut report.results),
-        Traffic::TcpStream => ctx.tcp_stream(dst, &mut report.results),
-        Traffic::UdpRequestResponse => ctx.request_response(dst, &mut report.results),
+    let traffic = match (scenario.traffic, restart) {
+        (Traffic::UdpStream, Some(plan)) => {
+            let node = match &plan.node {
+                Some(n) => n.clone(),
+                None => tb.pod(scenario.client_pod)?.node.clone(),
+            };
+            let mut run = ctx.start_udp_stream(dst, true)?;
+            let restarted = restart_agent(&mut tb, &node, plan.how, plan.at, run.started);
+            let finished = run.finish(p.duration, &mut report.results);
+            match restarted {
+                Ok((old_pid, new_pid, times)) => {
+                    let outcome = match (&report.results.gen, &report.results.sink) {
+                        (Some(g), Some(s)) => Some(perf::restart::outcome(g, s, &times)),
+                        _ => None,
+                    };
+                    if let Some(o) = &outcome {
+                        eprintln!(
+                            "sluice-perf: {} restart of {node}'s agent ({} -> {}): {} sent, {} \
+                             lost; outage {} packets, {:.1} ms; agent gone after {:.0} ms, ready \
+                             after {:.0} ms",
+                            plan.how.as_str(),
+                            old_pid,
+                            new_pid.map_or("?".into(), |p| p.to_string()),
+                            o.sent,
+                            o.lost,
+                            o.outage_packets,
+                            o.outage_ms,
+                            o.signal_to_exit_ms,
+                            o.signal_to_ready_ms
+                        );
+                        report.warnings.extend(
+                            perf::restart::warnings(o, &perf::restart::MARGINS)
+                                .into_iter()
+                                .map(|w| format!("restart: {w}")),
+                        );
+                    }
+                    report.restart = Some(RestartRecord {
+                        how: plan.how,
+                        node,
+                        old_pid,
+                        new_pid,
+                        planned_at_s: plan.at.as_secs_f64(),
+                        times,
+                        outcome,
+                    });
+                    finished
+                }
+                Err(e) => Err(e.context(format!("restarting the agent of {node}"))),
+            }
+        }
+        (Traffic::UdpStream, None) => ctx.udp_stream(dst, &mut report.results),
+        (Traffic::TcpStream, _) => ctx.tcp_stream(dst, &mut report.results),
+        (Traffic::UdpRequestResponse, _) => ctx.request_response(dst, &mut report.results),
     };
     report.traffic_end_s = run_start.elapsed().as_secs_f64();
     if let Err(e) = traffic {
@@ -890,6 +1071,46 @@ fn output_dir(out: &Path, scenario: &str, unix_s: u64) -> Result<PathBuf> {
     )
 }
 
+/// The restart a run makes: only restart scenarios take `--restart`, and their restart must
+/// fall inside the traffic (on a node of the cluster file, checked when the testbed is up).
+fn restart_plan(args: &RunArgs, s: &Scenario, p: &Params) -> Result<Option<RestartPlan>> {
+    if !s.restart {
+        if args.restart.is_some() || args.restart_node.is_some() {
+            let names: Vec<&str> = scenario::SCENARIOS
+                .iter()
+                .filter(|x| x.restart)
+                .map(|x| x.name)
+                .collect();
+            bail!(
+                "--restart/--restart-node: scenario {} does not restart the agent; restart \
+                 scenarios: {}",
+                s.name,
+                names.join(", ")
+            );
+        }
+        return Ok(None);
+    }
+    if p.rate.is_none() {
+        bail!(
+            "scenario {} needs a fixed --rate (lost packets are then time)",
+            s.name
+        );
+    }
+    if args.restart_at >= p.duration {
+        bail!(
+            "--restart-at {:?} is not within the --duration {:?} of traffic; restart inside \
+             it and leave time for the new agent (about a second)",
+            args.restart_at,
+            p.duration
+        );
+    }
+    Ok(Some(RestartPlan {
+        how: args.restart.unwrap_or(RestartArg::Term).how(),
+        at: args.restart_at,
+        node: args.restart_node.clone(),
+    }))
+}
+
 pub fn run(args: &RunArgs) -> Result<()> {
     let scenario = scenario::find(&args.scenario).ok_or_else(|| {
         anyhow!(
@@ -900,6 +1121,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     })?;
     let p = Params::new(args, scenario);
     p.check(scenario)?;
+    let restart = restart_plan(args, scenario, &p)?;
     let mut modes = modes_for(scenario, args.mode, args.baseline)?;
     let cluster = cluster_file(args.cluster.as_deref(), scenario.cluster);
     let policies = match (scenario.policies, &args.policies) {
@@ -935,6 +1157,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
         scenario,
         p: &p,
         run_start: Instant::now(),
+        restart: restart.as_ref(),
     };
     let mut outcomes = Vec::new();
     for (order, mode) in modes.into_iter().enumerate() {
@@ -1025,6 +1248,9 @@ pub fn run(args: &RunArgs) -> Result<()> {
             batch: p.batch,
             workers: args.workers,
             baseline: match (args.mode, args.baseline) {
+                _ if scenario.restart => "none (restart scenario: no agent to restart on the \
+                                          kernel path)"
+                    .into(),
                 _ if scenario.policies.is_some() => {
                     if get(RunMode::Sluice).is_some() {
                         "sluice without policies".into()
