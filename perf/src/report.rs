@@ -737,6 +737,8 @@ mod tests {
             },
             stopped_by: StopReason::IdleTimeout,
             longest_gap: None,
+            gaps: Vec::new(),
+            gap_count: 0,
             last_packet: None,
             histogram: None,
         }

@@ -114,11 +114,26 @@ pub struct RestartOutcome {
     /// `lost - outage_packets`: loss before the first, after the last received packet, or in
     /// other gaps.
     pub lost_outside_outage: u64,
+    /// Gaps the sink found (the outage is the longest).
+    pub gap_count: u64,
+    /// The next longest gaps, placed against the signal (at most `seq::MAX_GAPS - 1`).
+    #[serde(default)]
+    pub other_gaps: Vec<GapPlace>,
     /// A packet sent after the new agent was ready reached the sink.
     pub resumed: bool,
     /// The generator's end after the new agent was ready (negative: the restart outlasted the
     /// traffic and the outage is not measured).
     pub traffic_end_after_ready_ms: f64,
+}
+
+/// A gap other than the outage, placed in time.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GapPlace {
+    pub missing: u64,
+    /// Sender's time of the last packet before it, after the signal (negative: before).
+    pub start_after_signal_ms: f64,
+    /// Sender's time across it.
+    pub span_ms: f64,
 }
 
 /// `a - b` in ms, for instants that may come in either order.
@@ -146,6 +161,17 @@ pub fn outcome(gen: &GenReport, sink: &SinkReport, t: &RestartTimes) -> RestartO
         gap_start_after_signal_ms: gap.map(|g| ms_between(g.before.send_ts_ns, t.signal_ns)),
         gap_end_after_ready_ms: gap.map(|g| ms_between(g.after.send_ts_ns, t.ready_ns)),
         lost_outside_outage: lost.saturating_sub(outage_packets),
+        gap_count: sink.gap_count,
+        other_gaps: sink
+            .gaps
+            .iter()
+            .skip(1)
+            .map(|g| GapPlace {
+                missing: g.missing,
+                start_after_signal_ms: ms_between(g.before.send_ts_ns, t.signal_ns),
+                span_ms: g.send_span_ns() as f64 / 1e6,
+            })
+            .collect(),
         resumed: sink.last_packet.is_some_and(|p| p.send_ts_ns >= t.ready_ns),
         traffic_end_after_ready_ms: ms_between(
             gen.start_ns.saturating_add(gen.duration_ns),
@@ -209,10 +235,28 @@ pub fn warnings(o: &RestartOutcome, m: &Margins) -> Vec<String> {
         }
     }
     if o.lost_outside_outage > m.lost_outside {
+        let places: Vec<String> = o
+            .other_gaps
+            .iter()
+            .map(|g| {
+                format!(
+                    "{} at {:+.1} ms from the signal",
+                    g.missing, g.start_after_signal_ms
+                )
+            })
+            .collect();
         w.push(format!(
             "{} of the {} packets lost are outside the longest gap (before the first or after \
-             the last packet received, or in other gaps)",
-            o.lost_outside_outage, o.lost
+             the last packet received, or in {} other gaps{}{})",
+            o.lost_outside_outage,
+            o.lost,
+            o.gap_count.saturating_sub(1),
+            if places.is_empty() {
+                ""
+            } else {
+                ", the longest: "
+            },
+            places.join(", ")
         ));
     }
     if o.send_errors > 0 {
@@ -291,6 +335,8 @@ mod tests {
             latency: LatencySummary::default(),
             stopped_by: StopReason::Duration,
             longest_gap: t.longest_gap(),
+            gaps: t.gaps(),
+            gap_count: t.gap_count(),
             last_packet: t.last_sent(),
             histogram: None,
         }
@@ -322,6 +368,7 @@ mod tests {
         assert!(o.resumed);
         assert!((o.traffic_end_after_ready_ms - 1800.0).abs() < 1e-9);
         assert_eq!(warnings(&o, &MARGINS), Vec::<String>::new());
+        assert_eq!((o.gap_count, o.other_gaps.len()), (1, 0));
         let names: Vec<String> = metrics(&o).into_iter().map(|m| m.name).collect();
         assert!(names.contains(&"outage_ms".to_string()), "{names:?}");
         assert_eq!(
@@ -359,6 +406,31 @@ mod tests {
         assert!(!dead.resumed);
         let w = warnings(&dead, &MARGINS);
         assert!(w.iter().any(|x| x.contains("did not resume")), "{w:?}");
+        // Two outages: the second is placed against the signal.
+        let mut t = FlowTable::default();
+        for s in (0..4000u32).filter(|s| !(1500..1800).contains(s) && !(2200..2300).contains(s)) {
+            let ts = 1_000 * MS + u64::from(s) * MS;
+            t.record_at(0, s, ts, ts);
+        }
+        let mut twice = sink(0, 0..0);
+        twice.seq = t.totals();
+        twice.longest_gap = t.longest_gap();
+        twice.gaps = t.gaps();
+        twice.gap_count = t.gap_count();
+        twice.last_packet = t.last_sent();
+        let o = outcome(&gen(4000), &twice, &times());
+        assert_eq!(
+            (o.outage_packets, o.lost_outside_outage, o.gap_count),
+            (300, 100, 2)
+        );
+        assert_eq!(o.other_gaps.len(), 1);
+        assert!((o.other_gaps[0].start_after_signal_ms - 699.0).abs() < 1e-9);
+        let w = warnings(&o, &MARGINS);
+        assert!(
+            w.iter()
+                .any(|x| x.contains("1 other gaps, the longest: 100 at +699.0 ms")),
+            "{w:?}"
+        );
         assert!(
             w.iter().any(|x| x.contains("outside the longest gap")),
             "{w:?}"

@@ -10,14 +10,17 @@
 //! and fill a gap. Every flow is expected to start at sequence 0, so packets missed before the
 //! first one received count as lost.
 //!
-//! [`FlowSeq::record_at`] also keeps the longest *gap*: the most sequence numbers missing
-//! between two packets received one after the other in sequence order ([`SeqGap`]), with both
-//! packets' send and receive timestamps, so an outage (an agent restart) can be placed in time.
-//! The gap is found when the packet after it arrives; late packets that arrive later inside it
-//! do not shrink it but are counted in [`SeqGap::filled_later`]. Lost packets before the first
+//! [`FlowSeq::record_at`] also keeps the [`MAX_GAPS`] longest *gaps* (a gap: sequence numbers
+//! missing between two packets received one after the other in sequence order, [`SeqGap`]) with
+//! both packets' send and receive timestamps, so an outage (an agent restart) can be placed in
+//! time, and counts all gaps. A gap is found when the packet after it arrives; late packets
+//! that arrive later inside it do not shrink it but are counted in [`SeqGap::filled_later`]. Lost packets before the first
 //! and after the last received one are not a gap (nothing brackets them).
 
 use serde::{Deserialize, Serialize};
+
+/// How many of the longest gaps a flow (and a [`FlowTable`]) keeps.
+pub const MAX_GAPS: usize = 8;
 
 /// How far back (in sequence numbers) reorder and duplicates are told apart exactly.
 pub const REORDER_WINDOW: u64 = 4096;
@@ -96,7 +99,10 @@ pub struct FlowSeq {
     stats: SeqStats,
     /// The packet with the highest sequence number so far.
     highest: Option<Stamp>,
-    longest_gap: Option<SeqGap>,
+    /// The longest gaps, longest first, at most [`MAX_GAPS`].
+    gaps: Vec<SeqGap>,
+    /// Every gap found (also those not kept).
+    gap_count: u64,
 }
 
 impl Default for FlowSeq {
@@ -118,7 +124,8 @@ impl FlowSeq {
             window: [0; WINDOW_WORDS],
             stats: SeqStats::default(),
             highest: None,
-            longest_gap: None,
+            gaps: Vec::new(),
+            gap_count: 0,
         }
     }
 
@@ -134,7 +141,28 @@ impl FlowSeq {
 
     /// The longest gap between two received packets (flow id 0; [`FlowTable`] sets it).
     pub fn longest_gap(&self) -> Option<SeqGap> {
-        self.longest_gap
+        self.gaps.first().copied()
+    }
+
+    /// The [`MAX_GAPS`] longest gaps, longest first (flow id 0).
+    pub fn gaps(&self) -> &[SeqGap] {
+        &self.gaps
+    }
+
+    /// How many gaps were found.
+    pub fn gap_count(&self) -> u64 {
+        self.gap_count
+    }
+
+    /// Keeps `g` if it is among the [`MAX_GAPS`] longest (an equal one found earlier ranks
+    /// first).
+    fn keep_gap(&mut self, g: SeqGap) {
+        self.gap_count += 1;
+        let at = self.gaps.partition_point(|x| x.missing >= g.missing);
+        if at < MAX_GAPS {
+            self.gaps.insert(at, g);
+            self.gaps.truncate(MAX_GAPS);
+        }
     }
 
     fn bit(seq: u64) -> (usize, u64) {
@@ -193,8 +221,8 @@ impl FlowSeq {
                 rx_ts_ns,
             };
             if let Some(before) = self.highest {
-                if gap > 0 && self.longest_gap.is_none_or(|g| gap > g.missing) {
-                    self.longest_gap = Some(SeqGap {
+                if gap > 0 {
+                    self.keep_gap(SeqGap {
                         flow: 0,
                         missing: gap,
                         before,
@@ -216,10 +244,12 @@ impl FlowSeq {
         self.stats.reordered += 1;
         self.stats.received += 1;
         self.stats.lost = self.stats.lost.saturating_sub(1);
-        if let Some(g) = self.longest_gap.as_mut() {
-            if g.before.seq < ext && ext < g.after.seq {
-                g.filled_later += 1;
-            }
+        if let Some(g) = self
+            .gaps
+            .iter_mut()
+            .find(|g| g.before.seq < ext && ext < g.after.seq)
+        {
+            g.filled_later += 1;
         }
     }
 }
@@ -254,18 +284,31 @@ impl FlowTable {
 
     /// The longest gap over all flows (the first flow's on a tie), with its flow id.
     pub fn longest_gap(&self) -> Option<SeqGap> {
-        let mut best: Option<SeqGap> = None;
-        for (id, f) in self.flows.iter().enumerate() {
-            if let Some(g) = f.longest_gap {
-                if best.is_none_or(|b| g.missing > b.missing) {
-                    best = Some(SeqGap {
-                        flow: u16::try_from(id).unwrap_or(u16::MAX),
-                        ..g
-                    });
-                }
-            }
-        }
-        best
+        self.gaps().first().copied()
+    }
+
+    /// The [`MAX_GAPS`] longest gaps over all flows, longest first, with their flow ids.
+    pub fn gaps(&self) -> Vec<SeqGap> {
+        let mut all: Vec<SeqGap> = self
+            .flows
+            .iter()
+            .enumerate()
+            .flat_map(|(id, f)| {
+                f.gaps.iter().map(move |g| SeqGap {
+                    flow: u16::try_from(id).unwrap_or(u16::MAX),
+                    ..*g
+                })
+            })
+            .collect();
+        // Stable: on equal length the lower flow id, then the earlier gap, comes first.
+        all.sort_by_key(|g| std::cmp::Reverse(g.missing));
+        all.truncate(MAX_GAPS);
+        all
+    }
+
+    /// Gaps found over all flows.
+    pub fn gap_count(&self) -> u64 {
+        self.flows.iter().map(|f| f.gap_count).sum()
     }
 
     /// Of every flow's highest-sequence packet, the one sent last.
@@ -436,6 +479,9 @@ mod tests {
         assert_eq!(g.rx_span_ns(), 9_100);
         assert_eq!(g.filled_later, 0);
         assert_eq!(t.last_sent().map(|s| s.send_ts_ns), Some(19_000));
+        assert_eq!(t.gap_count(), 2);
+        let all: Vec<(u16, u64)> = t.gaps().iter().map(|g| (g.flow, g.missing)).collect();
+        assert_eq!(all, [(2, 7), (0, 3)]);
         assert_eq!(t.totals().lost, 3 + 7);
     }
 
@@ -458,7 +504,27 @@ mod tests {
         assert_eq!(f.longest_gap().map(|g| g.after.seq), Some(20));
         f.record_at(46, 46, 60);
         assert_eq!(f.highest().map(|s| s.seq), Some(46));
+        let kept: Vec<u64> = f.gaps().iter().map(|g| g.after.seq).collect();
+        assert_eq!(kept, [20, 44, 30, 46]);
+        assert_eq!(f.gap_count(), 4);
         assert_eq!(f.stats().duplicates, 1);
+    }
+
+    #[test]
+    fn only_the_longest_gaps_are_kept_but_all_are_counted() {
+        let mut f = FlowSeq::new();
+        let mut seq = 0u32;
+        // Gaps of 1, 2, .., 20 packets, in that order.
+        for missing in 1..=20u32 {
+            f.record(seq);
+            seq += missing + 1;
+        }
+        f.record(seq);
+        assert_eq!(f.gap_count(), 20);
+        let kept: Vec<u64> = f.gaps().iter().map(|g| g.missing).collect();
+        let want: Vec<u64> = (13..=20).rev().collect();
+        assert_eq!(kept, want);
+        assert_eq!(f.stats().lost, (1..=20).sum::<u64>());
     }
 
     proptest! {

@@ -93,6 +93,13 @@ pub struct SinkReport {
     /// (and in reports written before it existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub longest_gap: Option<SeqGap>,
+    /// The longest gaps (at most [`crate::seq::MAX_GAPS`]), longest first; the first is
+    /// `longest_gap`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gaps: Vec<SeqGap>,
+    /// Gaps found (also those not in `gaps`).
+    #[serde(default)]
+    pub gap_count: u64,
     /// Of every flow's highest-sequence packet, the one sent last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_packet: Option<Stamp>,
@@ -193,6 +200,8 @@ pub fn run_sink_on(sock: &UdpSocket, cfg: &SinkConfig) -> Result<SinkReport, Sin
         latency: hist.summary(),
         stopped_by,
         longest_gap: flows.longest_gap(),
+        gaps: flows.gaps(),
+        gap_count: flows.gap_count(),
         last_packet: flows.last_sent(),
         histogram: if cfg.include_histogram {
             Some(hist.to_base64()?)
