@@ -747,7 +747,7 @@ fn normalize(mut object: Value) -> Result<(Kind, ObjKey, Value), FakeApiError> {
         .get("name")
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| FakeApiError::MissingField {
+        .ok_or(FakeApiError::MissingField {
             object: described,
             field: "metadata.name",
         })?
