@@ -21,12 +21,11 @@ pub struct ToYamlError {
     pub source: serde_yaml::Error,
 }
 
-fn document<T: Serialize + k8s_openapi::Resource + k8s_openapi::Metadata>(
-    object: &T,
-    out: &mut String,
-) -> Result<(), ToYamlError>
+fn document<T>(object: &T, out: &mut String) -> Result<(), ToYamlError>
 where
-    T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
+    T: Serialize
+        + k8s_openapi::Resource
+        + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>,
 {
     let meta = object.metadata();
     let label = || {

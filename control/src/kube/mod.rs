@@ -287,7 +287,14 @@ impl KubeSource {
         match ready_rx.recv_timeout(START_TIMEOUT) {
             Ok(Ok(())) => Ok(source),
             Ok(Err(e)) => Err(e),
-            Err(_) => {
+            Err(RecvTimeoutError::Disconnected) => {
+                source.shutdown();
+                Err(KubeError::Thread {
+                    reason: "the thread ended while configuring the client (see the log above)"
+                        .to_owned(),
+                })
+            }
+            Err(RecvTimeoutError::Timeout) => {
                 source.shutdown();
                 Err(KubeError::Thread {
                     reason: format!(
@@ -305,10 +312,7 @@ impl KubeSource {
 
     /// The next event, waiting up to `timeout`.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<SourceEvent> {
-        match self.events.recv_timeout(timeout) {
-            Ok(event) => Some(event),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.events.recv_timeout(timeout).ok()
     }
 
     /// Sets annotation `key` to `value` on this node's Node object (a JSON merge PATCH), retried

@@ -12,7 +12,11 @@
 //! After the typed decode every object goes through the same checks as the cluster file
 //! (`cluster::validate`: IPv4 InternalIP on Nodes, IPv4 cluster IPs, port ranges, ...), so a
 //! [`ClusterState`](crate::cluster::ClusterState) from the API keeps the invariants that the
-//! translation code relies on; an object failing them is skipped like an undecodable one.
+//! translation code relies on; an object failing them is skipped like an undecodable one. So is
+//! one with an unknown value in an enum field sluice reads (protocols, Service type and traffic
+//! policies, policy types, address type): k8s-openapi holds those as strings, so they decode.
+//! Missing required fields decode to their defaults in k8s-openapi (`port: 0`, `name: ""`); the
+//! checks catch the ones sluice reads (port numbers, addresses, names).
 //! `metadata.managedFields` is dropped (sluice never reads it; it is often most of the object).
 
 use std::borrow::Cow;
@@ -280,26 +284,31 @@ pub(crate) fn decode(kind: Kind, raw: &LenientObject) -> Result<Object, Skip> {
         Kind::Pod => {
             let pod: Pod = typed(kind, body)?;
             checked(validate::pod(&pod, &at))?;
+            enums::pod(&pod)?;
             Object::Pod(Box::new(pod))
         }
         Kind::Service => {
             let service: Service = typed(kind, body)?;
             checked(validate::service(&service, &at))?;
+            enums::service(&service)?;
             Object::Service(Box::new(service))
         }
         Kind::EndpointSlice => {
             let slice: EndpointSlice = typed(kind, body)?;
             checked(validate::endpoint_slice(&slice, &at))?;
+            enums::endpoint_slice(&slice)?;
             Object::EndpointSlice(Box::new(slice))
         }
         Kind::NetworkPolicy => {
             let policy: NetworkPolicy = typed(kind, body)?;
             checked(validate::network_policy(&policy, &at))?;
+            enums::network_policy(&policy)?;
             Object::NetworkPolicy(Box::new(policy))
         }
         Kind::HostNetworkPolicy => {
             let policy: HostNetworkPolicy = typed(kind, body)?;
             checked(validate::host_policy(&policy, &at))?;
+            enums::host_policy(&policy)?;
             Object::HostNetworkPolicy(Box::new(policy))
         }
     };
@@ -348,6 +357,149 @@ fn checked(result: Result<(), ClusterError>) -> Result<(), Skip> {
     })
 }
 
+/// Enum fields sluice's translation reads. k8s-openapi holds them as strings, so an unknown
+/// value (a typo in a CRD, a value from a newer API) decodes; it is refused here instead of
+/// reaching the translation with a meaning nobody chose.
+mod enums {
+    use k8s_openapi::api::core::v1::{Pod, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use k8s_openapi::api::networking::v1::{
+        NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPort,
+    };
+
+    use super::Skip;
+    use crate::policy::HostNetworkPolicy;
+
+    const PROTOCOLS: &[&str] = &["TCP", "UDP", "SCTP"];
+
+    fn one_of(field: String, value: Option<&str>, allowed: &[&str]) -> Result<(), Skip> {
+        match value {
+            Some(v) if !allowed.contains(&v) => Err(Skip {
+                field,
+                reason: format!("unknown value {v:?}; expected one of {allowed:?}"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    pub(super) fn pod(pod: &Pod) -> Result<(), Skip> {
+        let Some(spec) = &pod.spec else { return Ok(()) };
+        for (c, container) in spec.containers.iter().enumerate() {
+            for (p, port) in container.ports.iter().flatten().enumerate() {
+                one_of(
+                    format!("spec.containers[{c}].ports[{p}].protocol"),
+                    port.protocol.as_deref(),
+                    PROTOCOLS,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn service(service: &Service) -> Result<(), Skip> {
+        let Some(spec) = &service.spec else {
+            return Ok(());
+        };
+        one_of(
+            "spec.type".to_owned(),
+            spec.type_.as_deref(),
+            &["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"],
+        )?;
+        one_of(
+            "spec.externalTrafficPolicy".to_owned(),
+            spec.external_traffic_policy.as_deref(),
+            &["Cluster", "Local"],
+        )?;
+        one_of(
+            "spec.internalTrafficPolicy".to_owned(),
+            spec.internal_traffic_policy.as_deref(),
+            &["Cluster", "Local"],
+        )?;
+        one_of(
+            "spec.sessionAffinity".to_owned(),
+            spec.session_affinity.as_deref(),
+            &["None", "ClientIP"],
+        )?;
+        for (i, port) in spec.ports.iter().flatten().enumerate() {
+            one_of(
+                format!("spec.ports[{i}].protocol"),
+                port.protocol.as_deref(),
+                PROTOCOLS,
+            )?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn endpoint_slice(slice: &EndpointSlice) -> Result<(), Skip> {
+        one_of(
+            "addressType".to_owned(),
+            Some(slice.address_type.as_str()),
+            &["IPv4", "IPv6", "FQDN"],
+        )?;
+        for (i, port) in slice.ports.iter().flatten().enumerate() {
+            one_of(
+                format!("ports[{i}].protocol"),
+                port.protocol.as_deref(),
+                PROTOCOLS,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn rules<'a>(
+        prefix: &str,
+        rules: impl Iterator<Item = &'a Option<Vec<NetworkPolicyPort>>>,
+    ) -> Result<(), Skip> {
+        for (r, ports) in rules.enumerate() {
+            for (p, port) in ports.iter().flatten().enumerate() {
+                one_of(
+                    format!("{prefix}[{r}].ports[{p}].protocol"),
+                    port.protocol.as_deref(),
+                    PROTOCOLS,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn ingress_ports(
+        rules: &[NetworkPolicyIngressRule],
+    ) -> impl Iterator<Item = &Option<Vec<NetworkPolicyPort>>> {
+        rules.iter().map(|r| &r.ports)
+    }
+
+    pub(super) fn network_policy(policy: &NetworkPolicy) -> Result<(), Skip> {
+        let Some(spec) = &policy.spec else {
+            return Ok(());
+        };
+        for (i, t) in spec.policy_types.iter().flatten().enumerate() {
+            one_of(
+                format!("spec.policyTypes[{i}]"),
+                Some(t),
+                &["Ingress", "Egress"],
+            )?;
+        }
+        rules(
+            "spec.ingress",
+            ingress_ports(spec.ingress.as_deref().unwrap_or_default()),
+        )?;
+        rules(
+            "spec.egress",
+            spec.egress.iter().flatten().map(|r| &r.ports),
+        )
+    }
+
+    pub(super) fn host_policy(policy: &HostNetworkPolicy) -> Result<(), Skip> {
+        let Some(spec) = &policy.spec else {
+            return Ok(());
+        };
+        rules(
+            "spec.ingress",
+            ingress_ports(spec.ingress.as_deref().unwrap_or_default()),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,6 +546,38 @@ mod tests {
             panic!("a namespace decodes");
         };
         assert!(ns.metadata.managed_fields.is_none());
+    }
+
+    #[test]
+    fn decode_refuses_unknown_enum_values() {
+        let service = LenientObject::new(json!({
+            "metadata": {"name": "web", "namespace": "prod"},
+            "spec": {"type": "ClusterIP", "ports": [{"port": 80, "protocol": "TCP"},
+                                                      {"port": 81, "protocol": "QUIC"}]}
+        }));
+        let skip = decode(Kind::Service, &service).expect_err("QUIC is no protocol");
+        assert_eq!(skip.field, "spec.ports[1].protocol");
+        assert!(skip.reason.contains("QUIC"), "{skip}");
+
+        let policy = LenientObject::new(json!({
+            "metadata": {"name": "p", "namespace": "prod"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Sideways"]}
+        }));
+        let skip = decode(Kind::NetworkPolicy, &policy).expect_err("Sideways");
+        assert_eq!(skip.field, "spec.policyTypes[1]");
+
+        let slice = LenientObject::new(json!({
+            "metadata": {"name": "s", "namespace": "prod"}, "endpoints": []
+        }));
+        let skip = decode(Kind::EndpointSlice, &slice).expect_err("addressType missing");
+        assert_eq!(skip.field, "addressType");
+
+        let good = LenientObject::new(json!({
+            "metadata": {"name": "web", "namespace": "prod"},
+            "spec": {"type": "NodePort", "externalTrafficPolicy": "Local",
+                     "ports": [{"port": 80, "protocol": "SCTP"}]}
+        }));
+        assert!(decode(Kind::Service, &good).is_ok());
     }
 
     #[test]

@@ -113,8 +113,8 @@ where
 
 /// What the tasks tell the loop.
 enum Msg {
-    /// A watcher event.
-    Event(Kind, Event<LenientObject>),
+    /// A watcher event (boxed: an event holds a whole object).
+    Event(Kind, Box<Event<LenientObject>>),
     /// The API server answered 404 for the kind's list (a CRD that is not installed).
     Absent(Kind),
     /// A request failed. `answered`: the server answered (4xx), so it is reachable.
@@ -217,7 +217,7 @@ async fn watch_kind(client: Client, kind: Kind, opts: KubeOptions, tx: Unbounded
                     retry.reset();
                     absent_warned = false;
                 }
-                if tx.send(Msg::Event(kind, event)).is_err() {
+                if tx.send(Msg::Event(kind, Box::new(event))).is_err() {
                     return;
                 }
                 continue;
@@ -512,10 +512,10 @@ fn handle(msg: Msg, stores: &mut Stores, health: &mut Health) {
     let now = Instant::now();
     match msg {
         Msg::Event(kind, event) => {
-            if !matches!(event, Event::Init) {
+            if !matches!(*event, Event::Init) {
                 health.set_connected(true);
             }
-            stores.event(kind, event, now);
+            stores.event(kind, *event, now);
         }
         Msg::Absent(kind) => {
             health.set_connected(true);
