@@ -904,3 +904,68 @@ fn drop_stops_the_server_and_its_open_watches() {
         "nothing listens any more"
     );
 }
+
+#[test]
+fn silent_watch_notices_a_client_that_went_away() {
+    let fake = start();
+    fake.set_bookmark_interval(Duration::from_millis(50));
+    let wait_for = |want: usize| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while fake.open_watches() != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        fake.open_watches()
+    };
+    let mut s = TcpStream::connect(fake.addr()).expect("connects");
+    // No bookmarks and no events: the server never writes to this stream.
+    s.write_all(b"GET /api/v1/pods?watch=true&resourceVersion=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("writes");
+    assert_eq!(wait_for(1), 1, "the watch is open");
+    drop(s);
+    assert_eq!(wait_for(0), 0, "the server noticed the client left");
+}
+
+#[test]
+fn injected_errors_and_unserved_kinds() {
+    let fake = start();
+    fake.apply(pod("a", "n1", "web")).expect("applies");
+    run(STEP, async {
+        let client = client(&fake);
+        let pods: Api<Pod> = Api::all(client.clone());
+        // 500 is not retried by kube's client: the Status reaches the caller.
+        fake.set_error_status(Some(500));
+        let err = pods
+            .list(&ListParams::default())
+            .await
+            .expect_err("500 injected");
+        assert_eq!(api_status(&err), Some((500, "InternalError".to_owned())));
+        // 503 is retried by kube's client itself (its default retry layer): the list succeeds
+        // once the server recovers, after more than one request.
+        let lists = fake.request_count(Kind::Pod, Verb::List);
+        fake.set_error_status(Some(503));
+        let recover = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            fake.set_error_status(None);
+        };
+        let lp = ListParams::default();
+        let (list, ()) = tokio::join!(pods.list(&lp), recover);
+        assert_eq!(list.expect("retried until served").items.len(), 1);
+        assert!(fake.request_count(Kind::Pod, Verb::List) >= lists + 2);
+        let hnp: Api<HostNetworkPolicy> = Api::all(client.clone());
+        fake.set_served(Kind::HostNetworkPolicy, false);
+        let err = hnp
+            .list(&ListParams::default())
+            .await
+            .expect_err("CRD not installed");
+        assert_eq!(api_status(&err).map(|s| s.0), Some(404));
+        let groups = client.list_api_groups().await.expect("groups");
+        assert!(!groups.groups.iter().any(|g| g.name == "policy.sluice.io"));
+        fake.set_served(Kind::HostNetworkPolicy, true);
+        assert!(hnp
+            .list(&ListParams::default())
+            .await
+            .expect("served")
+            .items
+            .is_empty());
+    });
+}

@@ -52,13 +52,16 @@
 //! the connection closed without a response, so clients see "connection closed before message
 //! completed", like an API server behind a load balancer whose backend died; the `/fake/`
 //! control endpoints keep answering), [`insert_raw`](FakeApi::insert_raw) (objects the typed
-//! decoder refuses). [`request_count`](FakeApi::request_count) counts requests per kind and verb.
+//! decoder refuses), [`set_error_status`](FakeApi::set_error_status) (every Kubernetes request
+//! answered with a 5xx/429 `Status`), [`set_served`](FakeApi::set_served) (a kind answers 404, as
+//! a CRD that is not installed). [`request_count`](FakeApi::request_count) counts requests per kind and verb.
 //!
 //! Control endpoints (for the `sluice-fake-apiserver` binary and harnesses in other processes;
 //! not Kubernetes paths): `POST /fake/apply` (body: an object or a `List`), `POST
 //! /fake/insert-raw?kind=Pod` (body: any JSON), `POST /fake/delete?kind=Pod&namespace=NS&name=N`,
 //! `POST /fake/compact`, `POST /fake/drop-watches`, `POST /fake/delay?ms=N`, `POST
-//! /fake/down?on=true|false`, `GET /fake/counters`, `GET /fake/patches`.
+//! /fake/down?on=true|false`, `POST /fake/error?code=503` (`0` clears), `POST
+//! /fake/served?kind=HostNetworkPolicy&on=false`, `GET /fake/counters`, `GET /fake/patches`.
 //!
 //! Limits: one history of at most [`MAX_HISTORY_EVENTS`] events (older ones are compacted
 //! automatically, as etcd does), at most [`MAX_LIST_SNAPSHOTS`] paged lists in flight, no TLS, no
@@ -359,6 +362,10 @@ struct Shared {
     stop: AtomicBool,
     down: AtomicBool,
     delay_ms: AtomicU64,
+    /// Bit `1 << kind as u8` set: that kind answers 404 (as a CRD that is not installed).
+    unserved: AtomicU64,
+    /// Non-zero: every Kubernetes request is answered with a `Status` of this code.
+    error_status: AtomicU64,
     bookmark_ms: AtomicU64,
     max_watch_ms: AtomicU64,
     watch_generation: AtomicU64,
@@ -391,6 +398,8 @@ impl FakeApi {
             stop: AtomicBool::new(false),
             down: AtomicBool::new(false),
             delay_ms: AtomicU64::new(0),
+            unserved: AtomicU64::new(0),
+            error_status: AtomicU64::new(0),
             bookmark_ms: AtomicU64::new(1000),
             max_watch_ms: AtomicU64::new(1_800_000),
             watch_generation: AtomicU64::new(0),
@@ -545,6 +554,25 @@ impl FakeApi {
     /// connection closed without a response (control endpoints under `/fake/` still answer).
     pub fn set_down(&self, down: bool) {
         self.shared.set_down(down, None);
+    }
+
+    /// Whether `kind` is served; an unserved kind answers 404 to every request and is missing
+    /// from discovery, as a CRD that is not installed (all kinds are served by default).
+    pub fn set_served(&self, kind: Kind, served: bool) {
+        let bit = 1u64 << (kind as u8);
+        if served {
+            self.shared.unserved.fetch_and(!bit, Ordering::SeqCst);
+        } else {
+            self.shared.unserved.fetch_or(bit, Ordering::SeqCst);
+        }
+    }
+
+    /// `Some(code)`: every Kubernetes request (not `/fake/`) is answered with a `Status` of that
+    /// code (e.g. 500, 503, 429) instead of being served; `None` serves again.
+    pub fn set_error_status(&self, code: Option<u16>) {
+        self.shared
+            .error_status
+            .store(code.map_or(0, u64::from), Ordering::SeqCst);
     }
 
     /// Interval between BOOKMARK events of watches that allow them (1 s by default).
@@ -1226,8 +1254,11 @@ fn reason_phrase(status: u16) -> &'static str {
         409 => "Conflict",
         410 => "Gone",
         415 => "Unsupported Media Type",
+        429 => "Too Many Requests",
         422 => "Unprocessable Entity",
         500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
         _ => "Unknown",
     }
 }
@@ -1244,6 +1275,21 @@ fn write_response(stream: &mut TcpStream, resp: &Response, close: bool) -> io::R
     stream.write_all(head.as_bytes())?;
     stream.write_all(body.as_bytes())?;
     stream.flush()
+}
+
+/// Whether the client closed its end (EOF or an error on a non-blocking peek). Only called by
+/// the connection's own thread while it streams, so switching the socket mode is safe.
+fn peer_closed(stream: &TcpStream) -> bool {
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let mut byte = [0u8; 1];
+    let closed = match stream.peek(&mut byte) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    };
+    let _ = stream.set_nonblocking(false);
+    closed
 }
 
 fn write_chunk(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
@@ -1483,14 +1529,46 @@ impl Shared {
         }
     }
 
+    fn served(&self, kind: Kind) -> bool {
+        self.unserved.load(Ordering::SeqCst) & (1u64 << (kind as u8)) == 0
+    }
+
     fn route(&self, req: &Request) -> Routed {
         let path = req.path.trim_end_matches('/');
+        let injected = self.error_status.load(Ordering::SeqCst);
+        if injected != 0 {
+            // Counted like served requests, so tests can see a client's retries.
+            if let Some(target) = parse_target(path) {
+                let verb = match (req.method.as_str(), target.name.is_some()) {
+                    ("PATCH", _) => Some(Verb::Patch),
+                    ("GET", true) => Some(Verb::Get),
+                    ("GET", false) if parse_bool(req.param("watch")) => Some(Verb::Watch),
+                    ("GET", false) => Some(Verb::List),
+                    _ => None,
+                };
+                if let Some(verb) = verb {
+                    self.count(target.kind, verb);
+                }
+            }
+            let code = u16::try_from(injected).unwrap_or(500);
+            let reason = match code {
+                429 => "TooManyRequests",
+                503 => "ServiceUnavailable",
+                504 => "Timeout",
+                _ => "InternalError",
+            };
+            return Routed::Response(status(
+                code,
+                reason,
+                &format!("injected by the fake API server (set_error_status {code})"),
+            ));
+        }
         if req.method == "GET" {
             if let Some(resp) = self.discovery(path) {
                 return Routed::Response(resp);
             }
         }
-        let Some(target) = parse_target(path) else {
+        let Some(target) = parse_target(path).filter(|t| self.served(t.kind)) else {
             return Routed::Response(status(
                 404,
                 "NotFound",
@@ -1572,7 +1650,7 @@ impl Shared {
         let resources = |group: &str, version: &str| -> Vec<Value> {
             Kind::ALL
                 .into_iter()
-                .filter(|k| k.group() == group && k.version() == version)
+                .filter(|k| k.group() == group && k.version() == version && self.served(*k))
                 .map(|k| {
                     json!({
                         "name": k.plural(),
@@ -1606,7 +1684,10 @@ impl Shared {
             "/apis" => {
                 let mut groups: Vec<Value> = Vec::new();
                 for k in Kind::ALL {
-                    if k.group().is_empty() || groups.iter().any(|g| g["name"] == k.group()) {
+                    if k.group().is_empty()
+                        || !self.served(k)
+                        || groups.iter().any(|g| g["name"] == k.group())
+                    {
                         continue;
                     }
                     let gv = json!({"groupVersion": k.api_version(), "version": k.version()});
@@ -1966,8 +2047,17 @@ impl Shared {
             for (ty, object) in &events {
                 send(out, ty.as_str(), object)?;
             }
-            if watch.bookmarks && Instant::now() >= next_bookmark {
-                send(out, "BOOKMARK", &bookmark(pos, false))?;
+            // The bookmark interval is also the tick at which a silent stream checks whether
+            // its client went away (a watch without bookmarks and events never writes).
+            if Instant::now() >= next_bookmark {
+                if watch.bookmarks {
+                    send(out, "BOOKMARK", &bookmark(pos, false))?;
+                } else if peer_closed(out) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "watch client went away",
+                    ));
+                }
                 next_bookmark = Instant::now() + interval;
             }
         }
@@ -2062,6 +2152,24 @@ impl Shared {
                     .and_then(|s| s.parse::<u64>().ok())
                     .ok_or_else(|| bad("give ?ms=MILLISECONDS".into()))?;
                 self.delay_ms.store(ms, Ordering::SeqCst);
+                Ok(done())
+            }
+            ("POST", "error") => {
+                let code = req
+                    .param("code")
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .ok_or_else(|| bad("give ?code=HTTP_STATUS (0 serves again)".into()))?;
+                self.error_status.store(u64::from(code), Ordering::SeqCst);
+                Ok(done())
+            }
+            ("POST", "served") => {
+                let kind = kind_param()?;
+                let bit = 1u64 << (kind as u8);
+                match req.param("on") {
+                    Some("true" | "1") => self.unserved.fetch_and(!bit, Ordering::SeqCst),
+                    Some("false" | "0") => self.unserved.fetch_or(bit, Ordering::SeqCst),
+                    _ => return Err(bad("give ?on=true or ?on=false".into())),
+                };
                 Ok(done())
             }
             ("POST", "down") => {
