@@ -319,16 +319,29 @@ fn first_full_sync_equals_the_served_objects_and_checkpoints_round_trip() {
     assert!(next_state(&source, Duration::from_millis(1500)).is_none());
 }
 
-/// A TCP proxy in front of the fake server that holds back every request whose head matches
-/// `slow` by `delay` (to make one kind's list slow). Threads end when the test's sockets close
-/// or `stop` is set; every read has a timeout.
-struct SlowProxy {
+/// What [`Proxy`] does with a request, by its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Forward,
+    /// Forward after this long.
+    Delay(Duration),
+    /// Answer `404 page not found` (plain text, as the real API server for a resource it does
+    /// not serve) without forwarding.
+    NotFound,
+}
+
+type Rule = Arc<dyn Fn(&str) -> Action + Send + Sync>;
+
+/// A TCP proxy in front of the fake server that treats requests by a rule on their head (to
+/// make one kind's list slow, or a kind absent). Threads end when the test's sockets close or
+/// the proxy is dropped; every read has a timeout.
+struct Proxy {
     url: String,
     stop: Arc<AtomicBool>,
 }
 
-impl SlowProxy {
-    fn start(upstream: std::net::SocketAddr, slow: fn(&str) -> bool, delay: Duration) -> Self {
+impl Proxy {
+    fn start(upstream: std::net::SocketAddr, rule: Rule) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("proxy binds");
         listener.set_nonblocking(true).expect("nonblocking");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
@@ -341,40 +354,49 @@ impl SlowProxy {
                         let Ok(server) = TcpStream::connect(upstream) else {
                             continue;
                         };
-                        let stop = Arc::clone(&stop_accept);
-                        pipe(client, server, slow, delay, stop);
+                        pipe(client, server, Arc::clone(&rule), Arc::clone(&stop_accept));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        SlowProxy { url, stop }
+        Proxy { url, stop }
     }
 }
 
-impl Drop for SlowProxy {
+impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
     }
 }
 
-fn pipe(
-    client: TcpStream,
-    server: TcpStream,
-    slow: fn(&str) -> bool,
-    delay: Duration,
-    stop: Arc<AtomicBool>,
-) {
+fn pipe(client: TcpStream, server: TcpStream, rule: Rule, stop: Arc<AtomicBool>) {
     let copy =
-        move |mut from: TcpStream, mut to: TcpStream, inspect: bool, stop: Arc<AtomicBool>| {
+        move |mut from: TcpStream, mut to: TcpStream, rule: Option<Rule>, stop: Arc<AtomicBool>| {
             let _ = from.set_read_timeout(Some(Duration::from_millis(200)));
             let mut buf = vec![0u8; 64 * 1024];
             while !stop.load(Ordering::SeqCst) {
                 match from.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
-                        if inspect && slow(&String::from_utf8_lossy(&buf[..n])) {
-                            std::thread::sleep(delay);
+                        let action = rule
+                            .as_ref()
+                            .map_or(Action::Forward, |r| r(&String::from_utf8_lossy(&buf[..n])));
+                        match action {
+                            Action::Forward => {}
+                            Action::Delay(delay) => std::thread::sleep(delay),
+                            Action::NotFound => {
+                                let body = "404 page not found\n";
+                                let answer = format!(
+                                    "HTTP/1.1 404 Not Found\r\ncontent-type: text/plain; \
+                                 charset=utf-8\r\ncontent-length: {}\r\n\r\n{body}",
+                                    body.len()
+                                );
+                                if from.write_all(answer.as_bytes()).is_err() {
+                                    break;
+                                }
+                                continue;
+                            }
                         }
                         if to.write_all(&buf[..n]).is_err() {
                             break;
@@ -395,8 +417,8 @@ fn pipe(
         server.try_clone().expect("clone"),
     );
     let stop2 = Arc::clone(&stop);
-    std::thread::spawn(move || copy(client, server, true, stop));
-    std::thread::spawn(move || copy(s2, c2, false, stop2));
+    std::thread::spawn(move || copy(client, server, Some(rule), stop));
+    std::thread::spawn(move || copy(s2, c2, None, stop2));
 }
 
 #[test]
@@ -404,10 +426,15 @@ fn no_state_before_every_kind_listed() {
     let expected = fixture();
     let api = serve(&expected);
     let delay = Duration::from_millis(1500);
-    let proxy = SlowProxy::start(
+    let proxy = Proxy::start(
         api.addr(),
-        |head| head.starts_with("GET /api/v1/pods?") && !head.contains("watch=true"),
-        delay,
+        Arc::new(move |head: &str| {
+            if head.starts_with("GET /api/v1/pods?") && !head.contains("watch=true") {
+                Action::Delay(delay)
+            } else {
+                Action::Forward
+            }
+        }),
     );
     let started = Instant::now();
     let source = start(proxy.url.clone());
@@ -801,6 +828,59 @@ fn dropping_the_source_stops_its_watches() {
         assert!(Instant::now() < deadline, "watches still open after drop");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn an_absent_host_policy_crd_counts_as_synced_and_empty_until_installed() {
+    let api = serve(&fixture());
+    let installed = Arc::new(AtomicBool::new(false));
+    let installed_rule = Arc::clone(&installed);
+    let proxy = Proxy::start(
+        api.addr(),
+        Arc::new(move |head: &str| {
+            if head.starts_with("GET /apis/policy.sluice.io/")
+                && !installed_rule.load(Ordering::SeqCst)
+            {
+                Action::NotFound
+            } else {
+                Action::Forward
+            }
+        }),
+    );
+    let source = start(proxy.url.clone());
+    let (state, _, _) = next_state(&source, WAIT).expect("a state without the CRD");
+    assert!(state.host_policies.is_empty());
+    let mut expected = fixture();
+    expected.host_policies.clear();
+    assert_eq!(unserved(state), expected);
+    let health = source.health();
+    assert!(health.all_synced && health.connected, "{health:?}");
+    assert!(health
+        .kinds_synced
+        .contains(&"HostNetworkPolicy".to_owned()));
+
+    // Retried every retry_max (400 ms here), warned about once.
+    std::thread::sleep(Duration::from_millis(1000));
+    let warnings = log_text()
+        .lines()
+        .filter(|l| {
+            l.contains("WARN")
+                && l.contains("does not serve policy.sluice.io/v1alpha1/hostnetworkpolicies")
+        })
+        .count();
+    assert_eq!(
+        warnings, 1,
+        "one warning about the missing CRD, not one per retry"
+    );
+    assert!(
+        api.request_count(FakeKind::HostNetworkPolicy, Verb::List) == 0,
+        "the proxy answered every HostNetworkPolicy list"
+    );
+
+    // The CRD appears: its objects arrive with the next retry.
+    installed.store(true, Ordering::SeqCst);
+    let state = state_where(&source, WAIT, |s| s.host_policies.len() == 1);
+    assert_eq!(unserved(state), fixture());
 }
 
 // ---- RBAC ----
