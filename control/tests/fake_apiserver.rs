@@ -969,3 +969,49 @@ fn injected_errors_and_unserved_kinds() {
             .is_empty());
     });
 }
+
+#[test]
+fn watcher_with_streaming_lists_syncs_from_initial_events() {
+    let fake = start();
+    for name in ["a", "b"] {
+        fake.apply(pod(name, "n1", "web")).expect("applies");
+    }
+    run(STEP, async {
+        let pods: Api<Pod> = Api::all(client(&fake));
+        let config = watcher::Config::default().timeout(30).streaming_lists();
+        let mut stream = watcher(pods, config).default_backoff().boxed();
+        let mut mirror = Mirror::default();
+        // InitDone only comes with the bookmark annotated k8s.io/initial-events-end.
+        until(&mut stream, &mut mirror, |m| m.synced).await;
+        assert_eq!(mirror.names, set(&["a", "b"]));
+        assert_eq!(
+            fake.request_count(Kind::Pod, Verb::List),
+            0,
+            "no list at all"
+        );
+        fake.apply(pod("c", "n1", "web")).expect("applies");
+        until(&mut stream, &mut mirror, |m| m.names.contains("c")).await;
+    });
+}
+
+#[test]
+fn watcher_pages_through_thousands_of_objects() {
+    let fake = start();
+    let objects: Vec<Value> = (0..5000)
+        .map(|i| pod(&format!("p{i:05}"), "n1", "web"))
+        .collect();
+    fake.sync(objects).expect("syncs");
+    run(STEP * 2, async {
+        let pods: Api<Pod> = Api::all(client(&fake));
+        let config = watcher::Config::default().timeout(30).page_size(500);
+        let mut stream = watcher(pods, config).default_backoff().boxed();
+        let mut mirror = Mirror::default();
+        until(&mut stream, &mut mirror, |m| m.synced).await;
+        assert_eq!(mirror.names.len(), 5000);
+        assert_eq!(
+            fake.request_count(Kind::Pod, Verb::List),
+            10,
+            "10 pages of 500"
+        );
+    });
+}

@@ -336,7 +336,8 @@ struct HistoryEvent {
 struct ListSnapshot {
     id: u64,
     rv: u64,
-    items: Vec<Value>,
+    /// Shared with the requests paging through it: a page copies only its own items.
+    items: Arc<Vec<Value>>,
 }
 
 #[derive(Default)]
@@ -1747,7 +1748,7 @@ impl Shared {
                 let Some(snap) = store.snapshots.iter().find(|s| s.id == id && s.rv == rv) else {
                     return status(410, "Expired", EXPIRED_MESSAGE);
                 };
-                (Some(id), rv, snap.items.clone(), start)
+                (Some(id), rv, Arc::clone(&snap.items), start)
             }
             None => {
                 let exact = req.param("resourceVersionMatch") == Some("Exact");
@@ -1787,7 +1788,7 @@ impl Shared {
                         o
                     })
                     .collect();
-                (None, rv, items, 0)
+                (None, rv, Arc::new(items), 0)
             }
         };
         let end = limit.map_or(items.len(), |l| start.saturating_add(l).min(items.len()));
@@ -1803,7 +1804,7 @@ impl Shared {
                     store.snapshots.push_back(ListSnapshot {
                         id,
                         rv,
-                        items: items.clone(),
+                        items: Arc::clone(&items),
                     });
                     while store.snapshots.len() > MAX_LIST_SNAPSHOTS {
                         store.snapshots.pop_front();
