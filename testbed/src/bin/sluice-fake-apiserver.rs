@@ -3,8 +3,10 @@
 //! perf harness (`sluice run --source kubernetes --api-server http://127.0.0.1:PORT`).
 //!
 //! ```text
-//!  cluster.yaml ──load_file (every --poll-ms, on change)──> FakeApi::sync ──list/watch──> agents
-//!  tests/harness ──POST /fake/{apply,insert-raw,delete,compact,drop-watches,delay,down}──┘
+//!  cluster.yaml ──load_file (every --poll-ms, on change)──┐
+//!                                                          ├──> FakeApi ──list/watch (HTTP)──> agents
+//!  POST /fake/{apply,insert-raw,delete,compact,            │
+//!   drop-watches,delay,down,error,served} ─────────────────┘
 //! ```
 //!
 //! The file is the truth each time it changes: a re-read makes the served objects exactly the
