@@ -106,10 +106,8 @@ fn main() -> anyhow::Result<()> {
                 path.display(),
                 api.resource_version()
             ),
-            Err(e) => eprintln!(
-                "sluice-fake-apiserver: {}: {e:#}; still serving the last good state",
-                path.display()
-            ),
+            // The error names the file (and document, object, field).
+            Err(e) => eprintln!("sluice-fake-apiserver: {e:#}; still serving the last good state"),
         }
         last = Some(bytes);
     }
