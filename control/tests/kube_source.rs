@@ -883,6 +883,43 @@ fn an_absent_host_policy_crd_counts_as_synced_and_empty_until_installed() {
     assert_eq!(unserved(state), fixture());
 }
 
+#[test]
+fn server_errors_count_as_disconnected_and_client_errors_do_not() {
+    let api = serve(&fixture());
+    let source = start(api.url());
+    next_state(&source, WAIT).expect("first state");
+
+    // 503 to every request (watches broken so the watchers ask again).
+    api.set_error_status(Some(503));
+    api.drop_watches();
+    let health = health_where(&source, WAIT, |h| !h.connected);
+    assert!(
+        health
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("503")),
+        "{health:?}"
+    );
+    api.apply(pod("default", "while-503", "node1", "10.244.1.60"))
+        .expect("apply");
+    assert!(
+        next_state(&source, Duration::from_millis(800)).is_none(),
+        "no state while every request fails"
+    );
+
+    // 403 (say, RBAC removed): the server answers, so it is connected, with the error kept.
+    api.set_error_status(Some(403));
+    let health = health_where(&source, WAIT, |h| h.connected);
+    assert!(health.last_error.is_some(), "{health:?}");
+
+    api.set_error_status(None);
+    let state = state_where(&source, WAIT, |s| {
+        pod_names(s).contains(&"default/while-503".to_owned())
+    });
+    assert_eq!(state.pods.len(), 4);
+    assert!(source.health().connected);
+}
+
 // ---- RBAC ----
 
 /// Calls of `calls` that the ClusterRoles bound to a ServiceAccount in `yaml` do not grant.

@@ -30,7 +30,9 @@
 //!   reflected in [`ApiHealth`], and followed by an exponential backoff with jitter between
 //!   `retry_min` and `retry_max` (client-go's 800 ms .. 30 s by default), reset by progress. A
 //!   410 Gone relists at once (the second in a row waits). A watch refused with 410 at start
-//!   restarts the watcher (kube's would retry the stale version forever).
+//!   restarts the watcher (kube's would retry the stale version forever). kube's client-level
+//!   retry of 429/503/504 is off: it hides an outage inside one request for minutes (and a
+//!   429's `Retry-After` is therefore not honoured, only the backoff).
 //! - **Bad objects are skipped**, one at a time, with a warning naming kind/namespace/name and
 //!   the field path ([`object`]); an update that turns an object bad removes it from the state.
 //! - **Connectivity** is "did the API server answer the last request": a transport error or a

@@ -91,6 +91,10 @@ async fn client(opts: &KubeOptions) -> Result<Client, KubeError> {
     if let Some(url) = &opts.api_server {
         config.cluster_url = parse_url(url)?;
     }
+    // kube's own retry layer retries 429/503/504 inside one request, up to 15 times over
+    // minutes: the outage would be invisible to health and the watchers' backoff. The
+    // watchers and the annotation task retry themselves.
+    config.default_retry = false;
     let cluster_url = config.cluster_url.to_string();
     Client::try_from(config).map_err(|e| KubeError::Client {
         url: cluster_url,
