@@ -920,6 +920,42 @@ fn server_errors_count_as_disconnected_and_client_errors_do_not() {
     assert!(source.health().connected);
 }
 
+#[test]
+fn an_agent_that_does_not_read_loses_no_change() {
+    let api = serve(&fixture());
+    let source = start(api.url());
+    next_state(&source, WAIT).expect("first state");
+    // More separate batches than the queue holds, none read meanwhile.
+    for i in 0..30 {
+        api.apply(pod(
+            "default",
+            &format!("q{i}"),
+            "node1",
+            &format!("10.244.1.{}", 100 + i),
+        ))
+        .expect("apply");
+        std::thread::sleep(BATCH + Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut states = Vec::new();
+    while let Some(event) = source.try_recv() {
+        if let SourceEvent::State { state, .. } = event {
+            states.push(state);
+        }
+    }
+    assert!(states.len() <= 16, "{} states queued", states.len());
+    // The state pending while the queue was full comes once there is room.
+    let last = match next_state(&source, Duration::from_secs(2)) {
+        Some((state, _, _)) => state,
+        None => states.pop().expect("some state"),
+    };
+    let queued = pod_names(&last)
+        .iter()
+        .filter(|p| p.starts_with("default/q"))
+        .count();
+    assert_eq!(queued, 30, "the last state holds every change");
+}
+
 // ---- RBAC ----
 
 /// Calls of `calls` that the ClusterRoles bound to a ServiceAccount in `yaml` do not grant.

@@ -455,11 +455,14 @@ async fn run(client: Client, opts: KubeOptions, channels: Channels) {
     let mut next_probe = tokio::time::Instant::now() + probe_every;
     let mut probing: Option<tokio::task::JoinHandle<()>> = None;
     let far = Duration::from_secs(3600);
+    // While the agent's queue is full, the pending state is offered again only after this.
+    let mut queue_full_until: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        let state_due = stores
-            .due()
-            .map_or(far, |due| due.saturating_duration_since(now));
+        let state_due = stores.due().map_or(far, |due| {
+            due.max(queue_full_until.unwrap_or(due))
+                .saturating_duration_since(now)
+        });
         let probe_due = if health.current.connected {
             far
         } else {
@@ -486,6 +489,10 @@ async fn run(client: Client, opts: KubeOptions, channels: Channels) {
         if let Some(event) = health.publish(&stores) {
             send_health(&events, event);
         }
+        if queue_full_until.is_some_and(|until| Instant::now() < until) {
+            continue;
+        }
+        queue_full_until = None;
         if let Some((state, first_change)) = stores.take_due(Instant::now()) {
             match events.try_send(SourceEvent::State {
                 state,
@@ -495,6 +502,8 @@ async fn run(client: Client, opts: KubeOptions, channels: Channels) {
                 Err(TrySendError::Full(_)) => {
                     tracing::debug!("agent queue full; the state stays pending");
                     stores.keep_pending(first_change);
+                    queue_full_until =
+                        Some(Instant::now() + opts.batch.max(Duration::from_millis(10)));
                 }
                 Err(TrySendError::Disconnected(_)) => break,
             }
