@@ -73,6 +73,7 @@ pub struct AgentSpec<'a> {
     pub node: &'a str,
     pub netns: &'a str,
     pub sluice_bin: &'a Path,
+    /// What the agent reads (`--source file:`), unless `extra_args` carry their own `--source`.
     pub cluster_file: &'a Path,
     pub state_dir: &'a Path,
     pub cni_conf_dir: &'a Path,
@@ -112,11 +113,15 @@ pub fn start(spec: &AgentSpec<'_>) -> Result<Child, AgentError> {
     // A socket left by an earlier agent would look like a ready one.
     let _ = std::fs::remove_file(spec.socket());
     let mut command = cmd::in_netns(spec.netns, &[]);
+    command.arg(spec.sluice_bin).arg("run");
+    // An explicit `--source` among the extra arguments (`--source kubernetes --api-server URL`,
+    // see [`crate::AgentSource`]) replaces the cluster file.
+    if !spec.extra_args.iter().any(|a| a.starts_with("--source")) {
+        command
+            .arg("--source")
+            .arg(format!("file:{}", spec.cluster_file.display()));
+    }
     command
-        .arg(spec.sluice_bin)
-        .arg("run")
-        .arg("--source")
-        .arg(format!("file:{}", spec.cluster_file.display()))
         .arg("--node")
         .arg(spec.node)
         .arg("--state-dir")

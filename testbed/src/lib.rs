@@ -236,6 +236,36 @@ impl Encryption {
     }
 }
 
+/// Where the sluice agents read the cluster state from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AgentSource {
+    /// `--source file:` the instance's cluster file (or the node's
+    /// [`UpOptions::agent_cluster_files`] entry), re-read on change.
+    #[default]
+    File,
+    /// `--source kubernetes --api-server URL`: an API server (in tests, `sluice-fake-apiserver`
+    /// serving the same objects, for instance in the external client's namespace, which every
+    /// node reaches over the fabric). The server must answer by the time the agents start: with
+    /// no checkpoint in its state directory, an agent is ready only after its first full sync.
+    Kubernetes { api_server: String },
+}
+
+impl AgentSource {
+    /// The `sluice run` arguments that select this source, when it is not the file
+    /// ([`agent::start`] adds `--source file:` only when the arguments have no `--source`).
+    pub fn agent_args(&self) -> Vec<String> {
+        match self {
+            AgentSource::File => Vec::new(),
+            AgentSource::Kubernetes { api_server } => vec![
+                "--source".into(),
+                "kubernetes".into(),
+                "--api-server".into(),
+                api_server.clone(),
+            ],
+        }
+    }
+}
+
 /// What [`Testbed::up`] builds and with which binaries.
 #[derive(Clone, Debug)]
 pub struct UpOptions {
@@ -255,6 +285,9 @@ pub struct UpOptions {
     /// [`Encryption::None`] by default. Every node that then runs WireGuard needs its keys in
     /// the cluster file ([`plan::WG_PRIVATE_KEY_ANNOTATION`]).
     pub encryption: Encryption,
+    /// [`AgentSource::File`] by default. Recorded as agent arguments, so agents started again
+    /// ([`Testbed::start_agent`]) read the same source.
+    pub source: AgentSource,
 }
 
 impl UpOptions {
@@ -272,6 +305,7 @@ impl UpOptions {
             agent_args: Vec::new(),
             agent_cluster_files: BTreeMap::new(),
             encryption: Encryption::None,
+            source: AgentSource::File,
         }
     }
 }
@@ -454,7 +488,7 @@ impl Testbed {
             mode: opts.mode,
             sluice_bin,
             cni_bin,
-            agent_args: opts.agent_args.clone(),
+            agent_args: [opts.source.agent_args(), opts.agent_args.clone()].concat(),
             encryption: opts.encryption,
             fabric_netns: names.fabric_netns(),
             external_netns: names.external_netns(),
