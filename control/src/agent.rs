@@ -186,6 +186,25 @@ enum Job {
     Scrape(metrics::Scrape),
 }
 
+/// The state as a checkpoint the cluster-file reader accepts back: pods on a Node the state does
+/// not have (skipped as invalid, or deleted before its pods) are left out, since the reader
+/// refuses a `spec.nodeName` naming no Node.
+fn checkpoint_state(c: &ClusterState) -> ClusterState {
+    let mut c = c.clone();
+    let nodes: std::collections::BTreeSet<String> = c
+        .nodes
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .collect();
+    c.pods.retain(|p| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .is_none_or(|n| nodes.contains(n))
+    });
+    c
+}
+
 /// What to keep as the last good state (`last-good-cluster.yaml`) after applying one.
 enum Checkpoint {
     /// The cluster file's own bytes.
@@ -489,6 +508,18 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 }
             },
             Source::Kube(k) => {
+                // Counters (relists, skipped objects) move without a Health event.
+                let h = k.health();
+                if agent.api_health.as_ref() != Some(&h) {
+                    if h.connected != agent.api_health.as_ref().is_some_and(|a| a.connected) {
+                        if h.connected {
+                            tracing::info!(synced = h.all_synced, "API server reachable");
+                        } else {
+                            tracing::warn!(error = ?h.last_error, "API server unreachable: forwarding with the last state");
+                        }
+                    }
+                    agent.api_health = Some(h);
+                }
                 // Bounded per tick: a flood of events must not starve the API and scrapes.
                 for _ in 0..16 {
                     match k.try_recv() {
@@ -501,17 +532,8 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                             agent.apply_cluster(state, Checkpoint::State);
                             agent.programming_started(before, first_change);
                         }
-                        Some(crate::kube::SourceEvent::Health(h)) => {
-                            if h.connected != agent.api_health.as_ref().is_some_and(|a| a.connected)
-                            {
-                                if h.connected {
-                                    tracing::info!(synced = h.all_synced, "API server reachable");
-                                } else {
-                                    tracing::warn!(error = ?h.last_error, "API server unreachable: forwarding with the last state");
-                                }
-                            }
-                            agent.api_health = Some(h);
-                        }
+                        // Read through `health()` above, every tick.
+                        Some(crate::kube::SourceEvent::Health(_)) => {}
                     }
                 }
             }
@@ -1468,7 +1490,7 @@ impl Agent {
                 self.update_wireguard_peers();
                 let bytes = match checkpoint {
                     Checkpoint::Bytes(b) => b,
-                    Checkpoint::State => match self.cluster.to_yaml() {
+                    Checkpoint::State => match checkpoint_state(&self.cluster).to_yaml() {
                         Ok(y) => Some(y.into_bytes()),
                         Err(e) => {
                             tracing::warn!(error = %e, "checkpoint not written");
@@ -1663,5 +1685,36 @@ impl Agent {
         drop(self.uplink.take());
         self.health.stop();
         self.dp.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_reads_back_even_with_pods_on_a_node_the_state_lacks() {
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../testbed/clusters/two-node.yaml"),
+        )
+        .expect("two-node.yaml");
+        let mut state = cluster::parse_str(&text, "two-node.yaml").expect("parses");
+        let pods = state.pods.len();
+        // The API can send a pod whose Node was skipped or deleted first.
+        let mut orphan = state.pods[0].clone();
+        orphan.metadata.name = Some("orphan".into());
+        if let Some(spec) = orphan.spec.as_mut() {
+            spec.node_name = Some("gone".into());
+        }
+        state.pods.push(orphan);
+        let raw = state.to_yaml().expect("yaml");
+        assert!(
+            cluster::parse_str(&raw, "raw").is_err(),
+            "the reader refuses the raw state (what this guards against)"
+        );
+        let yaml = checkpoint_state(&state).to_yaml().expect("yaml");
+        let back = cluster::parse_str(&yaml, "checkpoint").expect("the checkpoint reads back");
+        assert_eq!(back.pods.len(), pods);
+        assert_eq!(back.nodes, state.nodes);
     }
 }
