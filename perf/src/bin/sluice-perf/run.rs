@@ -1099,7 +1099,7 @@ fn restart_plan(args: &RunArgs, s: &Scenario, p: &Params) -> Result<Option<Resta
     if args.restart_at >= p.duration {
         bail!(
             "--restart-at {:?} is not within the --duration {:?} of traffic; restart inside \
-             it and leave time for the new agent (about a second)",
+             it and leave time for the new agent (0.2-0.3 s on the testbed)",
             args.restart_at,
             p.duration
         );
