@@ -1,5 +1,5 @@
 //! `sluice-perf`: scenarios on the testbed with a kernel baseline in the same run (policy
-//! scenarios: sluice without policies as the baseline) (`list`, `run`, `compare`), and the bounded programs they start inside pods (UDP generator and sink,
+//! scenarios: sluice without policies as the baseline; restart scenarios: none, an agent restarts mid-stream) (`list`, `run`, `compare`), and the bounded programs they start inside pods (UDP generator and sink,
 //! request/response client and server, TCP sender and receiver). The programs print one JSON
 //! line on stdout (and write it to `--json-out` if given).
 
