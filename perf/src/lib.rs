@@ -23,7 +23,8 @@
 //! [`tcp`]) over [`mmsg`] and [`sys`]; the binary `sluice-perf` wires them to a CLI and to the
 //! testbed, running every scenario with sluice and with the kernel baseline. Exports: [`hlog`]
 //! (HdrHistogram interval logs) and [`plot`] (SVG latency spectra and curves); [`scale`] is the
-//! pipeline's cost-versus-table-size curve.
+//! pipeline's cost-versus-table-size curve; [`scale_api`] the control plane's first sync, memory
+//! and update latency at 10,000 Services (fake API server + Kubernetes source + translation).
 
 pub mod gen;
 pub mod hist;
@@ -38,6 +39,7 @@ pub mod policy;
 pub mod report;
 pub mod restart;
 pub mod scale;
+pub mod scale_api;
 pub mod scenario;
 pub mod seq;
 pub mod service;

@@ -18,6 +18,7 @@ use perf::tcp::{run_tcp_recv, run_tcp_send, TcpRecvConfig, TcpSendConfig};
 
 mod export;
 mod run;
+mod scale_api;
 mod wg;
 
 #[derive(Parser)]
@@ -190,6 +191,9 @@ enum Cmd {
         #[arg(long, default_value = "perf-out")]
         out: PathBuf,
     },
+    /// Control-plane scale (no testbed, no root): fake API server + Kubernetes source + the
+    /// agent's translation at 10,000 Services; first sync, memory, update latency p50/p99.
+    ScaleApi(scale_api::ScaleApiArgs),
     /// Compare two report.json files: per figure A, B, B/A, change, regressions (exits 0).
     Compare {
         a: PathBuf,
@@ -454,6 +458,7 @@ fn main() -> Result<()> {
             },
             &out,
         ),
+        Cmd::ScaleApi(args) => scale_api::run(&args),
         Cmd::Compare {
             a,
             b,
