@@ -806,7 +806,20 @@ fn a_restart_during_an_outage_forwards_from_the_checkpoint() {
         APPLY_WITHIN,
         is_web
     )));
-    assert!(bed.checkpoint(NODE1).is_file(), "no checkpoint on node1");
+    // A change through the API (which also writes the checkpoint: the first sync alone does
+    // not yet, see `agents_sync_from_the_api_server_and_forward`).
+    bed.api
+        .apply(&added_service(ADDED_VIP, ("web-2", WEB2_IP, NODE2)));
+    let answer = bed.probe_until(CLIENT, ADDED_VIP, 80, APPLY_WITHIN, |a| {
+        a.as_deref() == Ok("web-2")
+    });
+    assert_eq!(
+        answer.as_deref(),
+        Ok("web-2"),
+        "the added Service before the restart"
+    );
+    let checkpoint = std::fs::read_to_string(bed.checkpoint(NODE1)).expect("node1's checkpoint");
+    assert!(checkpoint.contains(&ADDED_VIP.to_string()), "{checkpoint}");
 
     bed.api.set_down(true);
     bed.tb
@@ -833,6 +846,12 @@ fn a_restart_during_an_outage_forwards_from_the_checkpoint() {
     ping_within(&bed.tb, CLIENT, WEB2, FIRST_PING_WITHIN);
     let answer = bed.probe_until(CLIENT, WEB_VIP, 80, APPLY_WITHIN, is_web);
     assert!(is_web(&answer), "ClusterIP from the checkpoint: {answer:?}");
+    let answer = bed.probe(CLIENT, ADDED_VIP, 80);
+    assert_eq!(
+        answer.as_deref(),
+        Ok("web-2"),
+        "the Service added through the API, from the checkpoint"
+    );
     let s = status(&bed.tb, NODE1);
     assert!(
         !api_of(&s).all_synced,
