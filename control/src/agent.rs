@@ -348,6 +348,19 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             let kube =
                 crate::kube::KubeSource::start(k).context("starting the Kubernetes API source")?;
             let (c, from_checkpoint) = initial_kube_cluster(&kube, &opts, &stop)?;
+            if !from_checkpoint {
+                // The first state from the API is the checkpoint until the next change: an
+                // agent restarted while the API is down forwards from it.
+                match checkpoint_state(&c).to_yaml() {
+                    Ok(y) => {
+                        if let Err(e) = write_atomic(&last_good_path(&opts.state_dir), y.as_bytes())
+                        {
+                            tracing::warn!(error = %e, "checkpoint not written");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "checkpoint not written"),
+                }
+            }
             let note = from_checkpoint.then(|| {
                 "forwarding from the checkpoint; the API server has not completed a sync yet"
                     .to_owned()
