@@ -156,9 +156,11 @@ struct Port {
     filled: u32,
 }
 
-/// A new port's fill target: 128 frames, at most a sixteenth of the UMEM and one ring.
+/// A new port's fill target: a thirty-second of the UMEM (256 frames of the default 8192), at
+/// least 64 (a burst of a few batches must find frames before the ring has grown), at most one
+/// ring.
 fn fill_start(frames: u32, ring: u32) -> u32 {
-    128.min(frames / 16).min(ring).max(1)
+    (frames / 32).max(64).min(ring).max(1)
 }
 
 /// Worker state. Field order matters for Drop: ports (sockets, rings) before the UMEM.
