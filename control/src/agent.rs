@@ -62,6 +62,10 @@ const LOOP_TICK: Duration = Duration::from_millis(10);
 /// sends a fresh ARP request.
 const NEIGHBOR_STALE: Duration = Duration::from_secs(300);
 const RECONCILE_EVERY: Duration = Duration::from_secs(2);
+/// `--source kubernetes`: the checkpoint is rewritten at most this often (a large state takes
+/// seconds to serialise; a restart then starts from a state at most this old, and the first
+/// full sync replaces it anyway).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(5);
 /// After removing a socket from the XSKMAP, frames already being redirected to it (in a NAPI
 /// poll on another CPU) land within microseconds; wait this long before reclaiming its rings.
 const REDIRECT_QUIESCE: Duration = Duration::from_millis(20);
@@ -164,6 +168,13 @@ struct Agent {
     host_fw: Option<HostFw>,
     /// Local pods the policy table isolates (for status).
     isolated_pods: usize,
+    /// Maglev tables kept across translations (only changed backend sets are recomputed).
+    maglev_cache: services::maglev::Cache,
+    /// `--source kubernetes`: the applied state still has to be checkpointed (written in the
+    /// background, at most every [`CHECKPOINT_EVERY`], off the programming path).
+    checkpoint_due: bool,
+    last_checkpoint: Option<Instant>,
+    checkpoint_writer: Option<std::thread::JoinHandle<()>>,
     /// Network programming latency, microseconds (see `metrics::Snapshot::programming`).
     programming: hdrhistogram::Histogram<u64>,
     /// Generations published for a cluster change, with when the source saw that change,
@@ -437,6 +448,10 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         programming: hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
             .context("programming latency histogram")?,
         programming_pending: std::collections::VecDeque::new(),
+        maglev_cache: services::maglev::Cache::new(),
+        checkpoint_due: false,
+        last_checkpoint: None,
+        checkpoint_writer: None,
     };
     agent.translate_services();
     agent.compile_policy();
@@ -552,6 +567,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             }
         }
         agent.track_programming();
+        agent.write_checkpoint_if_due(false);
         agent.poll_neighbors();
         if let Some(g) = agent.wg.as_ref().map(|w| w.generation()) {
             if g != agent.wg_published {
@@ -804,7 +820,12 @@ impl Agent {
     /// Recomputes the service plan from the cluster state; the generation moves only when the
     /// plan changed.
     fn translate_services(&mut self) {
-        let plan = services::translate(&self.cluster, &self.node.name, &self.opts.services);
+        let plan = services::translate_cached(
+            &self.cluster,
+            &self.node.name,
+            &self.opts.services,
+            &mut self.maglev_cache,
+        );
         if *self.services != plan {
             let generation = self.generation + 1;
             match services::dataplane::service_table(&plan, generation) {
@@ -1501,20 +1522,17 @@ impl Agent {
                 self.compile_policy();
                 self.sync_host_firewall();
                 self.update_wireguard_peers();
-                let bytes = match checkpoint {
-                    Checkpoint::Bytes(b) => b,
-                    Checkpoint::State => match checkpoint_state(&self.cluster).to_yaml() {
-                        Ok(y) => Some(y.into_bytes()),
-                        Err(e) => {
+                match checkpoint {
+                    Checkpoint::Bytes(Some(bytes)) => {
+                        if let Err(e) = write_atomic(&last_good_path(&self.opts.state_dir), &bytes)
+                        {
                             tracing::warn!(error = %e, "checkpoint not written");
-                            None
                         }
-                    },
-                };
-                if let Some(bytes) = bytes {
-                    if let Err(e) = write_atomic(&last_good_path(&self.opts.state_dir), &bytes) {
-                        tracing::warn!(error = %e, "checkpoint not written");
                     }
+                    Checkpoint::Bytes(None) => {}
+                    // Serialising a large state takes seconds: done after publishing, in the
+                    // background (`write_checkpoint_if_due`).
+                    Checkpoint::State => self.checkpoint_due = true,
                 }
                 if changed {
                     if let Err(e) = self.write_cni_conf() {
@@ -1567,6 +1585,50 @@ impl Agent {
                 self.programming_pending.pop_front();
             }
             self.programming_pending.push_back((self.generation, seen));
+        }
+    }
+
+    /// Writes the checkpoint of the applied API state in a background thread when one is due,
+    /// the last write is at least [`CHECKPOINT_EVERY`] old and no write is in flight.
+    fn write_checkpoint_if_due(&mut self, force: bool) {
+        if let Some(w) = &self.checkpoint_writer {
+            if !w.is_finished() && !force {
+                return;
+            }
+            if let Some(w) = self.checkpoint_writer.take() {
+                let _ = w.join();
+            }
+        }
+        if !self.checkpoint_due
+            || (!force
+                && self
+                    .last_checkpoint
+                    .is_some_and(|t| t.elapsed() < CHECKPOINT_EVERY))
+        {
+            return;
+        }
+        self.checkpoint_due = false;
+        self.last_checkpoint = Some(Instant::now());
+        let state = checkpoint_state(&self.cluster);
+        let path = last_good_path(&self.opts.state_dir);
+        let write = move || match state.to_yaml() {
+            Ok(y) => {
+                if let Err(e) = write_atomic(&path, y.as_bytes()) {
+                    tracing::warn!(error = %e, "checkpoint not written");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "checkpoint not written"),
+        };
+        if force {
+            write();
+        } else {
+            match std::thread::Builder::new()
+                .name("sluice-checkpoint".into())
+                .spawn(write)
+            {
+                Ok(h) => self.checkpoint_writer = Some(h),
+                Err(e) => tracing::warn!(error = %e, "checkpoint thread not started"),
+            }
         }
     }
 
@@ -1688,6 +1750,8 @@ impl Agent {
     }
 
     fn shutdown(mut self) {
+        // The last applied state must survive us.
+        self.write_checkpoint_if_due(true);
         // Detach every program first (traffic falls back to the kernel), then stop workers.
         if self.host_fw.is_some() {
             self.stop_host_firewall();

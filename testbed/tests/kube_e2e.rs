@@ -399,6 +399,19 @@ impl KubeBed {
         std::fs::read_to_string(&path).unwrap_or_else(|e| format!("({}: {e})", path.display()))
     }
 
+    /// The node's checkpoint once `ok` holds (the agent rewrites it in the background, at most
+    /// every few seconds), or as it is after a bounded wait.
+    fn checkpoint_when(&self, node: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let c = std::fs::read_to_string(self.checkpoint(node)).unwrap_or_default();
+            if ok(&c) || Instant::now() >= deadline {
+                return c;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn checkpoint(&self, node: &str) -> PathBuf {
         self.tb
             .node(node)
@@ -783,7 +796,9 @@ fn an_outage_keeps_forwarding_and_the_resync_prunes_only_what_is_gone() {
         "ping after the resync:\n{}",
         text(&out)
     );
-    let checkpoint = std::fs::read_to_string(bed.checkpoint(NODE1)).expect("checkpoint");
+    let checkpoint = bed.checkpoint_when(NODE1, |c| {
+        !c.contains("web-sticky") && c.contains("name: web\n")
+    });
     assert!(
         !checkpoint.contains("web-sticky") && checkpoint.contains("name: web\n"),
         "the checkpoint after the resync:\n{checkpoint}"
@@ -818,7 +833,7 @@ fn a_restart_during_an_outage_forwards_from_the_checkpoint() {
         Ok("web-2"),
         "the added Service before the restart"
     );
-    let checkpoint = std::fs::read_to_string(bed.checkpoint(NODE1)).expect("node1's checkpoint");
+    let checkpoint = bed.checkpoint_when(NODE1, |c| c.contains(&ADDED_VIP.to_string()));
     assert!(checkpoint.contains(&ADDED_VIP.to_string()), "{checkpoint}");
 
     bed.api.set_down(true);

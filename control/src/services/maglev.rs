@@ -122,6 +122,57 @@ pub fn offset_skip(key: &str, m: u32) -> (u32, u32) {
     (offset as u32, skip as u32)
 }
 
+/// Tables computed for (table size, backend keys), kept across translations: a table is a pure
+/// function of its inputs, and recomputing every Service's table for every state change made a
+/// one-object update at 10,000 Services cost seconds (`sluice-perf scale-api`). Entries not
+/// used by the last two [`Cache::sweep`] rounds are dropped, so the cache holds about the
+/// tables in use.
+#[derive(Debug, Default)]
+pub struct Cache {
+    entries: std::collections::HashMap<CacheKey, (std::sync::Arc<Vec<u32>>, bool)>,
+}
+
+/// (table size, backend keys in order).
+type CacheKey = (u32, Vec<String>);
+
+impl Cache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// [`table`], from the cache when these backends and size were computed before.
+    pub fn table(
+        &mut self,
+        backends: &[&str],
+        m: u32,
+    ) -> Result<std::sync::Arc<Vec<u32>>, MaglevError> {
+        let key = (
+            m,
+            backends.iter().map(|b| (*b).to_owned()).collect::<Vec<_>>(),
+        );
+        if let Some((t, used)) = self.entries.get_mut(&key) {
+            *used = true;
+            return Ok(std::sync::Arc::clone(t));
+        }
+        let t = std::sync::Arc::new(table(backends, m)?);
+        self.entries.insert(key, (std::sync::Arc::clone(&t), true));
+        Ok(t)
+    }
+
+    /// Drops the tables not used since the last sweep; call once per translation.
+    pub fn sweep(&mut self) {
+        self.entries.retain(|_, (_, used)| std::mem::take(used));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// The Maglev lookup table of size `m` over `backends` (stable keys, e.g. `10.244.1.5:8080`),
 /// equal weights: entry `j` is the index in `backends` owning it. Empty when `backends` is.
 /// When there are more backends than entries, the later ones get none.
@@ -168,4 +219,32 @@ pub fn table(backends: &[&str], m: u32) -> Result<Vec<u32>, MaglevError> {
         }
     }
     Ok(entries)
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_returns_the_same_tables_and_forgets_unused_ones() {
+        let mut c = Cache::new();
+        let a = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"];
+        let b = ["10.0.0.1:80", "10.0.0.2:80"];
+        let ta = c.table(&a, 251).unwrap();
+        assert_eq!(*ta, table(&a, 251).unwrap());
+        assert!(
+            std::sync::Arc::ptr_eq(&ta, &c.table(&a, 251).unwrap()),
+            "from the cache"
+        );
+        assert_eq!(*c.table(&b, 251).unwrap(), table(&b, 251).unwrap());
+        assert_eq!(*c.table(&a, 257).unwrap(), table(&a, 257).unwrap());
+        assert_eq!(c.len(), 3);
+        c.sweep(); // all three were used since the start
+        assert_eq!(c.len(), 3);
+        c.table(&a, 251).unwrap();
+        c.sweep(); // only a/251 was used in this round
+        assert_eq!(c.len(), 1);
+        assert!(c.table(&[], 251).unwrap().is_empty());
+        assert!(c.table(&a, 250).is_err(), "not prime");
+    }
 }

@@ -54,7 +54,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 pub use maglev::{MaglevError, DEFAULT_TABLE_SIZE};
-pub use translate::translate;
+pub use translate::{translate, translate_cached};
 
 /// Label that hands a Service to a proxy other than the default one; kube-proxy (and sluice)
 /// ignore Services carrying it.

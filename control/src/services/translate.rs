@@ -22,6 +22,18 @@ const EXTERNAL_IP: &str = "ExternalIP";
 /// [`ClusterState::effective_endpoint_slices`], rotations and Maglev tables. Never fails: what
 /// cannot be served is listed in [`ServicePlan::skipped`] with the reason.
 pub fn translate(cluster: &ClusterState, this_node: &str, opts: &ServiceOptions) -> ServicePlan {
+    translate_cached(cluster, this_node, opts, &mut maglev::Cache::new())
+}
+
+/// [`translate`], reusing the Maglev tables of `cache` whose backends did not change (the agent
+/// keeps one cache across states; the plan is the same either way).
+pub fn translate_cached(
+    cluster: &ClusterState,
+    this_node: &str,
+    opts: &ServiceOptions,
+    cache: &mut maglev::Cache,
+) -> ServicePlan {
+    cache.sweep();
     let node_addresses = node_addresses(cluster, this_node);
     let slices = cluster.effective_endpoint_slices();
     let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
@@ -43,6 +55,7 @@ pub fn translate(cluster: &ClusterState, this_node: &str, opts: &ServiceOptions)
         this_node,
         node_addresses: &node_addresses,
         opts,
+        cache,
         entries: Vec::new(),
         skipped: Vec::new(),
     };
@@ -73,6 +86,7 @@ struct Builder<'a> {
     this_node: &'a str,
     node_addresses: &'a [Ipv4Addr],
     opts: &'a ServiceOptions,
+    cache: &'a mut maglev::Cache,
     entries: Vec<(ServiceEntry, Vec<PendingFrontend>)>,
     skipped: Vec<(String, String)>,
 }
@@ -388,10 +402,10 @@ impl Builder<'_> {
                     .filter_map(|&i| backends.get(i as usize).map(Backend::key))
                     .collect();
                 let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-                match maglev::table(&refs, self.opts.maglev_table_size()) {
+                match self.cache.table(&refs, self.opts.maglev_table_size()) {
                     Ok(table) => table
-                        .into_iter()
-                        .filter_map(|owner| members.get(owner as usize).copied())
+                        .iter()
+                        .filter_map(|owner| members.get(*owner as usize).copied())
                         .collect(),
                     Err(e) => {
                         self.skip(key, format!("port {port_label}: {e}"));
