@@ -874,6 +874,7 @@ struct Agent {
     policy_table: Option<dataplane::policy::PolicyTable>,
     generation: u64,
     sizes: TranslationSizes,
+    maglev_cache: services::maglev::Cache,
 }
 
 impl Agent {
@@ -886,6 +887,7 @@ impl Agent {
             policy_table: None,
             generation: 0,
             sizes: TranslationSizes::default(),
+            maglev_cache: services::maglev::Cache::new(),
         })
     }
 
@@ -894,7 +896,10 @@ impl Agent {
         let mut t = TranslationTimes::default();
         let us = |since: Instant| since.elapsed().as_secs_f64() * 1e6;
         let start = Instant::now();
-        let plan = services::translate(state, THIS_NODE, &self.services);
+        // The agent keeps its Maglev tables across states (only changed backend sets are
+        // recomputed).
+        let plan =
+            services::translate_cached(state, THIS_NODE, &self.services, &mut self.maglev_cache);
         t.services_translate_us = us(start);
         if self.plan.as_ref() != Some(&plan) {
             self.generation += 1;
