@@ -10,15 +10,16 @@
 //! rx on the uplink:
 //!   classify (outer) -> VXLAN? decap::pop -> classify (inner) -> source check -> lb -> route
 //!                    -> else (NodePort, LB IP, SNAT reply: XDP claimed it) -> lb -> route
-//! lb (stages::lb): steer to the flow's owner worker (Handoff), conntrack, DNAT/SNAT, reject
+//! lb (stages::lb): steer to the flow's owner worker (Handoff), conntrack, DNAT/SNAT, reject,
+//!                 NetworkPolicy verdicts (judged per new flow, cached in conntrack), and the
+//!                 host firewall for packets to the node (re-injected through the host veth)
 //! route after lb: local pod -> route::forward; other node's pod CIDR or address -> encap;
 //!                 outside the cluster -> egress::send on the uplink
 //! ```
 //!
 //! A frame handed over by another worker enters at [`process_resumed`], where the first worker
 //! stopped (right before lb).
-//! Later issues insert stages here (firewall before route, lb before route, encrypt after
-//! encap, open before decap). Sans-IO: no sockets, no clock (the batch's time comes in `Ctx`),
+//! Sans-IO: no sockets, no clock (the batch's time comes in `Ctx`),
 //! no allocation; callable from tests and benchmarks as is.
 use crate::{
     classify::{classify, Class, Ipv4Meta},

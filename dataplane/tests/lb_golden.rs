@@ -248,13 +248,21 @@ fn snapshot(o: &Opts) -> Snapshot {
 }
 
 fn snapshot_with(o: &Opts, table: ServiceTable) -> Snapshot {
-    snapshot_full(o, table, None)
+    snapshot_full(o, table, None, None)
 }
 
-fn snapshot_full(o: &Opts, table: ServiceTable, policy: Option<PolicyTable>) -> Snapshot {
+fn snapshot_full(
+    o: &Opts,
+    table: ServiceTable,
+    policy: Option<PolicyTable>,
+    host: Option<dataplane::snapshot::HostPath>,
+) -> Snapshot {
     let mut b = SnapshotBuilder::new(1, GATEWAY);
     if let Some(p) = policy {
         b.policy(Arc::new(p));
+    }
+    if let Some(h) = host {
+        b.host_path(h);
     }
     for (ifindex, mac, role) in [
         (IF_A, LXC_A_MAC, InterfaceRole::Pod),
@@ -2240,7 +2248,7 @@ fn policy(
 
 fn snap_with_policy(table: PolicyTable) -> Snapshot {
     let o = Opts::default();
-    snapshot_full(&o, services(&o), Some(table))
+    snapshot_full(&o, services(&o), Some(table), None)
 }
 
 /// B (local) admits TCP 8080 from A only; A is not isolated.
@@ -2701,49 +2709,12 @@ fn host_firewall_admits_allowed_packets_to_the_kernel_and_drops_the_rest() {
     let table = p.build().expect("policy");
     let o = Opts::default();
     let build = |host: bool| {
-        let mut b = SnapshotBuilder::new(1, GATEWAY);
-        b.interface(InterfaceEntry {
-            ifindex: IF_UPLINK,
-            mac: UPLINK_MAC,
-            role: InterfaceRole::Uplink,
-        });
-        b.overlay(OverlayConfig {
-            node_ip: NODE_IP,
-            vtep_mac: derived_vtep_mac(NODE_IP),
-            uplink_ifindex: IF_UPLINK,
-            uplink_mtu: 1500,
-            port: VXLAN_PORT,
-            vni: 1,
-        });
-        b.remote(RemoteNode {
-            pod_net: Ipv4Addr::new(10, 244, 2, 0),
-            prefix_len: 24,
-            vtep_ip: PEER_IP,
-            vtep_mac: derived_vtep_mac(PEER_IP),
-            next_hop: PEER_IP,
-        });
-        b.neighbor(PEER_IP, PEER_MAC);
-        b.services(Arc::new(services(&o)));
-        b.nat(NatConfig {
-            node_addrs: vec![NODE_IP],
-            hairpin_addr: HAIRPIN,
-            ports: o.ports,
-            pod_net: Ipv4Addr::new(10, 244, 1, 0),
-            pod_prefix: 24,
-            masquerade: true,
-            uplink_net: Ipv4Addr::new(172, 18, 0, 0),
-            uplink_prefix: 24,
-            uplink_gateway: Some(ROUTER),
-        });
-        b.policy(Arc::new(table.clone()));
-        if host {
-            b.host_path(HostPath {
-                ifindex: IF_HOST,
-                mac: NET_MAC,
-                kernel_mac: KERNEL_MAC,
-            });
-        }
-        b.build()
+        let path = HostPath {
+            ifindex: IF_HOST,
+            mac: NET_MAC,
+            kernel_mac: KERNEL_MAC,
+        };
+        snapshot_full(&o, services(&o), Some(table.clone()), host.then_some(path))
     };
     let snap = build(true);
     for n in WORKERS {

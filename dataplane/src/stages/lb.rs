@@ -686,7 +686,7 @@ pub fn run(
         flows.stats.policy_flows += 1;
         return Lb::Continue(*meta);
     }
-    if origin == Origin::Uplink && !fe_port_claimed(nat_cfg, &k) {
+    if origin == Origin::Uplink && !in_snat_range(nat_cfg, &k) {
         if let (Some(host), Some(n)) = (snap.host_path(), nat_cfg) {
             if n.node_addrs.contains(&k.dst) {
                 return Lb::Done(to_host(ctx, policy, host, &k, pkt));
@@ -702,7 +702,7 @@ pub fn run(
 /// Whether `k`'s destination port is in the SNAT range (a reply to a translated flow that is
 /// gone: never the host's; the kernel's ephemeral ports are below the range).
 #[inline]
-fn fe_port_claimed(nat_cfg: Option<&NatConfig>, k: &FlowKey) -> bool {
+fn in_snat_range(nat_cfg: Option<&NatConfig>, k: &FlowKey) -> bool {
     matches!(k.proto, ipv4::PROTO_TCP | ipv4::PROTO_UDP)
         && nat_cfg.is_some_and(|n| (n.ports.0..=n.ports.1).contains(&k.dport))
 }
