@@ -103,6 +103,116 @@ pub const BYTES_PER_ENTRY: usize = std::mem::size_of::<Entry>()
     + SLOTS_PER_ENTRY * std::mem::size_of::<Slot>()
     + std::mem::size_of::<u32>();
 
+/// Size of one flow record of [`Conntrack::export`]: two keys (13 bytes each), the rewrite
+/// (13), the time left (8) and the state (7).
+pub const EXPORTED_FLOW_BYTES: usize = 54;
+
+/// Why exported flows could not be imported.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ImportError {
+    #[error(
+        "{0} bytes of flow records is not a whole number of {EXPORTED_FLOW_BYTES}-byte records"
+    )]
+    Length(usize),
+    #[error("flow record {index} is malformed (unknown state or flags)")]
+    Record { index: usize },
+}
+
+fn put_key(k: &FlowKey, out: &mut Vec<u8>) {
+    out.extend_from_slice(&k.src.octets());
+    out.extend_from_slice(&k.dst.octets());
+    out.extend_from_slice(&k.sport.to_be_bytes());
+    out.extend_from_slice(&k.dport.to_be_bytes());
+    out.push(k.proto);
+}
+
+fn get_key(b: &[u8]) -> FlowKey {
+    FlowKey {
+        src: Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+        dst: Ipv4Addr::new(b[4], b[5], b[6], b[7]),
+        sport: u16::from_be_bytes([b[8], b[9]]),
+        dport: u16::from_be_bytes([b[10], b[11]]),
+        proto: b[12],
+    }
+}
+
+fn put_endpoint(e: Option<(Ipv4Addr, u16)>, out: &mut Vec<u8>) {
+    let (a, p) = e.unwrap_or((Ipv4Addr::UNSPECIFIED, 0));
+    out.extend_from_slice(&a.octets());
+    out.extend_from_slice(&p.to_be_bytes());
+}
+
+fn get_endpoint(b: &[u8], present: bool) -> Option<(Ipv4Addr, u16)> {
+    present.then(|| {
+        (
+            Ipv4Addr::new(b[0], b[1], b[2], b[3]),
+            u16::from_be_bytes([b[4], b[5]]),
+        )
+    })
+}
+
+const REC_NAT: u8 = 1;
+const REC_NAT_SRC: u8 = 2;
+const REC_NAT_DST: u8 = 4;
+
+fn encode_flow(keys: &[FlowKey; 2], f: &Flow, left_ns: u64, out: &mut Vec<u8>) {
+    put_key(&keys[0], out);
+    put_key(&keys[1], out);
+    let nat = f.nat.unwrap_or_default();
+    let flags = if f.nat.is_some() { REC_NAT } else { 0 }
+        | if nat.src.is_some() { REC_NAT_SRC } else { 0 }
+        | if nat.dst.is_some() { REC_NAT_DST } else { 0 };
+    out.push(flags);
+    put_endpoint(nat.src, out);
+    put_endpoint(nat.dst, out);
+    out.extend_from_slice(&left_ns.to_be_bytes());
+    out.extend_from_slice(&f.backend.to_be_bytes());
+    out.extend_from_slice(&f.policy_gen.to_be_bytes());
+    out.push(u8::from(f.policy_audit));
+    out.push(f.state as u8);
+    out.push(f.fins);
+}
+
+fn decode_flow(b: &[u8]) -> Option<([FlowKey; 2], Flow, u64)> {
+    let keys = [get_key(&b[0..13]), get_key(&b[13..26])];
+    let flags = b[26];
+    if flags & !(REC_NAT | REC_NAT_SRC | REC_NAT_DST) != 0 || (flags & REC_NAT == 0 && flags != 0) {
+        return None;
+    }
+    let nat = (flags & REC_NAT != 0).then(|| NatRewrite {
+        src: get_endpoint(&b[27..33], flags & REC_NAT_SRC != 0),
+        dst: get_endpoint(&b[33..39], flags & REC_NAT_DST != 0),
+    });
+    let left_ns = u64::from_be_bytes(b[39..47].try_into().ok()?);
+    const STATES: [FlowState; 10] = [
+        FlowState::TcpSynSent,
+        FlowState::TcpSynRecv,
+        FlowState::TcpEstablished,
+        FlowState::TcpFinWait,
+        FlowState::TcpTimeWait,
+        FlowState::TcpClose,
+        FlowState::Udp,
+        FlowState::UdpAssured,
+        FlowState::Icmp,
+        FlowState::Other,
+    ];
+    let state = *STATES.get(usize::from(b[52]))?;
+    if b[51] > 1 || b[53] > 3 {
+        return None;
+    }
+    let flow = Flow {
+        nat,
+        expires_ns: 0,
+        backend: u16::from_be_bytes([b[47], b[48]]),
+        policy_gen: u16::from_be_bytes([b[49], b[50]]),
+        policy_audit: b[51] == 1,
+        state,
+        fins: b[53],
+        slots: 0,
+    };
+    Some((keys, flow, left_ns))
+}
+
 /// A flow's 5-tuple as one packet carries it (ICMP echo: identifier as a port, see module doc).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -755,6 +865,42 @@ impl Conntrack {
         removed
     }
 
+    /// Appends every live flow to `out` as [`EXPORTED_FLOW_BYTES`]-byte records (a hot restart
+    /// carries them to the next agent). Returns how many.
+    pub fn export(&self, now_ns: u64, out: &mut Vec<u8>) -> usize {
+        let mut n = 0;
+        for e in self.entries.iter() {
+            if e.flow.slots == 0 || e.flow.expires_ns <= now_ns {
+                continue;
+            }
+            encode_flow(&e.keys, &e.flow, e.flow.expires_ns - now_ns, out);
+            n += 1;
+        }
+        n
+    }
+
+    /// Inserts the flows of [`Conntrack::export`]'s records, their time left counted from
+    /// `now_ns`. Their policy verdicts are taken again at their next packet (`policy_gen` 0:
+    /// the next agent's policy generations are its own). A record that does not decode is an
+    /// error naming it; the flows before it stay inserted.
+    pub fn import(&mut self, bytes: &[u8], now_ns: u64) -> Result<usize, ImportError> {
+        if bytes.len() % EXPORTED_FLOW_BYTES != 0 {
+            return Err(ImportError::Length(bytes.len()));
+        }
+        let mut n = 0;
+        for (i, rec) in bytes.chunks_exact(EXPORTED_FLOW_BYTES).enumerate() {
+            let (keys, mut flow, left_ns) =
+                decode_flow(rec).ok_or(ImportError::Record { index: i })?;
+            flow.expires_ns = now_ns.saturating_add(left_ns);
+            flow.policy_gen = 0;
+            // An eviction here means the table is smaller than the one exported: counted in
+            // the stats like any eviction.
+            let _ = self.insert(&keys[0], &keys[1], flow, now_ns);
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn note(evicted: &mut Option<Evicted>, e: Option<Evicted>) {
         if evicted.is_none() {
             *evicted = e;
@@ -983,6 +1129,86 @@ mod tests {
         let flow = ct.new_flow(ipv4::PROTO_TCP, flags, Some(rw), 3, now);
         assert_eq!(ct.insert(&k, &reply, flow, now), Ok(()));
         (k, reply)
+    }
+
+    #[test]
+    fn exported_flows_come_back_in_another_table_with_their_time_left() {
+        let mut old = table(64);
+        let t0 = 1_000 * S;
+        let (k, reply) = insert_dnat(&mut old, 40000, TCP_SYN, t0);
+        old.track(&reply, TCP_SYN | TCP_ACK, t0 + S).expect("reply");
+        old.track(&k, TCP_ACK, t0 + S).expect("ack");
+        assert!(old.set_policy(&k, 9, true));
+        // A SNATed UDP flow, an untranslated ICMP flow, and one that expires before the export.
+        let u = key(ipv4::PROTO_UDP, 5353);
+        let snat = NatRewrite {
+            src: Some((Ipv4Addr::new(192, 168, 0, 1), 61001)),
+            dst: None,
+        };
+        let f = old.new_flow(ipv4::PROTO_UDP, 0, Some(snat), 0, t0);
+        old.insert(&u, &u.reply_key(&snat), f, t0).expect("room");
+        let i = key(ipv4::PROTO_ICMP, 7);
+        let f = old.new_flow(ipv4::PROTO_ICMP, 0, None, 0, t0);
+        old.insert(&i, &i.reversed(), f, t0).expect("room");
+        let gone = key(ipv4::PROTO_ICMP, 8);
+        let f = old.new_flow(ipv4::PROTO_ICMP, 0, None, 0, t0 - 100 * S);
+        old.insert(&gone, &gone.reversed(), f, t0 - 100 * S)
+            .expect("room");
+
+        let now_old = t0 + 2 * S;
+        let mut bytes = Vec::new();
+        assert_eq!(
+            old.export(now_old, &mut bytes),
+            3,
+            "the expired flow stays behind"
+        );
+        assert_eq!(bytes.len(), 3 * EXPORTED_FLOW_BYTES);
+
+        // Another process: another clock origin, another seed.
+        let mut new = Conntrack::new(Config {
+            capacity: 128,
+            seed: 77,
+            timeouts: Timeouts::default(),
+        })
+        .expect("valid");
+        let now_new = 5 * S;
+        assert_eq!(new.import(&bytes, now_new), Ok(3));
+        assert_eq!(new.len(), 3);
+        let (dir, f) = new.lookup_dir(&reply, now_new).expect("reply key found");
+        assert_eq!(dir, Direction::Reply);
+        assert_eq!(f.state, FlowState::TcpEstablished);
+        assert_eq!(f.nat, Some(NatRewrite::dnat(BACKEND, 8080)));
+        assert_eq!(f.backend, 3);
+        assert_eq!(f.policy_gen, 0, "verdicts are taken again by the new agent");
+        assert!(f.policy_audit);
+        let left = old.lookup(&k, now_old).expect("old").expires_ns - now_old;
+        assert_eq!(
+            new.lookup(&k, now_new).expect("new").expires_ns,
+            now_new + left
+        );
+        let fu = new
+            .lookup(&u.reply_key(&snat), now_new)
+            .expect("snat reply");
+        assert_eq!(fu.nat, Some(snat));
+        assert!(new.lookup(&i.reversed(), now_new).is_some());
+        assert!(new.lookup(&gone, now_new).is_none());
+    }
+
+    #[test]
+    fn malformed_flow_records_are_refused_by_name() {
+        let mut old = table(8);
+        insert_dnat(&mut old, 1, TCP_SYN, S);
+        let mut bytes = Vec::new();
+        old.export(S, &mut bytes);
+        let mut new = table(8);
+        assert_eq!(new.import(&bytes[..10], S), Err(ImportError::Length(10)));
+        let mut bad = bytes.clone();
+        bad[52] = 200; // no such state
+        assert_eq!(new.import(&bad, S), Err(ImportError::Record { index: 0 }));
+        let mut bad = bytes;
+        bad[26] = REC_NAT_SRC; // a rewrite flag without a rewrite
+        assert_eq!(new.import(&bad, S), Err(ImportError::Record { index: 0 }));
+        assert!(new.is_empty());
     }
 
     #[test]

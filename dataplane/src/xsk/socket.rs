@@ -96,6 +96,34 @@ fn getsockopt<T: Default>(fd: BorrowedFd<'_>, opt: libc::c_int) -> std::io::Resu
     Ok(val)
 }
 
+type Rings = (
+    RingMap<sys::xdp_desc>,
+    RingMap<sys::xdp_desc>,
+    RingMap<u64>,
+    RingMap<u64>,
+);
+
+/// Maps the four rings of a socket whose ring sizes were set to `sizes`.
+fn map_rings(fd: &OwnedFd, sizes: RingSizes) -> Result<Rings, (&'static str, std::io::Error)> {
+    let off: sys::xdp_mmap_offsets =
+        getsockopt(fd.as_fd(), sys::XDP_MMAP_OFFSETS).map_err(|e| ("XDP_MMAP_OFFSETS", e))?;
+    let raw = fd.as_raw_fd();
+    let rx =
+        RingMap::map(raw, sys::XDP_PGOFF_RX_RING, &off.rx, sizes.rx).map_err(|e| ("mmap rx", e))?;
+    let tx =
+        RingMap::map(raw, sys::XDP_PGOFF_TX_RING, &off.tx, sizes.tx).map_err(|e| ("mmap tx", e))?;
+    let fill = RingMap::map(raw, sys::XDP_UMEM_PGOFF_FILL_RING, &off.fr, sizes.fill)
+        .map_err(|e| ("mmap fill", e))?;
+    let completion = RingMap::map(
+        raw,
+        sys::XDP_UMEM_PGOFF_COMPLETION_RING,
+        &off.cr,
+        sizes.completion,
+    )
+    .map_err(|e| ("mmap completion", e))?;
+    Ok((rx, tx, fill, completion))
+}
+
 impl XskSocket {
     /// Creates a socket on (`ifindex`, `queue`). With `shared_with = Some(fd)` of a bound socket
     /// that uses `umem`, binds with `XDP_SHARED_UMEM`; otherwise registers `umem` itself.
@@ -136,22 +164,7 @@ impl XskSocket {
             .map_err(|e| err("XDP_UMEM_COMPLETION_RING", e))?;
         setsockopt(&fd, sys::XDP_RX_RING, &sizes.rx).map_err(|e| err("XDP_RX_RING", e))?;
         setsockopt(&fd, sys::XDP_TX_RING, &sizes.tx).map_err(|e| err("XDP_TX_RING", e))?;
-        let off: sys::xdp_mmap_offsets = getsockopt(fd.as_fd(), sys::XDP_MMAP_OFFSETS)
-            .map_err(|e| err("XDP_MMAP_OFFSETS", e))?;
-        let raw = fd.as_raw_fd();
-        let rx = RingMap::map(raw, sys::XDP_PGOFF_RX_RING, &off.rx, sizes.rx)
-            .map_err(|e| err("mmap rx", e))?;
-        let tx = RingMap::map(raw, sys::XDP_PGOFF_TX_RING, &off.tx, sizes.tx)
-            .map_err(|e| err("mmap tx", e))?;
-        let fill = RingMap::map(raw, sys::XDP_UMEM_PGOFF_FILL_RING, &off.fr, sizes.fill)
-            .map_err(|e| err("mmap fill", e))?;
-        let completion = RingMap::map(
-            raw,
-            sys::XDP_UMEM_PGOFF_COMPLETION_RING,
-            &off.cr,
-            sizes.completion,
-        )
-        .map_err(|e| err("mmap completion", e))?;
+        let rings = map_rings(&fd, sizes).map_err(|(step, e)| err(step, e))?;
         let mut addr = sys::sockaddr_xdp {
             sxdp_family: sys::AF_XDP as u16,
             sxdp_flags: sys::XDP_USE_NEED_WAKEUP,
@@ -176,13 +189,37 @@ impl XskSocket {
         if r != 0 {
             return Err(err("bind", std::io::Error::last_os_error()));
         }
+        Ok(Self::from_parts(fd, rings, ifindex, queue))
+    }
+
+    /// Takes over a bound socket another process created (a hot restart hands its fd over a
+    /// unix socket): maps its rings again with the same `sizes`. The ring indices live in the
+    /// shared mapping, so the rings continue where the other process left them: what the
+    /// kernel received meanwhile waits on rx, what it has not sent yet on tx.
+    pub fn adopt(
+        fd: OwnedFd,
+        ifindex: u32,
+        queue: u32,
+        sizes: RingSizes,
+    ) -> Result<Self, SocketError> {
+        let rings = map_rings(&fd, sizes).map_err(|(step, source)| SocketError {
+            ifindex,
+            queue,
+            step,
+            source,
+        })?;
+        Ok(Self::from_parts(fd, rings, ifindex, queue))
+    }
+
+    fn from_parts(fd: OwnedFd, rings: Rings, ifindex: u32, queue: u32) -> Self {
         let opts: u32 = getsockopt(fd.as_fd(), sys::XDP_OPTIONS).unwrap_or(0);
         let mode = if opts & sys::XDP_OPTIONS_ZEROCOPY != 0 {
             BindMode::ZeroCopy
         } else {
             BindMode::Copy
         };
-        Ok(Self {
+        let (rx, tx, fill, completion) = rings;
+        Self {
             rx: ConsRing::new(rx),
             tx: ProdRing::new(tx),
             fill: ProdRing::new(fill),
@@ -191,7 +228,7 @@ impl XskSocket {
             ifindex,
             queue,
             mode,
-        })
+        }
     }
 
     pub fn ifindex(&self) -> u32 {

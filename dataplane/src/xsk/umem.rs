@@ -4,7 +4,15 @@
 //! (`/proc/sys/vm/nr_hugepages`), else by normal pages with a warning: the TLB then misses more
 //! often, and the kernel pins more pages. `MAP_POPULATE` faults everything in at start-up so
 //! the per-packet path never page-faults.
-use std::ptr::NonNull;
+//!
+//! The memory is a memfd (hugetlb-backed when possible) mapped shared, so a hot restart can
+//! hand it to the next agent: the fd travels over a unix socket with the AF_XDP sockets
+//! registered on it, and the new process maps the same frames ([`UmemArea::from_fd`]) while
+//! the kernel keeps receiving into them.
+use std::{
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    ptr::NonNull,
+};
 
 const HUGE_PAGE_BYTES: usize = 2 * 1024 * 1024;
 
@@ -49,6 +57,8 @@ pub struct UmemArea {
     len: usize,
     config: UmemConfig,
     on_hugepages: bool,
+    /// The memfd behind the mapping (what a hot restart hands over).
+    fd: OwnedFd,
 }
 
 // SAFETY: the region is plain memory owned by this value; frames are handed between the
@@ -67,6 +77,8 @@ pub enum UmemError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the handed-over UMEM holds {have} bytes, its geometry needs {want}")]
+    Size { have: u64, want: u64 },
 }
 
 impl UmemArea {
@@ -82,13 +94,16 @@ impl UmemArea {
         let bytes = config.frames as usize * config.frame_size as usize;
         if config.hugepages {
             let len = bytes.div_ceil(HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES;
-            match map(len, libc::MAP_HUGETLB) {
-                Ok(ptr) => {
+            match memfd(len, libc::MFD_HUGETLB | MFD_HUGE_2MB)
+                .and_then(|fd| map(&fd, len).map(|ptr| (fd, ptr)))
+            {
+                Ok((fd, ptr)) => {
                     return Ok(Self {
                         ptr,
                         len,
                         config,
                         on_hugepages: true,
+                        fd,
                     })
                 }
                 Err(e) => tracing::warn!(
@@ -98,13 +113,49 @@ impl UmemArea {
                 ),
             }
         }
-        let ptr = map(bytes, 0).map_err(|source| UmemError::Mmap { bytes, source })?;
+        let mmap_err = |source| UmemError::Mmap { bytes, source };
+        let fd = memfd(bytes, 0).map_err(mmap_err)?;
+        let ptr = map(&fd, bytes).map_err(mmap_err)?;
         Ok(Self {
             ptr,
             len: bytes,
             config,
             on_hugepages: false,
+            fd,
         })
+    }
+
+    /// Maps a UMEM another process created ([`UmemArea::fd`], handed over at a hot restart):
+    /// the same frames, under this process's addresses.
+    pub fn from_fd(fd: OwnedFd, config: UmemConfig) -> Result<Self, UmemError> {
+        let want = u64::from(config.frames) * u64::from(config.frame_size);
+        // SAFETY: a zeroed stat is a valid value of the plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on an fd we own into a live, writable stat.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(UmemError::Mmap {
+                bytes: want as usize,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let have = st.st_size as u64;
+        if have < want {
+            return Err(UmemError::Size { have, want });
+        }
+        let len = have as usize;
+        let ptr = map(&fd, len).map_err(|source| UmemError::Mmap { bytes: len, source })?;
+        Ok(Self {
+            ptr,
+            len,
+            config,
+            on_hugepages: is_hugetlb(&fd),
+            fd,
+        })
+    }
+
+    /// The memfd behind the mapping.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     /// The region to register in sockets. The area must outlive every socket registered with it
@@ -155,15 +206,44 @@ impl UmemArea {
     }
 }
 
-fn map(len: usize, extra_flags: libc::c_int) -> std::io::Result<NonNull<u8>> {
-    // SAFETY: anonymous private mapping; result checked for MAP_FAILED.
+/// `MFD_HUGE_2MB` (21 << MFD_HUGE_SHIFT), not in every libc release.
+const MFD_HUGE_2MB: libc::c_uint = 21 << 26;
+
+/// A memfd of `len` bytes.
+fn memfd(len: usize, flags: libc::c_uint) -> std::io::Result<OwnedFd> {
+    // SAFETY: memfd_create with a static NUL-terminated name; the result is checked.
+    let raw = unsafe { libc::memfd_create(c"sluice-umem".as_ptr(), libc::MFD_CLOEXEC | flags) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: raw is a fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ftruncate on our own fd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Whether `fd` lives on hugetlbfs (a hugetlb memfd).
+fn is_hugetlb(fd: &OwnedFd) -> bool {
+    // SAFETY: a zeroed statfs is a valid value of the plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on an fd we own into a live, writable statfs.
+    (unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } == 0)
+        && st.f_type == libc::HUGETLBFS_MAGIC as _
+}
+
+/// Maps `len` bytes of `fd` shared, faulted in (`MAP_POPULATE`).
+fn map(fd: &OwnedFd, len: usize) -> std::io::Result<NonNull<u8>> {
+    // SAFETY: shared mapping of a memfd we hold; result checked for MAP_FAILED.
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE | extra_flags,
-            -1,
+            libc::MAP_SHARED | libc::MAP_POPULATE,
+            fd.as_raw_fd(),
             0,
         )
     };
@@ -175,8 +255,9 @@ fn map(len: usize, extra_flags: libc::c_int) -> std::io::Result<NonNull<u8>> {
 
 impl Drop for UmemArea {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `new` mapped. Sockets using this UMEM are dropped
-        // before it (the worker owns both and drops ports first).
+        // SAFETY: unmapping exactly what `new`/`from_fd` mapped. Sockets using this UMEM are
+        // dropped before it (the worker owns both and drops ports first); after a hot restart
+        // the next process maps the same memfd, and the kernel keeps the pages it pinned.
         unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
     }
 }
@@ -217,5 +298,40 @@ mod tests {
         chunk[0] = 7;
         assert!(u.chunk_mut(4 * 2048).is_none());
         assert!(u.chunk_mut(u64::MAX).is_none());
+    }
+
+    #[test]
+    fn a_handed_over_umem_shows_the_same_frames() {
+        let config = UmemConfig {
+            frames: 4,
+            frame_size: 2048,
+            headroom: 0,
+            hugepages: false,
+        };
+        let mut old = UmemArea::new(config).expect("map");
+        old.chunk_mut(2048).expect("inside").0[5] = 42;
+        let fd = old.fd().try_clone_to_owned().expect("dup");
+        let mut new = UmemArea::from_fd(fd, config).expect("map again");
+        assert_ne!(new.addr(), old.addr(), "a second mapping");
+        assert_eq!(new.chunk_mut(2048).expect("inside").0[5], 42);
+        new.chunk_mut(0).expect("inside").0[0] = 7;
+        drop(new);
+        assert_eq!(
+            old.chunk_mut(0).expect("inside").0[0],
+            7,
+            "shared, not copied"
+        );
+        let small = UmemConfig {
+            frames: 8,
+            ..config
+        };
+        let fd = old.fd().try_clone_to_owned().expect("dup");
+        assert!(matches!(
+            UmemArea::from_fd(fd, small),
+            Err(UmemError::Size {
+                have: 8192,
+                want: 16384
+            })
+        ));
     }
 }
