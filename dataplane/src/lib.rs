@@ -21,6 +21,7 @@ pub mod classify;
 pub mod conntrack;
 pub mod drop_reason;
 pub mod handoff;
+pub mod handover;
 pub mod latency;
 pub mod packet;
 pub mod pipeline;

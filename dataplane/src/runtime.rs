@@ -190,10 +190,44 @@ pub struct Dataplane {
     frames_per_worker: u32,
     rings: RingSizes,
     snapshot: Arc<ArcSwapOption<Snapshot>>,
+    /// Sockets handed over at a hot restart, until the agent claims them.
+    adopted: Mutex<Vec<PortInfo>>,
 }
 
 impl Dataplane {
     pub fn start(config: DataplaneConfig) -> Result<Self, RuntimeError> {
+        Self::start_with(config, Vec::new())
+    }
+
+    /// Starts workers that continue the previous agent's ([`Dataplane::handover`] there; one
+    /// state per worker, in worker order, their fds received over the hot-restart socket).
+    /// The adopted sockets are listed by [`Dataplane::take_adopted`] until the agent claims
+    /// them for its interfaces.
+    pub fn adopt(
+        config: DataplaneConfig,
+        states: Vec<crate::handover::WorkerState>,
+    ) -> Result<Self, RuntimeError> {
+        if states.len() != config.workers {
+            return Err(RuntimeError::Worker {
+                worker: states.len(),
+                what: format!(
+                    "the running agent hands over {} workers, this one runs {}; a hot restart \
+                     keeps the worker count",
+                    states.len(),
+                    config.workers
+                ),
+            });
+        }
+        Self::start_with(config, states)
+    }
+
+    fn start_with(
+        config: DataplaneConfig,
+        states: Vec<crate::handover::WorkerState>,
+    ) -> Result<Self, RuntimeError> {
+        let mut states: Vec<Option<crate::handover::WorkerState>> =
+            states.into_iter().map(Some).collect();
+        let mut adopted = Vec::new();
         if config.workers == 0 {
             return Err(RuntimeError::NoWorkers);
         }
@@ -254,12 +288,37 @@ impl Dataplane {
             let aff = Arc::clone(&affinity);
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
             let (s, snap) = (Arc::clone(&shared), Arc::clone(&snapshot));
+            let state = states.get_mut(id).and_then(Option::take);
+            let mut handed_ports = Vec::new();
+            if let Some(st) = &state {
+                if st.id != id {
+                    return Err(RuntimeError::Worker {
+                        worker: id,
+                        what: format!("handed-over state is worker {}'s", st.id),
+                    });
+                }
+                for p in &st.ports {
+                    let info = PortInfo {
+                        worker: id,
+                        ifindex: p.socket.ifindex(),
+                        queue: p.socket.queue(),
+                        fd: p.socket.fd().as_raw_fd(),
+                        mode: p.socket.mode(),
+                    };
+                    handed_ports.push((info.ifindex, info.queue, info.fd));
+                    adopted.push(info);
+                }
+            }
             let thread = std::thread::Builder::new()
                 .name(format!("sluice-worker-{id}"))
                 .spawn(move || {
                     // The UMEM is allocated on the worker's own thread (after pinning would be
                     // better for NUMA; on one socket it makes no difference).
-                    match Worker::new(wc, s, snap, rx, worker_wake, ho, aff) {
+                    let worker = match state {
+                        None => Worker::new(wc, s, snap, rx, worker_wake, ho, aff),
+                        Some(st) => Worker::adopt(wc, st, s, snap, rx, worker_wake, ho, aff),
+                    };
+                    match worker {
                         Ok(w) => {
                             let _ = ready_tx.send(Ok((w.on_hugepages(), w.umem_region())));
                             w.run();
@@ -292,7 +351,7 @@ impl Dataplane {
                 thread: Some(thread),
                 hugepages,
                 umem,
-                ports: Mutex::new(Vec::new()),
+                ports: Mutex::new(handed_ports),
             });
         }
         Ok(Self {
@@ -311,7 +370,59 @@ impl Dataplane {
             frames_per_worker: config.umem.frames,
             rings: config.rings,
             snapshot,
+            adopted: Mutex::new(adopted),
         })
+    }
+
+    /// A socket handed over by the previous agent for (`ifindex`, `queue`), now this agent's
+    /// (it is still registered in that interface's XSKMAP). `None` when there was none.
+    pub fn take_adopted(&self, ifindex: u32, queue: u32) -> Option<PortInfo> {
+        let mut a = self.adopted.lock().unwrap_or_else(|e| e.into_inner());
+        let at = a
+            .iter()
+            .position(|p| (p.ifindex, p.queue) == (ifindex, queue))?;
+        Some(a.swap_remove(at))
+    }
+
+    /// Handed-over sockets no interface of this agent claimed (their interface went away
+    /// during the restart): removes them and returns how many.
+    pub fn drop_unclaimed_adopted(&self) -> usize {
+        let left = std::mem::take(&mut *self.adopted.lock().unwrap_or_else(|e| e.into_inner()));
+        for p in &left {
+            let _ = self.remove_port(p.ifindex, p.queue);
+        }
+        left.len()
+    }
+
+    /// Hot restart: every worker stops between two batches and hands over its sockets, UMEM,
+    /// frame owners and flows ([`crate::handover`]); the threads are joined. The sockets stay
+    /// open (and registered in their XSKMAPs) inside the returned states.
+    pub fn handover(mut self) -> Result<Vec<crate::handover::WorkerState>, RuntimeError> {
+        let mut replies = Vec::with_capacity(self.workers.len());
+        for w in &self.workers {
+            let (tx, rx) = mpsc::sync_channel(1);
+            w.send(Command::Handover { reply: tx })?;
+            replies.push(rx);
+        }
+        let mut states = Vec::with_capacity(replies.len());
+        for (w, rx) in self.workers.iter_mut().zip(replies) {
+            let st = rx
+                .recv_timeout(COMMAND_TIMEOUT)
+                .map_err(|_| RuntimeError::Worker {
+                    worker: w.id,
+                    what: "did not answer Handover".into(),
+                })?;
+            if let Some(t) = w.thread.take() {
+                let _ = t.join();
+            }
+            states.push(st);
+        }
+        Ok(states)
+    }
+
+    /// The ring sizes every socket of this dataplane has.
+    pub fn rings(&self) -> RingSizes {
+        self.rings
     }
 
     pub fn workers(&self) -> usize {

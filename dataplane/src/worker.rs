@@ -59,6 +59,8 @@ pub enum WorkerError {
     Umem(#[from] crate::xsk::UmemError),
     #[error(transparent)]
     Conntrack(#[from] ConntrackError),
+    #[error("handed-over flows: {0}")]
+    Flows(#[from] crate::conntrack::ImportError),
 }
 
 /// Conntrack entries examined per busy loop iteration and before each sleep.
@@ -133,6 +135,18 @@ pub enum Command {
         reply: SyncSender<Box<LatencyHistograms>>,
     },
     Shutdown,
+    /// Hot restart: stop between two batches and hand everything over
+    /// ([`crate::handover`]): sockets, UMEM, frame owners, flows. The sockets are not closed.
+    Handover {
+        reply: SyncSender<crate::handover::WorkerState>,
+    },
+}
+
+/// What the command loop tells the worker loop.
+enum Next {
+    Run,
+    Stop,
+    Handover(SyncSender<crate::handover::WorkerState>),
 }
 
 /// `owner` value of a frame the worker holds (free list, or in the middle of the pipeline).
@@ -161,6 +175,15 @@ struct Port {
 /// ring.
 fn fill_start(frames: u32, ring: u32) -> u32 {
     (frames / 32).max(64).min(ring).max(1)
+}
+
+/// What a worker is built from: fresh, or handed over by the previous agent.
+struct Parts {
+    umem: UmemArea,
+    owner: Vec<u16>,
+    ports: Vec<Port>,
+    next_port_id: u16,
+    flows: Vec<u8>,
 }
 
 /// Worker state. Field order matters for Drop: ports (sockets, rings) before the UMEM.
@@ -208,38 +231,139 @@ impl Worker {
         affinity: Arc<crate::affinity::Affinity>,
     ) -> Result<Self, WorkerError> {
         let umem = UmemArea::new(config.umem)?;
+        let frames = config.umem.frames;
+        let owner = vec![OWNER_WORKER; frames as usize];
+        Self::build(
+            config,
+            Parts {
+                umem,
+                owner,
+                ports: Vec::new(),
+                next_port_id: 0,
+                flows: Vec::new(),
+            },
+            shared,
+            snapshot,
+            commands,
+            wake,
+            handoff,
+            affinity,
+        )
+    }
+
+    /// A worker that continues where a worker of the previous agent stopped
+    /// ([`Command::Handover`]): its UMEM, sockets, frame owners and flows.
+    #[allow(clippy::too_many_arguments)]
+    pub fn adopt(
+        config: WorkerConfig,
+        state: crate::handover::WorkerState,
+        shared: Arc<SharedCounters>,
+        snapshot: Arc<ArcSwapOption<Snapshot>>,
+        commands: Receiver<Command>,
+        wake: OwnedFd,
+        handoff: Arc<Handoff>,
+        affinity: Arc<crate::affinity::Affinity>,
+    ) -> Result<Self, WorkerError> {
+        let mut owner = state.owner;
+        owner.resize(config.umem.frames as usize, OWNER_WORKER);
+        for o in &mut owner {
+            // A frame of a port that is not handed over (none should be) is the worker's.
+            if *o != OWNER_WORKER
+                && *o != OWNER_LEAKED
+                && !state.ports.iter().any(|p| p.id == *o)
+            {
+                *o = OWNER_WORKER;
+            }
+        }
+        let ports = state
+            .ports
+            .into_iter()
+            .map(|p| Port {
+                id: p.id,
+                sock: p.socket,
+                // What the old worker queued may not have been kicked yet.
+                tx_dirty: true,
+                fill_target: p.fill_target.max(1),
+                filled: p.filled,
+            })
+            .collect();
+        Self::build(
+            config,
+            Parts {
+                umem: state.umem,
+                owner,
+                ports,
+                next_port_id: state.next_port_id,
+                flows: state.flows,
+            },
+            shared,
+            snapshot,
+            commands,
+            wake,
+            handoff,
+            affinity,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        config: WorkerConfig,
+        parts: Parts,
+        shared: Arc<SharedCounters>,
+        snapshot: Arc<ArcSwapOption<Snapshot>>,
+        commands: Receiver<Command>,
+        wake: OwnedFd,
+        handoff: Arc<Handoff>,
+        affinity: Arc<crate::affinity::Affinity>,
+    ) -> Result<Self, WorkerError> {
+        let Parts {
+            umem,
+            owner,
+            ports,
+            next_port_id,
+            flows: flow_records,
+        } = parts;
         // A per-worker random seed: flow keys chosen by an attacker cannot be aimed at buckets.
         let seed = std::collections::hash_map::RandomState::new().hash_one(config.id);
-        let ct = Conntrack::new(crate::conntrack::Config {
+        let mut ct = Conntrack::new(crate::conntrack::Config {
             capacity: config.conntrack_capacity,
             seed,
             timeouts: config.timeouts,
         })?;
+        let clock = CycleClock::get();
+        if !flow_records.is_empty() {
+            ct.import(&flow_records, clock.to_ns(cycles()))?;
+        }
         let flows = Flows::new(ct, affinity);
         let steer = Steer {
             worker: config.id as u16,
             workers: config.workers.max(1) as u16,
         };
         handoff.set_waker(config.id, wake.as_raw_fd());
-        let frames = config.umem.frames;
-        let mut free = Vec::with_capacity(frames as usize);
-        for i in (0..frames).rev() {
-            free.push(umem.frame_addr(i));
-        }
+        let shift = config.umem.frame_size.trailing_zeros();
+        let free = owner
+            .iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, o)| **o == OWNER_WORKER)
+            .map(|(i, _)| (i as u64) << shift)
+            .collect::<Vec<u64>>();
+        let mut free_list = Vec::with_capacity(config.umem.frames as usize);
+        free_list.extend(free);
         let mut w = Self {
-            ports: Vec::new(),
+            ports,
             umem,
-            free,
-            owner: vec![OWNER_WORKER; frames as usize],
-            frame_shift: config.umem.frame_size.trailing_zeros(),
-            next_port_id: 0,
+            free: free_list,
+            owner,
+            frame_shift: shift,
+            next_port_id,
             refill_from: 0,
             tx_port: Vec::new(),
             pollfds: Vec::new(),
             fill_target: 0,
             counters: Counters::default(),
             latency: LatencyHistograms::new(),
-            clock: CycleClock::get(),
+            clock,
             arp: ArpThrottle::default(),
             now_ns: 0,
             flows,
@@ -254,6 +378,61 @@ impl Worker {
         };
         w.rebuild_tables();
         Ok(w)
+    }
+
+    /// Stops for a hot restart: sends what is queued, puts every frame the fill rings can take
+    /// into them (the kernel receives into those until the next agent's worker runs), and
+    /// returns the sockets, the UMEM, the frame owners and the flows.
+    fn into_handover(mut self) -> crate::handover::WorkerState {
+        let generation = self.snapshot.load().as_ref().map_or(0, |s| s.generation());
+        self.flush_tx();
+        let reserve = (self.config.umem.frames / 16) as usize;
+        let nports = self.ports.len();
+        for k in 0..nports {
+            let share = self.free.len().saturating_sub(reserve) / (nports - k);
+            let p = &mut self.ports[k];
+            let mut pushed = 0;
+            while pushed < share {
+                let Some(addr) = self.free.pop() else { break };
+                if !p.sock.fill.push(addr) {
+                    self.free.push(addr);
+                    break;
+                }
+                self.owner[(addr >> self.frame_shift) as usize] = p.id;
+                pushed += 1;
+            }
+            if pushed > 0 {
+                p.sock.fill.submit();
+            }
+            p.filled = p.sock.fill.pending();
+            if p.sock.fill.needs_wakeup() {
+                p.sock.kick_rx();
+            }
+        }
+        let now = self.clock.to_ns(cycles());
+        let mut flows = Vec::new();
+        let flow_count = self.flows.ct.export(now, &mut flows);
+        self.sync_flow_counters();
+        self.shared
+            .publish(&self.counters, generation, self.free.len() as u64);
+        let ports = std::mem::take(&mut self.ports)
+            .into_iter()
+            .map(|p| crate::handover::PortState {
+                id: p.id,
+                fill_target: p.fill_target,
+                filled: p.filled,
+                socket: p.sock,
+            })
+            .collect();
+        crate::handover::WorkerState {
+            id: self.config.id,
+            umem: self.umem,
+            ports,
+            owner: self.owner,
+            next_port_id: self.next_port_id,
+            flows,
+            flow_count,
+        }
     }
 
     pub fn on_hugepages(&self) -> bool {
@@ -281,8 +460,14 @@ impl Worker {
         let mut idle_since: Option<std::time::Instant> = None;
         let mut since_publish = 0u64;
         loop {
-            if !self.apply_commands() {
-                break;
+            match self.apply_commands() {
+                Next::Run => {}
+                Next::Stop => break,
+                Next::Handover(reply) => {
+                    drop(cache);
+                    let _ = reply.send(self.into_handover());
+                    return;
+                }
             }
             let snap = cache.load();
             let generation = snap.as_ref().map_or(0, |s| s.generation());
@@ -372,8 +557,8 @@ impl Worker {
         }
     }
 
-    /// Returns false on shutdown.
-    fn apply_commands(&mut self) -> bool {
+    /// What to do next: run on, stop, or hand over.
+    fn apply_commands(&mut self) -> Next {
         loop {
             match self.commands.try_recv() {
                 Ok(Command::AddPort { socket, reply }) => {
@@ -404,9 +589,10 @@ impl Worker {
                     into.add(&self.latency);
                     let _ = reply.send(into);
                 }
-                Ok(Command::Shutdown) => return false,
-                Err(std::sync::mpsc::TryRecvError::Empty) => return true,
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return false,
+                Ok(Command::Shutdown) => return Next::Stop,
+                Ok(Command::Handover { reply }) => return Next::Handover(reply),
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Next::Run,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Next::Stop,
             }
         }
     }
