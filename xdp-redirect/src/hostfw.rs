@@ -377,6 +377,13 @@ impl Attachment {
     fn tc_program(&mut self) -> Result<&mut SchedClassifier, Error> {
         let ifname = self.ifname.clone();
         self.ebpf
+            .as_mut()
+            .ok_or_else(|| Error::Handover {
+                ifname: ifname.clone(),
+                what: "an attachment taken over from a previous agent has no TC program; \
+                       restart the agent (cold) to turn the host firewall on"
+                    .into(),
+            })?
             .program_mut(TC_PROGRAM)
             .ok_or(Error::MissingProgram {
                 program: TC_PROGRAM,

@@ -26,7 +26,7 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     ops::RangeInclusive,
-    os::fd::{AsFd, AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
 };
 
 mod hostfw;
@@ -39,8 +39,8 @@ pub use hostfw::{
 pub use ports::{PortClaims, PortProtocol};
 
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray, XskMap},
-    programs::{tc::SchedClassifierLinkId, Xdp, XdpMode},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, XskMap},
+    programs::{tc::SchedClassifierLinkId, Xdp},
     Ebpf, EbpfLoader,
 };
 pub use xdp_redirect_common::{
@@ -90,6 +90,8 @@ pub enum Error {
     MissingMap { map: &'static str },
     #[error("XDP program {program} missing from the program object (rebuild xdp-redirect)")]
     MissingProgram { program: &'static str },
+    #[error("hot restart of the XDP program on {ifname}: {what}")]
+    Handover { ifname: String, what: String },
     #[error("interface {ifname} does not exist")]
     NoInterface { ifname: String },
     #[error("rx queue {queue} on {ifname} is beyond the XSKMAP size {max}")]
@@ -248,9 +250,40 @@ pub struct Attachment {
     host_fw: HostFwState,
     /// The TC egress program's link (TCX on kernels from 6.6), while the firewall is on.
     tc_link: Option<SchedClassifierLinkId>,
-    // Owns the programs and their links: dropped last, which detaches the XDP program and the
-    // TC egress program.
-    ebpf: Ebpf,
+    /// Duplicates of the maps' fds, in [`MAP_NAMES`] order: what a hot restart hands over.
+    map_fds: Vec<OwnedFd>,
+    /// The XDP program's bpf_link. Closing the last fd of it detaches the program: this
+    /// process's copy when dropped, unless a hot restart handed a copy to the next agent.
+    link: OwnedFd,
+    // Owns the programs (and the TC link): dropped last, which detaches the TC egress program.
+    // `None` for an attachment taken over from a previous agent (it has the maps and the link,
+    // not the program object).
+    ebpf: Option<Ebpf>,
+}
+
+/// The maps a hot restart hands over, in the order of their fds.
+pub const MAP_NAMES: [&str; 11] = [
+    "XSKS",
+    "RULES",
+    "CONFIG",
+    "NEIGH",
+    "ACTIONS",
+    "PORTS",
+    "DST_ADDRS",
+    "HOST_ADDRS",
+    "CLUSTER_NODES",
+    "FAILSAFE",
+    "HOST_FLOWS",
+];
+
+/// An attachment as a hot restart carries it: this, and its fds (the link, then the maps in
+/// [`MAP_NAMES`] order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachmentMeta {
+    pub ifname: String,
+    pub ifindex: u32,
+    pub native: bool,
+    pub host_flow_capacity: u32,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -261,6 +294,52 @@ impl std::fmt::Debug for Attachment {
             .field("mode", &self.mode)
             .finish()
     }
+}
+
+/// `XDP_FLAGS_SKB_MODE` and `XDP_FLAGS_DRV_MODE` (linux/if_link.h).
+const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
+const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
+/// `BPF_LINK_CREATE` and `BPF_XDP` (linux/bpf.h).
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_XDP: u32 = 37;
+
+/// The fd of a map as `Ebpf::take_map` returns it (the kinds this program has).
+fn map_fd(map: &Map) -> Option<BorrowedFd<'_>> {
+    match map {
+        Map::Array(m)
+        | Map::HashMap(m)
+        | Map::LruHashMap(m)
+        | Map::PerCpuArray(m)
+        | Map::XskMap(m) => Some(m.fd().as_fd()),
+        _ => None,
+    }
+}
+
+/// Attaches XDP program `prog_fd` to `ifindex` through a bpf_link (`BPF_LINK_CREATE`, as
+/// aya does), keeping the link's fd: a hot restart passes it to the next agent, so the
+/// program stays attached while the agents change.
+fn link_create_xdp(prog_fd: i32, ifindex: u32, flags: u32) -> std::io::Result<OwnedFd> {
+    // union bpf_attr, link_create: prog_fd, target_ifindex, attach_type, flags (the rest 0).
+    let mut attr = [0u32; 16];
+    attr[0] = prog_fd as u32;
+    attr[1] = ifindex;
+    attr[2] = BPF_XDP;
+    attr[3] = flags;
+    // SAFETY: bpf(2) with a zeroed attr of the size passed; the kernel reads only the
+    // link_create fields above and returns a new fd or -1.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_CREATE,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr) as u32,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: r is a fresh fd the kernel gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
 /// Interface index of `ifname` in the current network namespace.
@@ -312,22 +391,28 @@ impl Attachment {
             .try_into()
             .map_err(|e| prog_err("type", e))?;
         program.load().map_err(|e| prog_err("load", e))?;
-        let mode = match program.attach_to_if_index(ifindex, XdpMode::Driver) {
-            Ok(_) => AttachMode::Native,
-            Err(native) if allow_generic => match program.attach_to_if_index(ifindex, XdpMode::Skb)
-            {
-                Ok(_) => {
-                    tracing::warn!(ifname, %native, "native XDP unavailable; attached in generic (SKB) mode");
-                    AttachMode::Generic
+        let prog_fd = program
+            .fd()
+            .map_err(|e| prog_err("fd", e))?
+            .as_fd()
+            .as_raw_fd();
+        let (link, mode) = match link_create_xdp(prog_fd, ifindex, XDP_FLAGS_DRV_MODE) {
+            Ok(link) => (link, AttachMode::Native),
+            Err(native) if allow_generic => {
+                match link_create_xdp(prog_fd, ifindex, XDP_FLAGS_SKB_MODE) {
+                    Ok(link) => {
+                        tracing::warn!(ifname, %native, "native XDP unavailable; attached in generic (SKB) mode");
+                        (link, AttachMode::Generic)
+                    }
+                    Err(generic) => {
+                        return Err(Error::Attach {
+                            ifname: ifname.into(),
+                            native: native.to_string(),
+                            generic: generic.to_string(),
+                        })
+                    }
                 }
-                Err(generic) => {
-                    return Err(Error::Attach {
-                        ifname: ifname.into(),
-                        native: native.to_string(),
-                        generic: generic.to_string(),
-                    })
-                }
-            },
+            }
             Err(native) => {
                 return Err(Error::Attach {
                     ifname: ifname.into(),
@@ -336,70 +421,140 @@ impl Attachment {
                 })
             }
         };
+        let mut maps = Vec::with_capacity(MAP_NAMES.len());
+        for name in MAP_NAMES {
+            let map = ebpf.take_map(name).ok_or(Error::MissingMap { map: name })?;
+            let dup = map_fd(&map)
+                .and_then(|fd| fd.try_clone_to_owned().ok())
+                .ok_or(Error::MissingMap { map: name })?;
+            maps.push((map, dup));
+        }
+        let meta = AttachmentMeta {
+            ifname: ifname.into(),
+            ifindex,
+            native: mode == AttachMode::Native,
+            host_flow_capacity,
+        };
+        Self::from_parts(meta, link, maps, Some(ebpf))
+    }
+
+    /// Takes over an attachment a previous agent handed over ([`Attachment::handover`]): the
+    /// XDP program stays attached throughout (this process now holds its link), with every map
+    /// as it was. The mirrors of the port and address tables are read back from the maps.
+    pub fn adopt(meta: AttachmentMeta, fds: Vec<OwnedFd>) -> Result<Self, Error> {
+        if fds.len() != MAP_NAMES.len() + 1 {
+            return Err(Error::Handover {
+                ifname: meta.ifname.clone(),
+                what: format!(
+                    "{} file descriptors handed over, {} expected (the link and {} maps)",
+                    fds.len(),
+                    MAP_NAMES.len() + 1,
+                    MAP_NAMES.len()
+                ),
+            });
+        }
+        if ifindex(&meta.ifname).ok() != Some(meta.ifindex) {
+            return Err(Error::Handover {
+                ifname: meta.ifname.clone(),
+                what: format!(
+                    "interface index {} is no longer {} in this network namespace",
+                    meta.ifindex, meta.ifname
+                ),
+            });
+        }
+        let mut fds = fds.into_iter();
+        let link = fds.next().ok_or_else(|| Error::Handover {
+            ifname: meta.ifname.clone(),
+            what: "no link fd".into(),
+        })?;
+        let mut maps = Vec::with_capacity(MAP_NAMES.len());
+        for (name, fd) in MAP_NAMES.into_iter().zip(fds) {
+            let map_err = |e: aya::maps::MapError| Error::Map {
+                ifname: meta.ifname.clone(),
+                map: name,
+                source: Box::new(e),
+            };
+            let dup = fd.try_clone().map_err(|e| Error::Handover {
+                ifname: meta.ifname.clone(),
+                what: format!("duplicating the {name} fd: {e}"),
+            })?;
+            let data = MapData::from_fd(fd).map_err(map_err)?;
+            let map = Map::from_map_data(data).map_err(map_err)?;
+            maps.push((map, dup));
+        }
+        let mut a = Self::from_parts(meta, link, maps, None)?;
+        a.read_back_claims()?;
+        Ok(a)
+    }
+
+    /// What a hot restart hands to the next agent: the description and the fds to pass (the
+    /// link, then the maps in [`MAP_NAMES`] order). Refused while the host firewall is on:
+    /// its TC egress program is not handed over yet.
+    pub fn handover(&self) -> Result<(AttachmentMeta, Vec<BorrowedFd<'_>>), Error> {
+        if self.tc_link.is_some() || self.host_firewall_on() {
+            return Err(Error::Handover {
+                ifname: self.ifname.clone(),
+                what: "the host firewall is on, and its TC egress program is not handed over \
+                       (stop the agent for a cold restart)"
+                    .into(),
+            });
+        }
+        let mut fds = vec![self.link.as_fd()];
+        fds.extend(self.map_fds.iter().map(|f| f.as_fd()));
+        Ok((
+            AttachmentMeta {
+                ifname: self.ifname.clone(),
+                ifindex: self.ifindex,
+                native: self.mode == AttachMode::Native,
+                host_flow_capacity: self.host_flow_capacity,
+            },
+            fds,
+        ))
+    }
+
+    fn from_parts(
+        meta: AttachmentMeta,
+        link: OwnedFd,
+        maps: Vec<(Map, OwnedFd)>,
+        ebpf: Option<Ebpf>,
+    ) -> Result<Self, Error> {
+        let ifname = meta.ifname.as_str();
         let map_err = |map, e| Error::Map {
             ifname: ifname.into(),
             map,
             source: Box::new(e),
         };
-        let xsks = XskMap::try_from(
-            ebpf.take_map("XSKS")
-                .ok_or(Error::MissingMap { map: "XSKS" })?,
-        )
-        .map_err(|e| map_err("XSKS", e))?;
-        let rules = HashMap::try_from(
-            ebpf.take_map("RULES")
-                .ok_or(Error::MissingMap { map: "RULES" })?,
-        )
-        .map_err(|e| map_err("RULES", e))?;
-        let neigh = HashMap::try_from(
-            ebpf.take_map("NEIGH")
-                .ok_or(Error::MissingMap { map: "NEIGH" })?,
-        )
-        .map_err(|e| map_err("NEIGH", e))?;
-        let config = Array::try_from(
-            ebpf.take_map("CONFIG")
-                .ok_or(Error::MissingMap { map: "CONFIG" })?,
-        )
-        .map_err(|e| map_err("CONFIG", e))?;
-        let actions = PerCpuArray::try_from(
-            ebpf.take_map("ACTIONS")
-                .ok_or(Error::MissingMap { map: "ACTIONS" })?,
-        )
-        .map_err(|e| map_err("ACTIONS", e))?;
-        let ports = Array::try_from(
-            ebpf.take_map("PORTS")
-                .ok_or(Error::MissingMap { map: "PORTS" })?,
-        )
-        .map_err(|e| map_err("PORTS", e))?;
-        let dst_addrs = HashMap::try_from(
-            ebpf.take_map("DST_ADDRS")
-                .ok_or(Error::MissingMap { map: "DST_ADDRS" })?,
-        )
-        .map_err(|e| map_err("DST_ADDRS", e))?;
-        let host_addrs = HashMap::try_from(
-            ebpf.take_map("HOST_ADDRS")
-                .ok_or(Error::MissingMap { map: "HOST_ADDRS" })?,
-        )
-        .map_err(|e| map_err("HOST_ADDRS", e))?;
-        let cluster_nodes =
-            HashMap::try_from(ebpf.take_map("CLUSTER_NODES").ok_or(Error::MissingMap {
-                map: "CLUSTER_NODES",
-            })?)
+        let mut taken = maps.into_iter();
+        let mut map_fds = Vec::with_capacity(MAP_NAMES.len());
+        let mut next = |name: &'static str| -> Result<Map, Error> {
+            let (m, dup) = taken.next().ok_or(Error::MissingMap { map: name })?;
+            map_fds.push(dup);
+            Ok(m)
+        };
+        let xsks = XskMap::try_from(next("XSKS")?).map_err(|e| map_err("XSKS", e))?;
+        let rules = HashMap::try_from(next("RULES")?).map_err(|e| map_err("RULES", e))?;
+        let config = Array::try_from(next("CONFIG")?).map_err(|e| map_err("CONFIG", e))?;
+        let neigh = HashMap::try_from(next("NEIGH")?).map_err(|e| map_err("NEIGH", e))?;
+        let actions =
+            PerCpuArray::try_from(next("ACTIONS")?).map_err(|e| map_err("ACTIONS", e))?;
+        let ports = Array::try_from(next("PORTS")?).map_err(|e| map_err("PORTS", e))?;
+        let dst_addrs =
+            HashMap::try_from(next("DST_ADDRS")?).map_err(|e| map_err("DST_ADDRS", e))?;
+        let host_addrs =
+            HashMap::try_from(next("HOST_ADDRS")?).map_err(|e| map_err("HOST_ADDRS", e))?;
+        let cluster_nodes = HashMap::try_from(next("CLUSTER_NODES")?)
             .map_err(|e| map_err("CLUSTER_NODES", e))?;
-        let failsafe = Array::try_from(
-            ebpf.take_map("FAILSAFE")
-                .ok_or(Error::MissingMap { map: "FAILSAFE" })?,
-        )
-        .map_err(|e| map_err("FAILSAFE", e))?;
-        let host_flows = HashMap::try_from(
-            ebpf.take_map("HOST_FLOWS")
-                .ok_or(Error::MissingMap { map: "HOST_FLOWS" })?,
-        )
-        .map_err(|e| map_err("HOST_FLOWS", e))?;
+        let failsafe = Array::try_from(next("FAILSAFE")?).map_err(|e| map_err("FAILSAFE", e))?;
+        let host_flows =
+            HashMap::try_from(next("HOST_FLOWS")?).map_err(|e| map_err("HOST_FLOWS", e))?;
         Ok(Self {
-            ifname: ifname.into(),
-            ifindex,
-            mode,
+            ifname: meta.ifname.clone(),
+            ifindex: meta.ifindex,
+            mode: if meta.native {
+                AttachMode::Native
+            } else {
+                AttachMode::Generic
+            },
             xsks,
             rules,
             config,
@@ -413,11 +568,42 @@ impl Attachment {
             cluster_nodes,
             failsafe,
             host_flows,
-            host_flow_capacity,
+            host_flow_capacity: meta.host_flow_capacity,
             host_fw: HostFwState::default(),
             tc_link: None,
+            map_fds,
+            link,
             ebpf,
         })
+    }
+
+    /// Rebuilds the mirrors of `PORTS` and `DST_ADDRS` from the maps (after a takeover).
+    fn read_back_claims(&mut self) -> Result<(), Error> {
+        for proto in PortProtocol::ALL {
+            let k = Self::claims_index(proto);
+            let base = proto.table() * PORT_TABLE_WORDS;
+            for index in 0..PORT_TABLE_WORDS {
+                let word = self
+                    .ports
+                    .get(&(base + index), 0)
+                    .map_err(|e| self.map_err("PORTS", e))?;
+                if word != 0 {
+                    self.port_claims[k].set_word(index, word);
+                }
+            }
+        }
+        let mut claims = BTreeMap::new();
+        for entry in self.dst_addrs.iter() {
+            let (addr, action) = entry.map_err(|e| self.map_err("DST_ADDRS", e))?;
+            let a = if action == RuleAction::Pass as u8 {
+                RuleAction::Pass
+            } else {
+                RuleAction::Redirect
+            };
+            claims.insert(Ipv4Addr::from(addr.to_ne_bytes()), a);
+        }
+        self.dst_addr_claims = claims;
+        Ok(())
     }
 
     pub fn ifname(&self) -> &str {

@@ -213,6 +213,15 @@ impl Pair {
         in_netns(&self.netns_a, move || Attachment::attach(&ifname, false))
     }
 
+    /// Takes over a handed-over attachment of A's veth (in A's namespace, as the next agent).
+    fn adopt(
+        &self,
+        meta: xdp_redirect::AttachmentMeta,
+        fds: Vec<OwnedFd>,
+    ) -> Result<Attachment, Error> {
+        in_netns(&self.netns_a, move || Attachment::adopt(meta, fds))
+    }
+
     /// `ip -d link show` of A's veth.
     fn link_details(&self) -> String {
         ip(&["-n", &self.netns_a, "-d", "link", "show", "dev", &self.if_a])
@@ -2433,4 +2442,87 @@ fn host_firewall_end_to_end_with_an_af_xdp_socket_taking_redirected_frames() {
         "the XDP program outlived its Attachment"
     );
     drop(xsk);
+}
+
+#[test]
+fn a_handed_over_attachment_keeps_the_program_attached_with_its_maps() {
+    require_root!();
+    let pair = Pair::new();
+    let mut old = pair.attach().expect("attach to veth");
+    old.set_default(RuleAction::Pass).expect("default");
+    old.set_port(PortProtocol::Udp, 8472, RuleAction::Redirect)
+        .expect("claim a port");
+    old.set_dst_addr(Ipv4Addr::new(10, 0, 9, 9), RuleAction::Redirect)
+        .expect("claim an address");
+    let (meta, fds) = old.handover().expect("handover");
+    assert_eq!(meta.ifname, pair.if_a);
+    assert_eq!(fds.len(), xdp_redirect::MAP_NAMES.len() + 1);
+    // What another process receives over SCM_RIGHTS: its own fds for the same kernel objects.
+    let owned: Vec<_> = fds
+        .iter()
+        .map(|f| f.try_clone_to_owned().expect("dup"))
+        .collect();
+    let prog_id = |d: &str| {
+        d.split("prog/xdp id ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_owned)
+    };
+    let before = prog_id(&pair.link_details()).expect("attached");
+    drop(old);
+    let mut new = pair.adopt(meta, owned).expect("adopt");
+    assert_eq!(
+        prog_id(&pair.link_details()).as_deref(),
+        Some(before.as_str()),
+        "the same program stays attached when the first owner is gone"
+    );
+    assert_eq!(
+        new.ports(PortProtocol::Udp).get(8472),
+        Some(RuleAction::Redirect),
+        "claims are read back from the map"
+    );
+    assert_eq!(
+        new.dst_addrs().get(&Ipv4Addr::new(10, 0, 9, 9)),
+        Some(&RuleAction::Redirect)
+    );
+    // The adopted maps are the live ones: the program still passes by default, and a claim
+    // removed through them is gone from the kernel's table (re-read by another adoption).
+    new.remove_port(PortProtocol::Udp, 8472).expect("unclaim");
+    let (meta2, fds2) = new.handover().expect("handover again");
+    let owned2: Vec<_> = fds2
+        .iter()
+        .map(|f| f.try_clone_to_owned().expect("dup"))
+        .collect();
+    let third = pair.adopt(meta2, owned2).expect("adopt again");
+    assert_eq!(third.ports(PortProtocol::Udp).get(8472), None);
+    drop(new);
+    drop(third);
+    assert!(
+        !pair.link_details().contains("prog/xdp"),
+        "the program is detached once the last holder of its link is gone"
+    );
+}
+
+#[test]
+fn a_takeover_with_the_wrong_fds_is_refused_by_name() {
+    require_root!();
+    let pair = Pair::new();
+    let old = pair.attach().expect("attach");
+    let (meta, fds) = old.handover().expect("handover");
+    let short: Vec<_> = fds[..3]
+        .iter()
+        .map(|f| f.try_clone_to_owned().expect("dup"))
+        .collect();
+    let err = pair
+        .adopt(meta.clone(), short)
+        .expect_err("3 fds are not enough");
+    assert!(err.to_string().contains(&pair.if_a), "{err}");
+    let mut moved = meta;
+    moved.ifindex += 1000;
+    let all: Vec<_> = fds
+        .iter()
+        .map(|f| f.try_clone_to_owned().expect("dup"))
+        .collect();
+    let err = pair.adopt(moved, all).expect_err("another interface index");
+    assert!(err.to_string().contains("no longer"), "{err}");
 }
