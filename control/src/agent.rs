@@ -52,6 +52,8 @@ use crate::{
     status::{self, InterfaceStatus, Status},
 };
 
+mod hot;
+
 /// Bytes the overlay and encryption add (DESIGN.md): VXLAN 50 + WireGuard over IPv4 60.
 pub const OVERLAY_OVERHEAD_BYTES: u32 = 50 + 60;
 const REQUEST_MAX_BYTES: u64 = 64 * 1024;
@@ -180,6 +182,14 @@ struct Agent {
     /// Generations published for a cluster change, with when the source saw that change,
     /// until every worker reports running them.
     programming_pending: std::collections::VecDeque<(u64, Instant)>,
+    /// Hot restart: XDP attachments handed over by the previous agent, by interface name,
+    /// until the uplink or an endpoint claims them.
+    inherited: BTreeMap<String, Attachment>,
+    /// While taking over: snapshots are built but not published until every handed-over
+    /// interface is known again (a partial one would drop the traffic of the others).
+    hold_publish: bool,
+    /// Some healthCheckNodePorts could not be bound (retried at every reconcile).
+    health_pending: bool,
 }
 
 /// The host firewall in force: the veth pair the workers re-inject admitted packets through,
@@ -195,6 +205,8 @@ struct HostFw {
 enum Job {
     Api(Request, mpsc::SyncSender<Response>),
     Scrape(metrics::Scrape),
+    /// The next agent asks for the dataplane (hot restart).
+    Handover(UnixStream),
 }
 
 /// The state as a checkpoint the cluster-file reader accepts back: pods on a Node the state does
@@ -343,8 +355,46 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let spec = source_spec(&opts.source)?;
     std::fs::create_dir_all(opts.state_dir.join("endpoints"))
         .with_context(|| format!("creating state directory {}", opts.state_dir.display()))?;
-    let (cluster, source_error, mut source) = match &spec {
-        SourceSpec::File(path) => {
+    let dp_config = DataplaneConfig {
+        workers: opts.workers,
+        cores: opts.cores.clone(),
+        umem: UmemConfig {
+            frames: opts.frames_per_worker,
+            hugepages: opts.hugepages,
+            ..UmemConfig::default()
+        },
+        rings: RingSizes::default(),
+        conntrack_capacity: opts.conntrack_capacity,
+        ..DataplaneConfig::default()
+    };
+    // The TSC calibration sleeps 20 ms: not while the previous agent's workers are stopped.
+    let _ = dataplane::latency::CycleClock::get();
+    // An agent running with this state directory hands its dataplane over (hot restart).
+    let mut takeover = hot::take_over(&opts.state_dir, &opts.node, &dp_config)?;
+    let handed_state = takeover.as_mut().map(|t| std::mem::take(&mut t.cluster));
+    let (cluster, source_error, mut source) = match (&spec, handed_state) {
+        (SourceSpec::File(path), Some(c)) => (
+            c,
+            None,
+            Source::File(FileSource::new(path.clone(), opts.source_poll)),
+        ),
+        (SourceSpec::Kubernetes, Some(c)) => {
+            let mut k = crate::kube::KubeOptions::new(opts.node.clone());
+            k.api_server = opts.api_server.clone();
+            k.kubeconfig = opts.kubeconfig.clone();
+            let kube =
+                crate::kube::KubeSource::start(k).context("starting the Kubernetes API source")?;
+            (
+                c,
+                Some(
+                    "forwarding with the state handed over by the previous agent; the API \
+                     server has not completed a sync yet"
+                        .to_owned(),
+                ),
+                Source::Kube(kube),
+            )
+        }
+        (SourceSpec::File(path), None) => {
             let (c, e) = initial_cluster(path, &opts.state_dir)?;
             (
                 c,
@@ -352,7 +402,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                 Source::File(FileSource::new(path.clone(), opts.source_poll)),
             )
         }
-        SourceSpec::Kubernetes => {
+        (SourceSpec::Kubernetes, None) => {
             let mut k = crate::kube::KubeOptions::new(opts.node.clone());
             k.api_server = opts.api_server.clone();
             k.kubeconfig = opts.kubeconfig.clone();
@@ -399,19 +449,23 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let mtu = opts
         .mtu
         .unwrap_or_else(|| default_pod_mtu(node.internal_ip));
-    let dp = Dataplane::start(DataplaneConfig {
-        workers: opts.workers,
-        cores: opts.cores.clone(),
-        umem: UmemConfig {
-            frames: opts.frames_per_worker,
-            hugepages: opts.hugepages,
-            ..UmemConfig::default()
-        },
-        rings: RingSizes::default(),
-        conntrack_capacity: opts.conntrack_capacity,
-        ..DataplaneConfig::default()
-    })
-    .context("starting the dataplane workers")?;
+    let dp = match takeover.as_mut() {
+        None => Dataplane::start(dp_config).context("starting the dataplane workers"),
+        Some(t) => {
+            let states = std::mem::take(&mut t.workers);
+            Dataplane::adopt(dp_config, states)
+                .context("continuing the previous agent's workers (hot restart)")
+        }
+    };
+    let dp = match dp {
+        Ok(dp) => dp,
+        Err(e) => {
+            if let Some(t) = &takeover {
+                t.finish(Err(format!("{e:#}")));
+            }
+            return Err(e);
+        }
+    };
     for r in dp.reports() {
         if !r.hugepages && opts.hugepages {
             tracing::warn!(
@@ -452,7 +506,17 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         checkpoint_due: false,
         last_checkpoint: None,
         checkpoint_writer: None,
+        inherited: BTreeMap::new(),
+        hold_publish: false,
+        health_pending: false,
     };
+    if let Some(t) = takeover.as_mut() {
+        // Continue above the previous agent's generations (flows carry table tags).
+        agent.generation = t.generation;
+        agent.inherited = std::mem::take(&mut t.attachments);
+        agent.hold_publish = true;
+    }
+    let taking_over = std::time::Instant::now();
     agent.translate_services();
     agent.compile_policy();
     agent.start_wireguard()?;
@@ -465,11 +529,39 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         tracing::error!(error = %format!("{e:#}"), "uplink not attached: pods on other nodes are unreachable");
     }
     agent.restore_endpoints();
+    if let Some(t) = &takeover {
+        // Next hops the previous agent learned are in the uplink's map: known at once.
+        agent.poll_neighbors();
+        for (ifname, _) in std::mem::take(&mut agent.inherited) {
+            tracing::info!(%ifname, "handed-over interface no longer attached; detaching it");
+        }
+        let unclaimed = agent.dp.drop_unclaimed_adopted();
+        agent.hold_publish = false;
+        agent.publish();
+        t.finish(Ok(()));
+        tracing::info!(
+            from_pid = t.from_pid,
+            generation = agent.generation,
+            unclaimed_sockets = unclaimed,
+            took_ms = taking_over.elapsed().as_secs_f64() * 1e3,
+            "took over the running agent's dataplane (hot restart)"
+        );
+    }
+    let took_over = takeover.is_some();
+    drop(takeover);
     agent.write_cni_conf()?;
 
     let (req_tx, req_rx) = mpsc::sync_channel::<Job>(16);
     if let Some(addr) = agent.opts.metrics_addr {
-        let metrics_listener = metrics::bind(addr)?;
+        // After a hot restart the previous agent frees the port as it exits.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let metrics_listener = loop {
+            match metrics::bind(addr) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
         let to_control = req_tx.clone();
         std::thread::Builder::new()
             .name("sluice-metrics".into())
@@ -481,10 +573,26 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             .context("starting the metrics thread")?;
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     }
+    hot::serve(&agent.opts.state_dir, req_tx.clone())?;
+    let api_tx = req_tx.clone();
     std::thread::Builder::new()
         .name("sluice-api".into())
         .spawn(move || serve_api(listener, req_tx))
         .context("starting the API thread")?;
+    let rebind_api = {
+        let path = socket_path.clone();
+        move || -> anyhow::Result<()> {
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path)
+                .with_context(|| format!("binding the API socket {}", path.display()))?;
+            let tx = api_tx.clone();
+            std::thread::Builder::new()
+                .name("sluice-api".into())
+                .spawn(move || serve_api(listener, tx))
+                .context("starting the API thread")?;
+            Ok(())
+        }
+    };
     tracing::info!(
         node = %agent.node.name,
         pod_cidr = %agent.node.pod_cidr,
@@ -495,7 +603,9 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     );
 
     if let Source::File(f) = &mut source {
-        let _ = f.poll(); // the first read is the state we already have
+        if !took_over {
+            let _ = f.poll(); // the first read is the state we already have
+        }
     }
     if let (Source::Kube(k), Some(w)) = (&source, &agent.wg) {
         // Other nodes learn this node's key from its Node object.
@@ -505,11 +615,19 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         );
     }
     let mut last_reconcile = Instant::now();
+    let mut handed_over = false;
     while !stop.load(Ordering::Relaxed) {
         match req_rx.recv_timeout(LOOP_TICK) {
             Ok(Job::Api(req, reply)) => {
                 let resp = agent.handle(req);
                 let _ = reply.send(resp);
+            }
+            Ok(Job::Handover(stream)) => {
+                agent.write_checkpoint_if_due(true);
+                if let hot::Outcome::Exit = agent.hand_over(stream, &socket_path, &rebind_api) {
+                    handed_over = true;
+                    break;
+                }
             }
             Ok(Job::Scrape(metrics::Scrape::Ping(reply))) => {
                 let _ = reply.send(());
@@ -578,12 +696,23 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         if last_reconcile.elapsed() >= RECONCILE_EVERY {
             agent.reconcile_interfaces();
             agent.refresh_routes();
+            if agent.health_pending {
+                agent.sync_health();
+            }
             last_reconcile = Instant::now();
         }
     }
+    if handed_over {
+        // The next agent holds the XDP links, sockets and UMEM, and serves both sockets of
+        // the state directory: drop our copies without detaching or unlinking anything.
+        agent.health.stop();
+        return Ok(());
+    }
     tracing::info!("stopping: detaching XDP programs and stopping workers");
+    let handover_socket = agent.opts.state_dir.join(crate::handover::SOCKET_NAME);
     agent.shutdown();
     let _ = std::fs::remove_file(&socket_path);
+    let _ = std::fs::remove_file(handover_socket);
     Ok(())
 }
 
@@ -837,9 +966,23 @@ impl Agent {
             self.services_generation = generation;
             self.sync_uplink_claims();
         }
-        for e in self.health.update(&self.services) {
-            tracing::error!(error = %e, "healthCheckNodePort not served");
+        self.sync_health();
+    }
+
+    /// Opens and updates the healthCheckNodePort listeners; a port that cannot be bound now
+    /// (held by a previous agent during a hot restart, or by another process) is retried at
+    /// every reconcile.
+    fn sync_health(&mut self) {
+        let errors = self.health.update(&self.services);
+        if !errors.is_empty() && !self.health_pending {
+            for e in &errors {
+                tracing::error!(error = %e, "healthCheckNodePort not served (retrying)");
+            }
         }
+        if errors.is_empty() && self.health_pending {
+            tracing::info!("every healthCheckNodePort is served");
+        }
+        self.health_pending = !errors.is_empty();
     }
 
     /// Recompiles the policy table; a new table (and policy generation, never 0) is kept only
@@ -1025,6 +1168,9 @@ impl Agent {
 
     fn publish(&mut self) {
         self.generation += 1;
+        if self.hold_publish {
+            return;
+        }
         let mut b = SnapshotBuilder::new(self.generation, self.node.gateway);
         for a in self.endpoints.values() {
             b.interface(InterfaceEntry {
@@ -1162,9 +1308,11 @@ impl Agent {
             );
         };
         // The uplink's program keeps the host firewall's flow map (sized for the node's flows).
-        let mut attachment =
-            Attachment::attach_with(&ifname, &xdp_redirect::AttachOptions::uplink(true))
-                .with_context(|| format!("attaching XDP to the uplink {ifname}"))?;
+        let mut attachment = match self.inherited.remove(&ifname) {
+            Some(a) => a,
+            None => Attachment::attach_with(&ifname, &xdp_redirect::AttachOptions::uplink(true))
+                .with_context(|| format!("attaching XDP to the uplink {ifname}"))?,
+        };
         attachment.set_default(xdp_redirect::RuleAction::Pass)?;
         attachment.set_rule(
             xdp_redirect::PassKey::ipv4(17, self.opts.vxlan_port),
@@ -1187,7 +1335,7 @@ impl Agent {
         }
         let mut ports = Vec::new();
         for q in 0..queues {
-            match self.dp.add_port(ifindex, q) {
+            match self.port(ifindex, q) {
                 Ok(p) => ports.push(p),
                 Err(e) => {
                     drop(attachment);
@@ -1407,8 +1555,11 @@ impl Agent {
                 other.endpoint.container_id
             );
         }
-        let attachment = Attachment::attach(&ep.host_ifname, true)
-            .with_context(|| format!("attaching XDP to {}", ep.host_ifname))?;
+        let attachment = match self.inherited.remove(&ep.host_ifname) {
+            Some(a) => a,
+            None => Attachment::attach(&ep.host_ifname, true)
+                .with_context(|| format!("attaching XDP to {}", ep.host_ifname))?,
+        };
         let ifindex = attachment.ifindex();
         let host_mac = read_mac(&ep.host_ifname)?;
         let queues = rx_queues(&ep.host_ifname).min(MAX_QUEUES);
@@ -1428,7 +1579,7 @@ impl Agent {
             .with_context(|| format!("persisting endpoint {}", ep.container_id))?;
         let mut ports = Vec::new();
         for q in 0..queues {
-            match self.dp.add_port(ifindex, q) {
+            match self.port(ifindex, q) {
                 Ok(info) => ports.push(info),
                 Err(e) => {
                     drop(attachment);
@@ -1475,6 +1626,19 @@ impl Agent {
             return Err(anyhow::Error::new(e).context("registering AF_XDP sockets in the XSKMAP"));
         }
         Ok(())
+    }
+
+    /// The socket for (`ifindex`, `queue`): the one handed over by the previous agent (hot
+    /// restart), else a new one.
+    fn port(
+        &self,
+        ifindex: u32,
+        queue: u32,
+    ) -> Result<dataplane::worker::PortInfo, dataplane::runtime::RuntimeError> {
+        match self.dp.take_adopted(ifindex, queue) {
+            Some(p) => Ok(p),
+            None => self.dp.add_port(ifindex, queue),
+        }
     }
 
     fn detach(&mut self, container_id: &str) {

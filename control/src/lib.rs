@@ -11,6 +11,7 @@ pub mod agent;
 pub mod api;
 pub mod cluster;
 pub mod cni;
+pub mod handover;
 pub mod hostfw;
 pub mod kube;
 pub mod metrics;
