@@ -284,6 +284,12 @@ pub struct AttachmentMeta {
     pub ifindex: u32,
     pub native: bool,
     pub host_flow_capacity: u32,
+    /// What `PORTS` holds: (table in [`PortProtocol::ALL`] order, word index, word), non-zero
+    /// words only (the handing agent's exact mirror: reading 6144 words back would cost a
+    /// syscall each while the workers are stopped).
+    pub port_words: Vec<(u8, u32, u64)>,
+    /// What `DST_ADDRS` holds: (address, passed rather than redirected).
+    pub dst_addrs: Vec<(Ipv4Addr, bool)>,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -434,13 +440,15 @@ impl Attachment {
             ifindex,
             native: mode == AttachMode::Native,
             host_flow_capacity,
+            port_words: Vec::new(),
+            dst_addrs: Vec::new(),
         };
         Self::from_parts(meta, link, maps, Some(ebpf))
     }
 
     /// Takes over an attachment a previous agent handed over ([`Attachment::handover`]): the
     /// XDP program stays attached throughout (this process now holds its link), with every map
-    /// as it was. The mirrors of the port and address tables are read back from the maps.
+    /// as it was. The mirrors of the port and address tables come with `meta`.
     pub fn adopt(meta: AttachmentMeta, fds: Vec<OwnedFd>) -> Result<Self, Error> {
         if fds.len() != MAP_NAMES.len() + 1 {
             return Err(Error::Handover {
@@ -482,8 +490,32 @@ impl Attachment {
             let map = Map::from_map_data(data).map_err(map_err)?;
             maps.push((map, dup));
         }
+        let mut claims = BTreeMap::new();
+        for (addr, pass) in &meta.dst_addrs {
+            claims.insert(
+                *addr,
+                if *pass {
+                    RuleAction::Pass
+                } else {
+                    RuleAction::Redirect
+                },
+            );
+        }
+        let mut words = Vec::with_capacity(meta.port_words.len());
+        for &(table, index, word) in &meta.port_words {
+            if usize::from(table) >= PortProtocol::ALL.len() || index >= PORT_TABLE_WORDS {
+                return Err(Error::Handover {
+                    ifname: meta.ifname.clone(),
+                    what: format!("port table word {table}/{index} does not exist"),
+                });
+            }
+            words.push((usize::from(table), index, word));
+        }
         let mut a = Self::from_parts(meta, link, maps, None)?;
-        a.read_back_claims()?;
+        for (table, index, word) in words {
+            a.port_claims[table].set_word(index, word);
+        }
+        a.dst_addr_claims = claims;
         Ok(a)
     }
 
@@ -501,12 +533,26 @@ impl Attachment {
         }
         let mut fds = vec![self.link.as_fd()];
         fds.extend(self.map_fds.iter().map(|f| f.as_fd()));
+        let mut port_words = Vec::new();
+        for (table, claims) in self.port_claims.iter().enumerate() {
+            port_words.extend(
+                PortClaims::new()
+                    .changed_words(claims)
+                    .map(|(i, w)| (table as u8, i, w)),
+            );
+        }
         Ok((
             AttachmentMeta {
                 ifname: self.ifname.clone(),
                 ifindex: self.ifindex,
                 native: self.mode == AttachMode::Native,
                 host_flow_capacity: self.host_flow_capacity,
+                port_words,
+                dst_addrs: self
+                    .dst_addr_claims
+                    .iter()
+                    .map(|(a, r)| (*a, *r == RuleAction::Pass))
+                    .collect(),
             },
             fds,
         ))
@@ -575,35 +621,6 @@ impl Attachment {
             link,
             ebpf,
         })
-    }
-
-    /// Rebuilds the mirrors of `PORTS` and `DST_ADDRS` from the maps (after a takeover).
-    fn read_back_claims(&mut self) -> Result<(), Error> {
-        for proto in PortProtocol::ALL {
-            let k = Self::claims_index(proto);
-            let base = proto.table() * PORT_TABLE_WORDS;
-            for index in 0..PORT_TABLE_WORDS {
-                let word = self
-                    .ports
-                    .get(&(base + index), 0)
-                    .map_err(|e| self.map_err("PORTS", e))?;
-                if word != 0 {
-                    self.port_claims[k].set_word(index, word);
-                }
-            }
-        }
-        let mut claims = BTreeMap::new();
-        for entry in self.dst_addrs.iter() {
-            let (addr, action) = entry.map_err(|e| self.map_err("DST_ADDRS", e))?;
-            let a = if action == RuleAction::Pass as u8 {
-                RuleAction::Pass
-            } else {
-                RuleAction::Redirect
-            };
-            claims.insert(Ipv4Addr::from(addr.to_ne_bytes()), a);
-        }
-        self.dst_addr_claims = claims;
-        Ok(())
     }
 
     pub fn ifname(&self) -> &str {
