@@ -192,6 +192,7 @@ pub struct Dataplane {
     snapshot: Arc<ArcSwapOption<Snapshot>>,
     /// Sockets handed over at a hot restart, until the agent claims them.
     adopted: Mutex<Vec<PortInfo>>,
+    config: DataplaneConfig,
 }
 
 impl Dataplane {
@@ -371,6 +372,7 @@ impl Dataplane {
             rings: config.rings,
             snapshot,
             adopted: Mutex::new(adopted),
+            config,
         })
     }
 
@@ -394,10 +396,18 @@ impl Dataplane {
         left.len()
     }
 
+    /// Forgets the list of handed-over sockets (they are the caller's already: a hand-over
+    /// that did not happen gave the same sockets back).
+    pub fn clear_adopted(&self) {
+        self.adopted.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// Hot restart: every worker stops between two batches and hands over its sockets, UMEM,
     /// frame owners and flows ([`crate::handover`]); the threads are joined. The sockets stay
     /// open (and registered in their XSKMAPs) inside the returned states.
-    pub fn handover(mut self) -> Result<Vec<crate::handover::WorkerState>, RuntimeError> {
+    /// After it, this dataplane has no running worker: drop it, or replace it with
+    /// [`Dataplane::adopt`] of the same states to run on (the next agent gave up).
+    pub fn handover(&mut self) -> Result<Vec<crate::handover::WorkerState>, RuntimeError> {
         let mut replies = Vec::with_capacity(self.workers.len());
         for w in &self.workers {
             let (tx, rx) = mpsc::sync_channel(1);
@@ -418,6 +428,11 @@ impl Dataplane {
             states.push(st);
         }
         Ok(states)
+    }
+
+    /// What the dataplane was started with.
+    pub fn config(&self) -> &DataplaneConfig {
+        &self.config
     }
 
     /// The ring sizes every socket of this dataplane has.

@@ -184,6 +184,7 @@ struct Parts {
     ports: Vec<Port>,
     next_port_id: u16,
     flows: Vec<u8>,
+    adopted: bool,
 }
 
 /// Worker state. Field order matters for Drop: ports (sockets, rings) before the UMEM.
@@ -218,6 +219,8 @@ pub struct Worker {
     commands: Receiver<Command>,
     wake: OwnedFd,
     config: WorkerConfig,
+    /// Continues a previous agent's worker (hot restart).
+    adopted: bool,
 }
 
 impl Worker {
@@ -241,6 +244,7 @@ impl Worker {
                 ports: Vec::new(),
                 next_port_id: 0,
                 flows: Vec::new(),
+                adopted: false,
             },
             shared,
             snapshot,
@@ -295,6 +299,7 @@ impl Worker {
                 ports,
                 next_port_id: state.next_port_id,
                 flows: state.flows,
+                adopted: true,
             },
             shared,
             snapshot,
@@ -316,12 +321,14 @@ impl Worker {
         handoff: Arc<Handoff>,
         affinity: Arc<crate::affinity::Affinity>,
     ) -> Result<Self, WorkerError> {
+        let adopted = parts.adopted;
         let Parts {
             umem,
             owner,
             ports,
             next_port_id,
             flows: flow_records,
+            ..
         } = parts;
         // A per-worker random seed: flow keys chosen by an attacker cannot be aimed at buckets.
         let seed = std::collections::hash_map::RandomState::new().hash_one(config.id);
@@ -374,6 +381,7 @@ impl Worker {
             snapshot,
             commands,
             wake,
+            adopted,
             config,
         };
         w.rebuild_tables();
@@ -475,10 +483,14 @@ impl Worker {
             self.now_ns = self.clock.to_ns(t0);
             let mut work = self.reap_completions();
             let mut frames = 0;
-            for p in 0..self.ports.len() {
-                frames += self.rx_batch(p, snap.as_deref());
+            // An adopted worker leaves what waits in its rx rings there until the new agent's
+            // first snapshot, rather than dropping it for want of one.
+            if snap.is_some() || !self.adopted {
+                for p in 0..self.ports.len() {
+                    frames += self.rx_batch(p, snap.as_deref());
+                }
+                frames += self.drain_handoff(snap.as_deref());
             }
-            frames += self.drain_handoff(snap.as_deref());
             if self.wake_mask != 0 {
                 self.wake_handoff_targets();
             }
