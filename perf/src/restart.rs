@@ -36,11 +36,15 @@ use crate::sink::SinkReport;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RestartHow {
-    /// SIGTERM: the agent detaches its XDP programs and exits (a planned restart, an upgrade;
-    /// once the socket handover exists, the new agent takes over before the old one exits).
+    /// SIGTERM: the agent detaches its XDP programs and exits, then a new one starts (a cold
+    /// restart).
     Term,
     /// SIGKILL: the kernel closes the agent's bpf_links and sockets with the process (a crash).
     Kill,
+    /// A hot restart (a planned one, an upgrade): the new agent starts while the old one runs
+    /// and takes its dataplane over; the old one exits by itself. The "signal" instant is the
+    /// new agent's start.
+    Hot,
 }
 
 impl RestartHow {
@@ -48,14 +52,16 @@ impl RestartHow {
         match self {
             RestartHow::Term => "term",
             RestartHow::Kill => "kill",
+            RestartHow::Hot => "hot",
         }
     }
 
-    /// The signal that stops the old agent.
-    pub fn signal(self) -> i32 {
+    /// The signal that stops the old agent (`None`: none is sent, the old agent hands over).
+    pub fn signal(self) -> Option<i32> {
         match self {
-            RestartHow::Term => libc::SIGTERM,
-            RestartHow::Kill => libc::SIGKILL,
+            RestartHow::Term => Some(libc::SIGTERM),
+            RestartHow::Kill => Some(libc::SIGKILL),
+            RestartHow::Hot => None,
         }
     }
 }
@@ -470,8 +476,9 @@ mod tests {
 
     #[test]
     fn signals_are_the_usual_ones() {
-        assert_eq!(RestartHow::Term.signal(), libc::SIGTERM);
-        assert_eq!(RestartHow::Kill.signal(), libc::SIGKILL);
+        assert_eq!(RestartHow::Term.signal(), Some(libc::SIGTERM));
+        assert_eq!(RestartHow::Kill.signal(), Some(libc::SIGKILL));
+        assert_eq!(RestartHow::Hot.signal(), None);
         assert_eq!(
             serde_json::to_value(RestartHow::Kill).expect("serialises"),
             serde_json::json!("kill")

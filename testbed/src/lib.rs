@@ -145,6 +145,11 @@ pub enum TestbedError {
     NoAgent { node: String },
     #[error("the sluice agent of node {node} is already running (pid {pid}); stop it first")]
     AgentRunning { node: String, pid: u32 },
+    #[error(
+        "hot restart of node {node}: the new agent is ready but the old one (pid {pid}) did not \
+         exit by itself (killed); see both agents' lines in the node's agent.log"
+    )]
+    HandoverLeftOldAgent { node: String, pid: u32 },
     #[error("testbed instance {instance} runs in kernel mode: it has no sluice agents")]
     NotSluiceMode { instance: String },
     #[error(
@@ -689,6 +694,66 @@ impl Testbed {
     /// Starts the node's agent again and waits until it is ready (config written, socket
     /// answering).
     pub fn start_agent(&mut self, node: &str) -> Result<(), TestbedError> {
+        let child = self.spawn_agent(node, false)?;
+        let index = self.node_index(node)?;
+        self.state.nodes[index].agent_pid = Some(child.id());
+        self.agents.insert(node.to_string(), child);
+        self.save()
+    }
+
+    /// A hot restart: starts a second agent for the node while its agent runs. The new one
+    /// takes the running one's dataplane over (`sluice run` does it by itself when an agent
+    /// serves the state directory's `handover.sock`), is waited for until ready, and the old
+    /// one must then exit by itself (it is reaped; SIGKILL after [`agent::STOP_GRACE`] counts
+    /// as a failure). Returns the instants the new agent was seen ready and the old one gone.
+    pub fn hot_restart_agent(
+        &mut self,
+        node: &str,
+    ) -> Result<(std::time::Instant, std::time::Instant), TestbedError> {
+        let index = self.node_index(node)?;
+        let old_pid = self.state.nodes[index]
+            .agent_pid
+            .ok_or_else(|| TestbedError::NoAgent {
+                node: node.to_string(),
+            })?;
+        let mut old_child = self.agents.remove(node);
+        let new_child = match self.spawn_agent(node, true) {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(c) = old_child {
+                    self.agents.insert(node.to_string(), c);
+                }
+                return Err(e);
+            }
+        };
+        let ready = std::time::Instant::now();
+        self.state.nodes[index].agent_pid = Some(new_child.id());
+        self.agents.insert(node.to_string(), new_child);
+        self.save()?;
+        let deadline = std::time::Instant::now() + agent::STOP_GRACE;
+        loop {
+            let gone = match old_child.as_mut() {
+                Some(c) => !matches!(c.try_wait(), Ok(None)),
+                None => !agent::runs_binary(old_pid, &self.state.sluice_bin),
+            };
+            if gone {
+                return Ok((ready, std::time::Instant::now()));
+            }
+            if std::time::Instant::now() >= deadline {
+                let sluice_bin = self.state.sluice_bin.clone();
+                agent::stop(node, old_pid, old_child.as_mut(), &sluice_bin, libc::SIGKILL)?;
+                return Err(TestbedError::HandoverLeftOldAgent {
+                    node: node.to_string(),
+                    pid: old_pid,
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Starts the node's agent process and waits until it is ready; `alongside`: while its
+    /// current agent runs (a hot restart), else refused when one runs.
+    fn spawn_agent(&mut self, node: &str, alongside: bool) -> Result<Child, TestbedError> {
         let Mode::Sluice { workers } = self.state.mode else {
             return Err(TestbedError::NotSluiceMode {
                 instance: self.state.instance.clone(),
@@ -702,7 +767,7 @@ impl Testbed {
                 kind: handle.kind.as_str(),
             });
         }
-        if let Some(pid) = handle.agent_pid {
+        if let (Some(pid), false) = (handle.agent_pid, alongside) {
             let alive = match self.agents.get_mut(node) {
                 Some(child) => matches!(child.try_wait(), Ok(None)),
                 None => agent::runs_binary(pid, &self.state.sluice_bin),
@@ -745,9 +810,7 @@ impl Testbed {
             workers,
             extra_args: &extra_args,
         })?;
-        self.state.nodes[index].agent_pid = Some(child.id());
-        self.agents.insert(node.to_string(), child);
-        self.save()
+        Ok(child)
     }
 
     /// Whether the node's agent process is alive.

@@ -15,8 +15,9 @@
 //! mode and absent in the other ([`perf::policy`]); otherwise the mode reports an error.
 //!
 //! A restart scenario (`Scenario::restart`) runs sluice only: during its UDP stream the agent of
-//! the client's node (or `--restart-node`) is stopped with SIGTERM or SIGKILL (`--restart`) at
-//! `--restart-at` and started again with the same arguments; the mode's report gets the
+//! the client's node (or `--restart-node`) is stopped with SIGTERM or SIGKILL (`--restart
+//! term|kill`) at `--restart-at` and started again with the same arguments, or (`--restart hot`)
+//! a second agent is started that takes the running one's dataplane over; the mode's report gets the
 //! restart's instants and figures ([`perf::restart`]) and its table rows. The sink then runs
 //! with an idle timeout longer than the traffic, so an outage does not end it.
 //!
@@ -70,6 +71,8 @@ pub enum RestartArg {
     Term,
     /// SIGKILL, then a new agent: a crash.
     Kill,
+    /// A new agent started alongside takes the running one's dataplane over (hot restart).
+    Hot,
 }
 
 impl RestartArg {
@@ -77,6 +80,7 @@ impl RestartArg {
         match self {
             RestartArg::Term => RestartHow::Term,
             RestartArg::Kill => RestartHow::Kill,
+            RestartArg::Hot => RestartHow::Hot,
         }
     }
 }
@@ -650,12 +654,26 @@ fn restart_agent(
         signal_ns: perf::sys::monotonic_ns(),
         ..RestartTimes::default()
     };
-    tb.stop_agent(node, how.signal())
-        .with_context(|| format!("stopping the agent of {node} (pid {old_pid}) with {how:?}"))?;
-    times.exited_ns = perf::sys::monotonic_ns();
-    tb.start_agent(node)
-        .with_context(|| format!("starting the agent of {node} again"))?;
-    times.ready_ns = perf::sys::monotonic_ns();
+    match how.signal() {
+        Some(signal) => {
+            tb.stop_agent(node, signal).with_context(|| {
+                format!("stopping the agent of {node} (pid {old_pid}) with {how:?}")
+            })?;
+            times.exited_ns = perf::sys::monotonic_ns();
+            tb.start_agent(node)
+                .with_context(|| format!("starting the agent of {node} again"))?;
+            times.ready_ns = perf::sys::monotonic_ns();
+        }
+        None => {
+            // The new agent is ready (it has taken over) before the old one is seen gone.
+            let (ready, exited) = tb.hot_restart_agent(node).with_context(|| {
+                format!("hot restart of the agent of {node} (pid {old_pid})")
+            })?;
+            let now = perf::sys::monotonic_ns();
+            times.ready_ns = now.saturating_sub(ready.elapsed().as_nanos() as u64);
+            times.exited_ns = now.saturating_sub(exited.elapsed().as_nanos() as u64);
+        }
+    }
     Ok((old_pid, tb.node(node)?.agent_pid, times))
 }
 
