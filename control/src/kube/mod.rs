@@ -35,6 +35,13 @@
 //!   429's `Retry-After` is therefore not honoured, only the backoff).
 //! - **Bad objects are skipped**, one at a time, with a warning naming kind/namespace/name and
 //!   the field path ([`object`]); an update that turns an object bad removes it from the state.
+//! - **TLS and credentials are kube-rs's** (rustls on ring): CA data or file, bearer token, token
+//!   file (re-read every minute, as client-go), client certificate, `tls-server-name`. The server
+//!   certificate is verified for the host of the URL used, so `--api-server
+//!   https://127.0.0.1:7445` (KubePrism) needs a certificate naming 127.0.0.1 (Talos' does) or a
+//!   kubeconfig `tls-server-name`. Errors carry their causes (kube's and hyper's messages drop
+//!   them: "client error (Connect)") and say which URL and whose credentials or CA to check; a
+//!   401 counts as connected, with the error kept.
 //! - **Connectivity** is "did the API server answer the last request": a transport error or a
 //!   5xx makes it `connected: false`; any answer makes it true again. While disconnected the
 //!   source asks for its own Node every `retry_min` (a resumed watch with nothing new says

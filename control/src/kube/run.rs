@@ -50,7 +50,7 @@ pub(crate) fn thread_main(opts: KubeOptions, channels: Channels) {
         }
     };
     runtime.block_on(async move {
-        let client = match client(&opts).await {
+        let (client, endpoint) = match client(&opts).await {
             Ok(client) => client,
             Err(e) => {
                 let _ = channels.ready.send(Err(e));
@@ -58,35 +58,71 @@ pub(crate) fn thread_main(opts: KubeOptions, channels: Channels) {
             }
         };
         let _ = channels.ready.send(Ok(()));
-        run(client, opts, channels).await;
+        tracing::info!(
+            url = %endpoint.url,
+            credentials = %endpoint.source,
+            "Kubernetes API client configured"
+        );
+        run(client, Arc::new(endpoint), opts, channels).await;
     });
     // Watch connections and in-flight requests are dropped here; DNS lookups in blocking
     // threads are not waited for.
     runtime.shutdown_timeout(Duration::from_millis(500));
 }
 
+/// Where the in-cluster service account's token, `ca.crt` and namespace are mounted (kube reads
+/// this fixed path, as client-go does).
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
 /// The client: kubeconfig if given, else in-cluster, else inferred; `api_server` overrides the
 /// URL (falling back to a plain config for it when there is no other).
-async fn client(opts: &KubeOptions) -> Result<Client, KubeError> {
-    let mut config = if let Some(path) = &opts.kubeconfig {
+///
+/// The server certificate is verified for the host of the URL actually used (an IP SAN for
+/// `https://127.0.0.1:7445`, as Talos' KubePrism certificate has), or for the kubeconfig's
+/// `tls-server-name` when it sets one (kept when `api_server` overrides the URL).
+async fn client(opts: &KubeOptions) -> Result<(Client, Endpoint), KubeError> {
+    let (mut config, source) = if let Some(path) = &opts.kubeconfig {
         let kubeconfig_error = |reason: String| KubeError::Kubeconfig {
             path: path.clone(),
             reason,
         };
         let kubeconfig = ::kube::config::Kubeconfig::read_from(path)
-            .map_err(|e| kubeconfig_error(e.to_string()))?;
-        Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .map_err(|e| kubeconfig_error(error_chain(&e)))?;
+        let config = Config::from_custom_kubeconfig(kubeconfig, &Default::default())
             .await
-            .map_err(|e| kubeconfig_error(e.to_string()))?
+            .map_err(|e| kubeconfig_error(error_chain(&e)))?;
+        (config, format!("kubeconfig {}", path.display()))
     } else if let Some(url) = &opts.api_server {
         match Config::incluster() {
-            Ok(config) => config,
-            Err(_) => Config::new(parse_url(url)?),
+            Ok(config) => (config, in_cluster_source()),
+            Err(e) => {
+                if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+                    tracing::warn!(
+                        "in a pod, but the service account is unusable ({}); connecting to {url} \
+                         without credentials (check automountServiceAccountToken and \
+                         {SERVICE_ACCOUNT_DIR})",
+                        error_chain(&e)
+                    );
+                }
+                let source = "no kubeconfig or service account (no credentials, the system's CAs)";
+                (Config::new(parse_url(url)?), source.to_owned())
+            }
         }
     } else {
-        Config::infer().await.map_err(|e| KubeError::NoConfig {
-            reason: e.to_string(),
-        })?
+        let config = Config::infer().await.map_err(|e| KubeError::NoConfig {
+            reason: error_chain(&e),
+        })?;
+        let in_cluster = config
+            .auth_info
+            .token_file
+            .as_deref()
+            .is_some_and(|f| f.starts_with(SERVICE_ACCOUNT_DIR));
+        let source = if in_cluster {
+            in_cluster_source()
+        } else {
+            "the kubeconfig of $KUBECONFIG or ~/.kube/config".to_owned()
+        };
+        (config, source)
     };
     if let Some(url) = &opts.api_server {
         config.cluster_url = parse_url(url)?;
@@ -95,11 +131,85 @@ async fn client(opts: &KubeOptions) -> Result<Client, KubeError> {
     // minutes: the outage would be invisible to health and the watchers' backoff. The
     // watchers and the annotation task retry themselves.
     config.default_retry = false;
-    let cluster_url = config.cluster_url.to_string();
-    Client::try_from(config).map_err(|e| KubeError::Client {
-        url: cluster_url,
-        reason: e.to_string(),
-    })
+    let endpoint = Endpoint {
+        url: config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_owned(),
+        source,
+    };
+    let client = Client::try_from(config).map_err(|e| KubeError::Client {
+        url: endpoint.url.clone(),
+        reason: error_chain(&e),
+    })?;
+    Ok((client, endpoint))
+}
+
+fn in_cluster_source() -> String {
+    format!("the service account in {SERVICE_ACCOUNT_DIR}")
+}
+
+/// Where the client connects and with what, for error messages.
+#[derive(Debug)]
+struct Endpoint {
+    /// The API server URL, e.g. `https://127.0.0.1:7445`.
+    url: String,
+    /// Where the credentials and the CA come from: `kubeconfig /etc/sluice/kubeconfig`, `the
+    /// service account in /var/run/secrets/kubernetes.io/serviceaccount`.
+    source: String,
+}
+
+impl Endpoint {
+    /// `error` with its causes, the URL, and what to check when the cause is known (a TLS
+    /// verification failure, refused credentials).
+    fn explain(&self, error: &(dyn std::error::Error + 'static), status: Option<u16>) -> String {
+        let text = error_chain(error);
+        let url = &self.url;
+        let source = &self.source;
+        let hint = if status == Some(401) {
+            format!(
+                "{url} refused the credentials from {source} (401 Unauthorized): check its token \
+                 or client certificate"
+            )
+        } else if text.contains("not valid for name") {
+            format!(
+                "the certificate of {url} does not name its host: connect with a name or IP \
+                 address the certificate has, or set tls-server-name in the kubeconfig"
+            )
+        } else if text.contains("invalid peer certificate") {
+            format!(
+                "the certificate of {url} does not verify against the CA from {source}: check \
+                 certificate-authority(-data) or ca.crt"
+            )
+        } else if text.contains("received fatal alert") {
+            format!(
+                "{url} refused the TLS handshake (a client certificate it does not trust?): \
+                 check the client certificate from {source}"
+            )
+        } else if text.contains("HTTP request to an HTTPS server") {
+            format!("{url} is an HTTPS server: use https://")
+        } else {
+            format!("API server {url}")
+        };
+        format!("{text} ({hint})")
+    }
+}
+
+/// `error` followed by each cause not already in the text (kube's and hyper's messages hide the
+/// cause of a failed connection, such as a certificate that does not verify).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Parses the API server URL (into `http::Uri`, which `kube::Config` holds; `http` is not a
@@ -191,7 +301,13 @@ fn answered(status: Option<u16>) -> bool {
 }
 
 /// One kind's watcher, forever: events to the loop, errors logged, reported and backed off.
-async fn watch_kind(client: Client, kind: Kind, opts: KubeOptions, tx: UnboundedSender<Msg>) {
+async fn watch_kind(
+    client: Client,
+    endpoint: Arc<Endpoint>,
+    kind: Kind,
+    opts: KubeOptions,
+    tx: UnboundedSender<Msg>,
+) {
     let resource = kind.api_resource();
     let api: Api<LenientObject> = Api::all_with(client, &resource);
     let mut config = watcher::Config::default();
@@ -249,7 +365,7 @@ async fn watch_kind(client: Client, kind: Kind, opts: KubeOptions, tx: Unbounded
             tokio::time::sleep(opts.retry_max).await;
             continue;
         }
-        let message = format!("{kind} watcher: {error}");
+        let message = format!("{kind} watcher: {}", endpoint.explain(&error, status));
         if failing {
             tracing::debug!(kind = kind.name(), "{message}");
         } else {
@@ -287,6 +403,7 @@ async fn watch_kind(client: Client, kind: Kind, opts: KubeOptions, tx: Unbounded
 /// Merge-PATCHes the own Node's annotations until each requested value has landed.
 async fn annotate(
     client: Client,
+    endpoint: Arc<Endpoint>,
     opts: KubeOptions,
     mut requests: UnboundedReceiver<(String, String)>,
     tx: UnboundedSender<Msg>,
@@ -332,9 +449,10 @@ async fn annotate(
             Err(e) => {
                 let status = status_code(&e);
                 let error = format!(
-                    "PATCH of Node {} (annotations {:?}): {e}; retrying",
+                    "PATCH of Node {} (annotations {:?}): {}; retrying",
                     opts.node,
-                    pending.keys().collect::<Vec<_>>()
+                    pending.keys().collect::<Vec<_>>(),
+                    endpoint.explain(&e, status)
                 );
                 tracing::warn!(node = %opts.node, "{error}");
                 let failed = Msg::Failed {
@@ -352,7 +470,7 @@ async fn annotate(
 }
 
 /// Asks for the own Node once: does the API server answer?
-async fn probe(client: Client, node: String, tx: UnboundedSender<Msg>) {
+async fn probe(client: Client, endpoint: Arc<Endpoint>, node: String, tx: UnboundedSender<Msg>) {
     let api: Api<LenientObject> = Api::all_with(client, &Kind::Node.api_resource());
     let msg = match api.get_opt(&node).await {
         Ok(_) => Msg::Answered,
@@ -363,7 +481,7 @@ async fn probe(client: Client, node: String, tx: UnboundedSender<Msg>) {
             } else {
                 Msg::Failed {
                     what: "probe".to_owned(),
-                    error: format!("probe GET Node {node}: {e}"),
+                    error: format!("probe GET Node {node}: {}", endpoint.explain(&e, status)),
                     answered: false,
                 }
             }
@@ -421,7 +539,7 @@ impl Health {
     }
 }
 
-async fn run(client: Client, opts: KubeOptions, channels: Channels) {
+async fn run(client: Client, endpoint: Arc<Endpoint>, opts: KubeOptions, channels: Channels) {
     let Channels {
         events,
         annotations,
@@ -432,10 +550,17 @@ async fn run(client: Client, opts: KubeOptions, channels: Channels) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = tokio::task::JoinSet::new();
     for kind in Kind::ALL {
-        tasks.spawn(watch_kind(client.clone(), kind, opts.clone(), tx.clone()));
+        tasks.spawn(watch_kind(
+            client.clone(),
+            Arc::clone(&endpoint),
+            kind,
+            opts.clone(),
+            tx.clone(),
+        ));
     }
     tasks.spawn(annotate(
         client.clone(),
+        Arc::clone(&endpoint),
         opts.clone(),
         annotations,
         tx.clone(),
@@ -482,7 +607,12 @@ async fn run(client: Client, opts: KubeOptions, channels: Channels) {
             () = tokio::time::sleep(probe_due) => {
                 next_probe = tokio::time::Instant::now() + probe_every;
                 if probing.as_ref().is_none_or(tokio::task::JoinHandle::is_finished) {
-                    probing = Some(tokio::spawn(probe(client.clone(), opts.node.clone(), tx.clone())));
+                    probing = Some(tokio::spawn(probe(
+                        client.clone(),
+                        Arc::clone(&endpoint),
+                        opts.node.clone(),
+                        tx.clone(),
+                    )));
                 }
             }
         }
