@@ -1,12 +1,13 @@
-//! An in-process Kubernetes API server for tests: list/watch over plain HTTP/1.1 with real
-//! object JSON, and knobs to make it misbehave the way a real one does.
+//! An in-process Kubernetes API server for tests: list/watch over HTTP/1.1 (plain or HTTPS)
+//! with real object JSON, and knobs to make it misbehave the way a real one does.
 //!
 //! ```text
 //!  test / sluice-fake-apiserver ──apply/delete/insert_raw/compact/drop_watches/set_delay/set_down──┐
 //!                                                                                                  v
 //!  kube-rs Client ──HTTP/1.1──> accept thread ──> one thread per connection ──> Store { objects,
-//!   (list, watch, get, patch)                      (keep-alive, chunked watch)     event history,
-//!                                                                                  list snapshots }
+//!   (list, watch, get, patch)  [TLS, then bearer   (keep-alive, chunked watch)     event history,
+//!                               token or client                                    list snapshots }
+//!                               certificate: 401]
 //! ```
 //!
 //! What it serves, as the real API does (paths, JSON shapes, status codes):
@@ -56,6 +57,15 @@
 //! answered with a 5xx/429 `Status`), [`set_served`](FakeApi::set_served) (a kind answers 404, as
 //! a CRD that is not installed). [`request_count`](FakeApi::request_count) counts requests per kind and verb.
 //!
+//! Security ([`FakeApi::builder`]): plain HTTP by default; [`FakeApiBuilder::tls`] serves HTTPS
+//! with a rustls configuration ([`tls_config`] builds one from PEM, optionally verifying client
+//! certificates against a CA). Authentication is off by default; with
+//! [`FakeApiBuilder::bearer_token`] and/or [`FakeApiBuilder::client_certificates`], a
+//! Kubernetes request needs a verified client certificate or `Authorization: Bearer` with an
+//! accepted token (x509 first, as the real server's union authenticator), else it gets the real
+//! server's `401 Unauthorized` `Status`. [`FakeApi::auth_counts`] says which credential each
+//! request used. The `/fake/` control endpoints need no credentials.
+//!
 //! Control endpoints (for the `sluice-fake-apiserver` binary and harnesses in other processes;
 //! not Kubernetes paths): `POST /fake/apply` (body: an object or a `List`), `POST
 //! /fake/insert-raw?kind=Pod` (body: any JSON), `POST /fake/delete?kind=Pod&namespace=NS&name=N`,
@@ -64,8 +74,9 @@
 //! /fake/served?kind=HostNetworkPolicy&on=false`, `GET /fake/counters`, `GET /fake/patches`.
 //!
 //! Limits: one history of at most [`MAX_HISTORY_EVENTS`] events (older ones are compacted
-//! automatically, as etcd does), at most [`MAX_LIST_SNAPSHOTS`] paged lists in flight, no TLS, no
-//! authentication, no request bodies in chunked encoding, no `json-patch`.
+//! automatically, as etcd does), at most [`MAX_LIST_SNAPSHOTS`] paged lists in flight, HTTP/1.1
+//! only (no h2 over TLS), no authorization (an authenticated request may do anything), no request
+//! bodies in chunked encoding, no `json-patch`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -282,6 +293,14 @@ pub enum FakeApiError {
         /// `namespace/name` or `name`.
         key: String,
     },
+    /// TLS material for [`tls_config`] is unusable.
+    #[error("fake API server: TLS {what}: {reason}; give PEM (a certificate chain starting with the server's, its PKCS#8/PKCS#1/SEC1 key, a CA certificate)")]
+    Tls {
+        /// Which part: `certificate chain`, `private key`, `client CA`, `configuration`.
+        what: &'static str,
+        /// What rustls said.
+        reason: String,
+    },
     /// An object of a cluster state could not be turned into JSON.
     #[error("fake API server: {kind} {name} from the cluster state does not serialize to JSON: {source}")]
     Serialize {
@@ -293,6 +312,109 @@ pub enum FakeApiError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// How a [`FakeApi`] is secured: see [`FakeApi::builder`].
+#[derive(Clone, Default)]
+pub struct FakeApiBuilder {
+    tls: Option<Arc<rustls::ServerConfig>>,
+    tokens: Vec<String>,
+    client_certificates: bool,
+}
+
+impl FakeApiBuilder {
+    /// Serves HTTPS with `config` (whose client verifier decides whether clients may present
+    /// certificates; see [`tls_config`]). [`FakeApi::url`] is then `https://`.
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Requires authentication and accepts `Authorization: Bearer TOKEN` with this token (can be
+    /// given several times; [`FakeApi::set_bearer_tokens`] changes them later).
+    pub fn bearer_token(mut self, token: impl Into<String>) -> Self {
+        self.tokens.push(token.into());
+        self
+    }
+
+    /// Requires authentication and accepts a client certificate that the TLS configuration
+    /// verified (needs [`tls`](Self::tls) with a client CA).
+    pub fn client_certificates(mut self) -> Self {
+        self.client_certificates = true;
+        self
+    }
+
+    /// Starts serving on `addr` (`127.0.0.1:0` picks a free port).
+    pub fn start(self, addr: &str) -> Result<FakeApi, FakeApiError> {
+        FakeApi::start_with(addr, self)
+    }
+}
+
+/// A rustls configuration for [`FakeApiBuilder::tls`] from PEM: `cert_chain_pem` (the server
+/// certificate first, then intermediates) and its `key_pem`. With `client_ca_pem`, client
+/// certificates are verified against that CA; they stay optional at the TLS level (a client
+/// without one can still send a token), as on the real API server. ALPN offers `http/1.1` only.
+pub fn tls_config(
+    cert_chain_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: Option<&[u8]>,
+) -> Result<Arc<rustls::ServerConfig>, FakeApiError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let tls_error = |what: &'static str, reason: &dyn std::fmt::Display| FakeApiError::Tls {
+        what,
+        reason: reason.to_string(),
+    };
+    let certs =
+        |what: &'static str, pem: &[u8]| -> Result<Vec<CertificateDer<'static>>, FakeApiError> {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| tls_error(what, &e))?;
+            if certs.is_empty() {
+                return Err(tls_error(what, &"no CERTIFICATE block"));
+            }
+            Ok(certs)
+        };
+    let chain = certs("certificate chain", cert_chain_pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| tls_error("private key", &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error("configuration", &e))?;
+    let builder = match client_ca_pem {
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in certs("client CA", pem)? {
+                roots.add(cert).map_err(|e| tls_error("client CA", &e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| tls_error("client CA", &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| tls_error("private key", &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Kubernetes requests by the credential that authenticated them ([`FakeApi::auth_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AuthCounts {
+    /// Authenticated by a verified client certificate.
+    pub client_certificate: u64,
+    /// Authenticated by an accepted bearer token.
+    pub bearer_token: u64,
+    /// Answered `401 Unauthorized`.
+    pub unauthorized: u64,
 }
 
 /// A running fake API server; stopped (threads ended, bounded wait) on drop.
@@ -357,6 +479,63 @@ struct Conn {
     watching: bool,
 }
 
+/// A connection's byte stream: the socket, or TLS over it.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ServerConnection, TcpStream>>),
+}
+
+impl Stream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(tcp) => tcp,
+            Stream::Tls(tls) => tls.get_ref(),
+        }
+    }
+
+    /// The client presented a certificate that the TLS configuration verified.
+    fn client_certificate(&self) -> bool {
+        match self {
+            Stream::Plain(_) => false,
+            Stream::Tls(tls) => tls.conn.peer_certificates().is_some_and(|c| !c.is_empty()),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.read(buf),
+            Stream::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(tcp) => tcp.write(buf),
+            Stream::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(tcp) => tcp.flush(),
+            Stream::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+/// Who may use the Kubernetes endpoints.
+struct Authn {
+    /// Set at start: every Kubernetes request needs a credential.
+    required: bool,
+    client_certificates: bool,
+    tokens: Mutex<Vec<String>>,
+    counts: Mutex<AuthCounts>,
+}
+
 struct Shared {
     store: Mutex<Store>,
     changed: Condvar,
@@ -376,6 +555,8 @@ struct Shared {
     threads: Mutex<Vec<JoinHandle<()>>>,
     next_conn: AtomicU64,
     addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    authn: Authn,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -383,8 +564,19 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl FakeApi {
-    /// Starts serving on `addr` (`127.0.0.1:0` picks a free port).
+    /// Starts serving plain HTTP without authentication on `addr` (`127.0.0.1:0` picks a free
+    /// port).
     pub fn start(addr: &str) -> Result<FakeApi, FakeApiError> {
+        FakeApi::builder().start(addr)
+    }
+
+    /// A server with TLS and/or authentication: `FakeApi::builder().tls(config)
+    /// .bearer_token("t").start("127.0.0.1:0")`.
+    pub fn builder() -> FakeApiBuilder {
+        FakeApiBuilder::default()
+    }
+
+    fn start_with(addr: &str, security: FakeApiBuilder) -> Result<FakeApi, FakeApiError> {
         let listener = TcpListener::bind(addr).map_err(|source| FakeApiError::Bind {
             addr: addr.to_owned(),
             source,
@@ -410,6 +602,13 @@ impl FakeApi {
             threads: Mutex::new(Vec::new()),
             next_conn: AtomicU64::new(1),
             addr: local,
+            authn: Authn {
+                required: !security.tokens.is_empty() || security.client_certificates,
+                client_certificates: security.client_certificates,
+                tokens: Mutex::new(security.tokens),
+                counts: Mutex::new(AuthCounts::default()),
+            },
+            tls: security.tls,
         });
         let accept_shared = Arc::clone(&shared);
         let accept_thread = std::thread::Builder::new()
@@ -426,9 +625,26 @@ impl FakeApi {
         })
     }
 
-    /// `http://127.0.0.1:PORT`: the `cluster_url` for a `kube::Config`.
+    /// `http://127.0.0.1:PORT` (`https://` with TLS): the `cluster_url` for a `kube::Config`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// Replaces the accepted bearer tokens (a rotation); no effect on a server started without
+    /// authentication.
+    pub fn set_bearer_tokens(&self, tokens: &[&str]) {
+        *lock(&self.shared.authn.tokens) = tokens.iter().map(|t| (*t).to_owned()).collect();
+    }
+
+    /// Kubernetes requests so far by the credential that authenticated them (all zero without
+    /// authentication).
+    pub fn auth_counts(&self) -> AuthCounts {
+        *lock(&self.shared.authn.counts)
     }
 
     /// The listening address.
@@ -1155,7 +1371,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// Reads one request; `Ok(None)` on a clean end of the connection.
-fn read_request(reader: &mut BufReader<TcpStream>) -> io::Result<Option<Request>> {
+fn read_request(reader: &mut impl BufRead) -> io::Result<Option<Request>> {
     let bad = |msg: &str| io::Error::new(io::ErrorKind::InvalidData, msg.to_owned());
     let mut head_bytes = 0usize;
     let mut line = Vec::new();
@@ -1264,7 +1480,7 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
-fn write_response(stream: &mut TcpStream, resp: &Response, close: bool) -> io::Result<()> {
+fn write_response(stream: &mut impl Write, resp: &Response, close: bool) -> io::Result<()> {
     let body = resp.body.to_string();
     let head = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nCache-Control: no-cache, private\r\n{}\r\n",
@@ -1276,6 +1492,37 @@ fn write_response(stream: &mut TcpStream, resp: &Response, close: bool) -> io::R
     stream.write_all(head.as_bytes())?;
     stream.write_all(body.as_bytes())?;
     stream.flush()
+}
+
+/// Go's answer to plain HTTP on an HTTPS port.
+const PLAIN_HTTP_ON_TLS_RESPONSE: &[u8] =
+    b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n";
+
+/// Whether the first byte the client sent is a letter (`GET`, `PATCH`) rather than a TLS
+/// record type. Waits for that byte.
+fn starts_like_http(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first), Ok(1) if first[0].is_ascii_alphabetic())
+}
+
+/// Answers [`PLAIN_HTTP_ON_TLS_RESPONSE`] after reading the request head, then half-closes and
+/// waits (briefly) for the client to close: closing with unread bytes would reset the connection
+/// under the answer.
+fn answer_plain_http_on_tls(mut stream: &TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_HEAD_BYTES {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    if stream.write_all(PLAIN_HTTP_ON_TLS_RESPONSE).is_err() {
+        return;
+    }
+    let _ = stream.shutdown(Shutdown::Write);
+    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
 }
 
 /// Whether the client closed its end (EOF or an error on a non-blocking peek). Only called by
@@ -1293,7 +1540,7 @@ fn peer_closed(stream: &TcpStream) -> bool {
     closed
 }
 
-fn write_chunk(stream: &mut TcpStream, data: &[u8]) -> io::Result<()> {
+fn write_chunk(stream: &mut impl Write, data: &[u8]) -> io::Result<()> {
     stream.write_all(format!("{:x}\r\n", data.len()).as_bytes())?;
     stream.write_all(data)?;
     stream.write_all(b"\r\n")?;
@@ -1367,43 +1614,63 @@ fn accept_loop(shared: &Arc<Shared>, listener: &TcpListener) {
     }
 }
 
-fn serve_connection(shared: &Arc<Shared>, id: u64, stream: TcpStream) {
-    let Ok(mut writer) = stream.try_clone() else {
-        return;
+fn serve_connection(shared: &Arc<Shared>, id: u64, tcp: TcpStream) {
+    let stream = match &shared.tls {
+        None => Stream::Plain(tcp),
+        // Plain HTTP on the TLS port gets a plain 400, as from Go's net/http (the real API
+        // server); a TLS record starts with a binary content type instead.
+        Some(_) if starts_like_http(&tcp) => {
+            answer_plain_http_on_tls(&tcp);
+            return;
+        }
+        Some(config) => match rustls::ServerConnection::new(Arc::clone(config)) {
+            // The handshake runs inside the first read.
+            Ok(conn) => Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))),
+            Err(_) => return,
+        },
     };
+    // Requests are read through the buffer and answered on the stream under it (one request
+    // at a time: the buffer holds at most the start of the next one).
     let mut reader = BufReader::new(stream);
     while !shared.stop.load(Ordering::SeqCst) {
         let req = match read_request(&mut reader) {
             Ok(Some(req)) => req,
             Ok(None) => return,
             Err(e) => {
+                // A TLS handshake the client aborted is InvalidData too; the 400 then fails.
                 if e.kind() == io::ErrorKind::InvalidData {
                     let resp = status(400, "BadRequest", &format!("bad request: {e}"));
-                    let _ = write_response(&mut writer, &resp, true);
+                    let _ = write_response(reader.get_mut(), &resp, true);
                 }
                 return;
             }
         };
+        let writer = reader.get_mut();
         let close = req.wants_close();
         if let Some(control) = req.path.strip_prefix("/fake/") {
             let resp = shared.control(id, control, &req);
-            if write_response(&mut writer, &resp, close).is_err() || close {
+            if write_response(writer, &resp, close).is_err() || close {
                 return;
             }
             continue;
         }
         if shared.down.load(Ordering::SeqCst) {
-            let _ = writer.shutdown(Shutdown::Both);
+            let _ = writer.tcp().shutdown(Shutdown::Both);
             return;
         }
         shared.sleep_delay();
         if shared.down.load(Ordering::SeqCst) || shared.stop.load(Ordering::SeqCst) {
-            let _ = writer.shutdown(Shutdown::Both);
+            let _ = writer.tcp().shutdown(Shutdown::Both);
             return;
         }
-        match shared.route(&req) {
+        let routed = if shared.authenticated(&req, writer) {
+            shared.route(&req)
+        } else {
+            Routed::Response(status(401, "Unauthorized", "Unauthorized"))
+        };
+        match routed {
             Routed::Response(resp) => {
-                if write_response(&mut writer, &resp, close).is_err() || close {
+                if write_response(writer, &resp, close).is_err() || close {
                     return;
                 }
             }
@@ -1412,7 +1679,7 @@ fn serve_connection(shared: &Arc<Shared>, id: u64, stream: TcpStream) {
                     conn.watching = true;
                 }
                 let generation = shared.watch_generation.load(Ordering::SeqCst);
-                match shared.stream_watch(&mut writer, &watch, generation) {
+                match shared.stream_watch(writer, &watch, generation) {
                     Ok(()) if !close => {}
                     _ => return,
                 }
@@ -1502,6 +1769,30 @@ fn decode_continue(token: &str) -> Option<(u64, u64, usize)> {
 const EXPIRED_MESSAGE: &str = "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.";
 
 impl Shared {
+    /// Whether `req` on `stream` may be served: a verified client certificate (when accepted),
+    /// else an accepted bearer token; counted in [`AuthCounts`].
+    fn authenticated(&self, req: &Request, stream: &Stream) -> bool {
+        let authn = &self.authn;
+        if !authn.required {
+            return true;
+        }
+        let by_certificate = authn.client_certificates && stream.client_certificate();
+        let by_token = !by_certificate
+            && req
+                .header("authorization")
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|token| lock(&authn.tokens).iter().any(|t| t == token));
+        let mut counts = lock(&authn.counts);
+        if by_certificate {
+            counts.client_certificate += 1;
+        } else if by_token {
+            counts.bearer_token += 1;
+        } else {
+            counts.unauthorized += 1;
+        }
+        by_certificate || by_token
+    }
+
     fn count(&self, kind: Kind, verb: Verb) {
         *lock(&self.counters).entry((kind, verb)).or_insert(0) += 1;
     }
@@ -1941,7 +2232,7 @@ impl Shared {
     /// Streams a watch until its timeout, a stop, a compaction behind it, or a write error.
     fn stream_watch(
         &self,
-        out: &mut TcpStream,
+        out: &mut Stream,
         watch: &WatchRequest,
         generation: u64,
     ) -> io::Result<()> {
@@ -1951,7 +2242,7 @@ impl Shared {
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache, private\r\n\r\n",
         )?;
         out.flush()?;
-        let send = |out: &mut TcpStream, ty: &str, object: &Value| -> io::Result<()> {
+        let send = |out: &mut Stream, ty: &str, object: &Value| -> io::Result<()> {
             let mut line = json!({"type": ty, "object": object}).to_string();
             line.push('\n');
             write_chunk(out, line.as_bytes())
@@ -2053,7 +2344,7 @@ impl Shared {
             if Instant::now() >= next_bookmark {
                 if watch.bookmarks {
                     send(out, "BOOKMARK", &bookmark(pos, false))?;
-                } else if peer_closed(out) {
+                } else if peer_closed(out.tcp()) {
                     return Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
                         "watch client went away",
