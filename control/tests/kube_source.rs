@@ -11,8 +11,11 @@ use std::time::{Duration, Instant};
 
 use control::cluster::{parse_str, ClusterState};
 use control::kube::fake::{cluster_objects, FakeApi, Kind as FakeKind, Verb};
-use control::kube::{ApiHealth, KubeOptions, KubeSource, SourceEvent, API_CALLS};
+use control::kube::{KubeOptions, KubeSource, SourceEvent, API_CALLS};
 use serde_json::{json, Value};
+
+mod kube_support;
+use kube_support::health_where;
 
 /// Longest wait for anything that should happen.
 const WAIT: Duration = Duration::from_secs(15);
@@ -212,25 +215,6 @@ fn state_where(
         }
     }
     panic!("no matching state within {limit:?}; last state: {last:#?}");
-}
-
-fn health_where(
-    source: &KubeSource,
-    limit: Duration,
-    done: impl Fn(&ApiHealth) -> bool,
-) -> ApiHealth {
-    let deadline = Instant::now() + limit;
-    loop {
-        let health = source.health();
-        if done(&health) {
-            return health;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "health not reached within {limit:?}: {health:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The state without what the API server adds (resourceVersion, uid, creationTimestamp).
