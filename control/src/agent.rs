@@ -538,12 +538,14 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         let unclaimed = agent.dp.drop_unclaimed_adopted();
         agent.hold_publish = false;
         agent.publish();
+        let forwarding_after = t.received.elapsed();
         t.finish(Ok(()));
         tracing::info!(
             from_pid = t.from_pid,
             generation = agent.generation,
             unclaimed_sockets = unclaimed,
-            took_ms = taking_over.elapsed().as_secs_f64() * 1e3,
+            state_to_forwarding_ms = forwarding_after.as_secs_f64() * 1e3,
+            tables_and_interfaces_ms = taking_over.elapsed().as_secs_f64() * 1e3,
             "took over the running agent's dataplane (hot restart)"
         );
     }

@@ -114,7 +114,10 @@ impl State {
     /// How many fds the message carries.
     pub fn fd_count(&self) -> usize {
         let per_attachment = xdp_redirect::MAP_NAMES.len() + 1;
-        self.workers.iter().map(|w| w.ports.len() + 1).sum::<usize>()
+        self.workers
+            .iter()
+            .map(|w| w.ports.len() + 1)
+            .sum::<usize>()
             + per_attachment * (usize::from(self.uplink.is_some()) + self.endpoints.len())
     }
 }
@@ -191,10 +194,7 @@ pub fn recv(stream: &UnixStream) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
         let mut one = [0u8; 1];
         recv_with_fds(stream, &mut one, &mut fds)?;
         if fds.len() == before {
-            return Err(WireError::Fds {
-                got: before,
-                want,
-            });
+            return Err(WireError::Fds { got: before, want });
         }
     }
     if fds.len() != want {

@@ -884,7 +884,7 @@ impl Conntrack {
     /// the next agent's policy generations are its own). A record that does not decode is an
     /// error naming it; the flows before it stay inserted.
     pub fn import(&mut self, bytes: &[u8], now_ns: u64) -> Result<usize, ImportError> {
-        if bytes.len() % EXPORTED_FLOW_BYTES != 0 {
+        if !bytes.len().is_multiple_of(EXPORTED_FLOW_BYTES) {
             return Err(ImportError::Length(bytes.len()));
         }
         let mut n = 0;

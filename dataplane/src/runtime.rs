@@ -399,7 +399,10 @@ impl Dataplane {
     /// Forgets the list of handed-over sockets (they are the caller's already: a hand-over
     /// that did not happen gave the same sockets back).
     pub fn clear_adopted(&self) {
-        self.adopted.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.adopted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 
     /// Hot restart: every worker stops between two batches and hands over its sockets, UMEM,

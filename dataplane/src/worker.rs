@@ -272,10 +272,7 @@ impl Worker {
         owner.resize(config.umem.frames as usize, OWNER_WORKER);
         for o in &mut owner {
             // A frame of a port that is not handed over (none should be) is the worker's.
-            if *o != OWNER_WORKER
-                && *o != OWNER_LEAKED
-                && !state.ports.iter().any(|p| p.id == *o)
-            {
+            if *o != OWNER_WORKER && *o != OWNER_LEAKED && !state.ports.iter().any(|p| p.id == *o) {
                 *o = OWNER_WORKER;
             }
         }

@@ -741,7 +741,13 @@ impl Testbed {
             }
             if std::time::Instant::now() >= deadline {
                 let sluice_bin = self.state.sluice_bin.clone();
-                agent::stop(node, old_pid, old_child.as_mut(), &sluice_bin, libc::SIGKILL)?;
+                agent::stop(
+                    node,
+                    old_pid,
+                    old_child.as_mut(),
+                    &sluice_bin,
+                    libc::SIGKILL,
+                )?;
                 return Err(TestbedError::HandoverLeftOldAgent {
                     node: node.to_string(),
                     pid: old_pid,

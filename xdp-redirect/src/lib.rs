@@ -581,15 +581,14 @@ impl Attachment {
         let rules = HashMap::try_from(next("RULES")?).map_err(|e| map_err("RULES", e))?;
         let config = Array::try_from(next("CONFIG")?).map_err(|e| map_err("CONFIG", e))?;
         let neigh = HashMap::try_from(next("NEIGH")?).map_err(|e| map_err("NEIGH", e))?;
-        let actions =
-            PerCpuArray::try_from(next("ACTIONS")?).map_err(|e| map_err("ACTIONS", e))?;
+        let actions = PerCpuArray::try_from(next("ACTIONS")?).map_err(|e| map_err("ACTIONS", e))?;
         let ports = Array::try_from(next("PORTS")?).map_err(|e| map_err("PORTS", e))?;
         let dst_addrs =
             HashMap::try_from(next("DST_ADDRS")?).map_err(|e| map_err("DST_ADDRS", e))?;
         let host_addrs =
             HashMap::try_from(next("HOST_ADDRS")?).map_err(|e| map_err("HOST_ADDRS", e))?;
-        let cluster_nodes = HashMap::try_from(next("CLUSTER_NODES")?)
-            .map_err(|e| map_err("CLUSTER_NODES", e))?;
+        let cluster_nodes =
+            HashMap::try_from(next("CLUSTER_NODES")?).map_err(|e| map_err("CLUSTER_NODES", e))?;
         let failsafe = Array::try_from(next("FAILSAFE")?).map_err(|e| map_err("FAILSAFE", e))?;
         let host_flows =
             HashMap::try_from(next("HOST_FLOWS")?).map_err(|e| map_err("HOST_FLOWS", e))?;

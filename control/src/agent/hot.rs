@@ -39,6 +39,9 @@ pub(super) struct Takeover {
     pub attachments: BTreeMap<String, Attachment>,
     /// The running agent's pid (from the socket's peer credentials).
     pub from_pid: i32,
+    /// When its state arrived: its workers are stopped from shortly before until this agent
+    /// publishes its first snapshot.
+    pub received: std::time::Instant,
 }
 
 impl Takeover {
@@ -115,6 +118,7 @@ pub(super) fn take_over(
         ),
         Reply::State(s) => *s,
     };
+    let received = std::time::Instant::now();
     let mut flows = Vec::with_capacity(state.workers.len());
     for w in &state.workers {
         let (bytes, _) = handover::recv(&stream)
@@ -128,6 +132,7 @@ pub(super) fn take_over(
         workers: Vec::new(),
         attachments: BTreeMap::new(),
         from_pid,
+        received,
     };
     match adopt(state, fds, flows, dp) {
         Ok((cluster, workers, attachments)) => Ok(Some(Takeover {
@@ -322,7 +327,10 @@ impl Agent {
             Ok(v) => v,
             Err(e) => return refuse(format!("duplicating the XDP fds: {e}")),
         };
-        tracing::info!(pid = hello.pid, "handing the dataplane over to the next agent (hot restart)");
+        tracing::info!(
+            pid = hello.pid,
+            "handing the dataplane over to the next agent (hot restart)"
+        );
         // The next agent binds the local API once it runs.
         let _ = std::fs::remove_file(api_socket);
         let started = std::time::Instant::now();
@@ -353,13 +361,12 @@ impl Agent {
             uplink,
             endpoints,
         };
-        let sent = handover::send_json(&stream, &Reply::State(Box::new(state)), &fds).and_then(
-            |()| {
+        let sent =
+            handover::send_json(&stream, &Reply::State(Box::new(state)), &fds).and_then(|()| {
                 states
                     .iter()
                     .try_for_each(|s| handover::send(&stream, &s.flows, &[]))
-            },
-        );
+            });
         drop(fds);
         let flows: usize = states.iter().map(|s| s.flow_count).sum();
         let ack = sent.and_then(|()| handover::recv_json::<Ack>(&stream).map(|(a, _)| a));

@@ -666,9 +666,9 @@ fn restart_agent(
         }
         None => {
             // The new agent is ready (it has taken over) before the old one is seen gone.
-            let (ready, exited) = tb.hot_restart_agent(node).with_context(|| {
-                format!("hot restart of the agent of {node} (pid {old_pid})")
-            })?;
+            let (ready, exited) = tb
+                .hot_restart_agent(node)
+                .with_context(|| format!("hot restart of the agent of {node} (pid {old_pid})"))?;
             let now = perf::sys::monotonic_ns();
             times.ready_ns = now.saturating_sub(ready.elapsed().as_nanos() as u64);
             times.exited_ns = now.saturating_sub(exited.elapsed().as_nanos() as u64);
