@@ -453,7 +453,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         None => Dataplane::start(dp_config).context("starting the dataplane workers"),
         Some(t) => {
             let states = std::mem::take(&mut t.workers);
-            Dataplane::adopt(dp_config, states)
+            Dataplane::adopt(dp_config, states, t.prepared.take())
                 .context("continuing the previous agent's workers (hot restart)")
         }
     };

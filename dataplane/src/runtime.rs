@@ -184,6 +184,13 @@ fn binder(requests: mpsc::Receiver<BindRequest>) {
     }
 }
 
+/// What [`Dataplane::prepare`] allocated for [`Dataplane::adopt`].
+pub struct Prepared {
+    conntrack: Vec<crate::conntrack::Conntrack>,
+    handoff: Arc<Handoff>,
+    affinity: Arc<crate::affinity::Affinity>,
+}
+
 pub struct Dataplane {
     workers: Vec<WorkerHandle>,
     binder: mpsc::SyncSender<BindRequest>,
@@ -197,7 +204,7 @@ pub struct Dataplane {
 
 impl Dataplane {
     pub fn start(config: DataplaneConfig) -> Result<Self, RuntimeError> {
-        Self::start_with(config, Vec::new())
+        Self::start_with(config, Vec::new(), None)
     }
 
     /// Starts workers that continue the previous agent's ([`Dataplane::handover`] there; one
@@ -207,6 +214,7 @@ impl Dataplane {
     pub fn adopt(
         config: DataplaneConfig,
         states: Vec<crate::handover::WorkerState>,
+        prepared: Option<Prepared>,
     ) -> Result<Self, RuntimeError> {
         if states.len() != config.workers {
             return Err(RuntimeError::Worker {
@@ -219,15 +227,64 @@ impl Dataplane {
                 ),
             });
         }
-        Self::start_with(config, states)
+        Self::start_with(config, states, prepared)
+    }
+
+    /// Allocates what adopted workers need (conntrack tables, the handoff rings, the affinity
+    /// table) before a hot restart stops the previous agent's workers: the time they are
+    /// stopped is then spent on mapping and importing only.
+    pub fn prepare(config: &DataplaneConfig) -> Result<Prepared, RuntimeError> {
+        let mut conntrack = Vec::with_capacity(config.workers);
+        for id in 0..config.workers {
+            let wc = Self::worker_config(config, id, None);
+            conntrack.push(crate::worker::new_conntrack(&wc).map_err(|e| {
+                RuntimeError::Worker {
+                    worker: id,
+                    what: e.to_string(),
+                }
+            })?);
+        }
+        Ok(Prepared {
+            conntrack,
+            handoff: Arc::new(Handoff::new(config.workers)),
+            affinity: Arc::new(crate::affinity::Affinity::new(config.affinity_entries)),
+        })
+    }
+
+    fn worker_config(config: &DataplaneConfig, id: usize, core: Option<usize>) -> WorkerConfig {
+        WorkerConfig {
+            id,
+            core,
+            umem: config.umem,
+            rings: config.rings,
+            batch: config.batch,
+            idle_spin: config.idle_spin,
+            idle_poll_ms: config.idle_poll_ms,
+            conntrack_capacity: config.conntrack_capacity,
+            timeouts: config.timeouts,
+            workers: config.workers,
+        }
     }
 
     fn start_with(
         config: DataplaneConfig,
         states: Vec<crate::handover::WorkerState>,
+        prepared: Option<Prepared>,
     ) -> Result<Self, RuntimeError> {
         let mut states: Vec<Option<crate::handover::WorkerState>> =
             states.into_iter().map(Some).collect();
+        let (mut tables, handoff, affinity) = match prepared {
+            Some(p) if p.conntrack.len() == config.workers => (
+                p.conntrack.into_iter().map(Some).collect::<Vec<_>>(),
+                p.handoff,
+                p.affinity,
+            ),
+            _ => (
+                Vec::new(),
+                Arc::new(Handoff::new(config.workers)),
+                Arc::new(crate::affinity::Affinity::new(config.affinity_entries)),
+            ),
+        };
         let mut adopted = Vec::new();
         if config.workers == 0 {
             return Err(RuntimeError::NoWorkers);
@@ -253,8 +310,6 @@ impl Dataplane {
             });
         }
         let snapshot = Arc::new(ArcSwapOption::empty());
-        let handoff = Arc::new(Handoff::new(config.workers));
-        let affinity = Arc::new(crate::affinity::Affinity::new(config.affinity_entries));
         let mut workers = Vec::with_capacity(config.workers);
         for id in 0..config.workers {
             let core = config.cores.as_ref().and_then(|c| c.get(id).copied());
@@ -273,18 +328,8 @@ impl Dataplane {
                 .map_err(|source| RuntimeError::EventFd { worker: id, source })?;
             let (tx, rx) = mpsc::sync_channel(COMMAND_QUEUE_DEPTH);
             let shared = Arc::new(SharedCounters::default());
-            let wc = WorkerConfig {
-                id,
-                core,
-                umem: config.umem,
-                rings: config.rings,
-                batch: config.batch,
-                idle_spin: config.idle_spin,
-                idle_poll_ms: config.idle_poll_ms,
-                conntrack_capacity: config.conntrack_capacity,
-                timeouts: config.timeouts,
-                workers: config.workers,
-            };
+            let wc = Self::worker_config(&config, id, core);
+            let table = tables.get_mut(id).and_then(Option::take);
             let ho = Arc::clone(&handoff);
             let aff = Arc::clone(&affinity);
             let (ready_tx, ready_rx) = mpsc::sync_channel(1);
@@ -317,7 +362,7 @@ impl Dataplane {
                     // better for NUMA; on one socket it makes no difference).
                     let worker = match state {
                         None => Worker::new(wc, s, snap, rx, worker_wake, ho, aff),
-                        Some(st) => Worker::adopt(wc, st, s, snap, rx, worker_wake, ho, aff),
+                        Some(st) => Worker::adopt(wc, st, table, s, snap, rx, worker_wake, ho, aff),
                     };
                     match worker {
                         Ok(w) => {

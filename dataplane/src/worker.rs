@@ -185,6 +185,19 @@ struct Parts {
     next_port_id: u16,
     flows: Vec<u8>,
     adopted: bool,
+    /// Allocated ahead (a hot restart allocates before the previous agent's workers stop).
+    conntrack: Option<Conntrack>,
+}
+
+/// A worker's conntrack table, with a random seed of its own: flow keys chosen by an attacker
+/// cannot be aimed at buckets.
+pub fn new_conntrack(config: &WorkerConfig) -> Result<Conntrack, ConntrackError> {
+    let seed = std::collections::hash_map::RandomState::new().hash_one(config.id);
+    Conntrack::new(crate::conntrack::Config {
+        capacity: config.conntrack_capacity,
+        seed,
+        timeouts: config.timeouts,
+    })
 }
 
 /// Worker state. Field order matters for Drop: ports (sockets, rings) before the UMEM.
@@ -245,6 +258,7 @@ impl Worker {
                 next_port_id: 0,
                 flows: Vec::new(),
                 adopted: false,
+                conntrack: None,
             },
             shared,
             snapshot,
@@ -261,6 +275,7 @@ impl Worker {
     pub fn adopt(
         config: WorkerConfig,
         state: crate::handover::WorkerState,
+        conntrack: Option<Conntrack>,
         shared: Arc<SharedCounters>,
         snapshot: Arc<ArcSwapOption<Snapshot>>,
         commands: Receiver<Command>,
@@ -297,6 +312,7 @@ impl Worker {
                 next_port_id: state.next_port_id,
                 flows: state.flows,
                 adopted: true,
+                conntrack,
             },
             shared,
             snapshot,
@@ -318,22 +334,19 @@ impl Worker {
         handoff: Arc<Handoff>,
         affinity: Arc<crate::affinity::Affinity>,
     ) -> Result<Self, WorkerError> {
-        let adopted = parts.adopted;
         let Parts {
             umem,
             owner,
             ports,
             next_port_id,
             flows: flow_records,
-            ..
+            adopted,
+            conntrack,
         } = parts;
-        // A per-worker random seed: flow keys chosen by an attacker cannot be aimed at buckets.
-        let seed = std::collections::hash_map::RandomState::new().hash_one(config.id);
-        let mut ct = Conntrack::new(crate::conntrack::Config {
-            capacity: config.conntrack_capacity,
-            seed,
-            timeouts: config.timeouts,
-        })?;
+        let mut ct = match conntrack {
+            Some(ct) => ct,
+            None => new_conntrack(&config)?,
+        };
         let clock = CycleClock::get();
         if !flow_records.is_empty() {
             ct.import(&flow_records, clock.to_ns(cycles()))?;

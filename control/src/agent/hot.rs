@@ -42,6 +42,8 @@ pub(super) struct Takeover {
     /// When its state arrived: its workers are stopped from shortly before until this agent
     /// publishes its first snapshot.
     pub received: std::time::Instant,
+    /// Tables allocated before asking (not while the previous agent's workers are stopped).
+    pub prepared: Option<dataplane::runtime::Prepared>,
 }
 
 impl Takeover {
@@ -99,6 +101,8 @@ pub(super) fn take_over(
     stream.set_write_timeout(Some(PEER_TIMEOUT))?;
     let from_pid = peer_pid(&stream);
     tracing::info!(socket = %path.display(), pid = from_pid, "an agent is running: asking it to hand over (hot restart)");
+    let prepared = dataplane::runtime::Dataplane::prepare(dp)
+        .context("hot restart: allocating the workers' tables")?;
     let hello = Hello {
         version: handover::PROTOCOL_VERSION,
         pid: std::process::id(),
@@ -133,6 +137,7 @@ pub(super) fn take_over(
         attachments: BTreeMap::new(),
         from_pid,
         received,
+        prepared: Some(prepared),
     };
     match adopt(state, fds, flows, dp) {
         Ok((cluster, workers, attachments)) => Ok(Some(Takeover {
@@ -400,7 +405,7 @@ impl Agent {
         let restarted = if states.is_empty() {
             dataplane::runtime::Dataplane::start(config)
         } else {
-            dataplane::runtime::Dataplane::adopt(config, states)
+            dataplane::runtime::Dataplane::adopt(config, states, None)
         };
         match restarted {
             Ok(dp) => {
