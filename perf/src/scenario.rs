@@ -97,7 +97,7 @@ pub struct Scenario {
     /// not allow [`crate::policy::PROBE_PORT`].
     pub policies: Option<&'static str>,
     /// A restart scenario: during a UDP stream at a fixed rate the agent of the client's node
-    /// is restarted (`--restart term|kill`, `--restart-at`), and the run reports the loss and
+    /// is restarted (`--restart term|kill|hot`, `--restart-at`), and the run reports the loss and
     /// the outage ([`crate::restart`]). No kernel baseline (the kernel path has no agent).
     pub restart: bool,
     pub defaults: Defaults,
@@ -431,7 +431,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "pod-to-pod-restart",
-        measures: "UDP loss and outage while the agent restarts (--restart term|kill)",
+        measures: "UDP loss and outage while the agent restarts (--restart term|kill|hot)",
         topology: RESTART,
         cluster: DEMO,
         client_pod: "default/pod-a",
