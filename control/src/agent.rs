@@ -9,6 +9,7 @@
 //!
 //! State directory (`--state-dir`, default `/var/lib/sluice`):
 //! - `sluice.sock`: the local API;
+//! - `handover.sock`: where a next agent asks for the dataplane (hot restart, `hot`);
 //! - `endpoints/<container-id>.json`: every attached endpoint, so a restarted agent re-attaches
 //!   its pods before anything else and forwards again without waiting for CNI;
 //! - `last-good-cluster.yaml`: the last cluster file that parsed, used when the file is broken

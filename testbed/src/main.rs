@@ -41,6 +41,13 @@ enum EncryptionArg {
     Wireguard,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum RestartArg {
+    Hot,
+    Term,
+    Kill,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Build the cluster and leave it running.
@@ -78,6 +85,18 @@ enum Cmd {
         file: Option<PathBuf>,
         #[arg(long)]
         instance: Option<String>,
+    },
+    /// Restart a node's agent: `hot` (the default) starts a new agent that takes the running
+    /// one's dataplane over (the old one exits by itself); `term` and `kill` stop it with that
+    /// signal and start a new one.
+    Restart {
+        node: String,
+        #[arg(long, conflicts_with = "instance")]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        instance: Option<String>,
+        #[arg(long, value_enum, default_value = "hot")]
+        how: RestartArg,
     },
     /// Run a command in a pod's network namespace; its exit code is passed through.
     Exec {
@@ -183,6 +202,48 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print_status(&testbed, &mut |node| {
                 alive.iter().find(|(n, _)| n == node).map(|(_, a)| *a)
             });
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Restart {
+            node,
+            file,
+            instance: name,
+            how,
+        } => {
+            let name = instance(file.as_deref(), name)?;
+            let mut testbed = Testbed::open(&cli.state_root, &name)?;
+            let old = testbed.node(&node)?.agent_pid;
+            let started = std::time::Instant::now();
+            match how {
+                RestartArg::Hot => {
+                    let (ready, gone) = testbed.hot_restart_agent(&node)?;
+                    println!(
+                        "{node}: agent {} handed over to {} (new agent ready after {:?}, old one gone after {:?})",
+                        old.map_or("-".into(), |p| p.to_string()),
+                        testbed.node(&node)?.agent_pid.map_or("-".into(), |p| p.to_string()),
+                        ready - started,
+                        gone - started
+                    );
+                }
+                RestartArg::Term | RestartArg::Kill => {
+                    let signal = if matches!(how, RestartArg::Term) {
+                        libc::SIGTERM
+                    } else {
+                        libc::SIGKILL
+                    };
+                    testbed.stop_agent(&node, signal)?;
+                    testbed.start_agent(&node)?;
+                    println!(
+                        "{node}: agent {} stopped, {} ready after {:?}",
+                        old.map_or("-".into(), |p| p.to_string()),
+                        testbed
+                            .node(&node)?
+                            .agent_pid
+                            .map_or("-".into(), |p| p.to_string()),
+                        started.elapsed()
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Exec {

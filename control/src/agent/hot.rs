@@ -59,7 +59,8 @@ impl Takeover {
     }
 }
 
-fn peer_pid(stream: &UnixStream) -> i32 {
+/// The peer's pid and uid (`SO_PEERCRED`); zeros when the kernel does not say.
+fn peer(stream: &UnixStream) -> (i32, u32) {
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -77,9 +78,9 @@ fn peer_pid(stream: &UnixStream) -> i32 {
         )
     };
     if r == 0 {
-        cred.pid
+        (cred.pid, cred.uid)
     } else {
-        0
+        (0, u32::MAX)
     }
 }
 
@@ -99,7 +100,7 @@ pub(super) fn take_over(
     };
     stream.set_read_timeout(Some(PEER_TIMEOUT))?;
     stream.set_write_timeout(Some(PEER_TIMEOUT))?;
-    let from_pid = peer_pid(&stream);
+    let (from_pid, _) = peer(&stream);
     tracing::info!(socket = %path.display(), pid = from_pid, "an agent is running: asking it to hand over (hot restart)");
     let prepared = dataplane::runtime::Dataplane::prepare(dp)
         .context("hot restart: allocating the workers' tables")?;
@@ -294,6 +295,14 @@ impl Agent {
             let _ = handover::send_json(&stream, &Reply::Refused { reason }, &[]);
             Outcome::RunOn
         };
+        // The dataplane goes only to a process of our own user (the socket's mode already
+        // keeps others out; this holds when the state directory is shared).
+        let (_, uid) = peer(&stream);
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if uid != me {
+            return refuse(format!("the new agent runs as uid {uid}, this one as {me}"));
+        }
         if let Some(reason) = self.refusal(&hello) {
             return refuse(reason);
         }
