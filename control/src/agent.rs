@@ -186,6 +186,8 @@ struct Agent {
     /// Hot restart: XDP attachments handed over by the previous agent, by interface name,
     /// until the uplink or an endpoint claims them.
     inherited: BTreeMap<String, Attachment>,
+    /// Hot restart: the previous agent's WireGuard socket and sessions, until started.
+    inherited_wg: Option<(std::net::UdpSocket, crate::wg_runtime::WgHandover)>,
     /// While taking over: snapshots are built but not published until every handed-over
     /// interface is known again (a partial one would drop the traffic of the others).
     hold_publish: bool,
@@ -508,6 +510,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         last_checkpoint: None,
         checkpoint_writer: None,
         inherited: BTreeMap::new(),
+        inherited_wg: None,
         hold_publish: false,
         health_pending: false,
     };
@@ -515,6 +518,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         // Continue above the previous agent's generations (flows carry table tags).
         agent.generation = t.generation;
         agent.inherited = std::mem::take(&mut t.attachments);
+        agent.inherited_wg = t.wireguard.take();
         agent.hold_publish = true;
     }
     let taking_over = std::time::Instant::now();
@@ -873,12 +877,21 @@ impl Agent {
         };
         let key = crate::wg::keys::load_or_create(&self.opts.state_dir)
             .context("the WireGuard node key")?;
-        let rt = crate::wg_runtime::WgRuntime::start(
-            &key,
-            self.node.internal_ip,
-            o.port,
-            crate::wg::timers::Timers::default(),
-        )?;
+        let rt = match self.inherited_wg.take() {
+            // Hot restart: the previous agent's socket and sessions.
+            Some((socket, state)) => crate::wg_runtime::WgRuntime::adopt(
+                &key,
+                crate::wg::timers::Timers::default(),
+                socket,
+                state,
+            )?,
+            None => crate::wg_runtime::WgRuntime::start(
+                &key,
+                self.node.internal_ip,
+                o.port,
+                crate::wg::timers::Timers::default(),
+            )?,
+        };
         tracing::info!(
             public_key = %rt.public_key().to_base64(),
             annotation = crate::wg::keys::PUBLIC_KEY_ANNOTATION,

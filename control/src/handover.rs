@@ -96,7 +96,8 @@ impl From<AttachmentWire> for xdp_redirect::AttachmentMeta {
 }
 
 /// Everything but the flow records. Fds, in order: each worker's (UMEM, then one per port),
-/// then the uplink's attachment (link, then maps), then each endpoint's.
+/// then the uplink's attachment (link, then maps), then each endpoint's, then the WireGuard
+/// socket when `wireguard` is there.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct State {
     /// The old agent's snapshot generation: the new one continues above it, so no flow's
@@ -108,6 +109,9 @@ pub struct State {
     pub uplink: Option<AttachmentWire>,
     /// (container id, attachment) of every attached pod.
     pub endpoints: Vec<(String, AttachmentWire)>,
+    /// The WireGuard slow path: sessions (keys, counters, replay windows) and peers.
+    #[serde(default)]
+    pub wireguard: Option<crate::wg_runtime::WgHandover>,
 }
 
 impl State {
@@ -119,6 +123,7 @@ impl State {
             .map(|w| w.ports.len() + 1)
             .sum::<usize>()
             + per_attachment * (usize::from(self.uplink.is_some()) + self.endpoints.len())
+            + usize::from(self.wireguard.is_some())
     }
 }
 
@@ -405,5 +410,53 @@ mod tests {
         drop(a);
         assert!(matches!(recv(&b), Err(WireError::HungUp)));
         assert!(matches!(recv(&b), Err(WireError::HungUp)));
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+
+    #[test]
+    fn the_fd_count_follows_what_the_state_carries() {
+        let wg = crate::wg_runtime::WgHandover {
+            public_key: [1; 32],
+            port: 51871,
+            sessions: vec![crate::wg_runtime::SessionHandover {
+                peer: [2; 32],
+                receiver_index: 1,
+                peer_index: 2,
+                send_key: [3; 32],
+                recv_key: [4; 32],
+                created_ns: 5,
+                initiator: true,
+                peer_id: 1,
+                sendable: true,
+                counters_taken: 7,
+                replay_words: vec![0; 256],
+                replay_max: 0,
+            }],
+            peers: Vec::new(),
+            next_peer_id: 2,
+        };
+        let s = State {
+            generation: 3,
+            cluster_yaml: String::new(),
+            workers: Vec::new(),
+            uplink: None,
+            endpoints: Vec::new(),
+            wireguard: Some(wg),
+        };
+        assert_eq!(s.fd_count(), 1);
+        let bytes = serde_json::to_vec(&Reply::State(Box::new(s))).expect("encode");
+        let back: Reply = serde_json::from_slice(&bytes).expect("decode");
+        let Reply::State(back) = back else {
+            panic!("not a state")
+        };
+        assert_eq!(back.fd_count(), 1);
+        assert_eq!(
+            back.wireguard.expect("wireguard").sessions[0].counters_taken,
+            7
+        );
     }
 }

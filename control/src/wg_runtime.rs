@@ -50,6 +50,12 @@ const LOOP_WAIT: Duration = Duration::from_millis(20);
 /// (MAC2 required) until a second passes below it. wireguard-go switches when its handshake
 /// queue holds 1/8 of 4096 messages; this thread has no queue, so it counts its own rate.
 const UNDER_LOAD_PER_SECOND: u32 = 512;
+/// After a rekey we initiated, the workers keep sealing with the current session this long
+/// before switching to the new one: the peer's workers learn of a session from a snapshot its
+/// control loop publishes after the handshake (up to a loop tick and a publish later), and a
+/// message on a session they do not know yet is dropped (`wg_unknown_session`). wireguard-go
+/// switches at once; it installs the receiving key in the same process step.
+const SWITCH_GRACE: Duration = Duration::from_millis(50);
 
 /// One peer as the agent shows it and the workers need it.
 #[derive(Clone, Debug)]
@@ -91,9 +97,59 @@ pub struct WgRuntime {
     generation: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     peers_tx: mpsc::SyncSender<Vec<NodePeer>>,
-    thread: Option<JoinHandle<()>>,
+    /// Gives its state back when it stops (a hot restart hands it over).
+    thread: Option<JoinHandle<Loop>>,
     public_key: PublicKey,
     port: u16,
+}
+
+/// One session as a hot restart carries it to the next agent: its keys, how far its send
+/// counter went and its replay window (read while the workers are stopped).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct SessionHandover {
+    pub peer: [u8; 32],
+    pub receiver_index: u32,
+    pub peer_index: u32,
+    pub send_key: [u8; 32],
+    pub recv_key: [u8; 32],
+    pub created_ns: u64,
+    pub initiator: bool,
+    pub peer_id: PeerId,
+    pub sendable: bool,
+    pub counters_taken: u64,
+    pub replay_words: Vec<u64>,
+    pub replay_max: u64,
+}
+
+impl std::fmt::Debug for SessionHandover {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionHandover")
+            .field("receiver_index", &self.receiver_index)
+            .field("peer_id", &self.peer_id)
+            .field("counters_taken", &self.counters_taken)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A peer as a hot restart carries it (its id and which session it sends with).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct PeerHandover {
+    pub node: String,
+    pub public_key: [u8; 32],
+    pub endpoint: SocketAddrV4,
+    pub allowed_source: Ipv4Addr,
+    pub id: PeerId,
+    pub send: Option<u32>,
+}
+
+/// The WireGuard slow path's state at a hot restart; its UDP socket travels as an fd.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct WgHandover {
+    pub public_key: [u8; 32],
+    pub port: u16,
+    pub sessions: Vec<SessionHandover>,
+    pub peers: Vec<PeerHandover>,
+    pub next_peer_id: PeerId,
 }
 
 fn monotonic_ns() -> u64 {
@@ -123,6 +179,39 @@ impl WgRuntime {
         let socket = UdpSocket::bind(SocketAddrV4::new(node_ip, port)).with_context(|| {
             format!("binding the WireGuard socket {node_ip}:{port} (is another WireGuard on it?)")
         })?;
+        Self::run_on(private, port, timers, socket, None)
+    }
+
+    /// Continues a previous agent's slow path (hot restart): its socket, its sessions (the
+    /// workers keep sealing and opening with them), its peers. A fresh handshake with every
+    /// peer starts at once, since the handshake engine's own state (timers, keypairs) does not
+    /// travel; the handed-over sessions are used until the new ones replace them and dropped
+    /// when they expire.
+    pub fn adopt(
+        private: &PrivateKey,
+        timers: Timers,
+        socket: UdpSocket,
+        state: WgHandover,
+    ) -> anyhow::Result<Self> {
+        let public = private.public_key();
+        if public.0 != state.public_key {
+            anyhow::bail!(
+                "the WireGuard key in the state directory ({}) is not the running agent's ({})",
+                public.to_base64(),
+                PublicKey(state.public_key).to_base64()
+            );
+        }
+        let port = state.port;
+        Self::run_on(private, port, timers, socket, Some(state))
+    }
+
+    fn run_on(
+        private: &PrivateKey,
+        port: u16,
+        timers: Timers,
+        socket: UdpSocket,
+        handed: Option<WgHandover>,
+    ) -> anyhow::Result<Self> {
         socket
             .set_read_timeout(Some(LOOP_WAIT))
             .context("setting the WireGuard socket's read timeout")?;
@@ -152,10 +241,20 @@ impl WgRuntime {
             load_count: 0,
             load_window_ns: 0,
             under_load: false,
+            rekey_adopted: std::collections::BTreeSet::new(),
+            peers_configured: false,
         };
+        if let Some(h) = handed {
+            worker.take_handed(h)?;
+            // The first snapshot of the next agent must already hold the sessions.
+            worker.publish();
+        }
         let thread = std::thread::Builder::new()
             .name("sluice-wireguard".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                worker.run();
+                worker
+            })
             .context("starting the WireGuard thread")?;
         Ok(Self {
             shared,
@@ -207,6 +306,16 @@ impl WgRuntime {
             let _ = t.join();
         }
     }
+
+    /// Hot restart: stops the thread and returns its socket and state (call it while the
+    /// workers are stopped, so the replay windows and counters stand still). `None` if the
+    /// thread is gone.
+    pub fn hand_over(&mut self) -> Option<(UdpSocket, WgHandover)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let lp = self.thread.take()?.join().ok()?;
+        let state = lp.handover(self.public_key, self.port);
+        Some((lp.socket, state))
+    }
 }
 
 impl Drop for WgRuntime {
@@ -218,6 +327,11 @@ impl Drop for WgRuntime {
 /// A session and what the loop last saw of its use.
 struct Tracked {
     peer: PublicKey,
+    /// What made the session (kept for a hot restart: the AEAD keys cannot be read back).
+    keys: SessionKeys,
+    /// Handed over by the previous agent: the handshake engine does not know it; it is used
+    /// until it expires, while a fresh handshake replaces it.
+    adopted: bool,
     session: Arc<DpSession>,
     /// Installed for sending (an initiator's at once, a responder's once confirmed).
     sendable: bool,
@@ -231,6 +345,9 @@ struct PeerEntry {
     id: PeerId,
     /// Receiver index of the session used for sending.
     send: Option<u32>,
+    /// A newer session we initiated, and when the workers switch to it (see
+    /// [`SWITCH_GRACE`]).
+    switch: Option<(u32, u64)>,
 }
 
 struct Loop {
@@ -249,9 +366,138 @@ struct Loop {
     load_count: u32,
     load_window_ns: u64,
     under_load: bool,
+    /// Handed-over peers still to get a fresh handshake (once the device knows them).
+    rekey_adopted: std::collections::BTreeSet<PublicKey>,
+    /// `set_peers` ran at least once (the device knows the peers).
+    peers_configured: bool,
 }
 
 impl Loop {
+    /// Installs a previous agent's sessions and peers (hot restart).
+    fn take_handed(&mut self, h: WgHandover) -> anyhow::Result<()> {
+        for p in h.peers {
+            let key = PublicKey(p.public_key);
+            self.rekey_adopted.insert(key);
+            self.peers.insert(
+                key,
+                PeerEntry {
+                    switch: None,
+                    node: NodePeer {
+                        node: p.node,
+                        public_key: key,
+                        endpoint: p.endpoint,
+                        allowed_source: p.allowed_source,
+                    },
+                    id: p.id,
+                    send: p.send,
+                },
+            );
+        }
+        self.next_peer_id = h.next_peer_id.max(self.next_peer_id);
+        for t in h.sessions {
+            let keys = SessionKeys {
+                receiver_index: t.receiver_index,
+                peer_index: t.peer_index,
+                send_key: t.send_key,
+                recv_key: t.recv_key,
+                created_ns: t.created_ns,
+                initiator: t.initiator,
+                peer: t.peer_id,
+            };
+            let session =
+                DpSession::restored(&keys, t.counters_taken, &t.replay_words, t.replay_max)
+                    .context("a handed-over WireGuard session")?;
+            let received_any = session.received_any();
+            self.sessions.insert(
+                t.receiver_index,
+                Tracked {
+                    peer: PublicKey(t.peer),
+                    keys,
+                    adopted: true,
+                    seen_taken: t.counters_taken,
+                    seen_received: t.replay_max,
+                    received_any,
+                    sendable: t.sendable,
+                    session: Arc::new(session),
+                },
+            );
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// This loop's state for the next agent.
+    fn handover(&self, public_key: PublicKey, port: u16) -> WgHandover {
+        let sessions = self
+            .sessions
+            .values()
+            .map(|t| {
+                let (replay_words, replay_max) = t.session.replay_snapshot();
+                SessionHandover {
+                    peer: t.peer.0,
+                    receiver_index: t.keys.receiver_index,
+                    peer_index: t.keys.peer_index,
+                    send_key: t.keys.send_key,
+                    recv_key: t.keys.recv_key,
+                    created_ns: t.keys.created_ns,
+                    initiator: t.keys.initiator,
+                    peer_id: t.keys.peer,
+                    sendable: t.sendable,
+                    counters_taken: t.session.counters_taken(),
+                    replay_words,
+                    replay_max,
+                }
+            })
+            .collect();
+        let peers = self
+            .peers
+            .iter()
+            .map(|(k, e)| PeerHandover {
+                node: e.node.node.clone(),
+                public_key: k.0,
+                endpoint: e.node.endpoint,
+                allowed_source: e.node.allowed_source,
+                id: e.id,
+                send: e.send,
+            })
+            .collect();
+        WgHandover {
+            public_key: public_key.0,
+            port,
+            sessions,
+            peers,
+            next_peer_id: self.next_peer_id,
+        }
+    }
+
+    /// Handed-over sessions: a fresh handshake for their peers once the device knows them,
+    /// and away when they expire.
+    fn tend_adopted(&mut self, now: u64) {
+        if self.peers_configured && !self.rekey_adopted.is_empty() {
+            for k in std::mem::take(&mut self.rekey_adopted) {
+                if self.peers.contains_key(&k) {
+                    let actions = self.device.want_session(&k, now);
+                    self.apply(actions, now);
+                }
+            }
+        }
+        let expired: Vec<(u32, PublicKey)> = self
+            .sessions
+            .iter()
+            .filter(|(_, t)| t.adopted && t.session.expired(now))
+            .map(|(i, t)| (*i, t.peer))
+            .collect();
+        for (idx, peer) in expired {
+            self.sessions.remove(&idx);
+            if let Some(e) = self.peers.get_mut(&peer) {
+                if e.send == Some(idx) {
+                    e.send = e.switch.take().map(|(i, _)| i);
+                }
+            }
+            self.dirty = true;
+        }
+    }
+
     /// Counts one handshake datagram and switches the device's cookie mode per second.
     fn note_load(&mut self, now: u64) {
         if now.saturating_sub(self.load_window_ns) >= 1_000_000_000 {
@@ -299,6 +545,16 @@ impl Loop {
                 self.set_peers(peers, now);
             }
             self.read_session_use(now);
+            self.tend_adopted(now);
+            for e in self.peers.values_mut() {
+                if let Some((idx, at)) = e.switch {
+                    if now >= at {
+                        e.send = Some(idx);
+                        e.switch = None;
+                        self.dirty = true;
+                    }
+                }
+            }
             let actions = self.device.tick(now);
             self.apply(actions, now);
             // Keep a session with every peer ahead of traffic.
@@ -337,11 +593,20 @@ impl Loop {
                     (id, None)
                 }
             };
-            next.insert(p.public_key, PeerEntry { node: p, id, send });
+            next.insert(
+                p.public_key,
+                PeerEntry {
+                    node: p,
+                    id,
+                    send,
+                    switch: None,
+                },
+            );
         }
         // Peers gone: their sessions go too.
         self.sessions.retain(|_, t| next.contains_key(&t.peer));
         self.peers = next;
+        self.peers_configured = true;
         self.dirty = true;
         self.apply(actions, now);
     }
@@ -363,7 +628,7 @@ impl Loop {
                     let Some(entry) = self.peers.get_mut(&peer) else {
                         continue;
                     };
-                    let dp = match DpSession::new(&SessionKeys {
+                    let keys = SessionKeys {
                         receiver_index: session.local_index,
                         peer_index: session.remote_index,
                         send_key: session.send_key,
@@ -371,7 +636,8 @@ impl Loop {
                         created_ns: session.created_ns,
                         initiator: session.is_initiator,
                         peer: entry.id,
-                    }) {
+                    };
+                    let dp = match DpSession::new(&keys) {
                         Ok(s) => Arc::new(s),
                         Err(e) => {
                             tracing::error!(error = %e, "WireGuard session not installed");
@@ -379,12 +645,21 @@ impl Loop {
                         }
                     };
                     if session.is_initiator {
-                        entry.send = Some(session.local_index);
+                        let current = entry.send.and_then(|i| self.sessions.get(&i));
+                        if current.is_some_and(|t| t.sendable && !t.session.expired(now)) {
+                            let at = now + SWITCH_GRACE.as_nanos() as u64;
+                            entry.switch = Some((session.local_index, at));
+                        } else {
+                            entry.send = Some(session.local_index);
+                            entry.switch = None;
+                        }
                     }
                     self.sessions.insert(
                         session.local_index,
                         Tracked {
                             peer,
+                            keys,
+                            adopted: false,
                             session: dp,
                             sendable: session.is_initiator,
                             seen_taken: 0,
@@ -413,8 +688,12 @@ impl Loop {
                 | Action::SessionExpired { peer, local_index } => {
                     self.sessions.remove(&local_index);
                     if let Some(e) = self.peers.get_mut(&peer) {
+                        if e.switch.is_some_and(|(i, _)| i == local_index) {
+                            e.switch = None;
+                        }
                         if e.send == Some(local_index) {
-                            e.send = None;
+                            // The session waiting for its switch takes over at once.
+                            e.send = e.switch.take().map(|(i, _)| i);
                         }
                     }
                     self.dirty = true;
@@ -459,6 +738,10 @@ impl Loop {
     fn read_session_use(&mut self, now: u64) {
         let mut events: Vec<(PublicKey, u32, bool, bool, u64, bool)> = Vec::new();
         for (idx, t) in &mut self.sessions {
+            // The handshake engine does not know handed-over sessions.
+            if t.adopted {
+                continue;
+            }
             let taken = t.session.counters_taken();
             let received = t.session.max_received_counter();
             let got_any = t.session.received_any();

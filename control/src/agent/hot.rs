@@ -37,6 +37,8 @@ pub(super) struct Takeover {
     pub workers: Vec<WorkerState>,
     /// By interface name.
     pub attachments: BTreeMap<String, Attachment>,
+    /// The WireGuard socket and sessions.
+    pub wireguard: Option<(std::net::UdpSocket, crate::wg_runtime::WgHandover)>,
     /// The running agent's pid (from the socket's peer credentials).
     pub from_pid: i32,
     /// When its state arrived: its workers are stopped from shortly before until this agent
@@ -136,15 +138,17 @@ pub(super) fn take_over(
         cluster: ClusterState::default(),
         workers: Vec::new(),
         attachments: BTreeMap::new(),
+        wireguard: None,
         from_pid,
         received,
         prepared: Some(prepared),
     };
     match adopt(state, fds, flows, dp) {
-        Ok((cluster, workers, attachments)) => Ok(Some(Takeover {
+        Ok((cluster, workers, attachments, wireguard)) => Ok(Some(Takeover {
             cluster,
             workers,
             attachments,
+            wireguard,
             ..t
         })),
         Err(e) => {
@@ -154,7 +158,12 @@ pub(super) fn take_over(
     }
 }
 
-type Adopted = (ClusterState, Vec<WorkerState>, BTreeMap<String, Attachment>);
+type Adopted = (
+    ClusterState,
+    Vec<WorkerState>,
+    BTreeMap<String, Attachment>,
+    Option<(std::net::UdpSocket, crate::wg_runtime::WgHandover)>,
+);
 
 fn adopt(
     state: State,
@@ -194,7 +203,16 @@ fn adopt(
             .with_context(|| format!("hot restart: taking over the XDP program on {ifname}"))?;
         attachments.insert(ifname, a);
     }
-    Ok((cluster, workers, attachments))
+    let wireguard = match state.wireguard {
+        Some(w) => {
+            let fd = fds
+                .next()
+                .context("hot restart: the WireGuard socket's fd is missing")?;
+            Some((std::net::UdpSocket::from(fd), w))
+        }
+        None => None,
+    };
+    Ok((cluster, workers, attachments, wireguard))
 }
 
 /// Serves `<state-dir>/handover.sock`: each connection becomes a [`Job::Handover`].
@@ -262,11 +280,6 @@ impl Agent {
                 "ring sizes {ours:?} here, {:?} in the new agent",
                 hello.rings
             ));
-        }
-        if self.wg.is_some() {
-            return Some(
-                "WireGuard is on, and its sessions and socket are not handed over yet".into(),
-            );
         }
         if self.host_fw.is_some() {
             return Some(
@@ -352,10 +365,12 @@ impl Agent {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "workers did not stop for the hand-over; restarting them");
-                self.resume(Vec::new(), rebind_api);
+                self.resume(Vec::new(), None, rebind_api);
                 return refuse(format!("the workers did not stop: {e}"));
             }
         };
+        // With the workers stopped, the sessions' counters and replay windows stand still.
+        let wg = self.wg.as_mut().and_then(|w| w.hand_over());
         let rings = self.dp.config().rings;
         let mut workers = Vec::with_capacity(states.len());
         let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
@@ -368,12 +383,17 @@ impl Agent {
             use std::os::fd::AsFd;
             f.as_fd()
         }));
+        if let Some((socket, _)) = &wg {
+            use std::os::fd::AsFd;
+            fds.push(socket.as_fd());
+        }
         let state = State {
             generation: self.generation,
             cluster_yaml,
             workers,
             uplink,
             endpoints,
+            wireguard: wg.as_ref().map(|(_, w)| w.clone()),
         };
         let sent =
             handover::send_json(&stream, &Reply::State(Box::new(state)), &fds).and_then(|()| {
@@ -396,12 +416,12 @@ impl Agent {
             }
             Ok(Ack::Failed { error }) => {
                 tracing::error!(pid = hello.pid, %error, "the next agent gave up; taking the dataplane back");
-                self.resume(states, rebind_api);
+                self.resume(states, wg, rebind_api);
                 Outcome::RunOn
             }
             Err(e) => {
                 tracing::error!(pid = hello.pid, error = %e, "the next agent went away during the hand-over; taking the dataplane back");
-                self.resume(states, rebind_api);
+                self.resume(states, wg, rebind_api);
                 Outcome::RunOn
             }
         }
@@ -409,7 +429,31 @@ impl Agent {
 
     /// Runs on after a hand-over that did not happen: new workers continue the handed states
     /// (ours again), the snapshot is published to them, and the API socket is bound again.
-    fn resume(&mut self, states: Vec<WorkerState>, rebind_api: &dyn Fn() -> anyhow::Result<()>) {
+    fn resume(
+        &mut self,
+        states: Vec<WorkerState>,
+        wg: Option<(std::net::UdpSocket, crate::wg_runtime::WgHandover)>,
+        rebind_api: &dyn Fn() -> anyhow::Result<()>,
+    ) {
+        if let Some((socket, state)) = wg {
+            let restarted = crate::wg::keys::load_or_create(&self.opts.state_dir)
+                .map_err(anyhow::Error::from)
+                .and_then(|key| {
+                    crate::wg_runtime::WgRuntime::adopt(
+                        &key,
+                        crate::wg::timers::Timers::default(),
+                        socket,
+                        state,
+                    )
+                });
+            match restarted {
+                Ok(rt) => {
+                    self.wg = Some(rt);
+                    self.update_wireguard_peers();
+                }
+                Err(e) => tracing::error!(error = %format!("{e:#}"), "WireGuard not restarted"),
+            }
+        }
         let config = self.dp.config().clone();
         let restarted = if states.is_empty() {
             dataplane::runtime::Dataplane::start(config)

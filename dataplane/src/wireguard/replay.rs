@@ -123,6 +123,30 @@ impl ReplayWindow {
         }
     }
 
+    /// The window's words and highest counter, for a hot restart (read while no worker
+    /// receives on the session, or the copy may miss the last marks).
+    pub fn snapshot(&self) -> (Vec<u64>, u64) {
+        (
+            self.slots
+                .iter()
+                .map(|w| w.load(Ordering::Acquire))
+                .collect(),
+            self.max.load(Ordering::Acquire),
+        )
+    }
+
+    /// A window continuing [`ReplayWindow::snapshot`]: the same counters are replays.
+    /// `None` when `words` is not a whole window.
+    pub fn restored(words: &[u64], max: u64) -> Option<Self> {
+        if words.len() != SLOTS {
+            return None;
+        }
+        Some(Self {
+            slots: std::array::from_fn(|i| AtomicU64::new(words[i])),
+            max: AtomicU64::new(max),
+        })
+    }
+
     /// The highest counter accepted so far (0 before the first).
     pub fn max_accepted(&self) -> u64 {
         self.max.load(Ordering::Relaxed)

@@ -63,6 +63,8 @@ pub enum SessionError {
         direction: &'static str,
         receiver_index: u32,
     },
+    #[error("session {receiver_index}: a handed-over replay window of {words} words is not one")]
+    ReplayWindow { receiver_index: u32, words: usize },
 }
 
 /// Session ids, so a [`CounterBlock`] is never used with another session than its own.
@@ -152,6 +154,29 @@ impl Session {
             send_counter: SendCounter(AtomicU64::new(0)),
             replay: ReplayWindow::new(),
         })
+    }
+
+    /// A session continuing another process's (hot restart): the same keys, its send counter
+    /// taken up to `counters_taken`, its replay window as [`ReplayWindow::snapshot`] gave it.
+    pub fn restored(
+        keys: &SessionKeys,
+        counters_taken: u64,
+        replay_words: &[u64],
+        replay_max: u64,
+    ) -> Result<Self, SessionError> {
+        let mut s = Self::new(keys)?;
+        s.send_counter = SendCounter(AtomicU64::new(counters_taken));
+        s.replay =
+            ReplayWindow::restored(replay_words, replay_max).ok_or(SessionError::ReplayWindow {
+                receiver_index: keys.receiver_index,
+                words: replay_words.len(),
+            })?;
+        Ok(s)
+    }
+
+    /// The replay window's words and highest counter (see [`Session::restored`]).
+    pub fn replay_snapshot(&self) -> (Vec<u64>, u64) {
+        self.replay.snapshot()
     }
 
     /// Our index (what peers address this session by).
@@ -266,6 +291,37 @@ mod tests {
             initiator,
             peer: 7,
         }
+    }
+
+    #[test]
+    fn a_restored_session_continues_counters_and_refuses_replays() {
+        let old = Session::new(&keys(true)).expect("session");
+        let mut block = CounterBlock::default();
+        for _ in 0..300 {
+            block.next_counter(&old).expect("counter");
+        }
+        for c in [0u64, 5, 9000, 9001] {
+            old.replay.check_and_mark(c).expect("fresh");
+        }
+        let (words, max) = old.replay_snapshot();
+        let new =
+            Session::restored(&keys(true), old.counters_taken(), &words, max).expect("restored");
+        assert_eq!(new.counters_taken(), old.counters_taken());
+        let mut block = CounterBlock::default();
+        let next = block.next_counter(&new).expect("counter");
+        assert!(next >= 300, "no nonce of the old process again: {next}");
+        assert_eq!(new.max_received_counter(), 9001);
+        assert!(new.received_any());
+        for c in [5u64, 9000, 9001] {
+            assert!(new.replay.check_and_mark(c).is_err(), "{c} is a replay");
+        }
+        new.replay
+            .check_and_mark(8999)
+            .expect("inside the window, never seen");
+        assert!(matches!(
+            Session::restored(&keys(true), 0, &words[..3], max),
+            Err(SessionError::ReplayWindow { words: 3, .. })
+        ));
     }
 
     #[test]
