@@ -9,9 +9,9 @@
 //!                                              unlinks its API socket; workers stop between
 //!                                              two batches (dataplane::handover)
 //!                          <------  State {generation, applied cluster state, worker and
-//!                                   attachment descriptions} + fds (SCM_RIGHTS): UMEM memfds,
-//!                                   AF_XDP sockets, XDP links and maps; then each worker's
-//!                                   flow records
+//!                                   attachment descriptions, WireGuard sessions} + fds
+//!                                   (SCM_RIGHTS): UMEM memfds, AF_XDP sockets, XDP links and
+//!                                   maps, the WireGuard socket; then each worker's flow records
 //!  maps UMEM and rings, imports flows,
 //!  takes the XDP links, publishes its first
 //!  snapshot: its workers forward

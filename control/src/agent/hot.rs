@@ -88,8 +88,8 @@ fn peer(stream: &UnixStream) -> (i32, u32) {
 
 /// The next agent's side: when an agent serves `<state-dir>/handover.sock`, asks it for its
 /// dataplane. `None` when no agent runs (nothing listens: a cold start). An agent that refuses
-/// (another worker count, WireGuard or the host firewall on) keeps running, and this is an
-/// error with its reason.
+/// (another worker count, the host firewall on) keeps running, and this is an error with its
+/// reason.
 pub(super) fn take_over(
     state_dir: &Path,
     node: &str,
