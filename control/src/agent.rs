@@ -1130,7 +1130,7 @@ impl Agent {
         }
         let mut added = Vec::new();
         for q in 0..queues {
-            match self.dp.add_port(pair.net.ifindex, q) {
+            match self.port(pair.net.ifindex, q) {
                 Ok(_) => added.push(q),
                 Err(e) => {
                     for q in added {

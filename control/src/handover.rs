@@ -67,6 +67,28 @@ pub struct AttachmentWire {
     pub host_flow_capacity: u32,
     pub port_words: Vec<(u8, u32, u64)>,
     pub dst_addrs: Vec<(std::net::Ipv4Addr, bool)>,
+    #[serde(default)]
+    pub host_fw: HostFwWire,
+    #[serde(default)]
+    pub tc_prog: bool,
+    #[serde(default)]
+    pub tc_link: bool,
+}
+
+/// `xdp_redirect::HostFwMeta` as it travels.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HostFwWire {
+    pub on: bool,
+    pub node_addrs: Vec<std::net::Ipv4Addr>,
+    pub cluster_nodes: Vec<std::net::Ipv4Addr>,
+    pub failsafe_words: Vec<(u8, u32, u64)>,
+}
+
+impl AttachmentWire {
+    /// How many fds travel with it.
+    pub fn fd_count(&self) -> usize {
+        1 + xdp_redirect::MAP_NAMES.len() + usize::from(self.tc_prog) + usize::from(self.tc_link)
+    }
 }
 
 impl From<&xdp_redirect::AttachmentMeta> for AttachmentWire {
@@ -78,6 +100,14 @@ impl From<&xdp_redirect::AttachmentMeta> for AttachmentWire {
             host_flow_capacity: m.host_flow_capacity,
             port_words: m.port_words.clone(),
             dst_addrs: m.dst_addrs.clone(),
+            host_fw: HostFwWire {
+                on: m.host_fw.on,
+                node_addrs: m.host_fw.node_addrs.clone(),
+                cluster_nodes: m.host_fw.cluster_nodes.clone(),
+                failsafe_words: m.host_fw.failsafe_words.clone(),
+            },
+            tc_prog: m.tc_prog,
+            tc_link: m.tc_link,
         }
     }
 }
@@ -91,6 +121,14 @@ impl From<AttachmentWire> for xdp_redirect::AttachmentMeta {
             host_flow_capacity: w.host_flow_capacity,
             port_words: w.port_words,
             dst_addrs: w.dst_addrs,
+            host_fw: xdp_redirect::HostFwMeta {
+                on: w.host_fw.on,
+                node_addrs: w.host_fw.node_addrs,
+                cluster_nodes: w.host_fw.cluster_nodes,
+                failsafe_words: w.host_fw.failsafe_words,
+            },
+            tc_prog: w.tc_prog,
+            tc_link: w.tc_link,
         }
     }
 }
@@ -117,12 +155,16 @@ pub struct State {
 impl State {
     /// How many fds the message carries.
     pub fn fd_count(&self) -> usize {
-        let per_attachment = xdp_redirect::MAP_NAMES.len() + 1;
         self.workers
             .iter()
             .map(|w| w.ports.len() + 1)
             .sum::<usize>()
-            + per_attachment * (usize::from(self.uplink.is_some()) + self.endpoints.len())
+            + self.uplink.as_ref().map_or(0, AttachmentWire::fd_count)
+            + self
+                .endpoints
+                .iter()
+                .map(|(_, a)| a.fd_count())
+                .sum::<usize>()
             + usize::from(self.wireguard.is_some())
     }
 }

@@ -1705,6 +1705,64 @@ fn host_firewall_failsafe_and_removal() {
     );
 }
 
+/// A hot restart of a node whose host firewall runs (issue 8): the new agent takes the uplink's
+/// XDP program, its TC egress program and TCX link, the firewall maps and the re-injection
+/// sockets over; the same probes give the same answers right after, and the new agent itself
+/// judges (its `host_policy_denied` grows). The node's own outbound connection needs the TC
+/// program recording its flow.
+#[test]
+fn host_firewall_survives_a_hot_restart() {
+    require_root!();
+    let _serial = hold(&SERIAL);
+    let mut cluster = Cluster::up("", &[]);
+    let ports = format!("22,{HOST_ALLOWED_PORT},{HOST_DENIED_PORT}");
+    let _pod_servers = pod_servers(&cluster.tb);
+    let _node_servers: Vec<Server> = NODES
+        .iter()
+        .map(|n| Server::start(&cluster.tb.node(n).expect("node").netns, n, &ports, ""))
+        .collect();
+    let _external = Server::start(
+        cluster.tb.external_netns(),
+        "external",
+        &EXTERNAL_PORT.to_string(),
+        "",
+    );
+    warm_up(&cluster.tb);
+    cluster.apply("host-policy", HOST_POLICY);
+    assert_eq!(host_firewall(&cluster.tb), [(true, true), (false, false)]);
+    let closed = host_probes(&cluster.tb);
+    let want = |label: &str| !label.ends_with(&format!("{NODE1_IP}:{HOST_DENIED_PORT}"));
+    for (label, ok) in &closed {
+        assert_eq!(*ok, want(label), "{label} before the restart: {closed:?}");
+    }
+    let old_pid = cluster.tb.node(NODE1).expect("node1").agent_pid;
+    cluster
+        .tb
+        .hot_restart_agent(NODE1)
+        .unwrap_or_else(|e| panic!("hot restart of node1: {e}"));
+    assert_ne!(cluster.tb.node(NODE1).expect("node1").agent_pid, old_pid);
+    let tb = &cluster.tb;
+    assert_eq!(
+        host_firewall(tb),
+        [(true, true), (false, false)],
+        "the new agent runs node1's host firewall"
+    );
+    let before = settled(tb);
+    let again = host_probes(tb);
+    for (label, ok) in &again {
+        assert_eq!(*ok, want(label), "{label} after the hot restart: {again:?}");
+    }
+    let after = settled(tb);
+    assert!(
+        drop_growth(&before, &after, "host_policy_denied")[0] > 0,
+        "the new agent's workers judge node1's traffic"
+    );
+    let expect = expected(BASELINE_PORTS, |_, _, _| true);
+    if let Err(e) = check_matrix(tb, "pods after the hot restart", BASELINE_PORTS, &expect) {
+        panic!("{e}");
+    }
+}
+
 /// The fixture's text is what the tests assume: every pod at its address on its node.
 #[test]
 fn fixture_matches_the_model() {

@@ -28,7 +28,13 @@
 //! - Failsafe entries are kept in `PortClaims` words (the same two-bit layout as `PORTS`):
 //!   "nodes only" is stored as the Redirect bits and "anywhere" as the Pass bits; where entries
 //!   overlap, "anywhere" wins.
-use std::{collections::BTreeSet, net::Ipv4Addr, ops::RangeInclusive, path::Path};
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    ops::RangeInclusive,
+    os::fd::{AsFd, AsRawFd},
+    path::Path,
+};
 
 use aya::programs::{
     tc::{qdisc_add_clsact, TcAttachType},
@@ -168,6 +174,59 @@ pub(crate) struct HostFwState {
     cluster_nodes: BTreeSet<Ipv4Addr>,
     /// TCP ports, UDP ports, ICMP types (the `FAILSAFE` tables in order).
     failsafe: [PortClaims; 3],
+}
+
+/// How the TC egress program is attached.
+pub(crate) enum TcLink {
+    /// A TCX bpf_link (6.6+) whose fd we hold: closing it detaches.
+    Fd(std::os::fd::OwnedFd),
+    /// A netlink filter (older kernels), owned by the program object.
+    Netlink(aya::programs::tc::SchedClassifierLinkId),
+}
+
+/// [`HostFwState`] as a hot restart carries it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostFwMeta {
+    pub on: bool,
+    pub node_addrs: Vec<Ipv4Addr>,
+    pub cluster_nodes: Vec<Ipv4Addr>,
+    /// (table, word index, word), non-zero words.
+    pub failsafe_words: Vec<(u8, u32, u64)>,
+}
+
+impl HostFwState {
+    pub(crate) fn meta(&self) -> HostFwMeta {
+        let mut failsafe_words = Vec::new();
+        for (t, claims) in self.failsafe.iter().enumerate() {
+            failsafe_words.extend(
+                PortClaims::new()
+                    .changed_words(claims)
+                    .map(|(i, w)| (t as u8, i, w)),
+            );
+        }
+        HostFwMeta {
+            on: self.on,
+            node_addrs: self.node_addrs.iter().copied().collect(),
+            cluster_nodes: self.cluster_nodes.iter().copied().collect(),
+            failsafe_words,
+        }
+    }
+
+    pub(crate) fn from_meta(m: &HostFwMeta) -> Option<Self> {
+        let mut failsafe: [PortClaims; 3] = Default::default();
+        for &(t, i, w) in &m.failsafe_words {
+            if usize::from(t) >= failsafe.len() || i >= xdp_redirect_common::PORT_TABLE_WORDS {
+                return None;
+            }
+            failsafe[usize::from(t)].set_word(i, w);
+        }
+        Some(Self {
+            on: m.on,
+            node_addrs: m.node_addrs.iter().copied().collect(),
+            cluster_nodes: m.cluster_nodes.iter().copied().collect(),
+            failsafe,
+        })
+    }
 }
 
 /// The `FAILSAFE` tables (TCP, UDP, ICMP type) for `entries`, or the first bad entry.
@@ -350,15 +409,20 @@ impl Attachment {
 
     fn host_firewall_off(&mut self) -> Result<(), Error> {
         self.set_flag(false)?;
-        if let Some(link) = self.tc_link.take() {
-            let program = self.tc_program()?;
-            if let Err(e) = program.detach(link) {
-                return Err(Error::Program {
-                    ifname: self.ifname.clone(),
-                    what: "detach from tc egress",
-                    source: Box::new(e),
-                });
+        match self.tc_link.take() {
+            // Closing our fd of the TCX link detaches the program.
+            Some(TcLink::Fd(fd)) => drop(fd),
+            Some(TcLink::Netlink(link)) => {
+                let program = self.tc_program()?;
+                if let Err(e) = program.detach(link) {
+                    return Err(Error::Program {
+                        ifname: self.ifname.clone(),
+                        what: "detach from tc egress",
+                        source: Box::new(e),
+                    });
+                }
             }
+            None => {}
         }
         self.remove_host_flows(|_| true)?;
         self.sync_addrs(true, &BTreeSet::new())?;
@@ -419,26 +483,43 @@ impl Attachment {
             what,
             source: Box::new(e),
         };
-        let program = self.tc_program()?;
-        if program.fd().is_err() {
-            program
-                .load()
-                .map_err(|e| prog_err("load (tc egress)", e))?;
-        }
-        let link = match program.attach(&ifname, TcAttachType::Egress) {
-            Ok(link) => link,
-            Err(first) => {
-                // Kernels before 6.6 (no TCX): a netlink filter, which needs the clsact qdisc.
-                if let Err(e) = qdisc_add_clsact(&ifname) {
-                    tracing::debug!(ifname, %e, "adding the clsact qdisc");
-                }
-                program.attach(&ifname, TcAttachType::Egress).map_err(|e| {
-                    tracing::warn!(ifname, %first, "TCX attach failed");
-                    prog_err("attach to tc egress", e)
-                })?
+        if self.tc_prog.is_none() {
+            let program = self.tc_program()?;
+            if program.fd().is_err() {
+                program
+                    .load()
+                    .map_err(|e| prog_err("load (tc egress)", e))?;
             }
+            let dup = program
+                .fd()
+                .map_err(|e| prog_err("fd (tc egress)", e))?
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| Error::Handover {
+                    ifname: ifname.clone(),
+                    what: format!("duplicating the TC program's fd: {e}"),
+                })?;
+            self.tc_prog = Some(dup);
+        }
+        let prog_fd = self.tc_prog.as_ref().map(|f| f.as_raw_fd()).unwrap_or(-1);
+        // TCX (6.6+) through our own bpf_link fd, as for XDP: a hot restart passes it on.
+        let first = match crate::link_create(prog_fd, self.ifindex, crate::BPF_TCX_EGRESS, 0) {
+            Ok(fd) => {
+                self.tc_link = Some(TcLink::Fd(fd));
+                return Ok(());
+            }
+            Err(e) => e,
         };
-        self.tc_link = Some(link);
+        // Kernels before 6.6 (no TCX): a netlink filter, which needs the clsact qdisc.
+        if let Err(e) = qdisc_add_clsact(&ifname) {
+            tracing::debug!(ifname, %e, "adding the clsact qdisc");
+        }
+        let program = self.tc_program()?;
+        let link = program.attach(&ifname, TcAttachType::Egress).map_err(|e| {
+            tracing::warn!(ifname, %first, "TCX attach failed");
+            prog_err("attach to tc egress", e)
+        })?;
+        self.tc_link = Some(TcLink::Netlink(link));
         Ok(())
     }
 

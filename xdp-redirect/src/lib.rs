@@ -31,16 +31,16 @@ use std::{
 
 mod hostfw;
 mod ports;
-use hostfw::HostFwState;
 pub use hostfw::{
-    monotonic_ns, Failsafe, HostFirewall, HostFlow, DEFAULT_HOST_FLOW_CAPACITY,
+    monotonic_ns, Failsafe, HostFirewall, HostFlow, HostFwMeta, DEFAULT_HOST_FLOW_CAPACITY,
     MIN_HOST_FLOW_CAPACITY,
 };
+use hostfw::{HostFwState, TcLink};
 pub use ports::{PortClaims, PortProtocol};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, XskMap},
-    programs::{tc::SchedClassifierLinkId, Xdp},
+    programs::Xdp,
     Ebpf, EbpfLoader,
 };
 pub use xdp_redirect_common::{
@@ -249,7 +249,10 @@ pub struct Attachment {
     /// What the host firewall maps hold, and whether the firewall is on.
     host_fw: HostFwState,
     /// The TC egress program's link (TCX on kernels from 6.6), while the firewall is on.
-    tc_link: Option<SchedClassifierLinkId>,
+    tc_link: Option<TcLink>,
+    /// The loaded TC egress program (a duplicate fd): what attaches it again, also in an
+    /// attachment taken over from a previous agent.
+    tc_prog: Option<OwnedFd>,
     /// Duplicates of the maps' fds, in [`MAP_NAMES`] order: what a hot restart hands over.
     map_fds: Vec<OwnedFd>,
     /// The XDP program's bpf_link. Closing the last fd of it detaches the program: this
@@ -276,8 +279,8 @@ pub const MAP_NAMES: [&str; 11] = [
     "HOST_FLOWS",
 ];
 
-/// An attachment as a hot restart carries it: this, and its fds (the link, then the maps in
-/// [`MAP_NAMES`] order).
+/// An attachment as a hot restart carries it: this, and its fds (the link, the maps in
+/// [`MAP_NAMES`] order, then the TC program and link if `tc_prog` and `tc_link`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AttachmentMeta {
     pub ifname: String,
@@ -290,6 +293,11 @@ pub struct AttachmentMeta {
     pub port_words: Vec<(u8, u32, u64)>,
     /// What `DST_ADDRS` holds: (address, passed rather than redirected).
     pub dst_addrs: Vec<(Ipv4Addr, bool)>,
+    /// What the host firewall maps hold.
+    pub host_fw: HostFwMeta,
+    /// Fds after the maps: the loaded TC program, then its TCX link (when attached).
+    pub tc_prog: bool,
+    pub tc_link: bool,
 }
 
 impl std::fmt::Debug for Attachment {
@@ -302,12 +310,20 @@ impl std::fmt::Debug for Attachment {
     }
 }
 
+impl AttachmentMeta {
+    /// How many fds travel with it.
+    pub fn fd_count(&self) -> usize {
+        1 + MAP_NAMES.len() + usize::from(self.tc_prog) + usize::from(self.tc_link)
+    }
+}
+
 /// `XDP_FLAGS_SKB_MODE` and `XDP_FLAGS_DRV_MODE` (linux/if_link.h).
 const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
 const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
-/// `BPF_LINK_CREATE` and `BPF_XDP` (linux/bpf.h).
+/// `BPF_LINK_CREATE`, `BPF_XDP` and `BPF_TCX_EGRESS` (linux/bpf.h).
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_XDP: u32 = 37;
+pub(crate) const BPF_TCX_EGRESS: u32 = 47;
 
 /// The fd of a map as `Ebpf::take_map` returns it (the kinds this program has).
 fn map_fd(map: &Map) -> Option<BorrowedFd<'_>> {
@@ -325,11 +341,22 @@ fn map_fd(map: &Map) -> Option<BorrowedFd<'_>> {
 /// aya does), keeping the link's fd: a hot restart passes it to the next agent, so the
 /// program stays attached while the agents change.
 fn link_create_xdp(prog_fd: i32, ifindex: u32, flags: u32) -> std::io::Result<OwnedFd> {
-    // union bpf_attr, link_create: prog_fd, target_ifindex, attach_type, flags (the rest 0).
+    link_create(prog_fd, ifindex, BPF_XDP, flags)
+}
+
+/// `BPF_LINK_CREATE` of `prog_fd` on `ifindex` for `attach_type` (XDP, TCX).
+pub(crate) fn link_create(
+    prog_fd: i32,
+    ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+) -> std::io::Result<OwnedFd> {
+    // union bpf_attr, link_create: prog_fd, target_ifindex, attach_type, flags (the rest 0:
+    // for TCX, no relative program and any revision).
     let mut attr = [0u32; 16];
     attr[0] = prog_fd as u32;
     attr[1] = ifindex;
-    attr[2] = BPF_XDP;
+    attr[2] = attach_type;
     attr[3] = flags;
     // SAFETY: bpf(2) with a zeroed attr of the size passed; the kernel reads only the
     // link_create fields above and returns a new fd or -1.
@@ -442,6 +469,9 @@ impl Attachment {
             host_flow_capacity,
             port_words: Vec::new(),
             dst_addrs: Vec::new(),
+            host_fw: HostFwMeta::default(),
+            tc_prog: false,
+            tc_link: false,
         };
         Self::from_parts(meta, link, maps, Some(ebpf))
     }
@@ -450,13 +480,14 @@ impl Attachment {
     /// XDP program stays attached throughout (this process now holds its link), with every map
     /// as it was. The mirrors of the port and address tables come with `meta`.
     pub fn adopt(meta: AttachmentMeta, fds: Vec<OwnedFd>) -> Result<Self, Error> {
-        if fds.len() != MAP_NAMES.len() + 1 {
+        let want = meta.fd_count();
+        if fds.len() != want {
             return Err(Error::Handover {
                 ifname: meta.ifname.clone(),
                 what: format!(
-                    "{} file descriptors handed over, {} expected (the link and {} maps)",
+                    "{} file descriptors handed over, {want} expected (the link, {} maps, the \
+                     TC program and link when the host firewall had them)",
                     fds.len(),
-                    MAP_NAMES.len() + 1,
                     MAP_NAMES.len()
                 ),
             });
@@ -476,7 +507,7 @@ impl Attachment {
             what: "no link fd".into(),
         })?;
         let mut maps = Vec::with_capacity(MAP_NAMES.len());
-        for (name, fd) in MAP_NAMES.into_iter().zip(fds) {
+        for (name, fd) in MAP_NAMES.into_iter().zip(fds.by_ref()) {
             let map_err = |e: aya::maps::MapError| Error::Map {
                 ifname: meta.ifname.clone(),
                 map: name,
@@ -511,28 +542,45 @@ impl Attachment {
             }
             words.push((usize::from(table), index, word));
         }
+        let host_fw = HostFwState::from_meta(&meta.host_fw).ok_or_else(|| Error::Handover {
+            ifname: meta.ifname.clone(),
+            what: "a failsafe table word does not exist".into(),
+        })?;
+        let tc_prog = if meta.tc_prog { fds.next() } else { None };
+        let tc_link = if meta.tc_link { fds.next() } else { None };
         let mut a = Self::from_parts(meta, link, maps, None)?;
         for (table, index, word) in words {
             a.port_claims[table].set_word(index, word);
         }
         a.dst_addr_claims = claims;
+        a.host_fw = host_fw;
+        a.tc_prog = tc_prog;
+        a.tc_link = tc_link.map(TcLink::Fd);
         Ok(a)
     }
 
     /// What a hot restart hands to the next agent: the description and the fds to pass (the
-    /// link, then the maps in [`MAP_NAMES`] order). Refused while the host firewall is on:
-    /// its TC egress program is not handed over yet.
+    /// link, the maps in [`MAP_NAMES`] order, then the TC program and its TCX link when the
+    /// host firewall has them). Refused for a TC program attached by netlink (kernels before
+    /// 6.6): that link belongs to the program object, which does not travel.
     pub fn handover(&self) -> Result<(AttachmentMeta, Vec<BorrowedFd<'_>>), Error> {
-        if self.tc_link.is_some() || self.host_firewall_on() {
+        if matches!(self.tc_link, Some(TcLink::Netlink(_))) {
             return Err(Error::Handover {
                 ifname: self.ifname.clone(),
-                what: "the host firewall is on, and its TC egress program is not handed over \
-                       (stop the agent for a cold restart)"
+                what: "the host firewall's TC program is attached by netlink (a kernel before \
+                       6.6, no TCX) and cannot be handed over (stop the agent for a cold \
+                       restart)"
                     .into(),
             });
         }
         let mut fds = vec![self.link.as_fd()];
         fds.extend(self.map_fds.iter().map(|f| f.as_fd()));
+        if let Some(p) = &self.tc_prog {
+            fds.push(p.as_fd());
+        }
+        if let Some(TcLink::Fd(l)) = &self.tc_link {
+            fds.push(l.as_fd());
+        }
         let mut port_words = Vec::new();
         for (table, claims) in self.port_claims.iter().enumerate() {
             port_words.extend(
@@ -553,6 +601,9 @@ impl Attachment {
                     .iter()
                     .map(|(a, r)| (*a, *r == RuleAction::Pass))
                     .collect(),
+                host_fw: self.host_fw.meta(),
+                tc_prog: self.tc_prog.is_some(),
+                tc_link: matches!(self.tc_link, Some(TcLink::Fd(_))),
             },
             fds,
         ))
@@ -616,6 +667,7 @@ impl Attachment {
             host_flow_capacity: meta.host_flow_capacity,
             host_fw: HostFwState::default(),
             tc_link: None,
+            tc_prog: None,
             map_fds,
             link,
             ebpf,

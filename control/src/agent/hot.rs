@@ -190,14 +190,13 @@ fn adopt(
                 .context("hot restart: taking over a worker")?,
         );
     }
-    let per = xdp_redirect::MAP_NAMES.len() + 1;
     let mut attachments = BTreeMap::new();
     let wires = state
         .uplink
         .into_iter()
         .chain(state.endpoints.into_iter().map(|(_, a)| a));
     for wire in wires {
-        let mine: Vec<OwnedFd> = fds.by_ref().take(per).collect();
+        let mine: Vec<OwnedFd> = fds.by_ref().take(wire.fd_count()).collect();
         let ifname = wire.ifname.clone();
         let a = Attachment::adopt(wire.into(), mine)
             .with_context(|| format!("hot restart: taking over the XDP program on {ifname}"))?;
@@ -280,11 +279,6 @@ impl Agent {
                 "ring sizes {ours:?} here, {:?} in the new agent",
                 hello.rings
             ));
-        }
-        if self.host_fw.is_some() {
-            return Some(
-                "the host firewall is on, and its TC program is not handed over yet".into(),
-            );
         }
         None
     }
