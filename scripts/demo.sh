@@ -37,6 +37,15 @@ wait || true
 section "agent status"
 "$bin/sluice" status --state-dir "$state/node1"
 
+section "hot restart under traffic: a new agent takes the dataplane over while pod-a pings pod-b every 2 ms"
+"$bin/sluice-testbed" exec default/pod-a --instance "$instance" -- ping -q -c 1500 -i 0.002 "$b_ip" > "$state/hot-ping.txt" 2>&1 &
+ping_pid=$!
+sleep 1
+"$bin/sluice-testbed" restart node1 --instance "$instance"
+wait "$ping_pid" || true
+grep -E "packets transmitted" "$state/hot-ping.txt" || cat "$state/hot-ping.txt"
+grep -h "took over the running agent" "$state/node1/agent.log" | sed 's/\x1b\[[0-9;]*m//g' | grep -oE "state_to_forwarding_ms=[0-9.]+" | sed -E 's/.*=([0-9]+\.[0-9]).*/the new agent forwarded \1 ms after it received the state/'
+
 cleanup
 trap - EXIT
 
