@@ -30,6 +30,7 @@ use testbed::Testbed;
 mod common;
 use common::{
     cluster, hold, ping, pod_ip, python, require_root, text, timed, Env, Proc, STATUS_TIMEOUT,
+    UDP_SINK, UDP_SOURCE,
 };
 
 /// Instance names here are `h{pid}n{counter}z`.
@@ -106,36 +107,6 @@ for s, f in conns:
     except Exception as e:
         out.append(type(e).__name__)
 print(" ".join(out), flush=True)
-"#;
-
-/// argv: port, expected. Prints "ready"; counts distinct sequence numbers until `expected`
-/// arrived or 3 s pass without one; prints the count.
-const UDP_SINK: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", int(sys.argv[1])))
-s.settimeout(3)
-expected = int(sys.argv[2])
-print("ready", flush=True)
-seen = set()
-while len(seen) < expected:
-    try:
-        b, _ = s.recvfrom(2048)
-    except socket.timeout:
-        break
-    seen.add(int(b.split(b" ")[0]))
-print(len(seen), flush=True)
-"#;
-
-/// argv: host, port, count. Sends numbered datagrams paced at 1 ms; prints "sent".
-const UDP_SOURCE: &str = r#"
-import socket, sys, time
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-dst = (sys.argv[1], int(sys.argv[2]))
-for i in range(int(sys.argv[3])):
-    s.sendto((str(i) + " ").encode() + b"u" * 64, dst)
-    time.sleep(0.001)
-print("sent", flush=True)
 "#;
 
 /// GET on a port from the external client; the HTTP status, or the error.
@@ -257,6 +228,7 @@ fn a_hot_restart_keeps_connections_loses_no_packet_and_keeps_the_programs() {
                     &web2,
                     "9999",
                     &DATAGRAMS.to_string(),
+                    "64",
                 ],
             ),
         )
@@ -457,6 +429,7 @@ fn a_hot_restart_with_wireguard_keeps_the_sessions_and_loses_nothing() {
                     &b1_ip,
                     "9999",
                     &DATAGRAMS.to_string(),
+                    "64",
                 ],
             ),
         )

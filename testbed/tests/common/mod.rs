@@ -432,7 +432,7 @@ print("sent", flush=True)
 
 /// Prints "ready", then counts distinct datagram sequence numbers on port argv[1] until argv[2]
 /// arrived or the socket is quiet for 2 s; prints the count.
-const UDP_SINK: &str = r#"
+pub const UDP_SINK: &str = r#"
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", int(sys.argv[1])))
@@ -450,7 +450,7 @@ print(len(seen), flush=True)
 "#;
 
 /// Sends argv[3] numbered datagrams of argv[4] bytes to argv[1]:argv[2], paced at 1 ms.
-const UDP_SOURCE: &str = r#"
+pub const UDP_SOURCE: &str = r#"
 import socket, sys, time
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 dst = (sys.argv[1], int(sys.argv[2]))
