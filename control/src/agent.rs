@@ -47,7 +47,7 @@ use xdp_redirect::{Attachment, MAX_QUEUES};
 
 use crate::{
     api::{self, CniConf, Endpoint, Request, Response},
-    cluster::{self, ClusterState, FileSource, NodeInfo},
+    cluster::{self, ChangedKinds, ClusterState, FileSource, NodeInfo},
     metrics, overlay,
     services::{self, ServiceOptions, ServicePlan},
     status::{self, InterfaceStatus, Status},
@@ -652,7 +652,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                     let seen = Instant::now();
                     let before = agent.generation;
                     let bytes = std::fs::read(f.path()).ok();
-                    agent.apply_cluster(c, Checkpoint::Bytes(bytes));
+                    agent.apply_cluster(c, Checkpoint::Bytes(bytes), ChangedKinds::ALL);
                     agent.programming_started(before, seen);
                 }
                 Some(Err(e)) => {
@@ -680,9 +680,10 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
                         Some(crate::kube::SourceEvent::State {
                             state,
                             first_change,
+                            changed,
                         }) => {
                             let before = agent.generation;
-                            agent.apply_cluster(state, Checkpoint::State);
+                            agent.apply_cluster(state, Checkpoint::State, changed);
                             agent.programming_started(before, first_change);
                         }
                         // Read through `health()` above, every tick.
@@ -1691,15 +1692,24 @@ impl Agent {
         }
     }
 
-    fn apply_cluster(&mut self, c: ClusterState, checkpoint: Checkpoint) {
+    /// Applies a new state; `kinds` says which kinds changed since the last one (the
+    /// Kubernetes source knows, a file is taken as all), so only the tables they feed are
+    /// rebuilt: an EndpointSlice change does not recompile the policy table, a policy change
+    /// does not translate the Services again.
+    fn apply_cluster(&mut self, c: ClusterState, checkpoint: Checkpoint, kinds: ChangedKinds) {
         match c.node_info(&self.opts.node) {
             Ok(node) => {
                 let changed = node != self.node;
+                let kinds = if changed { ChangedKinds::ALL } else { kinds };
                 self.cluster = c;
                 self.node = node;
                 self.source_error = None;
-                self.translate_services();
-                self.compile_policy();
+                if kinds.services() {
+                    self.translate_services();
+                }
+                if kinds.policy() {
+                    self.compile_policy();
+                }
                 self.sync_host_firewall();
                 self.update_wireguard_peers();
                 match checkpoint {

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use control::cluster::{parse_str, ClusterState};
+use control::cluster::{parse_str, ChangedKinds, ClusterState};
 use control::kube::fake::{cluster_objects, FakeApi, Kind as FakeKind, Verb};
 use control::kube::{KubeOptions, KubeSource, SourceEvent, API_CALLS};
 use serde_json::{json, Value};
@@ -186,6 +186,14 @@ fn start(url: String) -> KubeSource {
 
 /// The next `State` within `limit` (health events skipped), with the time it was received.
 fn next_state(source: &KubeSource, limit: Duration) -> Option<(ClusterState, Instant, Instant)> {
+    next_state_kinds(source, limit).map(|(s, f, r, _)| (s, f, r))
+}
+
+/// [`next_state`] with the kinds the source says changed.
+fn next_state_kinds(
+    source: &KubeSource,
+    limit: Duration,
+) -> Option<(ClusterState, Instant, Instant, ChangedKinds)> {
     let deadline = Instant::now() + limit;
     loop {
         let left = deadline.checked_duration_since(Instant::now())?;
@@ -193,7 +201,8 @@ fn next_state(source: &KubeSource, limit: Duration) -> Option<(ClusterState, Ins
             SourceEvent::State {
                 state,
                 first_change,
-            } => return Some((state, first_change, Instant::now())),
+                changed,
+            } => return Some((state, first_change, Instant::now(), changed)),
             SourceEvent::Health(_) => {}
         }
     }
@@ -449,7 +458,8 @@ fn updates_arrive_within_the_batch_window_and_are_coalesced() {
         ..options(api.url())
     })
     .expect("source starts");
-    next_state(&source, WAIT).expect("first state");
+    let (_, _, _, kinds) = next_state_kinds(&source, WAIT).expect("first state");
+    assert_eq!(kinds, ChangedKinds::ALL, "the first state: every kind");
 
     let changed = Instant::now();
     for i in 0..5 {
@@ -461,7 +471,12 @@ fn updates_arrive_within_the_batch_window_and_are_coalesced() {
         ))
         .expect("apply");
     }
-    let (state, first_change, received) = next_state(&source, WAIT).expect("update");
+    let (state, first_change, received, kinds) = next_state_kinds(&source, WAIT).expect("update");
+    assert_eq!(
+        kinds,
+        ChangedKinds::PODS,
+        "only Pods changed: the agent rebuilds only what Pods feed"
+    );
     let latency = received.duration_since(changed);
     assert!(first_change >= changed);
     assert!(

@@ -38,7 +38,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use control::cluster::ClusterState;
+use control::cluster::{ChangedKinds, ClusterState};
 use control::kube::fake::{FakeApi, FakeApiError};
 use control::kube::{KubeError, KubeOptions, KubeSource, SourceEvent};
 use control::policy::{PolicyCompileError, PolicyOptions};
@@ -891,9 +891,34 @@ impl Agent {
         })
     }
 
-    /// What `Agent::apply_cluster` does with a state, in its order.
-    fn apply(&mut self, state: &ClusterState) -> Result<TranslationTimes, ScaleApiError> {
+    /// What `Agent::apply_cluster` does with a state, in its order and with its rules: the
+    /// Services are translated only when their inputs changed, the policy table compiled only
+    /// when its inputs did (`ChangedKinds`, from the source).
+    fn apply(
+        &mut self,
+        state: &ClusterState,
+        changed: ChangedKinds,
+    ) -> Result<TranslationTimes, ScaleApiError> {
         let mut t = TranslationTimes::default();
+        let us = |since: Instant| since.elapsed().as_secs_f64() * 1e6;
+        if changed.services() {
+            self.translate(state, &mut t)?;
+        }
+        if changed.policy() {
+            self.compile(state, &mut t)?;
+        }
+        let start = Instant::now();
+        let yaml = state.to_yaml()?;
+        t.checkpoint_us = us(start);
+        t.checkpoint_bytes = yaml.len();
+        Ok(t)
+    }
+
+    fn translate(
+        &mut self,
+        state: &ClusterState,
+        t: &mut TranslationTimes,
+    ) -> Result<(), ScaleApiError> {
         let us = |since: Instant| since.elapsed().as_secs_f64() * 1e6;
         let start = Instant::now();
         // The agent keeps its Maglev tables across states (only changed backend sets are
@@ -916,6 +941,15 @@ impl Agent {
             };
             self.plan = Some(plan);
         }
+        Ok(())
+    }
+
+    fn compile(
+        &mut self,
+        state: &ClusterState,
+        t: &mut TranslationTimes,
+    ) -> Result<(), ScaleApiError> {
+        let us = |since: Instant| since.elapsed().as_secs_f64() * 1e6;
         let start = Instant::now();
         let next = self
             .policy_table
@@ -933,11 +967,7 @@ impl Agent {
         }
         t.policy_compile_us = us(start);
         t.policy_changed = changed;
-        let start = Instant::now();
-        let yaml = state.to_yaml()?;
-        t.checkpoint_us = us(start);
-        t.checkpoint_bytes = yaml.len();
-        Ok(t)
+        Ok(())
     }
 }
 
@@ -1069,7 +1099,10 @@ fn loadavg() -> String {
 }
 
 /// The next `State` within `timeout` (health events skipped): state, first change, received.
-fn next_state(source: &KubeSource, timeout: Duration) -> Option<(ClusterState, Instant, Instant)> {
+fn next_state(
+    source: &KubeSource,
+    timeout: Duration,
+) -> Option<(ClusterState, Instant, Instant, ChangedKinds)> {
     let deadline = Instant::now() + timeout;
     loop {
         let left = deadline.checked_duration_since(Instant::now())?;
@@ -1077,7 +1110,8 @@ fn next_state(source: &KubeSource, timeout: Duration) -> Option<(ClusterState, I
             SourceEvent::State {
                 state,
                 first_change,
-            } => return Some((state, first_change, Instant::now())),
+                changed,
+            } => return Some((state, first_change, Instant::now(), changed)),
             SourceEvent::Health(_) => {}
         }
     }
@@ -1154,7 +1188,7 @@ fn run_pass(
     };
     let start = Instant::now();
     let source = KubeSource::start(kube_opts)?;
-    let (state, _, received) =
+    let (state, _, received, changed) =
         next_state(&source, opts.sync_timeout).ok_or_else(|| ScaleApiError::Timeout {
             step: format!("first sync, batch window {window_ms} ms"),
             timeout: opts.sync_timeout,
@@ -1163,7 +1197,7 @@ fn run_pass(
     let memory_after_source = Memory::now();
     let counts = ObjectCounts::of_state(&state);
     generated.check_against(&counts)?;
-    let translation = agent.apply(&state)?;
+    let translation = agent.apply(&state, changed)?;
     drop(state);
     let memory_after_translation = Memory::now();
     let first_sync = FirstSync {
@@ -1198,15 +1232,15 @@ fn run_pass(
         let (kind, object) = gen.update(u);
         let applied = Instant::now();
         fake.apply(object)?;
-        let (state, first_change, received) =
-            next_state(&source, opts.update_timeout).ok_or_else(|| ScaleApiError::Timeout {
+        let (state, first_change, received, changed) = next_state(&source, opts.update_timeout)
+            .ok_or_else(|| ScaleApiError::Timeout {
                 step: format!(
                     "update {u} ({}), batch window {window_ms} ms",
                     kind.as_str()
                 ),
                 timeout: opts.update_timeout,
             })?;
-        let translation = agent.apply(&state)?;
+        let translation = agent.apply(&state, changed)?;
         let state_us = us_between(applied, received);
         updates.push(UpdateSample {
             kind,

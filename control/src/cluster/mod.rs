@@ -54,6 +54,48 @@ pub use parse::{parse_str, DEFAULT_NAMESPACE};
 pub use source::FileSource;
 pub use validate::INTERNAL_IP;
 
+/// Which kinds of objects changed between two states (so the agent rebuilds only the tables
+/// they feed). A source that cannot tell says [`ChangedKinds::ALL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChangedKinds(u8);
+
+impl ChangedKinds {
+    pub const NONE: ChangedKinds = ChangedKinds(0);
+    pub const NODES: ChangedKinds = ChangedKinds(1);
+    pub const NAMESPACES: ChangedKinds = ChangedKinds(1 << 1);
+    pub const PODS: ChangedKinds = ChangedKinds(1 << 2);
+    pub const SERVICES: ChangedKinds = ChangedKinds(1 << 3);
+    pub const ENDPOINT_SLICES: ChangedKinds = ChangedKinds(1 << 4);
+    pub const NETWORK_POLICIES: ChangedKinds = ChangedKinds(1 << 5);
+    pub const HOST_POLICIES: ChangedKinds = ChangedKinds(1 << 6);
+    pub const ALL: ChangedKinds = ChangedKinds(0x7f);
+
+    /// What `services::translate` reads: Services, EndpointSlices, the Pods behind derived
+    /// slices, and the Nodes (NodePort addresses, endpoint locality).
+    const SERVICE_INPUTS: ChangedKinds = ChangedKinds(1 | 1 << 2 | 1 << 3 | 1 << 4);
+    /// What `policy::compile` reads: Pods and Namespaces (identities), the policies, and the
+    /// Nodes (host endpoints).
+    const POLICY_INPUTS: ChangedKinds = ChangedKinds(1 | 1 << 1 | 1 << 2 | 1 << 5 | 1 << 6);
+
+    pub fn union(self, other: ChangedKinds) -> ChangedKinds {
+        ChangedKinds(self.0 | other.0)
+    }
+    pub fn contains(self, other: ChangedKinds) -> bool {
+        self.0 & other.0 == other.0
+    }
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    /// The service plan may differ.
+    pub fn services(self) -> bool {
+        self.0 & Self::SERVICE_INPUTS.0 != 0
+    }
+    /// The policy table may differ.
+    pub fn policy(self) -> bool {
+        self.0 & Self::POLICY_INPUTS.0 != 0
+    }
+}
+
 /// The Kubernetes objects sluice translates, each vector sorted by (namespace, name).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterState {

@@ -265,3 +265,19 @@ fn not_utf8_file_is_a_read_error_naming_the_path() {
         "{message}"
     );
 }
+
+#[test]
+fn changed_kinds_name_the_tables_they_feed() {
+    use super::ChangedKinds as K;
+    assert!(K::ENDPOINT_SLICES.services() && !K::ENDPOINT_SLICES.policy());
+    assert!(K::SERVICES.services() && !K::SERVICES.policy());
+    assert!(!K::NETWORK_POLICIES.services() && K::NETWORK_POLICIES.policy());
+    assert!(!K::HOST_POLICIES.services() && K::HOST_POLICIES.policy());
+    assert!(!K::NAMESPACES.services() && K::NAMESPACES.policy());
+    for both in [K::PODS, K::NODES, K::ALL] {
+        assert!(both.services() && both.policy());
+    }
+    assert!(!K::NONE.services() && !K::NONE.policy() && K::NONE.is_empty());
+    let u = K::PODS.union(K::SERVICES);
+    assert!(u.contains(K::PODS) && u.contains(K::SERVICES) && !u.contains(K::NODES));
+}

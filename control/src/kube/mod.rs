@@ -116,6 +116,8 @@ pub enum SourceEvent {
         /// When the first change folded into this state was seen (for the programming-latency
         /// histogram).
         first_change: std::time::Instant,
+        /// The kinds that changed since the previous state sent (all of them in the first).
+        changed: crate::cluster::ChangedKinds,
     },
     /// Connectivity or sync progress changed (for status).
     Health(ApiHealth),

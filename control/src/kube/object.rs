@@ -58,6 +58,20 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// This kind as a [`crate::cluster::ChangedKinds`] member.
+    pub fn changed(self) -> crate::cluster::ChangedKinds {
+        use crate::cluster::ChangedKinds as C;
+        match self {
+            Kind::Node => C::NODES,
+            Kind::Namespace => C::NAMESPACES,
+            Kind::Pod => C::PODS,
+            Kind::Service => C::SERVICES,
+            Kind::EndpointSlice => C::ENDPOINT_SLICES,
+            Kind::NetworkPolicy => C::NETWORK_POLICIES,
+            Kind::HostNetworkPolicy => C::HOST_POLICIES,
+        }
+    }
+
     /// Every watched kind, in the order of [`ClusterState`](crate::cluster::ClusterState)'s fields.
     pub const ALL: [Kind; 7] = [
         Kind::Node,

@@ -623,15 +623,16 @@ async fn run(client: Client, endpoint: Arc<Endpoint>, opts: KubeOptions, channel
             continue;
         }
         queue_full_until = None;
-        if let Some((state, first_change)) = stores.take_due(Instant::now()) {
+        if let Some((state, first_change, changed)) = stores.take_due(Instant::now()) {
             match events.try_send(SourceEvent::State {
                 state,
                 first_change,
+                changed,
             }) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) => {
                     tracing::debug!("agent queue full; the state stays pending");
-                    stores.keep_pending(first_change);
+                    stores.keep_pending(first_change, changed);
                     queue_full_until =
                         Some(Instant::now() + opts.batch.max(Duration::from_millis(10)));
                 }

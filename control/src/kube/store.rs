@@ -34,6 +34,8 @@ pub(crate) struct Stores {
     batch: Duration,
     /// When the first change not yet sent was seen.
     dirty_since: Option<Instant>,
+    /// The kinds changed since the last state taken.
+    dirty_kinds: crate::cluster::ChangedKinds,
     /// Objects skipped because they did not decode or failed the checks.
     pub skipped_objects: u64,
     /// Lists completed by a kind that had completed one before (410 Gone, outages).
@@ -46,13 +48,15 @@ impl Stores {
             kinds: Default::default(),
             batch,
             dirty_since: None,
+            dirty_kinds: crate::cluster::ChangedKinds::NONE,
             skipped_objects: 0,
             relists: 0,
         }
     }
 
-    fn changed(&mut self, now: Instant) {
+    fn changed(&mut self, kind: Kind, now: Instant) {
         self.dirty_since.get_or_insert(now);
+        self.dirty_kinds = self.dirty_kinds.union(kind.changed());
     }
 
     /// Applies one watcher event of `kind` seen at `now`.
@@ -89,7 +93,7 @@ impl Stores {
                     );
                 }
                 if differs || !relist {
-                    self.changed(now);
+                    self.changed(kind, now);
                 }
             }
             Event::Apply(raw) => {
@@ -103,7 +107,7 @@ impl Stores {
                     Some(object) => objects.insert(key, object.clone()).as_ref() != Some(&object),
                 };
                 if differs {
-                    self.changed(now);
+                    self.changed(kind, now);
                 }
             }
             Event::Delete(raw) => {
@@ -112,7 +116,7 @@ impl Stores {
                     .remove(&raw.key())
                     .is_some()
                 {
-                    self.changed(now);
+                    self.changed(kind, now);
                 }
             }
         }
@@ -127,7 +131,7 @@ impl Stores {
         store.objects.clear();
         if had_objects || !store.synced {
             store.synced = true;
-            self.changed(now);
+            self.changed(kind, now);
         }
     }
 
@@ -169,19 +173,25 @@ impl Stores {
         self.all_synced().then(|| since + self.batch)
     }
 
-    /// The state and the time of its first change, when due at `now`. After `None` is
-    /// returned for a due state (the caller could not send it) call [`Self::keep_pending`].
-    pub(crate) fn take_due(&mut self, now: Instant) -> Option<(ClusterState, Instant)> {
+    /// The state, the time of its first change and the kinds changed since the last state
+    /// taken, when due at `now`. After `None` is returned for a due state (the caller could not
+    /// send it) call [`Self::keep_pending`].
+    pub(crate) fn take_due(
+        &mut self,
+        now: Instant,
+    ) -> Option<(ClusterState, Instant, crate::cluster::ChangedKinds)> {
         if self.due()? > now {
             return None;
         }
         let since = self.dirty_since.take()?;
-        Some((self.state(), since))
+        let kinds = std::mem::take(&mut self.dirty_kinds);
+        Some((self.state(), since, kinds))
     }
 
-    /// Puts back a taken state's first-change time (the state could not be sent).
-    pub(crate) fn keep_pending(&mut self, since: Instant) {
+    /// Puts back a taken state's first-change time and kinds (the state could not be sent).
+    pub(crate) fn keep_pending(&mut self, since: Instant, kinds: crate::cluster::ChangedKinds) {
         self.dirty_since = Some(self.dirty_since.map_or(since, |d| d.min(since)));
+        self.dirty_kinds = self.dirty_kinds.union(kinds);
     }
 
     /// The current state of every store.
@@ -208,6 +218,7 @@ impl Stores {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::ChangedKinds;
     use serde_json::json;
 
     const BATCH: Duration = Duration::from_millis(30);
@@ -255,11 +266,16 @@ mod tests {
         );
         assert!(stores.all_synced());
         // First change was at t0: due at t0 + batch, which has passed.
-        let (state, first) = stores
+        let (state, first, kinds) = stores
             .take_due(t0 + Duration::from_millis(100))
             .expect("due");
         assert_eq!(first, t0);
         assert_eq!(names(&state), ["a"]);
+        assert_eq!(
+            kinds,
+            ChangedKinds::ALL,
+            "the first state: every kind is new"
+        );
         assert!(stores.take_due(t0 + Duration::from_secs(1)).is_none());
 
         // Two changes within the window: one state, first-change time of the first.
@@ -268,9 +284,19 @@ mod tests {
         stores.event(Kind::Namespace, Event::Apply(ns("c", "1")), t1 + BATCH / 2);
         assert_eq!(stores.due(), Some(t1 + BATCH));
         assert!(stores.take_due(t1 + BATCH / 2).is_none());
-        let (state, first) = stores.take_due(t1 + BATCH).expect("due");
+        let (state, first, kinds) = stores.take_due(t1 + BATCH).expect("due");
         assert_eq!(first, t1);
         assert_eq!(names(&state), ["a", "b", "c"]);
+        assert_eq!(kinds, ChangedKinds::NAMESPACES, "only what changed since");
+        assert!(!kinds.services() && kinds.policy());
+        // A kind whose update changes nothing is not reported.
+        stores.event(Kind::Namespace, Event::Apply(ns("c", "1")), t1 + BATCH * 2);
+        stores.event(
+            Kind::EndpointSlice,
+            Event::Delete(ns("gone", "1")),
+            t1 + BATCH * 2,
+        );
+        assert!(stores.take_due(t1 + BATCH * 4).is_none());
     }
 
     fn synced_with(objects: Vec<LenientObject>) -> Stores {
@@ -302,7 +328,7 @@ mod tests {
         assert_eq!(stores.due(), None);
         stores.event(Kind::Namespace, Event::InitDone, t);
         assert_eq!(stores.relists, 1);
-        let (state, _) = stores.take_due(t + BATCH).expect("a pruned");
+        let (state, _, _) = stores.take_due(t + BATCH).expect("a pruned");
         assert_eq!(names(&state), ["b"]);
 
         // The same objects again: a relist, but no change to send.
@@ -318,7 +344,7 @@ mod tests {
         stores.event(Kind::Namespace, Event::Apply(ns("a", "1")), t);
         assert_eq!(stores.due(), None);
         stores.event(Kind::Namespace, Event::Delete(ns("a", "1")), t);
-        let (state, _) = stores.take_due(t + BATCH).expect("delete is a change");
+        let (state, _, _) = stores.take_due(t + BATCH).expect("delete is a change");
         assert_eq!(names(&state), ["b"]);
         stores.event(Kind::Namespace, Event::Delete(ns("zz", "1")), t);
         assert_eq!(
@@ -338,7 +364,7 @@ mod tests {
         let bad_a = LenientObject::new(json!({"metadata": {"name": "a", "labels": 5}}));
         stores.event(Kind::Namespace, Event::Apply(bad_a), t);
         assert_eq!(stores.skipped_objects, 2);
-        let (state, _) = stores.take_due(t + BATCH).expect("a is gone");
+        let (state, _, _) = stores.take_due(t + BATCH).expect("a is gone");
         assert_eq!(names(&state), ["c"]);
     }
 
@@ -364,10 +390,15 @@ mod tests {
         let mut stores = synced_with(vec![]);
         let t = Instant::now();
         stores.event(Kind::Namespace, Event::Apply(ns("a", "1")), t);
-        let (_, first) = stores.take_due(t + BATCH).expect("due");
-        stores.keep_pending(first);
-        let (state, again) = stores.take_due(t + BATCH).expect("still due");
+        let (_, first, kinds) = stores.take_due(t + BATCH).expect("due");
+        stores.keep_pending(first, kinds);
+        let (state, again, kinds) = stores.take_due(t + BATCH).expect("still due");
         assert_eq!(again, t);
         assert_eq!(names(&state), ["a"]);
+        assert_eq!(
+            kinds,
+            ChangedKinds::NAMESPACES,
+            "the kinds stay pending too"
+        );
     }
 }
