@@ -172,7 +172,7 @@ struct Agent {
     /// Local pods the policy table isolates (for status).
     isolated_pods: usize,
     /// Maglev tables kept across translations (only changed backend sets are recomputed).
-    maglev_cache: services::maglev::Cache,
+    translate_cache: services::Cache,
     /// `--source kubernetes`: the applied state still has to be checkpointed (written in the
     /// background, at most every [`CHECKPOINT_EVERY`], off the programming path).
     checkpoint_due: bool,
@@ -505,7 +505,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         programming: hdrhistogram::Histogram::new_with_bounds(1, 600_000_000, 3)
             .context("programming latency histogram")?,
         programming_pending: std::collections::VecDeque::new(),
-        maglev_cache: services::maglev::Cache::new(),
+        translate_cache: services::Cache::new(),
         checkpoint_due: false,
         last_checkpoint: None,
         checkpoint_writer: None,
@@ -970,7 +970,7 @@ impl Agent {
             &self.cluster,
             &self.node.name,
             &self.opts.services,
-            &mut self.maglev_cache,
+            &mut self.translate_cache,
         );
         if *self.services != plan {
             let generation = self.generation + 1;
@@ -1968,12 +1968,12 @@ mod tests {
         let mut state = cluster::parse_str(&text, "two-node.yaml").expect("parses");
         let pods = state.pods.len();
         // The API can send a pod whose Node was skipped or deleted first.
-        let mut orphan = state.pods[0].clone();
+        let mut orphan = (*state.pods[0]).clone();
         orphan.metadata.name = Some("orphan".into());
         if let Some(spec) = orphan.spec.as_mut() {
             spec.node_name = Some("gone".into());
         }
-        state.pods.push(orphan);
+        state.pods.push(std::sync::Arc::new(orphan));
         let raw = state.to_yaml().expect("yaml");
         assert!(
             cluster::parse_str(&raw, "raw").is_err(),

@@ -72,7 +72,10 @@ fn service(name: &str, selector: &str, target_port: &str) -> String {
     )
 }
 
-fn derived_for<'a>(slices: &'a [EndpointSlice], service: &str) -> Vec<&'a EndpointSlice> {
+fn derived_for<'a>(
+    slices: &'a [std::sync::Arc<EndpointSlice>],
+    service: &str,
+) -> Vec<&'a EndpointSlice> {
     slices
         .iter()
         .filter(|s| {
@@ -83,6 +86,7 @@ fn derived_for<'a>(slices: &'a [EndpointSlice], service: &str) -> Vec<&'a Endpoi
                 .map(String::as_str)
                 == Some(service)
         })
+        .map(|s| &**s)
         .collect()
 }
 
@@ -240,7 +244,7 @@ fn objects_are_sorted_by_namespace_and_name() {
         "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: omega\n  namespace: a-first\n"
     );
     let state = parse(&text);
-    let keys: Vec<_> = state.pods.iter().map(ClusterState::pod_key).collect();
+    let keys: Vec<_> = state.pods.iter().map(|p| ClusterState::pod_key(p)).collect();
     assert_eq!(keys, ["a-first/omega", "default/alpha", "default/zeta"]);
 }
 

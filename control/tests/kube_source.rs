@@ -233,33 +233,33 @@ fn unserved(mut state: ClusterState) -> ClusterState {
         meta.uid = None;
         meta.creation_timestamp = None;
     }
-    state.nodes.iter_mut().for_each(|o| clear(&mut o.metadata));
+    state.nodes.iter_mut().for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
     state
         .namespaces
         .iter_mut()
-        .for_each(|o| clear(&mut o.metadata));
-    state.pods.iter_mut().for_each(|o| clear(&mut o.metadata));
+        .for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
+    state.pods.iter_mut().for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
     state
         .services
         .iter_mut()
-        .for_each(|o| clear(&mut o.metadata));
+        .for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
     state
         .endpoint_slices
         .iter_mut()
-        .for_each(|o| clear(&mut o.metadata));
+        .for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
     state
         .network_policies
         .iter_mut()
-        .for_each(|o| clear(&mut o.metadata));
+        .for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
     state
         .host_policies
         .iter_mut()
-        .for_each(|o| clear(&mut o.metadata));
+        .for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
     state
 }
 
 fn pod_names(state: &ClusterState) -> Vec<String> {
-    state.pods.iter().map(ClusterState::pod_key).collect()
+    state.pods.iter().map(|p| ClusterState::pod_key(p)).collect()
 }
 
 fn pod(namespace: &str, name: &str, node: &str, ip: &str) -> Value {

@@ -622,7 +622,8 @@ fn translation_table() {
         for s in &plan.services {
             for rotation in std::iter::once(&s.cluster).chain(s.local.as_ref()) {
                 assert_eq!(rotation.maglev.is_empty(), rotation.backends.is_empty());
-                for &i in rotation.backends.iter().chain(&rotation.maglev) {
+                let maglev = rotation.maglev.iter().map(|&m| u32::from(m));
+                for i in rotation.backends.iter().copied().chain(maglev) {
                     let b = &s.backends[i as usize];
                     assert_ne!(b.state, BackendState::NotServing, "case {:?}", case.name);
                     assert!(rotation.backends.contains(&i), "case {:?}", case.name);
@@ -643,11 +644,11 @@ fn maglev_tables_use_the_configured_size_and_cover_the_rotation() {
     let plan = translate(&cluster, THIS_NODE, &opts);
     let service = &plan.services[0];
     assert_eq!(service.cluster.maglev.len(), 251);
-    for b in [0u32, 1] {
+    for b in [0u16, 1] {
         let share = service.cluster.maglev.iter().filter(|&&x| x == b).count();
         assert!((125..=126).contains(&share), "backend {b}: {share}");
     }
-    let local = service.local.as_ref().map(|l| l.maglev.clone());
+    let local = service.local.as_ref().map(|l| l.maglev.to_vec());
     assert_eq!(
         local,
         Some(vec![0; 251]),
@@ -702,7 +703,7 @@ spec:
     );
     // A node with an ExternalIP too answers on both.
     let mut cluster = cluster;
-    if let Some(addresses) = cluster.nodes[0]
+    if let Some(addresses) = std::sync::Arc::make_mut(&mut cluster.nodes[0])
         .status
         .as_mut()
         .and_then(|s| s.addresses.as_mut())
@@ -779,4 +780,91 @@ fn output_is_deterministic() {
     assert!(!a.services.is_empty());
     assert_eq!(a, b);
     assert_eq!(a, plan_of(&forward));
+}
+
+/// `count` ClusterIP Services `svc-N` (one port, 80 -> 8080), each with one EndpointSlice of
+/// two endpoints, one on each node.
+fn many_services(count: usize) -> String {
+    let mut out = String::new();
+    for i in 0..count {
+        out.push_str(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: default\n\
+             spec:\n  clusterIP: 10.96.1.{i}\n  ports:\n  - port: 80\n    targetPort: 8080\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-a\n\
+             \x20 namespace: default\n  labels:\n    kubernetes.io/service-name: svc-{i}\n\
+             addressType: IPv4\nports:\n- port: 8080\n  protocol: TCP\n  name: \"\"\nendpoints:\n\
+             - addresses: [10.244.1.{i}]\n  nodeName: node1\n\
+             - addresses: [10.244.2.{i}]\n  nodeName: node2\n---\n"
+        ));
+    }
+    out
+}
+
+/// The cached translation gives the plan a fresh one gives, after each kind of change, and
+/// translates again only the Services whose objects changed (a cache that reused a changed
+/// Service, or reused nothing, fails here).
+#[test]
+fn cached_translation_equals_a_fresh_one_and_redoes_only_what_changed() {
+    use control::services::{translate_cached, Cache};
+    use std::sync::Arc;
+    let opts = ServiceOptions::default();
+    let mut state = parse(&many_services(20));
+    let mut cache = Cache::new();
+    let first = translate_cached(&state, THIS_NODE, &opts, &mut cache);
+    assert_eq!(first, translate(&state, THIS_NODE, &opts));
+    assert_eq!(cache.last_translated, 20);
+    assert_eq!(first.services.len(), 20);
+
+    // Same objects: nothing translated again, Maglev tables shared with the last plan.
+    let again = translate_cached(&state.clone(), THIS_NODE, &opts, &mut cache);
+    assert_eq!(cache.last_translated, 0);
+    assert_eq!(again, first);
+    assert!(Arc::ptr_eq(&again.services[3].cluster.maglev, &first.services[3].cluster.maglev));
+
+    // One endpoint goes away from svc-7's slice: only svc-7 is translated again.
+    let i = state
+        .endpoint_slices
+        .iter()
+        .position(|s| s.metadata.name.as_deref() == Some("svc-7-a"))
+        .expect("slice");
+    Arc::make_mut(&mut state.endpoint_slices[i]).endpoints.pop();
+    let plan = translate_cached(&state, THIS_NODE, &opts, &mut cache);
+    assert_eq!(cache.last_translated, 1);
+    assert_eq!(plan, translate(&state, THIS_NODE, &opts));
+    let svc7 = plan.services.iter().find(|s| s.name == "svc-7").expect("svc-7");
+    assert_eq!(svc7.backends.len(), 1);
+
+    // A Service's port changes; another Service is deleted.
+    let i = state
+        .services
+        .iter()
+        .position(|s| s.metadata.name.as_deref() == Some("svc-2"))
+        .expect("svc-2");
+    if let Some(ports) = Arc::make_mut(&mut state.services[i])
+        .spec
+        .as_mut()
+        .and_then(|s| s.ports.as_mut())
+    {
+        ports[0].port = 81;
+    }
+    state
+        .services
+        .retain(|s| s.metadata.name.as_deref() != Some("svc-9"));
+    let plan = translate_cached(&state, THIS_NODE, &opts, &mut cache);
+    assert_eq!(cache.last_translated, 1);
+    assert_eq!(plan, translate(&state, THIS_NODE, &opts));
+    assert_eq!(plan.services.len(), 19);
+    assert!(plan.frontend("10.96.1.2".parse().unwrap(), 81, Protocol::Tcp).is_some());
+
+    // This node's addresses change: every Service is translated again.
+    if let Some(addresses) = Arc::make_mut(&mut state.nodes[0])
+        .status
+        .as_mut()
+        .and_then(|s| s.addresses.as_mut())
+    {
+        addresses[0].address = "172.18.0.99".into();
+    }
+    let plan = translate_cached(&state, THIS_NODE, &opts, &mut cache);
+    assert_eq!(cache.last_translated, 19);
+    assert_eq!(plan, translate(&state, THIS_NODE, &opts));
 }

@@ -214,7 +214,7 @@ fn service_table(n: usize) -> ServiceTable {
             .collect();
         let members: Vec<u32> = (0..count as u32).collect();
         let maglev = (0..maglev_len)
-            .map(|e| (mix((s as u64) << 32 | e as u64) % count as u64) as u32)
+            .map(|e| (mix((s as u64) << 32 | e as u64) % count as u64) as u16)
             .collect();
         let id = bld
             .service(&ServiceSpec {
@@ -227,7 +227,7 @@ fn service_table(n: usize) -> ServiceTable {
                 // internalTrafficPolicy Local never use it, and it would double the memory.
                 local: RotationSpec {
                     members,
-                    maglev: Vec::new(),
+                    maglev: Default::default(),
                 },
                 affinity_timeout_s: 0,
                 affinity_id: 0,

@@ -5,14 +5,15 @@
 //! ```text
 //!  frontend index (open addressing, key = addr<<24 | port<<8 | proto)
 //!     -> frontends[i] { service, kind, local_only, keep_source }
-//!          -> services[s] { backends: span, cluster/local rotation: member span + maglev span }
-//!               maglev[hash % len] -> backend index within the service -> backends[..]
+//!          -> services[s] { backends: span, cluster/local rotation: member span + maglev (table, len) }
+//!               maglev[table][hash % len] -> backend index within the service -> backends[..]
 //! ```
 //!
 //! Lookups are one probe in the common case whatever the number of services (the index is at
 //! most half full); the per-packet path allocates nothing. Maglev entries are `u16` (a service
 //! port has at most 65535 backends), so Cilium's default table of 16381 entries costs 32 KiB per
-//! rotation; equal tables are not shared (each service port has its own).
+//! rotation. Tables are `Arc<[u16]>` shared with control's plan and with the previous table, so a
+//! rebuild after one Service changed copies spans and indexes, not Maglev tables.
 use std::{net::Ipv4Addr, sync::Arc};
 
 use crate::{snapshot::FlatIndex, wire::ipv4};
@@ -61,10 +62,15 @@ pub struct Backend {
 
 /// A rotation as control gives it: indices into the service's backends (ascending) and the
 /// Maglev table over them (empty: selection by hash modulo the members).
+///
+/// The table is shared, not copied: a table rebuilt because one Service changed reuses every
+/// other rotation's Maglev table (at 10,000 Services these are hundreds of MiB). An entry that
+/// is not one of the service's backends selects nothing (the flow is rejected as if the service
+/// had no backend); control builds the tables from the members, so that never happens.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RotationSpec {
     pub members: Vec<u32>,
-    pub maglev: Vec<u32>,
+    pub maglev: Arc<[u16]>,
 }
 
 /// A service port as control gives it.
@@ -141,7 +147,9 @@ pub struct ServiceTable {
     services: Vec<Service>,
     backends: Vec<Backend>,
     members: Vec<u16>,
-    maglev: Vec<u16>,
+    /// Maglev tables, shared with control's plan and with earlier tables; a rotation's
+    /// `maglev` span is (index here, table length).
+    maglev: Vec<Arc<[u16]>>,
     /// Addresses that are frontends for some port (ClusterIPs, LB IPs, externalIPs; not node
     /// addresses): traffic to them that matches no frontend is dropped, not routed.
     service_addrs: FlatIndex,
@@ -265,8 +273,8 @@ impl ServiceTable {
             return None;
         }
         let i = if rot.maglev.len != 0 {
-            let table = &self.maglev[rot.maglev.range()];
-            u32::from(table[(hash % rot.maglev.len) as usize])
+            let table = self.maglev.get(rot.maglev.start as usize)?;
+            u32::from(*table.get((hash % rot.maglev.len) as usize)?)
         } else {
             let members = &self.members[rot.members.range()];
             u32::from(members[(hash % rot.members.len) as usize])
@@ -296,7 +304,12 @@ impl ServiceTable {
     /// The Maglev table of a rotation (empty when selection is by modulo).
     pub fn maglev_of(&self, svc: &Service, local_only: bool) -> &[u16] {
         let rot = if local_only { svc.local } else { svc.cluster };
-        &self.maglev[rot.maglev.range()]
+        if rot.maglev.len == 0 {
+            return &[];
+        }
+        self.maglev
+            .get(rot.maglev.start as usize)
+            .map_or(&[], |t| &t[..])
     }
 }
 
@@ -325,7 +338,9 @@ impl ServiceTableBuilder {
         }
         let n = spec.backends.len();
         let mut rotation = |r: &RotationSpec| -> Result<Rotation, ServiceTableError> {
-            for &m in r.members.iter().chain(&r.maglev) {
+            // Members only: the Maglev table is shared and not scanned (its entries are
+            // checked when a flow selects one, see `RotationSpec`).
+            for &m in &r.members {
                 if m as usize >= n {
                     return Err(ServiceTableError::BadMember(id, m, n));
                 }
@@ -336,14 +351,14 @@ impl ServiceTableBuilder {
             };
             t.members.extend(r.members.iter().map(|&m| m as u16));
             // A Maglev table over no members would choose nothing: keep it empty.
-            let maglev = if r.members.is_empty() {
+            let maglev = if r.members.is_empty() || r.maglev.is_empty() {
                 Span::default()
             } else {
                 let s = Span {
                     start: t.maglev.len() as u32,
                     len: r.maglev.len() as u32,
                 };
-                t.maglev.extend(r.maglev.iter().map(|&m| m as u16));
+                t.maglev.push(Arc::clone(&r.maglev));
                 s
             };
             Ok(Rotation { members, maglev })
@@ -484,11 +499,11 @@ mod tests {
                 backends: vec![b(5, 8080, true), b(6, 8080, false)],
                 cluster: RotationSpec {
                     members: vec![0, 1],
-                    maglev: vec![1, 0, 1],
+                    maglev: vec![1, 0, 1].into(),
                 },
                 local: RotationSpec {
                     members: vec![0],
-                    maglev: vec![0, 0, 0],
+                    maglev: vec![0, 0, 0].into(),
                 },
                 affinity_timeout_s: 0,
                 affinity_id: 0,
@@ -524,7 +539,7 @@ mod tests {
                 backends: vec![b(5, 1, false), b(6, 2, false), b(7, 3, false)],
                 cluster: RotationSpec {
                     members: vec![0, 2],
-                    maglev: vec![],
+                    maglev: vec![].into(),
                 },
                 local: RotationSpec::default(),
                 affinity_timeout_s: 30,
@@ -551,7 +566,7 @@ mod tests {
             backends: vec![b(5, 1, false)],
             cluster: RotationSpec {
                 members: vec![1],
-                maglev: vec![],
+                maglev: vec![].into(),
             },
             ..ServiceSpec::default()
         });

@@ -87,7 +87,7 @@ const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 
 /// The Maglev table of `CIP_MANY` (backend indices; 3:1:1:2).
-const MANY_MAGLEV: [u32; 7] = [0, 0, 0, 1, 2, 3, 3];
+const MANY_MAGLEV: [u16; 7] = [0, 0, 0, 1, 2, 3, 3];
 const SNAT_PORTS: (u16, u16) = (40000, 40127);
 
 fn many_backend(i: u8) -> Ipv4Addr {
@@ -110,7 +110,7 @@ impl Default for Opts {
             ports: SNAT_PORTS,
             aff: RotationSpec {
                 members: vec![0, 1, 2, 3],
-                maglev: vec![0, 1, 2, 3, 0, 1, 2],
+                maglev: vec![0, 1, 2, 3, 0, 1, 2].into(),
             },
         }
     }
@@ -123,7 +123,7 @@ fn be(addr: Ipv4Addr, port: u16, local: bool) -> Backend {
 fn rot(members: &[u32]) -> RotationSpec {
     RotationSpec {
         members: members.to_vec(),
-        maglev: vec![],
+        maglev: vec![].into(),
     }
 }
 
@@ -180,7 +180,7 @@ fn services(o: &Opts) -> ServiceTable {
             backends: (0..4).map(|i| be(many_backend(i), 8080, false)).collect(),
             cluster: RotationSpec {
                 members: vec![0, 1, 2, 3],
-                maglev: MANY_MAGLEV.to_vec(),
+                maglev: MANY_MAGLEV.to_vec().into(),
             },
             local: rot(&[]),
             affinity_timeout_s: 0,
@@ -1129,7 +1129,7 @@ fn affinity_same_client_same_backend_until_timeout_and_only_while_in_rotation() 
         let moved = snapshot(&Opts {
             aff: RotationSpec {
                 members: vec![0, 1, 2, 3],
-                maglev: vec![u32::from(other); 7],
+                maglev: vec![u16::from(other); 7].into(),
             },
             ..Opts::default()
         });
@@ -1152,7 +1152,7 @@ fn affinity_same_client_same_backend_until_timeout_and_only_while_in_rotation() 
         let without: Vec<u32> = (0..4).filter(|&b| b != u32::from(other)).collect();
         let gone = snapshot(&Opts {
             aff: RotationSpec {
-                maglev: vec![without[0]; 7],
+                maglev: vec![without[0] as u16; 7].into(),
                 members: without.clone(),
             },
             ..Opts::default()
@@ -1203,7 +1203,7 @@ fn affinity_is_one_table_for_all_workers() {
     let moved = snapshot(&Opts {
         aff: RotationSpec {
             members: vec![0, 1, 2, 3],
-            maglev: vec![u32::from(other); 7],
+            maglev: vec![u16::from(other); 7].into(),
         },
         ..Opts::default()
     });

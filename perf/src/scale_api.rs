@@ -874,7 +874,7 @@ struct Agent {
     policy_table: Option<dataplane::policy::PolicyTable>,
     generation: u64,
     sizes: TranslationSizes,
-    maglev_cache: services::maglev::Cache,
+    translate_cache: services::Cache,
 }
 
 impl Agent {
@@ -887,7 +887,7 @@ impl Agent {
             policy_table: None,
             generation: 0,
             sizes: TranslationSizes::default(),
-            maglev_cache: services::maglev::Cache::new(),
+            translate_cache: services::Cache::new(),
         })
     }
 
@@ -921,10 +921,10 @@ impl Agent {
     ) -> Result<(), ScaleApiError> {
         let us = |since: Instant| since.elapsed().as_secs_f64() * 1e6;
         let start = Instant::now();
-        // The agent keeps its Maglev tables across states (only changed backend sets are
-        // recomputed).
+        // The agent keeps each Service's translation and its Maglev tables across states (only
+        // changed Services are translated again).
         let plan =
-            services::translate_cached(state, THIS_NODE, &self.services, &mut self.maglev_cache);
+            services::translate_cached(state, THIS_NODE, &self.services, &mut self.translate_cache);
         t.services_translate_us = us(start);
         if self.plan.as_ref() != Some(&plan) {
             self.generation += 1;

@@ -364,7 +364,9 @@ pub fn cluster_as_built(testbed: &Testbed) -> Result<control::cluster::ClusterSt
         let Some(handle) = testbed.pods().iter().find(|p| p.key == key) else {
             continue;
         };
-        let status = pod.status.get_or_insert_with(Default::default);
+        let status = std::sync::Arc::make_mut(pod)
+            .status
+            .get_or_insert_with(Default::default);
         if let Some(old) = status.pod_ip.as_deref() {
             renamed.insert(old.to_string(), handle.ip.to_string());
         }
@@ -375,7 +377,7 @@ pub fn cluster_as_built(testbed: &Testbed) -> Result<control::cluster::ClusterSt
         status.pod_ips = None;
     }
     for slice in &mut cluster.endpoint_slices {
-        for endpoint in &mut slice.endpoints {
+        for endpoint in &mut std::sync::Arc::make_mut(slice).endpoints {
             for address in &mut endpoint.addresses {
                 if let Some(new) = renamed.get(address.as_str()) {
                     address.clone_from(new);

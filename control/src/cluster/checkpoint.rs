@@ -64,25 +64,25 @@ impl ClusterState {
     pub fn to_yaml(&self) -> Result<String, ToYamlError> {
         let mut out = String::new();
         for o in &self.nodes {
-            document(o, &mut out)?;
+            document(&**o, &mut out)?;
         }
         for o in &self.namespaces {
-            document(o, &mut out)?;
+            document(&**o, &mut out)?;
         }
         for o in &self.pods {
-            document(o, &mut out)?;
+            document(&**o, &mut out)?;
         }
         for o in &self.services {
-            document(o, &mut out)?;
+            document(&**o, &mut out)?;
         }
         for o in &self.endpoint_slices {
-            document(o, &mut out)?;
+            document(&**o, &mut out)?;
         }
         for o in &self.network_policies {
-            document(o, &mut out)?;
+            document(&**o, &mut out)?;
         }
         for o in &self.host_policies {
-            document(o, &mut out)?;
+            document(&**o, &mut out)?;
         }
         Ok(out)
     }

@@ -27,6 +27,7 @@
 //! - slice names are deterministic, `<service>-derived-<n>`, instead of `generateName` suffixes;
 //! - only `addressType: IPv4` slices are derived (sluice is IPv4-only).
 
+use std::sync::Arc;
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 
@@ -52,7 +53,7 @@ impl ClusterState {
     /// The EndpointSlices of the file plus, for every Service with a selector and no slice in the
     /// file (by [`SERVICE_NAME_LABEL`]), the slices the endpointslice controller would build.
     /// Sorted by (namespace, name).
-    pub fn effective_endpoint_slices(&self) -> Vec<EndpointSlice> {
+    pub fn effective_endpoint_slices(&self) -> Vec<Arc<EndpointSlice>> {
         let covered: HashSet<(&str, &str)> = self
             .endpoint_slices
             .iter()
@@ -68,7 +69,7 @@ impl ClusterState {
                 service.metadata.name.as_deref().unwrap_or(""),
             );
             if !covered.contains(&key) {
-                slices.extend(self.derive_slices(service));
+                slices.extend(self.derive_slices(service).into_iter().map(Arc::new));
             }
         }
         slices.sort_by(|a, b| sort_key(&a.metadata).cmp(&sort_key(&b.metadata)));
@@ -151,7 +152,7 @@ impl ClusterState {
                     .iter()
                     .find(|node| node.metadata.name.as_deref() == Some(n))
             })
-            .and_then(|node: &Node| node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
+            .and_then(|node: &Arc<Node>| node.metadata.labels.as_ref()?.get(ZONE_LABEL).cloned())
             .filter(|z| !z.is_empty());
         let hostname = spec
             .filter(|s| s.subdomain.as_deref() == Some(service_name))

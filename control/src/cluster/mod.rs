@@ -38,6 +38,7 @@ pub(crate) mod validate;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::sync::Arc;
 
 use ipnet::{IpNet, Ipv4Net};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -97,23 +98,28 @@ impl ChangedKinds {
 }
 
 /// The Kubernetes objects sluice translates, each vector sorted by (namespace, name).
+///
+/// Objects are shared (`Arc`): a source hands out a new state per batch by cloning pointers,
+/// not objects, and the translation caches recognise an unchanged object by its pointer
+/// ([`Arc::ptr_eq`]), so a change costs work in proportion to what changed. Replace an object
+/// to change it (`Arc::make_mut` copies it when it is shared).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterState {
     /// `v1` Nodes.
-    pub nodes: Vec<Node>,
+    pub nodes: Vec<Arc<Node>>,
     /// `v1` Namespaces.
-    pub namespaces: Vec<Namespace>,
+    pub namespaces: Vec<Arc<Namespace>>,
     /// `v1` Pods.
-    pub pods: Vec<Pod>,
+    pub pods: Vec<Arc<Pod>>,
     /// `v1` Services.
-    pub services: Vec<Service>,
+    pub services: Vec<Arc<Service>>,
     /// `discovery.k8s.io/v1` EndpointSlices as given (see
     /// [`effective_endpoint_slices`](ClusterState::effective_endpoint_slices) for derived ones).
-    pub endpoint_slices: Vec<EndpointSlice>,
+    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
     /// `networking.k8s.io/v1` NetworkPolicies.
-    pub network_policies: Vec<NetworkPolicy>,
+    pub network_policies: Vec<Arc<NetworkPolicy>>,
     /// `policy.sluice.io/v1alpha1` HostNetworkPolicies (cluster-scoped, sorted by name).
-    pub host_policies: Vec<crate::policy::HostNetworkPolicy>,
+    pub host_policies: Vec<Arc<crate::policy::HostNetworkPolicy>>,
 }
 
 /// What a node's dataplane needs to know about a node: its pod network and its address.
@@ -173,6 +179,7 @@ impl ClusterState {
         self.nodes
             .iter()
             .find(|n| n.metadata.name.as_deref() == Some(name))
+            .map(|n| &**n)
     }
 
     /// Pod network and address of node `name`: `spec.podCIDR` (else the first IPv4 entry of
@@ -237,6 +244,7 @@ impl ClusterState {
         self.pods
             .iter()
             .filter(move |p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+            .map(|p| &**p)
     }
 
     /// `namespace/name` of a pod (namespace `default` when unset).

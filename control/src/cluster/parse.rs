@@ -6,6 +6,7 @@
 //! with the field path (`serde_path_to_error`). Type errors therefore carry a field path but no
 //! line number; the document index and object name locate them instead.
 
+use std::sync::Arc;
 use std::collections::HashMap;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -233,43 +234,43 @@ impl Builder<'_> {
                 let node: Node = self.decode(&at, value, kind)?;
                 validate::node(&node, &at)?;
                 self.remember(kind, &node.metadata, &at)?;
-                self.state.nodes.push(node);
+                self.state.nodes.push(Arc::new(node));
             }
             Kind::Namespace => {
                 let ns: Namespace = self.decode(&at, value, kind)?;
                 self.remember(kind, &ns.metadata, &at)?;
-                self.state.namespaces.push(ns);
+                self.state.namespaces.push(Arc::new(ns));
             }
             Kind::Pod => {
                 let pod: Pod = self.decode(&at, value, kind)?;
                 validate::pod(&pod, &at)?;
                 self.remember(kind, &pod.metadata, &at)?;
-                self.state.pods.push(pod);
+                self.state.pods.push(Arc::new(pod));
                 self.pod_locations.push(at);
             }
             Kind::Service => {
                 let service: Service = self.decode(&at, value, kind)?;
                 validate::service(&service, &at)?;
                 self.remember(kind, &service.metadata, &at)?;
-                self.state.services.push(service);
+                self.state.services.push(Arc::new(service));
             }
             Kind::EndpointSlice => {
                 let slice: EndpointSlice = self.decode(&at, value, kind)?;
                 validate::endpoint_slice(&slice, &at)?;
                 self.remember(kind, &slice.metadata, &at)?;
-                self.state.endpoint_slices.push(slice);
+                self.state.endpoint_slices.push(Arc::new(slice));
             }
             Kind::NetworkPolicy => {
                 let policy: NetworkPolicy = self.decode(&at, value, kind)?;
                 validate::network_policy(&policy, &at)?;
                 self.remember(kind, &policy.metadata, &at)?;
-                self.state.network_policies.push(policy);
+                self.state.network_policies.push(Arc::new(policy));
             }
             Kind::HostNetworkPolicy => {
                 let policy: crate::policy::HostNetworkPolicy = self.decode(&at, value, kind)?;
                 validate::host_policy(&policy, &at)?;
                 self.remember(kind, &policy.metadata, &at)?;
-                self.state.host_policies.push(policy);
+                self.state.host_policies.push(Arc::new(policy));
             }
         }
         Ok(())

@@ -19,6 +19,7 @@
 //! checks catch the ones sluice reads (port numbers, addresses, names).
 //! `metadata.managedFields` is dropped (sluice never reads it; it is often most of the object).
 
+use std::sync::Arc;
 use std::borrow::Cow;
 use std::fmt;
 
@@ -225,13 +226,13 @@ pub(crate) struct Key {
 /// A decoded, checked object of one of the watched kinds.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Object {
-    Node(Box<Node>),
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    NetworkPolicy(Box<NetworkPolicy>),
-    HostNetworkPolicy(Box<HostNetworkPolicy>),
+    Node(Arc<Node>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    NetworkPolicy(Arc<NetworkPolicy>),
+    HostNetworkPolicy(Arc<HostNetworkPolicy>),
 }
 
 /// Why an object was skipped: the field path (may be empty) and what is wrong.
@@ -292,38 +293,38 @@ pub(crate) fn decode(kind: Kind, raw: &LenientObject) -> Result<Object, Skip> {
         Kind::Node => {
             let node: Node = typed(kind, body)?;
             checked(validate::node(&node, &at))?;
-            Object::Node(Box::new(node))
+            Object::Node(Arc::new(node))
         }
-        Kind::Namespace => Object::Namespace(Box::new(typed(kind, body)?)),
+        Kind::Namespace => Object::Namespace(Arc::new(typed(kind, body)?)),
         Kind::Pod => {
             let pod: Pod = typed(kind, body)?;
             checked(validate::pod(&pod, &at))?;
             enums::pod(&pod)?;
-            Object::Pod(Box::new(pod))
+            Object::Pod(Arc::new(pod))
         }
         Kind::Service => {
             let service: Service = typed(kind, body)?;
             checked(validate::service(&service, &at))?;
             enums::service(&service)?;
-            Object::Service(Box::new(service))
+            Object::Service(Arc::new(service))
         }
         Kind::EndpointSlice => {
             let slice: EndpointSlice = typed(kind, body)?;
             checked(validate::endpoint_slice(&slice, &at))?;
             enums::endpoint_slice(&slice)?;
-            Object::EndpointSlice(Box::new(slice))
+            Object::EndpointSlice(Arc::new(slice))
         }
         Kind::NetworkPolicy => {
             let policy: NetworkPolicy = typed(kind, body)?;
             checked(validate::network_policy(&policy, &at))?;
             enums::network_policy(&policy)?;
-            Object::NetworkPolicy(Box::new(policy))
+            Object::NetworkPolicy(Arc::new(policy))
         }
         Kind::HostNetworkPolicy => {
             let policy: HostNetworkPolicy = typed(kind, body)?;
             checked(validate::host_policy(&policy, &at))?;
             enums::host_policy(&policy)?;
-            Object::HostNetworkPolicy(Box::new(policy))
+            Object::HostNetworkPolicy(Arc::new(policy))
         }
     };
     Ok(object)

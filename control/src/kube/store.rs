@@ -200,13 +200,13 @@ impl Stores {
         for store in &self.kinds {
             for object in store.objects.values() {
                 match object.clone() {
-                    Object::Node(o) => state.nodes.push(*o),
-                    Object::Namespace(o) => state.namespaces.push(*o),
-                    Object::Pod(o) => state.pods.push(*o),
-                    Object::Service(o) => state.services.push(*o),
-                    Object::EndpointSlice(o) => state.endpoint_slices.push(*o),
-                    Object::NetworkPolicy(o) => state.network_policies.push(*o),
-                    Object::HostNetworkPolicy(o) => state.host_policies.push(*o),
+                    Object::Node(o) => state.nodes.push(o),
+                    Object::Namespace(o) => state.namespaces.push(o),
+                    Object::Pod(o) => state.pods.push(o),
+                    Object::Service(o) => state.services.push(o),
+                    Object::EndpointSlice(o) => state.endpoint_slices.push(o),
+                    Object::NetworkPolicy(o) => state.network_policies.push(o),
+                    Object::HostNetworkPolicy(o) => state.host_policies.push(o),
                 }
             }
         }

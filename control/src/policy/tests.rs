@@ -218,7 +218,7 @@ fn end_port_with_a_named_port_or_without_a_port_skips_the_rule() {
         ),
     ] {
         let mut state = model();
-        state.network_policies.push(policy_with_port(port));
+        state.network_policies.push(std::sync::Arc::new(policy_with_port(port)));
         let parsed = policies(&state, false);
         assert_eq!(parsed.warnings.len(), 1, "{:?}", parsed.warnings);
         let w = &parsed.warnings[0];

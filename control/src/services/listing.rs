@@ -222,7 +222,11 @@ fn service_port(plan: &ServicePlan, index: usize, entry: &ServiceEntry) -> Servi
 }
 
 fn entries_of(rotation: &Rotation, backend: u32) -> u32 {
-    let n = rotation.maglev.iter().filter(|&&b| b == backend).count();
+    let n = rotation
+        .maglev
+        .iter()
+        .filter(|&&b| u32::from(b) == backend)
+        .count();
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 

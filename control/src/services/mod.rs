@@ -54,7 +54,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 pub use maglev::{MaglevError, DEFAULT_TABLE_SIZE};
-pub use translate::{translate, translate_cached};
+pub use translate::{translate, translate_cached, Cache};
 
 /// Label that hands a Service to a proxy other than the default one; kube-proxy (and sluice)
 /// ignore Services carrying it.
@@ -261,7 +261,7 @@ pub struct Rotation {
     pub terminating_fallback: bool,
     /// Maglev lookup table ([`SelectionMode::Maglev`]): entry `flow_hash % len` is an index into
     /// [`ServiceEntry::backends`]. Empty for [`SelectionMode::Random`] or when `backends` is.
-    pub maglev: Vec<u32>,
+    pub maglev: std::sync::Arc<[u16]>,
 }
 
 /// `sessionAffinity: ClientIP`.
@@ -313,14 +313,10 @@ impl ServiceEntry {
     /// The rotation a scope uses; `Local` falls back to an empty rotation when neither policy
     /// is Local (no frontend asks for it then).
     pub fn rotation(&self, scope: Scope) -> &Rotation {
-        static EMPTY: Rotation = Rotation {
-            backends: Vec::new(),
-            terminating_fallback: false,
-            maglev: Vec::new(),
-        };
+        static EMPTY: std::sync::LazyLock<Rotation> = std::sync::LazyLock::new(Rotation::default);
         match scope {
             Scope::Cluster => &self.cluster,
-            Scope::Local => self.local.as_ref().unwrap_or(&EMPTY),
+            Scope::Local => self.local.as_ref().unwrap_or(&*EMPTY),
         }
     }
 }

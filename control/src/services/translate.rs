@@ -1,8 +1,9 @@
 //! `translate`: Services and EndpointSlices to a [`ServicePlan`] for one node (see the module doc
 //! of [`crate::services`] for the rules and where they come from).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
@@ -16,27 +17,77 @@ use super::{
 use crate::cluster::{ClusterState, DEFAULT_NAMESPACE, INTERNAL_IP, SERVICE_NAME_LABEL};
 
 const EXTERNAL_IP: &str = "ExternalIP";
+/// Backends per service port the dataplane indexes (`u16`).
+const MAX_BACKENDS: u16 = u16::MAX;
 
 /// Translates every Service of `cluster` for node `this_node`: frontends (ClusterIP, NodePort on
 /// this node's addresses, LoadBalancer ingress IPs, externalIPs), backends per service port from
 /// [`ClusterState::effective_endpoint_slices`], rotations and Maglev tables. Never fails: what
 /// cannot be served is listed in [`ServicePlan::skipped`] with the reason.
 pub fn translate(cluster: &ClusterState, this_node: &str, opts: &ServiceOptions) -> ServicePlan {
-    translate_cached(cluster, this_node, opts, &mut maglev::Cache::new())
+    translate_cached(cluster, this_node, opts, &mut Cache::new())
 }
 
-/// [`translate`], reusing the Maglev tables of `cache` whose backends did not change (the agent
+/// What [`translate_cached`] keeps across states: each Service's translation with the objects
+/// it was made from, and the Maglev tables.
+///
+/// A Service is translated again only when its object, its EndpointSlices (compared by
+/// pointer: the sources share unchanged objects between states, see
+/// [`ClusterState`]), this node's addresses or the options changed; otherwise its entries are
+/// reused as they were, Maglev tables included (shared, not copied). So a one-object change at
+/// 10,000 Services costs one Service's translation plus the plan's assembly (sorting and
+/// indexing the entries), not 10,000 translations. Derived slices (Services without
+/// EndpointSlices, file source) are new objects each time: those Services are always
+/// translated again.
+#[derive(Debug, Default)]
+pub struct Cache {
+    maglev: maglev::Cache,
+    /// (node, node addresses, options) the memo was made for; a change clears it.
+    context: Option<(String, Vec<Ipv4Addr>, ServiceOptions)>,
+    memo: HashMap<(String, String), Memo>,
+    /// Services translated again by the last call (the rest were reused).
+    pub last_translated: usize,
+}
+
+#[derive(Debug)]
+struct Memo {
+    service: Arc<Service>,
+    slices: Vec<Arc<EndpointSlice>>,
+    entries: Vec<(ServiceEntry, Vec<PendingFrontend>)>,
+    skipped: Vec<(String, String)>,
+    /// The Maglev cache's tables the entries were made from: held so the cache keeps them
+    /// while this Service is unchanged (see [`maglev::Cache::sweep`]).
+    _tables: Vec<Arc<Vec<u32>>>,
+    used: bool,
+}
+
+impl Cache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Maglev tables held (for the scale benchmark and tests).
+    pub fn maglev_tables(&self) -> usize {
+        self.maglev.len()
+    }
+}
+
+/// [`translate`], reusing what `cache` holds of the Services that did not change (the agent
 /// keeps one cache across states; the plan is the same either way).
 pub fn translate_cached(
     cluster: &ClusterState,
     this_node: &str,
     opts: &ServiceOptions,
-    cache: &mut maglev::Cache,
+    cache: &mut Cache,
 ) -> ServicePlan {
-    cache.sweep();
     let node_addresses = node_addresses(cluster, this_node);
+    let context = (this_node.to_owned(), node_addresses.clone(), opts.clone());
+    if cache.context.as_ref() != Some(&context) {
+        cache.memo.clear();
+        cache.context = Some(context);
+    }
     let slices = cluster.effective_endpoint_slices();
-    let mut slices_by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut slices_by_service: BTreeMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = BTreeMap::new();
     for slice in &slices {
         if let Some(service) = slice
             .metadata
@@ -51,13 +102,21 @@ pub fn translate_cached(
         }
     }
 
+    let Cache {
+        maglev: maglev_cache,
+        memo,
+        last_translated,
+        ..
+    } = cache;
+    *last_translated = 0;
     let mut out = Builder {
         this_node,
         node_addresses: &node_addresses,
         opts,
-        cache,
-        entries: Vec::new(),
+        cache: maglev_cache,
+        entries: Vec::with_capacity(cluster.services.len()),
         skipped: Vec::new(),
+        held: Vec::new(),
     };
     for service in &cluster.services {
         let key = (
@@ -68,12 +127,45 @@ pub fn translate_cached(
             .get(&key)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        out.service(service, service_slices);
+        let hit = memo.get_mut(&(key.0.to_owned(), key.1.to_owned())).filter(|m| {
+            Arc::ptr_eq(&m.service, service)
+                && m.slices.len() == service_slices.len()
+                && m.slices
+                    .iter()
+                    .zip(service_slices)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+        });
+        if let Some(m) = hit {
+            m.used = true;
+            out.entries.extend(m.entries.iter().cloned());
+            out.skipped.extend(m.skipped.iter().cloned());
+            continue;
+        }
+        *last_translated += 1;
+        let (entries_before, skipped_before) = (out.entries.len(), out.skipped.len());
+        let refs: Vec<&EndpointSlice> = service_slices.iter().map(|s| &***s).collect();
+        out.service(service, &refs);
+        memo.insert(
+            (key.0.to_owned(), key.1.to_owned()),
+            Memo {
+                service: Arc::clone(service),
+                slices: service_slices.iter().map(|s| Arc::clone(s)).collect(),
+                entries: out.entries[entries_before..].to_vec(),
+                skipped: out.skipped[skipped_before..].to_vec(),
+                _tables: std::mem::take(&mut out.held),
+                used: true,
+            },
+        );
     }
-    out.finish()
+    // Services gone since the last call; then the Maglev tables no Service holds.
+    memo.retain(|_, m| std::mem::take(&mut m.used));
+    let plan = out.finish();
+    maglev_cache.sweep();
+    plan
 }
 
 /// A frontend before service indices are known.
+#[derive(Debug, Clone)]
 struct PendingFrontend {
     address: Ipv4Addr,
     port: u16,
@@ -89,6 +181,8 @@ struct Builder<'a> {
     cache: &'a mut maglev::Cache,
     entries: Vec<(ServiceEntry, Vec<PendingFrontend>)>,
     skipped: Vec<(String, String)>,
+    /// Maglev cache tables used by the Service being translated.
+    held: Vec<Arc<Vec<u32>>>,
 }
 
 impl Builder<'_> {
@@ -234,6 +328,17 @@ impl Builder<'_> {
                 publish_not_ready,
                 self.this_node,
             );
+            if backends.len() > usize::from(MAX_BACKENDS) {
+                self.skip(
+                    &key,
+                    format!(
+                        "port {port_label}: {} endpoints; at most {MAX_BACKENDS} per service \
+                         port are supported",
+                        backends.len()
+                    ),
+                );
+                continue;
+            }
             let cluster = self.rotation(&key, &port_label, &backends, false);
             let local = (external_local || internal_local)
                 .then(|| self.rotation(&key, &port_label, &backends, true));
@@ -394,8 +499,8 @@ impl Builder<'_> {
             members = pick(BackendState::Terminating);
             terminating_fallback = !members.is_empty();
         }
-        let maglev = match self.opts.selection() {
-            SelectionMode::Random => Vec::new(),
+        let maglev: Arc<[u16]> = match self.opts.selection() {
+            SelectionMode::Random => Arc::from([]),
             SelectionMode::Maglev => {
                 let keys: Vec<String> = members
                     .iter()
@@ -403,13 +508,19 @@ impl Builder<'_> {
                     .collect();
                 let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
                 match self.cache.table(&refs, self.opts.maglev_table_size()) {
-                    Ok(table) => table
-                        .iter()
-                        .filter_map(|owner| members.get(*owner as usize).copied())
-                        .collect(),
+                    Ok(table) => {
+                        // Backend indices fit u16: `service` skips ports with more backends.
+                        let remapped: Arc<[u16]> = table
+                            .iter()
+                            .filter_map(|owner| members.get(*owner as usize))
+                            .map(|&m| m as u16)
+                            .collect();
+                        self.held.push(table);
+                        remapped
+                    }
                     Err(e) => {
                         self.skip(key, format!("port {port_label}: {e}"));
-                        Vec::new()
+                        Arc::from([])
                     }
                 }
             }
