@@ -244,7 +244,11 @@ fn objects_are_sorted_by_namespace_and_name() {
         "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: omega\n  namespace: a-first\n"
     );
     let state = parse(&text);
-    let keys: Vec<_> = state.pods.iter().map(|p| ClusterState::pod_key(p)).collect();
+    let keys: Vec<_> = state
+        .pods
+        .iter()
+        .map(|p| ClusterState::pod_key(p))
+        .collect();
     assert_eq!(keys, ["a-first/omega", "default/alpha", "default/zeta"]);
 }
 

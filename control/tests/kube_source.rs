@@ -233,12 +233,18 @@ fn unserved(mut state: ClusterState) -> ClusterState {
         meta.uid = None;
         meta.creation_timestamp = None;
     }
-    state.nodes.iter_mut().for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
+    state
+        .nodes
+        .iter_mut()
+        .for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
     state
         .namespaces
         .iter_mut()
         .for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
-    state.pods.iter_mut().for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
+    state
+        .pods
+        .iter_mut()
+        .for_each(|o| clear(&mut std::sync::Arc::make_mut(o).metadata));
     state
         .services
         .iter_mut()
@@ -259,7 +265,11 @@ fn unserved(mut state: ClusterState) -> ClusterState {
 }
 
 fn pod_names(state: &ClusterState) -> Vec<String> {
-    state.pods.iter().map(|p| ClusterState::pod_key(p)).collect()
+    state
+        .pods
+        .iter()
+        .map(|p| ClusterState::pod_key(p))
+        .collect()
 }
 
 fn pod(namespace: &str, name: &str, node: &str, ip: &str) -> Value {

@@ -275,7 +275,11 @@ fn assert_first_sync(source: &KubeSource, what: &str) {
         .map(|n| n.metadata.name.clone())
         .collect();
     assert_eq!(nodes, [Some("node1".to_owned())], "{what}");
-    let pods: Vec<_> = state.pods.iter().map(|p| ClusterState::pod_key(p)).collect();
+    let pods: Vec<_> = state
+        .pods
+        .iter()
+        .map(|p| ClusterState::pod_key(p))
+        .collect();
     assert_eq!(pods, ["prod/web-1"], "{what}");
     assert_eq!(state.services.len(), 1, "{what}");
     assert!(source.health().all_synced, "{what}: {:?}", source.health());

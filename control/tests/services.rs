@@ -819,7 +819,10 @@ fn cached_translation_equals_a_fresh_one_and_redoes_only_what_changed() {
     let again = translate_cached(&state.clone(), THIS_NODE, &opts, &mut cache);
     assert_eq!(cache.last_translated, 0);
     assert_eq!(again, first);
-    assert!(Arc::ptr_eq(&again.services[3].cluster.maglev, &first.services[3].cluster.maglev));
+    assert!(Arc::ptr_eq(
+        &again.services[3].cluster.maglev,
+        &first.services[3].cluster.maglev
+    ));
 
     // One endpoint goes away from svc-7's slice: only svc-7 is translated again.
     let i = state
@@ -831,7 +834,11 @@ fn cached_translation_equals_a_fresh_one_and_redoes_only_what_changed() {
     let plan = translate_cached(&state, THIS_NODE, &opts, &mut cache);
     assert_eq!(cache.last_translated, 1);
     assert_eq!(plan, translate(&state, THIS_NODE, &opts));
-    let svc7 = plan.services.iter().find(|s| s.name == "svc-7").expect("svc-7");
+    let svc7 = plan
+        .services
+        .iter()
+        .find(|s| s.name == "svc-7")
+        .expect("svc-7");
     assert_eq!(svc7.backends.len(), 1);
 
     // A Service's port changes; another Service is deleted.
@@ -854,7 +861,9 @@ fn cached_translation_equals_a_fresh_one_and_redoes_only_what_changed() {
     assert_eq!(cache.last_translated, 1);
     assert_eq!(plan, translate(&state, THIS_NODE, &opts));
     assert_eq!(plan.services.len(), 19);
-    assert!(plan.frontend("10.96.1.2".parse().unwrap(), 81, Protocol::Tcp).is_some());
+    assert!(plan
+        .frontend("10.96.1.2".parse().unwrap(), 81, Protocol::Tcp)
+        .is_some());
 
     // This node's addresses change: every Service is translated again.
     if let Some(addresses) = Arc::make_mut(&mut state.nodes[0])

@@ -27,9 +27,9 @@
 //! - slice names are deterministic, `<service>-derived-<n>`, instead of `generateName` suffixes;
 //! - only `addressType: IPv4` slices are derived (sluice is IPv4-only).
 
-use std::sync::Arc;
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};

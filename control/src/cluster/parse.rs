@@ -6,8 +6,8 @@
 //! with the field path (`serde_path_to_error`). Type errors therefore carry a field path but no
 //! line number; the document index and object name locate them instead.
 
-use std::sync::Arc;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;

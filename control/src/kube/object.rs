@@ -19,9 +19,9 @@
 //! checks catch the ones sluice reads (port numbers, addresses, names).
 //! `metadata.managedFields` is dropped (sluice never reads it; it is often most of the object).
 
-use std::sync::Arc;
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 
 use ::kube::core::{ApiResource, DynamicResourceScope};
 use ::kube::Resource;

@@ -127,14 +127,16 @@ pub fn translate_cached(
             .get(&key)
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let hit = memo.get_mut(&(key.0.to_owned(), key.1.to_owned())).filter(|m| {
-            Arc::ptr_eq(&m.service, service)
-                && m.slices.len() == service_slices.len()
-                && m.slices
-                    .iter()
-                    .zip(service_slices)
-                    .all(|(a, b)| Arc::ptr_eq(a, b))
-        });
+        let hit = memo
+            .get_mut(&(key.0.to_owned(), key.1.to_owned()))
+            .filter(|m| {
+                Arc::ptr_eq(&m.service, service)
+                    && m.slices.len() == service_slices.len()
+                    && m.slices
+                        .iter()
+                        .zip(service_slices)
+                        .all(|(a, b)| Arc::ptr_eq(a, b))
+            });
         if let Some(m) = hit {
             m.used = true;
             out.entries.extend(m.entries.iter().cloned());
