@@ -173,6 +173,8 @@ struct Agent {
     isolated_pods: usize,
     /// Maglev tables kept across translations (only changed backend sets are recomputed).
     translate_cache: services::Cache,
+    /// Pod views, identities and peer selections kept across policy compiles.
+    policy_cache: crate::policy::Cache,
     /// `--source kubernetes`: the applied state still has to be checkpointed (written in the
     /// background, at most every [`CHECKPOINT_EVERY`], off the programming path).
     checkpoint_due: bool,
@@ -506,6 +508,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             .context("programming latency histogram")?,
         programming_pending: std::collections::VecDeque::new(),
         translate_cache: services::Cache::new(),
+        policy_cache: crate::policy::Cache::new(),
         checkpoint_due: false,
         last_checkpoint: None,
         checkpoint_writer: None,
@@ -1007,7 +1010,13 @@ impl Agent {
     fn compile_policy(&mut self) {
         let current = self.policy_table.generation();
         let next = current.wrapping_add(1).max(1);
-        match crate::policy::compile(&self.cluster, &self.node.name, &self.opts.policy, next) {
+        match crate::policy::compile_cached(
+            &self.cluster,
+            &self.node.name,
+            &self.opts.policy,
+            next,
+            &mut self.policy_cache,
+        ) {
             Ok(c) => {
                 if !c.table.same_rules(&self.policy_table) {
                     for w in &c.warnings {

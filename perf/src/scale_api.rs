@@ -875,6 +875,7 @@ struct Agent {
     generation: u64,
     sizes: TranslationSizes,
     translate_cache: services::Cache,
+    policy_cache: control::policy::Cache,
 }
 
 impl Agent {
@@ -888,6 +889,7 @@ impl Agent {
             generation: 0,
             sizes: TranslationSizes::default(),
             translate_cache: services::Cache::new(),
+            policy_cache: control::policy::Cache::new(),
         })
     }
 
@@ -955,7 +957,13 @@ impl Agent {
             .policy_table
             .as_ref()
             .map_or(1, |p| p.generation().wrapping_add(1).max(1));
-        let compiled = control::policy::compile(state, THIS_NODE, &self.policy, next)?;
+        let compiled = control::policy::compile_cached(
+            state,
+            THIS_NODE,
+            &self.policy,
+            next,
+            &mut self.policy_cache,
+        )?;
         let changed = self
             .policy_table
             .as_ref()

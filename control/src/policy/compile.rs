@@ -21,16 +21,19 @@
 //! rules really change. Output size: O(local selected pods x rules x selected identities x
 //! ports); the dataplane's per-packet cost does not depend on it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use dataplane::policy::{
     Dir, Isolation, PeerSpec, PolicyBuilder, PolicyError, PolicyTable, PortSpec, ALLOW_AUDIT,
     ALLOW_ENFORCED,
 };
 
-use super::identity::{cluster_node_ips, node_addresses, pod_views, Identities, PodView};
-use super::model::{policies, Direction, Peer, Policy, PortMatch, Rule};
+use super::identity::{cluster_node_ips, node_addresses, IdentityCache, IdentityKey, PodView};
+use super::model::{host_policies, network_policy, Direction, Peer, Policy, PortMatch, Rule};
 use super::{FailsafeFrom, PolicyOptions, PolicyWarning};
 use crate::cluster::ClusterState;
 
@@ -76,6 +79,59 @@ enum PeerKey {
     Block((Ipv4Addr, u8), Vec<(Ipv4Addr, u8)>),
 }
 
+/// What [`compile_cached`] keeps across states: pod views and stable identity ids
+/// ([`IdentityCache`]), each NetworkPolicy's validation, and which identities each peer of a
+/// policy selects. A peer's selection is extended with the identities created since it was
+/// computed (ids only grow) and filtered to the live ones, so a one-object change does not
+/// evaluate every selector against every identity again.
+#[derive(Debug, Default)]
+pub struct Cache {
+    identities: IdentityCache,
+    audit_all: Option<bool>,
+    policies: HashMap<usize, PolicyMemo>,
+    peers: HashMap<PeerRef, PeerMemo>,
+}
+
+#[derive(Debug)]
+struct PolicyMemo {
+    object: Arc<NetworkPolicy>,
+    parsed: Option<Arc<Policy>>,
+    warnings: Vec<PolicyWarning>,
+    used: bool,
+}
+
+/// (NetworkPolicy pointer, direction, rule index, peer index; `usize::MAX`: every peer).
+type PeerRef = (usize, u8, usize, usize);
+
+#[derive(Debug)]
+struct PeerMemo {
+    /// Held so the pointer in the key stays this policy's.
+    _object: Arc<NetworkPolicy>,
+    /// Selected identity ids, ascending (some may have died since).
+    selected: Vec<u32>,
+    /// Identities below this id have been evaluated.
+    upto: u32,
+    used: bool,
+}
+
+impl Cache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The identity id the cache gives the pod with address `addr` (tests).
+    #[cfg(test)]
+    pub(crate) fn identities_of(&self, addr: Ipv4Addr) -> Option<u32> {
+        self.identities.id_of(addr)
+    }
+
+    /// Makes the next new identity get id `next` (tests of the numbering restart).
+    #[cfg(test)]
+    pub(crate) fn set_next_identity(&mut self, next: u32) {
+        self.identities.next_id = next;
+    }
+}
+
 /// Compiles every policy of `state` for node `node` (module doc). Invalid parts become
 /// warnings; the only error is the dataplane refusing the result.
 pub fn compile(
@@ -84,54 +140,107 @@ pub fn compile(
     opts: &PolicyOptions,
     generation: u16,
 ) -> Result<Compiled, PolicyCompileError> {
-    let parsed = policies(state, opts.audit);
-    let (pods, pod_warnings) = pod_views(state);
-    let ids = Identities::new(&pods);
-    let mut warnings = parsed.warnings.clone();
-    warnings.extend(pod_warnings);
+    compile_cached(state, node, opts, generation, &mut Cache::new())
+}
+
+/// [`compile`], reusing what `cache` holds (see [`Cache`]); the agent keeps one cache across
+/// states. The rules are the same as a fresh compile's up to identity numbering.
+pub fn compile_cached(
+    state: &ClusterState,
+    node: &str,
+    opts: &PolicyOptions,
+    generation: u16,
+    cache: &mut Cache,
+) -> Result<Compiled, PolicyCompileError> {
+    if cache.audit_all != Some(opts.audit) {
+        cache.policies.clear();
+        cache.peers.clear();
+        cache.audit_all = Some(opts.audit);
+    }
+    let mut warnings = Vec::new();
+    let mut network: Vec<(Arc<NetworkPolicy>, Arc<Policy>)> = Vec::new();
+    for np in &state.network_policies {
+        let ptr = Arc::as_ptr(np) as usize;
+        let m = cache.policies.entry(ptr).or_insert_with(|| {
+            let mut w = Vec::new();
+            let parsed = network_policy(np, opts.audit, &mut w).map(Arc::new);
+            PolicyMemo {
+                object: Arc::clone(np),
+                parsed,
+                warnings: w,
+                used: false,
+            }
+        });
+        m.used = true;
+        warnings.extend(m.warnings.iter().cloned());
+        if let Some(p) = &m.parsed {
+            network.push((Arc::clone(&m.object), Arc::clone(p)));
+        }
+    }
+    cache.policies.retain(|_, m| std::mem::take(&mut m.used));
+    let host = host_policies(state, opts.audit, &mut warnings);
+    let ids_before = cache.identities.next_id;
+    let refreshed = cache.identities.refresh(state);
+    if cache.identities.next_id < ids_before {
+        // The identity cache started numbering again: memoised selections name old ids.
+        cache.peers.clear();
+    }
+    warnings.extend(refreshed.warnings);
+    let mut by_namespace: BTreeMap<&str, Vec<(&Arc<NetworkPolicy>, &Policy)>> = BTreeMap::new();
+    for (object, p) in &network {
+        if let Some(ns) = p.namespace() {
+            by_namespace.entry(ns).or_default().push((object, p));
+        }
+    }
 
     let mut b = PolicyBuilder::new(generation);
-    for (pod, id) in pods.iter().zip(&ids.of_pod) {
+    for (pod, id) in &refreshed.views {
         b.identity(pod.addr, *id);
     }
     for addr in node_addresses(state, node) {
         b.node_addr(addr);
     }
     let mut rules: BTreeSet<RuleKey> = BTreeSet::new();
-    let ctx = Expand { ids: &ids };
+    let mut ctx = Expand {
+        ids: &cache.identities.by_id,
+        next_id: cache.identities.next_id,
+        peers: &mut cache.peers,
+    };
     let mut isolated_pods = 0;
 
-    for pod in pods.iter().filter(|p| p.node == node) {
-        let selecting: Vec<&Policy> = parsed
-            .network
-            .iter()
-            .filter(|p| p.namespace() == Some(pod.namespace.as_str()))
-            .filter(|p| p.subject.matches(&pod.labels))
+    for (pod, _) in refreshed.views.iter().filter(|(p, _)| p.node == node) {
+        let selecting: Vec<(&Arc<NetworkPolicy>, &Policy)> = by_namespace
+            .get(pod.namespace.as_str())
+            .into_iter()
+            .flatten()
+            .filter(|(_, p)| p.subject.matches(&pod.labels))
+            .copied()
             .collect();
-        let ingress = isolation(&selecting, Direction::Ingress);
-        let egress = isolation(&selecting, Direction::Egress);
+        let policies: Vec<&Policy> = selecting.iter().map(|(_, p)| *p).collect();
+        let ingress = isolation(&policies, Direction::Ingress);
+        let egress = isolation(&policies, Direction::Egress);
         if ingress == Isolation::OPEN && egress == Isolation::OPEN {
             continue;
         }
         isolated_pods += 1;
         let ep = b.endpoint(pod.addr, ingress, egress);
-        for policy in &selecting {
+        for (object, policy) in &selecting {
             for dir in [Direction::Ingress, Direction::Egress] {
-                for rule in policy.rules(dir).unwrap_or_default() {
-                    ctx.rule(&mut rules, ep, dir, Some(pod), policy, rule);
+                for (i, rule) in policy.rules(dir).unwrap_or_default().iter().enumerate() {
+                    let at = Some((*object, i));
+                    ctx.rule(&mut rules, ep, dir, Some(pod), policy, rule, at);
                 }
             }
         }
     }
+    ctx.peers.retain(|_, m| std::mem::take(&mut m.used));
 
     let node_labels = state
         .node(node)
         .and_then(|n| n.metadata.labels.clone())
         .unwrap_or_default();
     let selecting: Vec<&Policy> = if state.node(node).is_some() {
-        parsed
-            .host
-            .iter()
+        host.iter()
             .filter(|p| p.subject.matches(&node_labels))
             .collect()
     } else {
@@ -164,7 +273,7 @@ pub fn compile(
         }
         for policy in &selecting {
             for rule in policy.rules(Direction::Ingress).unwrap_or_default() {
-                ctx.rule(&mut rules, ep, Direction::Ingress, None, policy, rule);
+                ctx.rule(&mut rules, ep, Direction::Ingress, None, policy, rule, None);
             }
         }
     }
@@ -227,7 +336,9 @@ fn key(ep: u32, dir: Direction, peer: PeerKey, port: (u8, u16, u16), flags: u8) 
 }
 
 struct Expand<'a> {
-    ids: &'a Identities,
+    ids: &'a BTreeMap<u32, Arc<IdentityKey>>,
+    next_id: u32,
+    peers: &'a mut HashMap<PeerRef, PeerMemo>,
 }
 
 /// A port entry once resolved as far as it can be without knowing the remote pod.
@@ -239,15 +350,26 @@ enum Resolved<'a> {
 }
 
 impl Expand<'_> {
+    /// `at`: the NetworkPolicy and rule index, to memoise peer selections (`None`: host
+    /// policies, evaluated directly).
+    #[allow(clippy::too_many_arguments)]
     fn rule(
-        &self,
+        &mut self,
         out: &mut BTreeSet<RuleKey>,
         ep: u32,
         dir: Direction,
         local: Option<&PodView>,
         policy: &Policy,
         rule: &Rule,
+        at: Option<(&Arc<NetworkPolicy>, usize)>,
     ) {
+        let d = match dir {
+            Direction::Ingress => 0u8,
+            Direction::Egress => 1,
+        };
+        let memo = |peer: usize| {
+            at.map(|(object, rule)| (object, (Arc::as_ptr(object) as usize, d, rule, peer)))
+        };
         let flags = if policy.audit {
             ALLOW_AUDIT
         } else {
@@ -288,11 +410,16 @@ impl Expand<'_> {
             pods: None,
             own_namespace: None,
         }];
-        let peers: Vec<Option<&Peer>> = match &rule.peers {
-            None => vec![None],
-            Some(list) => list.iter().map(|(_, p)| Some(p)).collect(),
+        let peers: Vec<(usize, Option<&Peer>)> = match &rule.peers {
+            None => vec![(usize::MAX, None)],
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, (_, p))| (i, Some(p)))
+                .collect(),
         };
-        for peer in peers {
+        for (peer_index, peer) in peers {
+            let m = memo(peer_index);
             for port in &ports {
                 match (peer, port) {
                     (None, Resolved::Numbers(numbers)) => {
@@ -302,7 +429,7 @@ impl Expand<'_> {
                     }
                     // Every peer with a named port: every pod that has the port.
                     (None, Resolved::Named(name, protocol)) => {
-                        self.identities(out, ep, dir, &any_peer[0], name, *protocol, flags)
+                        self.identities(out, ep, dir, &any_peer[0], m, name, *protocol, flags)
                     }
                     (Some(Peer::Ipv6), _) => {}
                     (Some(Peer::IpBlock { .. }), Resolved::Named(..)) => {}
@@ -319,52 +446,76 @@ impl Expand<'_> {
                         }
                     }
                     (Some(p @ Peer::Pods { .. }), Resolved::Numbers(numbers)) => {
-                        for id in self.selected(p) {
+                        for id in self.selected(p, m) {
                             for &n in numbers {
                                 out.insert(key(ep, dir, PeerKey::Identity(id), n, flags));
                             }
                         }
                     }
                     (Some(p @ Peer::Pods { .. }), Resolved::Named(name, protocol)) => {
-                        self.identities(out, ep, dir, p, name, *protocol, flags)
+                        self.identities(out, ep, dir, p, m, name, *protocol, flags)
                     }
                 }
             }
         }
     }
 
-    /// Identity ids whose pods `peer` selects.
-    fn selected<'b>(&'b self, peer: &'b Peer) -> impl Iterator<Item = u32> + 'b {
-        self.ids
-            .identities
-            .iter()
-            .filter(move |(_, k)| peer.selects_pod(&k.namespace, &k.namespace_labels, &k.labels))
-            .map(|(id, _)| *id)
+    /// Identity ids whose pods `peer` selects, ascending; memoised under `memo` (extended
+    /// by the identities created since, filtered to the live ones).
+    fn selected(&mut self, peer: &Peer, memo: Option<(&Arc<NetworkPolicy>, PeerRef)>) -> Vec<u32> {
+        let selects =
+            |k: &IdentityKey| peer.selects_pod(&k.namespace, &k.namespace_labels, &k.labels);
+        let Some((object, key)) = memo else {
+            return self
+                .ids
+                .iter()
+                .filter(|(_, k)| selects(k))
+                .map(|(id, _)| *id)
+                .collect();
+        };
+        let m = self.peers.entry(key).or_insert_with(|| PeerMemo {
+            _object: Arc::clone(object),
+            selected: Vec::new(),
+            upto: 0,
+            used: false,
+        });
+        m.used = true;
+        if m.upto < self.next_id {
+            m.selected.extend(
+                self.ids
+                    .range(m.upto..)
+                    .filter(|(_, k)| selects(k))
+                    .map(|(id, _)| *id),
+            );
+            m.upto = self.next_id;
+        }
+        let ids = self.ids;
+        m.selected.retain(|id| ids.contains_key(id));
+        m.selected.clone()
     }
 
     /// Egress named port: one rule per selected identity that has the port.
     #[allow(clippy::too_many_arguments)]
     fn identities(
-        &self,
+        &mut self,
         out: &mut BTreeSet<RuleKey>,
         ep: u32,
         dir: Direction,
         peer: &Peer,
+        memo: Option<(&Arc<NetworkPolicy>, PeerRef)>,
         name: &str,
         protocol: super::Protocol,
         flags: u8,
     ) {
-        for (id, k) in &self.ids.identities {
-            if !peer.selects_pod(&k.namespace, &k.namespace_labels, &k.labels) {
-                continue;
-            }
+        for id in self.selected(peer, memo) {
+            let Some(k) = self.ids.get(&id) else { continue };
             for np in k
                 .named_ports
                 .iter()
                 .filter(|np| np.name == name && np.protocol == protocol)
             {
                 let n = (protocol.number(), np.port, np.port);
-                out.insert(key(ep, dir, PeerKey::Identity(*id), n, flags));
+                out.insert(key(ep, dir, PeerKey::Identity(id), n, flags));
             }
         }
     }

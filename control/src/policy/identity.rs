@@ -138,7 +138,7 @@ fn view(pod: &Pod, ns_labels: &BTreeMap<String, Labels>) -> Option<PodView> {
 }
 
 /// What makes two pods indistinguishable to policy.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct IdentityKey {
     pub namespace: String,
     pub labels: Labels,
@@ -215,4 +215,185 @@ pub fn cluster_node_ips(state: &ClusterState) -> Vec<Ipv4Addr> {
     out.sort();
     out.dedup();
     out
+}
+
+/// Pod views and identities kept across compiles (the agent's [`super::compile::Cache`]).
+///
+/// A pod's view is computed again only when its object (compared by pointer: sources share
+/// unchanged objects between states) or its namespace's labels changed. Identity ids are
+/// stable while an identity has pods, as Cilium's are: a new kind of pod gets the next unused
+/// id (new ones of one refresh in sorted key order, so a fresh cache numbers a state as
+/// [`Identities::new`] would) and ids are not reused, so adding a pod never renumbers others
+/// and peer selections computed earlier stay valid (see `compile`'s peer memo).
+#[derive(Debug)]
+pub struct IdentityCache {
+    ns_labels: BTreeMap<String, std::sync::Arc<Labels>>,
+    pods: std::collections::HashMap<usize, PodMemo>,
+    ids: std::collections::HashMap<std::sync::Arc<IdentityKey>, u32>,
+    /// Live identities by id.
+    pub(crate) by_id: BTreeMap<u32, std::sync::Arc<IdentityKey>>,
+    /// The id the next new identity gets.
+    pub(crate) next_id: u32,
+}
+
+impl Default for IdentityCache {
+    fn default() -> Self {
+        Self {
+            ns_labels: BTreeMap::new(),
+            pods: Default::default(),
+            ids: Default::default(),
+            by_id: BTreeMap::new(),
+            next_id: FIRST_POD_IDENTITY,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PodMemo {
+    /// Held so the pointer the memo is keyed by stays this pod's.
+    _pod: std::sync::Arc<Pod>,
+    ns_labels: std::sync::Arc<Labels>,
+    view: Option<(std::sync::Arc<PodView>, u32)>,
+    used: bool,
+}
+
+/// One refresh's result: the pods policy applies to (with their identity), in (namespace,
+/// name) order, and address-clash warnings.
+pub(crate) struct Refreshed {
+    pub views: Vec<(std::sync::Arc<PodView>, u32)>,
+    pub warnings: Vec<PolicyWarning>,
+}
+
+impl IdentityCache {
+    /// The identity of the pod with address `addr` (tests).
+    #[cfg(test)]
+    pub(crate) fn id_of(&self, addr: Ipv4Addr) -> Option<u32> {
+        self.pods
+            .values()
+            .filter_map(|m| m.view.as_ref())
+            .find(|(v, _)| v.addr == addr)
+            .map(|(_, id)| *id)
+    }
+
+    /// Brings the views and identities up to `state` (module doc of [`IdentityCache`]).
+    pub(crate) fn refresh(&mut self, state: &ClusterState) -> Refreshed {
+        use std::sync::Arc;
+        // Namespace labels, reusing the previous Arc when equal (pods' memos compare them by
+        // pointer).
+        let mut ns_labels: BTreeMap<String, Arc<Labels>> = BTreeMap::new();
+        for ns in &state.namespaces {
+            let name = ns.metadata.name.clone().unwrap_or_default();
+            let mut labels = ns.metadata.labels.clone().unwrap_or_default();
+            labels.insert(super::model::NAMESPACE_NAME_LABEL.to_owned(), name.clone());
+            let labels = match self.ns_labels.get(&name) {
+                Some(old) if **old == labels => Arc::clone(old),
+                _ => Arc::new(labels),
+            };
+            ns_labels.insert(name, labels);
+        }
+        let mut pending: Vec<(usize, PodView)> = Vec::new();
+        for pod in &state.pods {
+            let ns = pod
+                .metadata
+                .namespace
+                .as_deref()
+                .filter(|n| !n.is_empty())
+                .unwrap_or(DEFAULT_NAMESPACE);
+            let labels = match ns_labels.get(ns) {
+                Some(l) => Arc::clone(l),
+                None => {
+                    // A namespace without its object: only the name label (as namespace_labels).
+                    let only = Labels::from([(
+                        super::model::NAMESPACE_NAME_LABEL.to_owned(),
+                        ns.to_owned(),
+                    )]);
+                    let l = match self.ns_labels.get(ns) {
+                        Some(old) if **old == only => Arc::clone(old),
+                        _ => Arc::new(only),
+                    };
+                    ns_labels.insert(ns.to_owned(), Arc::clone(&l));
+                    l
+                }
+            };
+            let ptr = Arc::as_ptr(pod) as usize;
+            if let Some(m) = self.pods.get_mut(&ptr) {
+                if Arc::ptr_eq(&m.ns_labels, &labels) {
+                    m.used = true;
+                    continue;
+                }
+            }
+            let one = BTreeMap::from([(ns.to_owned(), (*labels).clone())]);
+            let v = view(pod, &one);
+            // The view's identity is filled in below, once new identities have ids.
+            self.pods.insert(
+                ptr,
+                PodMemo {
+                    _pod: Arc::clone(pod),
+                    ns_labels: labels,
+                    view: None,
+                    used: true,
+                },
+            );
+            if let Some(v) = v {
+                pending.push((ptr, v));
+            }
+        }
+        self.ns_labels = ns_labels;
+        // New identities, numbered in key order.
+        let mut new_keys: BTreeSet<IdentityKey> = BTreeSet::new();
+        for (_, v) in &pending {
+            let k = IdentityKey::of(v);
+            if !self.ids.contains_key(&k) {
+                new_keys.insert(k);
+            }
+        }
+        for k in new_keys {
+            let id = self.next_id;
+            self.next_id += 1;
+            let k = Arc::new(k);
+            self.ids.insert(Arc::clone(&k), id);
+            self.by_id.insert(id, k);
+        }
+        for (ptr, v) in pending {
+            let id = self.ids.get(&IdentityKey::of(&v)).copied().unwrap_or(0);
+            if let Some(m) = self.pods.get_mut(&ptr) {
+                m.view = Some((Arc::new(v), id));
+            }
+        }
+        self.pods.retain(|_, m| std::mem::take(&mut m.used));
+
+        // In pod order, dropping address clashes; the identities still in use.
+        let mut seen: std::collections::HashMap<Ipv4Addr, &str> = Default::default();
+        let mut live: std::collections::HashSet<u32> = Default::default();
+        let mut views = Vec::with_capacity(state.pods.len());
+        let mut warnings = Vec::new();
+        for pod in &state.pods {
+            let Some(m) = self.pods.get(&(Arc::as_ptr(pod) as usize)) else {
+                continue;
+            };
+            let Some((v, id)) = &m.view else { continue };
+            if let Some(first) = seen.get(&v.addr) {
+                warnings.push(PolicyWarning {
+                    object: format!("Pod {}", v.key),
+                    field: "status.podIP".into(),
+                    message: format!(
+                        "address {} is also Pod {first}'s; policy treats it as {first}'s",
+                        v.addr
+                    ),
+                });
+                continue;
+            }
+            seen.insert(v.addr, v.key.as_str());
+            live.insert(*id);
+            views.push((Arc::clone(v), *id));
+        }
+        self.by_id.retain(|id, _| live.contains(id));
+        self.ids.retain(|_, id| live.contains(id));
+        if self.next_id > dataplane::policy::MAX_IDENTITY - (1 << 20) {
+            // Ids are not reused; after half a billion kinds of pod start again from scratch.
+            *self = IdentityCache::default();
+            return self.refresh(state);
+        }
+        Refreshed { views, warnings }
+    }
 }

@@ -51,7 +51,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use compile::{compile, Compiled, PolicyCompileError};
+pub use compile::{compile, compile_cached, Cache, Compiled, PolicyCompileError};
 pub use host::{HostNetworkPolicy, HostNetworkPolicySpec};
 pub use model::{Direction, PolicyKey, Protocol};
 pub use reference::{Evaluator, Trace, Verdict};

@@ -268,6 +268,19 @@ pub fn policies(state: &ClusterState, audit_all: bool) -> Policies {
     out
 }
 
+/// Validates every HostNetworkPolicy of `state` (as [`policies`] does).
+pub(crate) fn host_policies(
+    state: &ClusterState,
+    audit_all: bool,
+    warnings: &mut Vec<PolicyWarning>,
+) -> Vec<Policy> {
+    state
+        .host_policies
+        .iter()
+        .filter_map(|hp| host_policy(hp, audit_all, warnings))
+        .collect()
+}
+
 fn warn(warnings: &mut Vec<PolicyWarning>, key: &PolicyKey, field: String, message: String) {
     warnings.push(PolicyWarning {
         object: key.object(),
@@ -300,7 +313,7 @@ fn audit_of(meta: &ObjectMeta, key: &PolicyKey, warnings: &mut Vec<PolicyWarning
     }
 }
 
-fn network_policy(
+pub(crate) fn network_policy(
     np: &NetworkPolicy,
     audit_all: bool,
     warnings: &mut Vec<PolicyWarning>,

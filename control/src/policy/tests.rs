@@ -218,7 +218,9 @@ fn end_port_with_a_named_port_or_without_a_port_skips_the_rule() {
         ),
     ] {
         let mut state = model();
-        state.network_policies.push(std::sync::Arc::new(policy_with_port(port)));
+        state
+            .network_policies
+            .push(std::sync::Arc::new(policy_with_port(port)));
         let parsed = policies(&state, false);
         assert_eq!(parsed.warnings.len(), 1, "{:?}", parsed.warnings);
         let w = &parsed.warnings[0];
@@ -375,4 +377,212 @@ fn compiling_twice_gives_the_same_rules_and_changes_are_seen() {
     // node2 has no pod selected by the policy (x/a is on node1): inactive table.
     let n2 = compile(&state, "node2", &opts, 4);
     assert!(n2.is_ok_and(|c| !c.table.is_active() && c.isolated_pods == 0));
+}
+
+/// Every verdict of `table` over the model's pods, two ports, TCP and UDP.
+fn verdicts(table: &dataplane::policy::PolicyTable) -> Vec<String> {
+    let mut out = Vec::new();
+    let pods: Vec<(String, std::net::Ipv4Addr)> = ["x", "y", "z"]
+        .iter()
+        .flat_map(|ns| ["a", "b", "c"].map(move |p| (ns, p)))
+        .filter_map(|(ns, p)| Some((format!("{ns}/{p}"), xyz::pod_addr(ns, p)?)))
+        .collect();
+    for (s, src) in &pods {
+        for (d, dst) in &pods {
+            for proto in [6u8, 17] {
+                for port in [80u16, 81] {
+                    let v = table.check(*src, *dst, proto, port);
+                    out.push(format!("{s} -> {d} {proto}/{port}: {v:?}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A policy kept (the same object) across the whole cached-compile test: x/a admits
+/// namespaces labelled team=new and, from any namespace, pods labelled version=2. Its peer
+/// selections are memoized once and must follow pods and namespaces that change later.
+const CACHE_PROBE_POLICY: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: cache-probe, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {team: new}}
+    - namespaceSelector: {}
+      podSelector: {matchLabels: {version: \"2\"}}
+";
+
+/// The cached compile decides every flow as a fresh compile does while policies, pod labels
+/// and namespace labels change underneath it, keeps the identity of pods that did not change,
+/// and reuses its work. Per xyz case: (A) the case's policies replace the previous ones,
+/// (B) y/b's labels toggle version=2 (a new kind of pod, which the probe policy's memoized
+/// peer selection must take in), (C) namespace z's labels toggle team=new (its pods' memoized
+/// views must be redone). A cache that kept a stale view, identity or peer selection fails
+/// the verdict comparison; one that renumbered unchanged pods fails the identity check.
+#[test]
+fn cached_compile_decides_as_a_fresh_one_across_changes() {
+    use dataplane::policy::PolicyVerdict;
+    use std::sync::Arc;
+    let opts = PolicyOptions::default();
+    let mut state = model();
+    let probe = match parse_str(CACHE_PROBE_POLICY, "probe") {
+        Ok(s) => s.network_policies,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(probe.len(), 1);
+    let mut caches = [Cache::new(), Cache::new()];
+    let x_a = xyz::pod_addr("x", "a").expect("x/a");
+    let y_b = xyz::pod_addr("y", "b").expect("y/b");
+    let z_a = xyz::pod_addr("z", "a").expect("z/a");
+    let mut compared = 0;
+    let mut admitted_by_probe = [0usize; 2];
+    let mut last_x_a_id = None;
+    for (n, case) in xyz::CASES.iter().enumerate() {
+        let with_case = match parse_str(
+            &format!("{}---\n{}", xyz::cluster_yaml(), case.objects),
+            "c",
+        ) {
+            Ok(s) => s,
+            Err(e) => panic!("{e}"),
+        };
+        for step in ['A', 'B', 'C'] {
+            match step {
+                'A' => {
+                    // Only the policies are new objects; pods and namespaces stay the same.
+                    state.network_policies = with_case.network_policies.clone();
+                    state.network_policies.push(Arc::clone(&probe[0]));
+                }
+                'B' => {
+                    let i = state
+                        .pods
+                        .iter()
+                        .position(|p| ClusterState::pod_key(p) == "y/b")
+                        .expect("y/b");
+                    let labels = Arc::make_mut(&mut state.pods[i])
+                        .metadata
+                        .labels
+                        .get_or_insert_with(Default::default);
+                    if n % 2 == 0 {
+                        labels.insert("version".into(), "2".into());
+                    } else {
+                        labels.remove("version");
+                    }
+                }
+                _ => {
+                    let i = state
+                        .namespaces
+                        .iter()
+                        .position(|ns| ns.metadata.name.as_deref() == Some("z"))
+                        .expect("z");
+                    let labels = Arc::make_mut(&mut state.namespaces[i])
+                        .metadata
+                        .labels
+                        .get_or_insert_with(Default::default);
+                    if n % 2 == 0 {
+                        labels.insert("team".into(), "new".into());
+                    } else {
+                        labels.remove("team");
+                    }
+                }
+            }
+            for (k, (cache, node)) in caches.iter_mut().zip(["node1", "node2"]).enumerate() {
+                let cached = compile_cached(&state, node, &opts, 1, cache).expect("cached compile");
+                let fresh = compile(&state, node, &opts, 1).expect("fresh compile");
+                let (c, f) = (verdicts(&cached.table), verdicts(&fresh.table));
+                let differ: Vec<_> = c.iter().zip(&f).filter(|(c, f)| c != f).collect();
+                assert!(
+                    c.len() == f.len() && differ.is_empty(),
+                    "case {} step {step} on {node}: (cached, fresh) {differ:?}",
+                    case.name
+                );
+                assert_eq!(
+                    cached.isolated_pods, fresh.isolated_pods,
+                    "case {} step {step}",
+                    case.name
+                );
+                assert_eq!(
+                    cached.warnings, fresh.warnings,
+                    "case {} step {step}",
+                    case.name
+                );
+                // The probe's own selections at work (where x/a is on this node and nothing
+                // else already decides these flows): counted so the test sees they happen.
+                let without_probe = {
+                    let mut s = state.clone();
+                    s.network_policies.pop();
+                    compile(&s, node, &opts, 1).expect("compile without the probe")
+                };
+                for src in [y_b, z_a] {
+                    let v = fresh.table.check(src, x_a, 6, 80);
+                    if v == PolicyVerdict::Allow && v != without_probe.table.check(src, x_a, 6, 80)
+                    {
+                        admitted_by_probe[k] += 1;
+                    }
+                }
+                compared += 1;
+            }
+            // x/a never changes: its identity id stays the same in the cache.
+            let id = caches[0].identities_of(x_a);
+            if let Some(last) = last_x_a_id {
+                assert_eq!(
+                    Some(last),
+                    id,
+                    "case {} step {step}: x/a was renumbered",
+                    case.name
+                );
+            }
+            last_x_a_id = id;
+        }
+    }
+    assert!(compared > 30);
+    // The probe decided flows (on the node where x/a's ingress is enforced) after pods and
+    // namespaces changed, so the comparison above covered its memoized selections.
+    assert!(
+        admitted_by_probe.iter().any(|&c| c > 4),
+        "{admitted_by_probe:?}"
+    );
+}
+
+/// When identity ids run out the cache numbers from the start again; memoised peer
+/// selections (which name old ids) must not survive that.
+#[test]
+fn cached_compile_after_the_identity_numbering_restarts_decides_as_a_fresh_one() {
+    use std::sync::Arc;
+    let opts = PolicyOptions::default();
+    let mut state = model();
+    let probe = match parse_str(CACHE_PROBE_POLICY, "probe") {
+        Ok(s) => s.network_policies,
+        Err(e) => panic!("{e}"),
+    };
+    state.network_policies.extend(probe);
+    let x_a = xyz::pod_addr("x", "a").expect("x/a");
+    let y_b = xyz::pod_addr("y", "b").expect("y/b");
+    let mut cache = Cache::new();
+    let node = xyz::pod_node("x", "a").expect("x/a's node");
+    compile_cached(&state, node, &opts, 1, &mut cache).expect("first compile");
+    cache.set_next_identity(dataplane::policy::MAX_IDENTITY - 10);
+    // y/b becomes a new kind of pod: its identity would be past the limit.
+    let i = state
+        .pods
+        .iter()
+        .position(|p| ClusterState::pod_key(p) == "y/b")
+        .expect("y/b");
+    Arc::make_mut(&mut state.pods[i])
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert("version".into(), "2".into());
+    let cached = compile_cached(&state, node, &opts, 2, &mut cache).expect("cached compile");
+    let fresh = compile(&state, node, &opts, 2).expect("fresh compile");
+    assert_eq!(verdicts(&cached.table), verdicts(&fresh.table));
+    assert_eq!(
+        cached.table.check(y_b, x_a, 6, 80),
+        dataplane::policy::PolicyVerdict::Allow
+    );
+    // Numbered from the start again, as a fresh cache would.
+    assert!(cache.identities_of(x_a).is_some_and(|id| id < 1000));
 }
