@@ -21,3 +21,9 @@ pub mod services;
 pub mod status;
 pub mod wg;
 pub mod wg_runtime;
+
+/// `HashMap` with a fast, seeded hasher (foldhash), for the caches' pointer and address keys;
+/// the control plane's per-state passes over 100,000 objects hash each one or more times.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+/// The set of [`FastMap`].
+pub(crate) type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

@@ -69,7 +69,7 @@ impl ClusterState {
                 service.metadata.name.as_deref().unwrap_or(""),
             );
             if !covered.contains(&key) {
-                slices.extend(self.derive_slices(service).into_iter().map(Arc::new));
+                slices.extend(self.derived_slices(service).into_iter().map(Arc::new));
             }
         }
         slices.sort_by(|a, b| sort_key(&a.metadata).cmp(&sort_key(&b.metadata)));
@@ -77,7 +77,7 @@ impl ClusterState {
     }
 
     /// The controller's slices for one Service; empty when the Service has no selector.
-    fn derive_slices(&self, service: &Service) -> Vec<EndpointSlice> {
+    pub(crate) fn derived_slices(&self, service: &Service) -> Vec<EndpointSlice> {
         let Some(spec) = &service.spec else {
             return Vec::new();
         };

@@ -185,7 +185,7 @@ pub fn compile_cached(
         // The identity cache started numbering again: memoised selections name old ids.
         cache.peers.clear();
     }
-    warnings.extend(refreshed.warnings);
+    warnings.extend(refreshed.warnings.iter().cloned());
     let mut by_namespace: BTreeMap<&str, Vec<(&Arc<NetworkPolicy>, &Policy)>> = BTreeMap::new();
     for (object, p) in &network {
         if let Some(ns) = p.namespace() {

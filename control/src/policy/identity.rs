@@ -228,12 +228,22 @@ pub fn cluster_node_ips(state: &ClusterState) -> Vec<Ipv4Addr> {
 #[derive(Debug)]
 pub struct IdentityCache {
     ns_labels: BTreeMap<String, std::sync::Arc<Labels>>,
-    pods: std::collections::HashMap<usize, PodMemo>,
+    pods: crate::FastMap<usize, PodMemo>,
     ids: std::collections::HashMap<std::sync::Arc<IdentityKey>, u32>,
     /// Live identities by id.
     pub(crate) by_id: BTreeMap<u32, std::sync::Arc<IdentityKey>>,
     /// The id the next new identity gets.
     pub(crate) next_id: u32,
+    /// The last refresh: its namespaces, its pods (pointers, kept alive by `pods`) and result,
+    /// returned as it is while neither changes (a policy-only change).
+    last: Option<LastRefresh>,
+}
+
+#[derive(Debug)]
+struct LastRefresh {
+    namespaces: Vec<std::sync::Arc<k8s_openapi::api::core::v1::Namespace>>,
+    pods: Vec<usize>,
+    refreshed: std::sync::Arc<Refreshed>,
 }
 
 impl Default for IdentityCache {
@@ -244,6 +254,7 @@ impl Default for IdentityCache {
             ids: Default::default(),
             by_id: BTreeMap::new(),
             next_id: FIRST_POD_IDENTITY,
+            last: None,
         }
     }
 }
@@ -259,6 +270,7 @@ struct PodMemo {
 
 /// One refresh's result: the pods policy applies to (with their identity), in (namespace,
 /// name) order, and address-clash warnings.
+#[derive(Debug)]
 pub(crate) struct Refreshed {
     pub views: Vec<(std::sync::Arc<PodView>, u32)>,
     pub warnings: Vec<PolicyWarning>,
@@ -276,8 +288,25 @@ impl IdentityCache {
     }
 
     /// Brings the views and identities up to `state` (module doc of [`IdentityCache`]).
-    pub(crate) fn refresh(&mut self, state: &ClusterState) -> Refreshed {
+    pub(crate) fn refresh(&mut self, state: &ClusterState) -> std::sync::Arc<Refreshed> {
         use std::sync::Arc;
+        if let Some(last) = &self.last {
+            let same_namespaces = last.namespaces.len() == state.namespaces.len()
+                && last
+                    .namespaces
+                    .iter()
+                    .zip(&state.namespaces)
+                    .all(|(a, b)| Arc::ptr_eq(a, b));
+            let same_pods = last.pods.len() == state.pods.len()
+                && last
+                    .pods
+                    .iter()
+                    .zip(&state.pods)
+                    .all(|(&a, b)| a == Arc::as_ptr(b) as usize);
+            if same_namespaces && same_pods {
+                return Arc::clone(&last.refreshed);
+            }
+        }
         // Namespace labels, reusing the previous Arc when equal (pods' memos compare them by
         // pointer).
         let mut ns_labels: BTreeMap<String, Arc<Labels>> = BTreeMap::new();
@@ -363,8 +392,9 @@ impl IdentityCache {
         self.pods.retain(|_, m| std::mem::take(&mut m.used));
 
         // In pod order, dropping address clashes; the identities still in use.
-        let mut seen: std::collections::HashMap<Ipv4Addr, &str> = Default::default();
-        let mut live: std::collections::HashSet<u32> = Default::default();
+        let mut seen: crate::FastMap<Ipv4Addr, &str> =
+            crate::FastMap::with_capacity_and_hasher(state.pods.len(), Default::default());
+        let mut live: crate::FastSet<u32> = Default::default();
         let mut views = Vec::with_capacity(state.pods.len());
         let mut warnings = Vec::new();
         for pod in &state.pods {
@@ -394,6 +424,12 @@ impl IdentityCache {
             *self = IdentityCache::default();
             return self.refresh(state);
         }
-        Refreshed { views, warnings }
+        let refreshed = Arc::new(Refreshed { views, warnings });
+        self.last = Some(LastRefresh {
+            namespaces: state.namespaces.clone(),
+            pods: state.pods.iter().map(|p| Arc::as_ptr(p) as usize).collect(),
+            refreshed: Arc::clone(&refreshed),
+        });
+        refreshed
     }
 }

@@ -1,7 +1,7 @@
 //! `translate`: Services and EndpointSlices to a [`ServicePlan`] for one node (see the module doc
 //! of [`crate::services`] for the rules and where they come from).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -44,7 +44,8 @@ pub struct Cache {
     maglev: maglev::Cache,
     /// (node, node addresses, options) the memo was made for; a change clears it.
     context: Option<(String, Vec<Ipv4Addr>, ServiceOptions)>,
-    memo: HashMap<(String, String), Memo>,
+    /// By the Service object's pointer (the memo holds the object, so the pointer stays its).
+    memo: crate::FastMap<usize, Memo>,
     /// Services translated again by the last call (the rest were reused).
     pub last_translated: usize,
 }
@@ -86,9 +87,12 @@ pub fn translate_cached(
         cache.memo.clear();
         cache.context = Some(context);
     }
-    let slices = cluster.effective_endpoint_slices();
-    let mut slices_by_service: BTreeMap<(&str, &str), Vec<&Arc<EndpointSlice>>> = BTreeMap::new();
-    for slice in &slices {
+    // The EndpointSlices of each Service (as `ClusterState::effective_endpoint_slices`, without
+    // building its whole list): the Service's own slices by name, else slices derived from its
+    // selector and the Pods.
+    let mut slices_by_service: crate::FastMap<(&str, &str), Vec<&Arc<EndpointSlice>>> =
+        crate::FastMap::with_capacity_and_hasher(cluster.services.len(), Default::default());
+    for slice in &cluster.endpoint_slices {
         if let Some(service) = slice
             .metadata
             .labels
@@ -99,6 +103,11 @@ pub fn translate_cached(
                 .entry((namespace_of(&slice.metadata), service.as_str()))
                 .or_default()
                 .push(slice);
+        }
+    }
+    for group in slices_by_service.values_mut() {
+        if group.len() > 1 {
+            group.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
         }
     }
 
@@ -123,20 +132,29 @@ pub fn translate_cached(
             namespace_of(&service.metadata),
             service.metadata.name.as_deref().unwrap_or(""),
         );
-        let service_slices = slices_by_service
-            .get(&key)
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let hit = memo
-            .get_mut(&(key.0.to_owned(), key.1.to_owned()))
-            .filter(|m| {
-                Arc::ptr_eq(&m.service, service)
-                    && m.slices.len() == service_slices.len()
-                    && m.slices
-                        .iter()
-                        .zip(service_slices)
-                        .all(|(a, b)| Arc::ptr_eq(a, b))
-            });
+        let derived: Vec<Arc<EndpointSlice>>;
+        let derived_refs: Vec<&Arc<EndpointSlice>>;
+        let service_slices: &[&Arc<EndpointSlice>] = match slices_by_service.get(&key) {
+            Some(group) => group,
+            None => {
+                derived = cluster
+                    .derived_slices(service)
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect();
+                derived_refs = derived.iter().collect();
+                &derived_refs
+            }
+        };
+        let ptr = Arc::as_ptr(service) as usize;
+        let hit = memo.get_mut(&ptr).filter(|m| {
+            Arc::ptr_eq(&m.service, service)
+                && m.slices.len() == service_slices.len()
+                && m.slices
+                    .iter()
+                    .zip(service_slices)
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+        });
         if let Some(m) = hit {
             m.used = true;
             out.entries.extend(m.entries.iter().cloned());
@@ -148,7 +166,7 @@ pub fn translate_cached(
         let refs: Vec<&EndpointSlice> = service_slices.iter().map(|s| &***s).collect();
         out.service(service, &refs);
         memo.insert(
-            (key.0.to_owned(), key.1.to_owned()),
+            ptr,
             Memo {
                 service: Arc::clone(service),
                 slices: service_slices.iter().map(|s| Arc::clone(s)).collect(),
