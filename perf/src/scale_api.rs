@@ -830,9 +830,10 @@ pub struct TranslationSizes {
     pub maglev_tables: usize,
     /// Entries per Maglev table.
     pub maglev_table_size: u32,
-    /// Bytes of the plan's Maglev arrays (u32 entries).
+    /// Bytes of the Maglev cache's tables behind the plan (u32 entries).
     pub plan_maglev_bytes: u64,
-    /// Bytes of the service table's Maglev arrays (u16 entries, what workers read).
+    /// Bytes of the Maglev arrays the plan and the service table share (u16 entries, what
+    /// workers read).
     pub table_maglev_bytes: u64,
     /// Services skipped by the translation.
     pub skipped: usize,
@@ -1354,7 +1355,7 @@ impl ScaleApiReport {
             );
             let _ = writeln!(
                 s,
-                "  plan: {} service ports, {} frontends, {} backends, {} Maglev tables x {} = {:.0} MiB in the plan (u32), {:.0} MiB in the service table (u16); {} isolated local pods, {} policy warnings, {} skipped",
+                "  plan: {} service ports, {} frontends, {} backends, {} Maglev tables x {} = {:.0} MiB in the Maglev cache (u32), {:.0} MiB shared by the plan and the service table (u16); {} isolated local pods, {} policy warnings, {} skipped",
                 z.service_ports,
                 z.frontends,
                 z.backends,

@@ -11,10 +11,11 @@
 //! address may already belong to a new pod). When two remaining pods claim one address, the
 //! first in (namespace, name) order keeps it and a warning names the other.
 //!
-//! Identity ids are assigned in sorted key order starting at [`FIRST_POD_IDENTITY`] (ids below
-//! it are reserved, like Cilium's reserved identities), so equal cluster states give equal ids.
-//! Adding a new kind of pod can renumber later identities; the compiled table then differs and
-//! the agent publishes a new policy generation, which is correct if not minimal.
+//! [`Identities::new`] numbers identities in sorted key order starting at
+//! [`FIRST_POD_IDENTITY`] (ids below it are reserved, like Cilium's reserved identities), so
+//! equal cluster states give equal ids. The agent compiles through [`IdentityCache`] instead:
+//! ids stay stable while an identity has pods and are not reused, so a new kind of pod never
+//! renumbers the others (a fresh cache numbers a state as `Identities::new` does).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
