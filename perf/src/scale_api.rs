@@ -830,10 +830,11 @@ pub struct TranslationSizes {
     pub maglev_tables: usize,
     /// Entries per Maglev table.
     pub maglev_table_size: u32,
-    /// Bytes of the Maglev cache's tables behind the plan (u32 entries).
-    pub plan_maglev_bytes: u64,
-    /// Bytes of the Maglev arrays the plan and the service table share (u16 entries, what
-    /// workers read).
+    /// Bytes of the distinct Maglev arrays (rotations with the same backends, and the Maglev
+    /// cache, share one).
+    pub distinct_maglev_bytes: u64,
+    /// Bytes of the Maglev arrays over all rotations (u16 entries, what workers read; the plan
+    /// and the service table share them).
     pub table_maglev_bytes: u64,
     /// Services skipped by the translation.
     pub skipped: usize,
@@ -852,13 +853,16 @@ impl TranslationSizes {
             skipped: plan.skipped.len(),
             ..Default::default()
         };
+        let mut distinct = std::collections::HashSet::new();
         for e in &plan.services {
             s.backends += e.backends.len();
             for r in std::iter::once(&e.cluster).chain(e.local.as_ref()) {
                 if !r.maglev.is_empty() {
                     s.maglev_tables += 1;
-                    s.plan_maglev_bytes += r.maglev.len() as u64 * 4;
                     s.table_maglev_bytes += r.maglev.len() as u64 * 2;
+                    if distinct.insert(r.maglev.as_ptr() as usize) {
+                        s.distinct_maglev_bytes += r.maglev.len() as u64 * 2;
+                    }
                 }
             }
         }
@@ -1355,14 +1359,14 @@ impl ScaleApiReport {
             );
             let _ = writeln!(
                 s,
-                "  plan: {} service ports, {} frontends, {} backends, {} Maglev tables x {} = {:.0} MiB in the Maglev cache (u32), {:.0} MiB shared by the plan and the service table (u16); {} isolated local pods, {} policy warnings, {} skipped",
+                "  plan: {} service ports, {} frontends, {} backends, {} Maglev tables x {} = {:.0} MiB of u16 entries, {:.0} MiB of them distinct (shared by the Maglev cache, the plan and the service table); {} isolated local pods, {} policy warnings, {} skipped",
                 z.service_ports,
                 z.frontends,
                 z.backends,
                 z.maglev_tables,
                 z.maglev_table_size,
-                z.plan_maglev_bytes as f64 / 1048576.0,
                 z.table_maglev_bytes as f64 / 1048576.0,
+                z.distinct_maglev_bytes as f64 / 1048576.0,
                 z.isolated_pods,
                 z.policy_warnings,
                 z.skipped

@@ -52,6 +52,12 @@ pub enum MaglevError {
         /// Why it is rejected.
         reason: &'static str,
     },
+    /// More backends than a `u16` entry can name.
+    #[error("Maglev table over {count} backends: at most 65,536 fit u16 entries")]
+    TooManyBackends {
+        /// The backends asked for.
+        count: usize,
+    },
 }
 
 /// Checks that `m` can be a Maglev table size: prime, within [`MIN_TABLE_SIZE`]..=[`MAX_TABLE_SIZE`].
@@ -129,7 +135,7 @@ pub fn offset_skip(key: &str, m: u32) -> (u32, u32) {
 /// tables in use.
 #[derive(Debug, Default)]
 pub struct Cache {
-    entries: std::collections::HashMap<CacheKey, (std::sync::Arc<Vec<u32>>, bool)>,
+    entries: std::collections::HashMap<CacheKey, (std::sync::Arc<[u16]>, bool)>,
 }
 
 /// (table size, backend keys in order).
@@ -140,12 +146,18 @@ impl Cache {
         Self::default()
     }
 
-    /// [`table`], from the cache when these backends and size were computed before.
+    /// [`table`] with `u16` entries (what the dataplane's tables hold), from the cache when
+    /// these backends and size were computed before.
     pub fn table(
         &mut self,
         backends: &[&str],
         m: u32,
-    ) -> Result<std::sync::Arc<Vec<u32>>, MaglevError> {
+    ) -> Result<std::sync::Arc<[u16]>, MaglevError> {
+        if backends.len() > usize::from(u16::MAX) + 1 {
+            return Err(MaglevError::TooManyBackends {
+                count: backends.len(),
+            });
+        }
         let key = (
             m,
             backends.iter().map(|b| (*b).to_owned()).collect::<Vec<_>>(),
@@ -154,7 +166,8 @@ impl Cache {
             *used = true;
             return Ok(std::sync::Arc::clone(t));
         }
-        let t = std::sync::Arc::new(table(backends, m)?);
+        // Every entry names one of `backends` (fewer than 65,537): it fits.
+        let t: std::sync::Arc<[u16]> = table(backends, m)?.into_iter().map(|e| e as u16).collect();
         self.entries.insert(key, (std::sync::Arc::clone(&t), true));
         Ok(t)
     }
@@ -230,14 +243,15 @@ mod cache_tests {
         let mut c = Cache::new();
         let a = ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"];
         let b = ["10.0.0.1:80", "10.0.0.2:80"];
+        let wide = |t: std::sync::Arc<[u16]>| t.iter().map(|&e| u32::from(e)).collect::<Vec<_>>();
         let ta = c.table(&a, 251).unwrap();
-        assert_eq!(*ta, table(&a, 251).unwrap());
+        assert_eq!(wide(ta.clone()), table(&a, 251).unwrap());
         assert!(
             std::sync::Arc::ptr_eq(&ta, &c.table(&a, 251).unwrap()),
             "from the cache"
         );
-        assert_eq!(*c.table(&b, 251).unwrap(), table(&b, 251).unwrap());
-        assert_eq!(*c.table(&a, 257).unwrap(), table(&a, 257).unwrap());
+        assert_eq!(wide(c.table(&b, 251).unwrap()), table(&b, 251).unwrap());
+        assert_eq!(wide(c.table(&a, 257).unwrap()), table(&a, 257).unwrap());
         assert_eq!(c.len(), 3);
         c.sweep(); // all three were used since the start
         assert_eq!(c.len(), 3);
@@ -246,5 +260,13 @@ mod cache_tests {
         assert_eq!(c.len(), 1);
         assert!(c.table(&[], 251).unwrap().is_empty());
         assert!(c.table(&a, 250).is_err(), "not prime");
+        let many: Vec<String> = (0..65_537u32)
+            .map(|i| format!("10.{}.{}.1:80", i >> 8, i & 255))
+            .collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert!(matches!(
+            c.table(&many, 251),
+            Err(MaglevError::TooManyBackends { count: 65_537 })
+        ));
     }
 }

@@ -58,7 +58,7 @@ struct Memo {
     skipped: Vec<(String, String)>,
     /// The Maglev cache's tables the entries were made from: held so the cache keeps them
     /// while this Service is unchanged (see [`maglev::Cache::sweep`]).
-    _tables: Vec<Arc<Vec<u32>>>,
+    _tables: Vec<Arc<[u16]>>,
     used: bool,
 }
 
@@ -202,7 +202,7 @@ struct Builder<'a> {
     entries: Vec<(ServiceEntry, Vec<PendingFrontend>)>,
     skipped: Vec<(String, String)>,
     /// Maglev cache tables used by the Service being translated.
-    held: Vec<Arc<Vec<u32>>>,
+    held: Vec<Arc<[u16]>>,
 }
 
 impl Builder<'_> {
@@ -529,12 +529,21 @@ impl Builder<'_> {
                 let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
                 match self.cache.table(&refs, self.opts.maglev_table_size()) {
                     Ok(table) => {
-                        // Backend indices fit u16: `service` skips ports with more backends.
-                        let remapped: Arc<[u16]> = table
-                            .iter()
-                            .filter_map(|owner| members.get(*owner as usize))
-                            .map(|&m| m as u16)
-                            .collect();
+                        // Entries name members; the rotation's name backends. When the members
+                        // are all the backends in order (the usual case) they are the same
+                        // and the cache's table is shared as it is. Backend indices fit u16:
+                        // `service` skips ports with more backends.
+                        let all_in_order =
+                            members.iter().enumerate().all(|(i, &m)| m as usize == i);
+                        let remapped: Arc<[u16]> = if all_in_order {
+                            Arc::clone(&table)
+                        } else {
+                            table
+                                .iter()
+                                .filter_map(|owner| members.get(usize::from(*owner)))
+                                .map(|&m| m as u16)
+                                .collect()
+                        };
                         self.held.push(table);
                         remapped
                     }
