@@ -61,6 +61,9 @@ const REQUEST_MAX_BYTES: u64 = 64 * 1024;
 /// The control loop wakes at least this often: neighbour learning (the XDP program's ARP map)
 /// is picked up within one tick, so it bounds how long a new next hop stays unresolved.
 const LOOP_TICK: Duration = Duration::from_millis(10);
+/// Test hook: when set to a number of milliseconds, a hot-restarting agent fails that long
+/// after its workers adopted the previous agent's, so that agent's rollback can be tested.
+pub const HANDOVER_FAULT_ENV: &str = "SLUICE_TEST_HANDOVER_FAULT_MS";
 /// A snooped neighbour not heard from for this long is no longer used; the next packet for it
 /// sends a fresh ARP request.
 const NEIGHBOR_STALE: Duration = Duration::from_secs(300);
@@ -471,6 +474,19 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    if let Some(t) = &takeover {
+        if let Some(ms) = std::env::var(HANDOVER_FAULT_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            // Fault injection for the rollback test: fail after the workers run adopted.
+            std::thread::sleep(Duration::from_millis(ms));
+            let e = anyhow::anyhow!("{HANDOVER_FAULT_ENV}={ms}: hot restart failed on purpose");
+            drop(dp); // our workers stop before the previous agent's take their rings back
+            t.finish(Err(format!("{e:#}")));
+            return Err(e);
+        }
+    }
     for r in dp.reports() {
         if !r.hugepages && opts.hugepages {
             tracing::warn!(

@@ -491,11 +491,16 @@ impl Worker {
             let generation = snap.as_ref().map_or(0, |s| s.generation());
             let t0 = cycles();
             self.now_ns = self.clock.to_ns(t0);
-            let mut work = self.reap_completions();
+            // An adopted worker touches no ring until the new agent's first snapshot: what waits
+            // in its rx rings stays there rather than being dropped for want of a snapshot, and
+            // if the hot restart fails before then the previous agent takes back rings whose
+            // indices, completions and fill frames are exactly as it left them (reaping a
+            // completion here would lose that frame to it; refilling would hand the kernel a
+            // frame it also holds as free).
+            let live = snap.is_some() || !self.adopted;
+            let mut work = if live { self.reap_completions() } else { 0 };
             let mut frames = 0;
-            // An adopted worker leaves what waits in its rx rings there until the new agent's
-            // first snapshot, rather than dropping it for want of one.
-            if snap.is_some() || !self.adopted {
+            if live {
                 for p in 0..self.ports.len() {
                     frames += self.rx_batch(p, snap.as_deref());
                 }
@@ -511,7 +516,9 @@ impl Worker {
                 let ns = self.clock.to_ns(cycles().wrapping_sub(t0));
                 self.latency.record_batch(ns, u64::from(frames));
             }
-            self.refill();
+            if live {
+                self.refill();
+            }
             if work > 0 || tx_pending {
                 idle_since = None;
                 self.counters.batches += 1;

@@ -10,7 +10,9 @@
 //! - sockets and XDP links: a paced UDP stream across the nodes during the restart loses
 //!   nothing, and the XDP programs on node1's interfaces keep their ids;
 //! - refusal: an agent that cannot continue the workers (another `--workers`) is refused with the
-//!   reason and the running agent forwards on.
+//!   reason and the running agent forwards on;
+//! - rollback: an agent that fails after adopting the workers (a fault hook) hands the dataplane
+//!   back; the running agent loses nothing and can still hand over later.
 //!
 //! Root only; build the binaries first: `cargo build -p control --bins`. Each test brings up its
 //! own instance (pid + counter) in a temporary state root; the `Testbed` drop removes
@@ -370,6 +372,134 @@ fn an_agent_that_cannot_continue_the_workers_is_refused_and_the_running_one_forw
     assert!(status.ok);
     let p = ping(&tb, CLIENT, pod_ip(&tb, WEB2), 3);
     assert!(p.status.success(), "still forwarding:\n{}", text(&p));
+}
+
+/// A hot restart that fails after the next agent's workers adopted the running agent's (the
+/// fault hook [`control::agent::HANDOVER_FAULT_ENV`]: 300 ms with the workers adopted, then
+/// `Ack::Failed`) rolls back: the running agent takes its dataplane back and forwards on with
+/// its XDP programs unchanged, a paced stream across the attempt loses nothing (what arrived
+/// waited in the rx rings), its API answers again, and a later hot restart still succeeds.
+#[test]
+fn a_hot_restart_that_fails_after_the_hand_over_rolls_back_and_loses_nothing() {
+    require_root!();
+    let _serial = hold(&SERIAL);
+    let env = Env::new();
+    let opts = env.options(&cluster("services.yaml"), WORKERS);
+    let sluice = opts.sluice_bin.to_string_lossy().into_owned();
+    let mut tb = env.up_with(opts);
+    let node = tb.node(NODE1).expect("node1").clone();
+    let old_pid = node.agent_pid.expect("pid");
+
+    // Next hops resolved first: the first packet to an unresolved one becomes its ARP request.
+    let p = ping(&tb, CLIENT, pod_ip(&tb, WEB2), 2);
+    assert!(p.status.success(), "ping before:\n{}", text(&p));
+    const DATAGRAMS: u64 = 3000;
+    let web2 = pod_ip(&tb, WEB2).to_string();
+    let (sink, ready) = Proc::start_in_pod(
+        &tb,
+        WEB2,
+        "40",
+        &[python(), "-c", UDP_SINK, "9999", &DATAGRAMS.to_string()],
+    );
+    assert_eq!(ready, "ready");
+    let source = tb
+        .spawn_in_pod(
+            CLIENT,
+            &timed(
+                "40",
+                &[
+                    python(),
+                    "-c",
+                    UDP_SOURCE,
+                    &web2,
+                    "9999",
+                    &DATAGRAMS.to_string(),
+                    "64",
+                ],
+            ),
+        )
+        .expect("source starts");
+    let source = Proc::new(source);
+    let programs = xdp_programs(&tb);
+    assert!(programs.len() >= 4, "{programs:?}");
+    std::thread::sleep(Duration::from_millis(500));
+
+    let source_arg = format!("file:{}", tb.cluster_file().display());
+    let state_dir = node.state_dir.to_string_lossy().into_owned();
+    let cni_dir = node.cni_conf_dir.to_string_lossy().into_owned();
+    let fault = format!("{}=300", control::agent::HANDOVER_FAULT_ENV);
+    let out = tb
+        .exec_in_node(
+            NODE1,
+            &timed(
+                "30",
+                &[
+                    "env",
+                    &fault,
+                    &sluice,
+                    "run",
+                    "--source",
+                    &source_arg,
+                    "--node",
+                    NODE1,
+                    "--state-dir",
+                    &state_dir,
+                    "--cni-conf-dir",
+                    &cni_dir,
+                    "--workers",
+                    &WORKERS.to_string(),
+                ],
+            ),
+        )
+        .expect("second agent runs");
+    let said = text(&out);
+    assert!(!out.status.success(), "the second agent fails:\n{said}");
+    assert!(
+        said.contains("hot restart failed on purpose"),
+        "it says why:\n{said}"
+    );
+    assert!(pid_alive(old_pid), "the running agent runs on");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let log = agent_log(&tb);
+        let status = control::api::call(
+            &node.agent_socket,
+            &control::api::Request::Status,
+            STATUS_TIMEOUT,
+        );
+        if log.contains("the next agent gave up; taking the dataplane back") {
+            if let Ok(s) = status {
+                break s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the running agent takes its dataplane back and answers again:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.ok, "{status:?}");
+    assert_eq!(xdp_programs(&tb), programs, "the same XDP programs");
+
+    let (out, err, _) = source.finish();
+    assert_eq!(out.trim(), "sent", "{err}");
+    let (count, err, _) = sink.finish();
+    assert_eq!(
+        count.trim(),
+        DATAGRAMS.to_string(),
+        "datagrams received of {DATAGRAMS} sent across the failed hot restart ({err})"
+    );
+
+    // The rolled-back agent can still hand over.
+    tb.hot_restart_agent(NODE1)
+        .unwrap_or_else(|e| panic!("hot restart after the rollback: {e}\n{}", agent_log(&tb)));
+    assert!(
+        !pid_alive(old_pid),
+        "the old agent exited after the real hand-over"
+    );
+    assert_eq!(xdp_programs(&tb), programs, "the same XDP programs");
+    let p = ping(&tb, CLIENT, pod_ip(&tb, WEB2), 3);
+    assert!(p.status.success(), "ping after both:\n{}", text(&p));
 }
 
 /// node1's and node2's agents, each with a WireGuard session to the other (strict mode: no

@@ -435,6 +435,12 @@ print("sent", flush=True)
 pub const UDP_SINK: &str = r#"
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+# 16 MiB (SO_RCVBUFFORCE as root): a burst released after a pause (a restart held the
+# datagrams in the rx rings) must not overflow the default ~200 KiB while Python catches up.
+try:
+    s.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)
+except OSError:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
 s.bind(("0.0.0.0", int(sys.argv[1])))
 s.settimeout(2)
 expected = int(sys.argv[2])
@@ -532,6 +538,12 @@ pub fn udp_datagrams(tb: &Testbed, from: &str, to: &str, count: u64, size: u32) 
 const FRAME_CAPTURE: &str = r#"
 import socket, sys, select, struct, time
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+# A 64 MiB receive buffer (SO_RCVBUFFORCE, root): the default ~200 KiB overflows when the
+# machine is busy and the capture falls behind.
+try:
+    s.setsockopt(socket.SOL_SOCKET, 33, 64 << 20)
+except OSError:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
 s.bind((sys.argv[1], 0))
 out = open(sys.argv[2], "wb")
 deadline = time.monotonic() + float(sys.argv[3])
@@ -553,7 +565,9 @@ while n < 100000:
     out.write(struct.pack("<I", len(b)) + b)
     n += 1
 out.close()
-print(n, flush=True)
+# PACKET_STATISTICS (SOL_PACKET 263, option 6): frames the kernel dropped for this socket.
+_, drops = struct.unpack("<II", s.getsockopt(263, 6, 8))
+print(n, drops, flush=True)
 "#;
 
 /// A capture of every frame on one interface of the fabric namespace (a Python `AF_PACKET`
@@ -604,10 +618,18 @@ impl FabricCapture {
             frames.push(frame.to_vec());
             rest = &rest[4 + len..];
         }
+        let mut words = count.split_whitespace().map(|w| w.parse::<usize>().ok());
+        let (counted, drops) = (words.next().flatten(), words.next().flatten());
         assert_eq!(
-            count.trim().parse::<usize>().ok(),
+            counted,
             Some(frames.len()),
-            "capture file holds every frame counted"
+            "capture file holds every frame counted ({count})"
+        );
+        assert_eq!(
+            drops,
+            Some(0),
+            "the capture socket dropped frames (the kernel's PACKET_STATISTICS): what it saw is \
+             not everything that passed ({count})"
         );
         frames
     }
