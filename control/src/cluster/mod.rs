@@ -155,12 +155,20 @@ pub(crate) fn load_bytes(bytes: &[u8], path: &Path) -> Result<ClusterState, Clus
     parse_str(text, &path.display().to_string())
 }
 
+/// The order of a state's vectors: (namespace, name), a missing field as "" (the order of the
+/// Kubernetes source's stores, so its states need no sorting).
+pub(crate) fn name_order(a: &ObjectMeta, b: &ObjectMeta) -> std::cmp::Ordering {
+    fn key(m: &ObjectMeta) -> (&str, &str) {
+        (
+            m.namespace.as_deref().unwrap_or(""),
+            m.name.as_deref().unwrap_or(""),
+        )
+    }
+    key(a).cmp(&key(b))
+}
+
 fn sort_by_name<T>(objects: &mut [T], meta: impl Fn(&T) -> &ObjectMeta) {
-    objects.sort_by(|a, b| {
-        let (a, b) = (meta(a), meta(b));
-        (a.namespace.as_deref(), a.name.as_deref())
-            .cmp(&(b.namespace.as_deref(), b.name.as_deref()))
-    });
+    objects.sort_by(|a, b| name_order(meta(a), meta(b)));
 }
 
 impl ClusterState {

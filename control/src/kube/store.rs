@@ -210,7 +210,12 @@ impl Stores {
                 }
             }
         }
-        state.sort();
+        // Each store is a map by (namespace or "", name): its values are already in the
+        // state's order (`cluster::name_order`); no sort (at 100,000 Pods that is ~10 ms of
+        // string comparisons per state).
+        debug_assert!(state
+            .pods
+            .is_sorted_by(|a, b| { crate::cluster::name_order(&a.metadata, &b.metadata).is_le() }));
         state
     }
 }

@@ -421,7 +421,7 @@ spec:
 /// and reuses its work. Per xyz case: (A) the case's policies replace the previous ones,
 /// (B) y/b's labels toggle version=2 (a new kind of pod, which the probe policy's memoized
 /// peer selection must take in), (C) namespace z's labels toggle team=new (its pods' memoized
-/// views must be redone). A cache that kept a stale view, identity or peer selection fails
+/// views must be redone), (D) pod z/c is deleted, or comes back as a new object. A cache that kept a stale view, identity or peer selection fails
 /// the verdict comparison; one that renumbered unchanged pods fails the identity check.
 #[test]
 fn cached_compile_decides_as_a_fresh_one_across_changes() {
@@ -441,6 +441,7 @@ fn cached_compile_decides_as_a_fresh_one_across_changes() {
     let mut compared = 0;
     let mut admitted_by_probe = [0usize; 2];
     let mut last_x_a_id = None;
+    let mut removed_z_c = None;
     for (n, case) in xyz::CASES.iter().enumerate() {
         let with_case = match parse_str(
             &format!("{}---\n{}", xyz::cluster_yaml(), case.objects),
@@ -449,7 +450,7 @@ fn cached_compile_decides_as_a_fresh_one_across_changes() {
             Ok(s) => s,
             Err(e) => panic!("{e}"),
         };
-        for step in ['A', 'B', 'C'] {
+        for step in ['A', 'B', 'C', 'D'] {
             match step {
                 'A' => {
                     // Only the policies are new objects; pods and namespaces stay the same.
@@ -470,6 +471,28 @@ fn cached_compile_decides_as_a_fresh_one_across_changes() {
                         labels.insert("version".into(), "2".into());
                     } else {
                         labels.remove("version");
+                    }
+                }
+                'D' => {
+                    // z/c leaves (n even) and comes back as a new object (n odd): the pods-only
+                    // refresh must drop its view, then take the new one in.
+                    match state
+                        .pods
+                        .iter()
+                        .position(|p| ClusterState::pod_key(p) == "z/c")
+                    {
+                        Some(i) => {
+                            removed_z_c = Some((*state.pods.remove(i)).clone());
+                        }
+                        None => {
+                            let pod = removed_z_c.take().expect("z/c was removed");
+                            let at = state
+                                .pods
+                                .iter()
+                                .position(|p| ClusterState::pod_key(p).as_str() > "z/c")
+                                .unwrap_or(state.pods.len());
+                            state.pods.insert(at, Arc::new(pod));
+                        }
                     }
                 }
                 _ => {

@@ -734,9 +734,10 @@ spec:
         };
         let mut p = plan(&options);
         // Drop every backend of web: its rows say new flows are rejected.
-        p.services[0].backends.clear();
-        p.services[0].cluster = Rotation::default();
-        p.services[0].local = Some(Rotation::default());
+        let web = std::sync::Arc::make_mut(&mut p.services[0]);
+        web.backends.clear();
+        web.cluster = Rotation::default();
+        web.local = Some(Rotation::default());
         let l = listing(&p, 3, 251, SelectionMode::Random);
         assert_eq!(l.selection, "random");
         assert!(l.services[1].backends[0].cluster_maglev_entries == 0);

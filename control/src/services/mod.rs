@@ -326,8 +326,10 @@ impl ServiceEntry {
 pub struct ServicePlan {
     /// Sorted by (address, port, protocol); keys unique.
     pub frontends: Vec<Frontend>,
-    /// Sorted by (namespace, name, port name, protocol, port).
-    pub services: Vec<ServiceEntry>,
+    /// Sorted by (namespace, name, port name, protocol, port). Shared (`Arc`): a plan made
+    /// after one Service changed holds the other Services' entries of the previous plan, so
+    /// building, comparing and dropping it costs what changed.
+    pub services: Vec<std::sync::Arc<ServiceEntry>>,
     /// `(namespace/name, reason)` for every Service (or part of one) left out, sorted.
     pub skipped: Vec<(String, String)>,
 }

@@ -54,7 +54,7 @@ pub struct Cache {
 struct Memo {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
-    entries: Vec<(ServiceEntry, Vec<PendingFrontend>)>,
+    entries: Vec<(Arc<ServiceEntry>, Arc<[PendingFrontend]>)>,
     skipped: Vec<(String, String)>,
     /// The Maglev cache's tables the entries were made from: held so the cache keeps them
     /// while this Service is unchanged (see [`maglev::Cache::sweep`]).
@@ -199,7 +199,7 @@ struct Builder<'a> {
     node_addresses: &'a [Ipv4Addr],
     opts: &'a ServiceOptions,
     cache: &'a mut maglev::Cache,
-    entries: Vec<(ServiceEntry, Vec<PendingFrontend>)>,
+    entries: Vec<(Arc<ServiceEntry>, Arc<[PendingFrontend]>)>,
     skipped: Vec<(String, String)>,
     /// Maglev cache tables used by the Service being translated.
     held: Vec<Arc<[u16]>>,
@@ -386,7 +386,7 @@ impl Builder<'_> {
                 })
                 .collect();
             self.entries.push((
-                ServiceEntry {
+                Arc::new(ServiceEntry {
                     namespace: namespace.to_owned(),
                     name: name.to_owned(),
                     port_name,
@@ -400,7 +400,7 @@ impl Builder<'_> {
                     external_traffic_local: external_local,
                     internal_traffic_local: internal_local,
                     health_check_node_port,
-                },
+                }),
                 frontends,
             ));
         }
@@ -579,7 +579,7 @@ impl Builder<'_> {
         let mut frontends = Vec::new();
         let mut services = Vec::with_capacity(entries.len());
         for (index, (entry, pending)) in entries.into_iter().enumerate() {
-            for p in pending {
+            for p in pending.iter() {
                 frontends.push(Frontend {
                     address: p.address,
                     port: p.port,
@@ -604,11 +604,11 @@ impl Builder<'_> {
                 {
                     let winner = services
                         .get(last.service)
-                        .map(ServiceEntry::service_key)
+                        .map(|e| e.service_key())
                         .unwrap_or_default();
                     let key = services
                         .get(f.service)
-                        .map(ServiceEntry::service_key)
+                        .map(|e| e.service_key())
                         .unwrap_or_default();
                     if winner != key || last.kind != f.kind {
                         skipped.push((
