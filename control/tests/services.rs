@@ -841,6 +841,69 @@ fn cached_translation_equals_a_fresh_one_and_redoes_only_what_changed() {
         .expect("svc-7");
     assert_eq!(svc7.backends.len(), 1);
 
+    // svc-4 gets a second slice (a copy of its first under another name, with other
+    // addresses); then svc-5's only slice is deleted: each time only that Service.
+    let i = state
+        .endpoint_slices
+        .iter()
+        .position(|s| s.metadata.name.as_deref() == Some("svc-4-a"))
+        .expect("slice");
+    let mut second = (*state.endpoint_slices[i]).clone();
+    second.metadata.name = Some("svc-4-b".into());
+    for (n, e) in second.endpoints.iter_mut().enumerate() {
+        e.addresses = vec![format!("10.244.3.{n}")];
+    }
+    state.endpoint_slices.insert(i + 1, Arc::new(second));
+    let plan = translate_cached(&state, THIS_NODE, &opts, &mut cache);
+    assert_eq!(cache.last_translated, 1);
+    assert_eq!(plan, translate(&state, THIS_NODE, &opts));
+    let svc4 = plan
+        .services
+        .iter()
+        .find(|s| s.name == "svc-4")
+        .expect("svc-4");
+    assert_eq!(svc4.backends.len(), 4);
+    state
+        .endpoint_slices
+        .retain(|s| s.metadata.name.as_deref() != Some("svc-5-a"));
+    let plan = translate_cached(&state, THIS_NODE, &opts, &mut cache);
+    assert_eq!(cache.last_translated, 1);
+    assert_eq!(plan, translate(&state, THIS_NODE, &opts));
+    let svc5 = plan
+        .services
+        .iter()
+        .find(|s| s.name == "svc-5")
+        .expect("svc-5");
+    assert!(svc5.backends.is_empty());
+
+    // svc-5 now selects app=five, with no slice of its own: its endpoints come from the Pods,
+    // so a change of Pods alone must reach it (the unchanged-plan shortcut must not apply).
+    let i = state
+        .services
+        .iter()
+        .position(|s| s.metadata.name.as_deref() == Some("svc-5"))
+        .expect("svc-5");
+    if let Some(spec) = Arc::make_mut(&mut state.services[i]).spec.as_mut() {
+        spec.selector = Some([("app".to_owned(), "five".to_owned())].into());
+    }
+    let plan = translate_cached(&state, THIS_NODE, &opts, &mut cache);
+    assert_eq!(plan, translate(&state, THIS_NODE, &opts));
+    let pod = parse(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: five-1, namespace: default, labels: {app: five}}\n\
+         spec: {nodeName: node1, containers: [{name: c, image: i}]}\nstatus: {podIP: 10.244.1.55}\n",
+    )
+    .pods
+    .remove(0);
+    state.pods.push(pod);
+    let plan = translate_cached(&state, THIS_NODE, &opts, &mut cache);
+    assert_eq!(plan, translate(&state, THIS_NODE, &opts));
+    let svc5 = plan
+        .services
+        .iter()
+        .find(|s| s.name == "svc-5")
+        .expect("svc-5");
+    assert_eq!(svc5.backends.len(), 1);
+
     // A Service's port changes; another Service is deleted.
     let i = state
         .services
@@ -858,7 +921,8 @@ fn cached_translation_equals_a_fresh_one_and_redoes_only_what_changed() {
         .services
         .retain(|s| s.metadata.name.as_deref() != Some("svc-9"));
     let plan = translate_cached(&state, THIS_NODE, &opts, &mut cache);
-    assert_eq!(cache.last_translated, 1);
+    // svc-2, and svc-5: a Service without slices of its own is always translated again.
+    assert_eq!(cache.last_translated, 2);
     assert_eq!(plan, translate(&state, THIS_NODE, &opts));
     assert_eq!(plan.services.len(), 19);
     assert!(plan

@@ -180,7 +180,7 @@ pub fn compile_cached(
     cache.policies.retain(|_, m| std::mem::take(&mut m.used));
     let host = host_policies(state, opts.audit, &mut warnings);
     let ids_before = cache.identities.next_id;
-    let refreshed = cache.identities.refresh(state);
+    let refreshed = cache.identities.refresh(state, node);
     if cache.identities.next_id < ids_before {
         // The identity cache started numbering again: memoised selections name old ids.
         cache.peers.clear();
@@ -208,7 +208,11 @@ pub fn compile_cached(
     };
     let mut isolated_pods = 0;
 
-    for (pod, _) in refreshed.views.iter().filter(|(p, _)| p.node == node) {
+    for (pod, _) in refreshed
+        .local
+        .iter()
+        .filter_map(|&i| refreshed.views.get(i))
+    {
         let selecting: Vec<(&Arc<NetworkPolicy>, &Policy)> = by_namespace
             .get(pod.namespace.as_str())
             .into_iter()

@@ -242,6 +242,8 @@ pub struct IdentityCache {
 
 #[derive(Debug)]
 struct LastRefresh {
+    /// The node the refresh was for (`Refreshed::local`).
+    node: String,
     namespaces: Vec<std::sync::Arc<k8s_openapi::api::core::v1::Namespace>>,
     /// The state's pods (pointers; `pods` holds the objects).
     pods: Vec<usize>,
@@ -277,6 +279,8 @@ struct PodMemo {
 #[derive(Debug)]
 pub(crate) struct Refreshed {
     pub views: Vec<(std::sync::Arc<PodView>, u32)>,
+    /// Indices into `views` of the pods on the node refreshed for.
+    pub local: Vec<usize>,
     pub warnings: Vec<PolicyWarning>,
 }
 
@@ -300,9 +304,13 @@ impl IdentityCache {
     ///   are new or changed, so a one-pod change at 100,000 pods costs a pass over two arrays;
     /// - Namespaces: every pod's view is looked up by pointer and computed again when its
     ///   namespace's labels changed.
-    pub(crate) fn refresh(&mut self, state: &ClusterState) -> std::sync::Arc<Refreshed> {
+    pub(crate) fn refresh(
+        &mut self,
+        state: &ClusterState,
+        node: &str,
+    ) -> std::sync::Arc<Refreshed> {
         use std::sync::Arc;
-        if let Some(last) = self.last.take() {
+        if let Some(last) = self.last.take().filter(|l| l.node == node) {
             let same_namespaces = last.namespaces.len() == state.namespaces.len()
                 && last
                     .namespaces
@@ -321,10 +329,10 @@ impl IdentityCache {
                     self.last = Some(last);
                     return refreshed;
                 }
-                return self.refresh_pods(state, last);
+                return self.refresh_pods(state, node, last);
             }
         }
-        self.refresh_all(state)
+        self.refresh_all(state, node)
     }
 
     /// The namespace labels pods of `ns` see: the namespace's own (in `self.ns_labels` after a
@@ -408,7 +416,7 @@ impl IdentityCache {
         }
     }
 
-    fn refresh_all(&mut self, state: &ClusterState) -> std::sync::Arc<Refreshed> {
+    fn refresh_all(&mut self, state: &ClusterState, node: &str) -> std::sync::Arc<Refreshed> {
         use std::sync::Arc;
         // Namespace labels, reusing the previous Arc when equal (pods' memos compare them by
         // pointer).
@@ -442,7 +450,7 @@ impl IdentityCache {
         self.ns_labels = ns_labels;
         self.number(&mut per_pod, pending);
         self.pods.retain(|_, m| std::mem::take(&mut m.used));
-        self.finish(state, per_pod)
+        self.finish(state, node, per_pod)
     }
 
     /// Namespaces as in `last`: walks `last`'s pods and the state's together (both in (namespace,
@@ -450,6 +458,7 @@ impl IdentityCache {
     fn refresh_pods(
         &mut self,
         state: &ClusterState,
+        node: &str,
         mut last: LastRefresh,
     ) -> std::sync::Arc<Refreshed> {
         use std::sync::Arc;
@@ -509,12 +518,17 @@ impl IdentityCache {
             }
         }
         self.number(&mut per_pod, pending);
-        self.finish(state, per_pod)
+        self.finish(state, node, per_pod)
     }
 
     /// The result from every pod's view (`per_pod`, in the state's pod order): address clashes
     /// dropped, identities no pod has any more forgotten.
-    fn finish(&mut self, state: &ClusterState, per_pod: Vec<PodSlot>) -> std::sync::Arc<Refreshed> {
+    fn finish(
+        &mut self,
+        state: &ClusterState,
+        node: &str,
+        per_pod: Vec<PodSlot>,
+    ) -> std::sync::Arc<Refreshed> {
         use std::sync::Arc;
         let mut seen: crate::FastMap<Ipv4Addr, &str> =
             crate::FastMap::with_capacity_and_hasher(per_pod.len(), Default::default());
@@ -522,6 +536,7 @@ impl IdentityCache {
         // id for when it wins it), so a memo never names a forgotten id.
         let mut live: crate::FastSet<u32> = Default::default();
         let mut views = Vec::with_capacity(per_pod.len());
+        let mut local = Vec::new();
         let mut warnings = Vec::new();
         for (v, id) in per_pod.iter().flatten() {
             live.insert(*id);
@@ -537,6 +552,9 @@ impl IdentityCache {
                 continue;
             }
             seen.insert(v.addr, v.key.as_str());
+            if v.node == node {
+                local.push(views.len());
+            }
             views.push((Arc::clone(v), *id));
         }
         drop(seen);
@@ -545,10 +563,15 @@ impl IdentityCache {
         if self.next_id > dataplane::policy::MAX_IDENTITY - (1 << 20) {
             // Ids are not reused; after half a billion kinds of pod start again from scratch.
             *self = IdentityCache::default();
-            return self.refresh(state);
+            return self.refresh(state, node);
         }
-        let refreshed = Arc::new(Refreshed { views, warnings });
+        let refreshed = Arc::new(Refreshed {
+            views,
+            local,
+            warnings,
+        });
         self.last = Some(LastRefresh {
+            node: node.to_owned(),
             namespaces: state.namespaces.clone(),
             pods: state.pods.iter().map(|p| Arc::as_ptr(p) as usize).collect(),
             per_pod,

@@ -21,18 +21,27 @@ pub const DEFAULT_SNAT_PORTS: (u16, u16) = (61000, 65535);
 /// The source address of hairpin flows (Cilium's `IPV4_LOOPBACK`).
 pub const HAIRPIN_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 42, 1);
 
-fn rotation(r: &Rotation) -> RotationSpec {
-    RotationSpec {
-        members: r.backends.clone(),
-        maglev: r.maglev.clone(),
-    }
+/// `into` = the rotation `r` (buffers reused across service ports).
+fn rotation(into: &mut RotationSpec, r: &Rotation) {
+    into.members.clear();
+    into.members.extend_from_slice(&r.backends);
+    into.maglev = r.maglev.clone();
 }
 
 /// A stable non-zero key for a service port in the workers' affinity table (FNV-1a of
-/// `namespace/name`, the port name and protocol), so affinity survives table rebuilds.
-fn affinity_id(service: &str, port_name: &str, protocol: Protocol) -> u32 {
-    let key = format!("{service}\0{port_name}\0{}", protocol.as_str());
-    let h = super::maglev::fnv1a64(key.as_bytes());
+/// `namespace/name`, the port name and protocol, with NUL separators), so affinity survives
+/// table rebuilds. Hashed as it goes, without building the string.
+fn affinity_id(namespace: &str, name: &str, port_name: &str, protocol: Protocol) -> u32 {
+    let parts: [&[u8]; 7] = [
+        namespace.as_bytes(),
+        b"/",
+        name.as_bytes(),
+        b"\0",
+        port_name.as_bytes(),
+        b"\0",
+        protocol.as_str().as_bytes(),
+    ];
+    let h = super::maglev::fnv1a64_parts(&parts);
     ((h ^ (h >> 32)) as u32).max(1)
 }
 
@@ -42,22 +51,25 @@ pub fn service_table(
     generation: u64,
 ) -> Result<ServiceTable, ServiceTableError> {
     let mut b = ServiceTableBuilder::new(generation);
+    let mut spec = ServiceSpec::default();
     for s in &plan.services {
-        b.service(&ServiceSpec {
-            backends: s
-                .backends
-                .iter()
-                .map(|be| Backend {
-                    addr: be.address,
-                    port: be.port,
-                    local: be.local,
-                })
-                .collect(),
-            cluster: rotation(&s.cluster),
-            local: s.local.as_ref().map(rotation).unwrap_or_default(),
-            affinity_timeout_s: s.affinity.map_or(0, |a| a.timeout_seconds.max(1)),
-            affinity_id: affinity_id(&s.service_key(), &s.port_name, s.protocol),
-        })?;
+        spec.backends.clear();
+        spec.backends.extend(s.backends.iter().map(|be| Backend {
+            addr: be.address,
+            port: be.port,
+            local: be.local,
+        }));
+        rotation(&mut spec.cluster, &s.cluster);
+        match &s.local {
+            Some(r) => rotation(&mut spec.local, r),
+            None => {
+                spec.local.members.clear();
+                spec.local.maglev = Default::default();
+            }
+        }
+        spec.affinity_timeout_s = s.affinity.map_or(0, |a| a.timeout_seconds.max(1));
+        spec.affinity_id = affinity_id(&s.namespace, &s.name, &s.port_name, s.protocol);
+        b.service(&spec)?;
     }
     for f in &plan.frontends {
         b.frontend(DpFrontend {
@@ -264,6 +276,18 @@ items:
         assert_eq!(
             c.addrs.keys().copied().collect::<Vec<_>>(),
             vec![Ipv4Addr::new(198, 51, 100, 7)]
+        );
+    }
+
+    #[test]
+    fn affinity_id_is_the_hash_of_the_service_port_key() {
+        let key = "default/web\0http\0TCP";
+        let h = crate::services::maglev::fnv1a64(key.as_bytes());
+        let want = ((h ^ (h >> 32)) as u32).max(1);
+        assert_eq!(affinity_id("default", "web", "http", Protocol::Tcp), want);
+        assert_ne!(
+            affinity_id("default", "web", "http", Protocol::Udp),
+            affinity_id("default", "web", "http", Protocol::Tcp)
         );
     }
 

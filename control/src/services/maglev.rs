@@ -96,6 +96,13 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     fnv1a64_from(FNV_OFFSET_BASIS, bytes)
 }
 
+/// [`fnv1a64`] of the concatenation of `parts`.
+pub fn fnv1a64_parts(parts: &[&[u8]]) -> u64 {
+    parts
+        .iter()
+        .fold(FNV_OFFSET_BASIS, |h, p| fnv1a64_from(h, p))
+}
+
 fn fnv1a64_from(state: u64, bytes: &[u8]) -> u64 {
     bytes
         .iter()

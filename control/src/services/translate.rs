@@ -31,9 +31,10 @@ pub fn translate(cluster: &ClusterState, this_node: &str, opts: &ServiceOptions)
 /// What [`translate_cached`] keeps across states: each Service's translation with the objects
 /// it was made from, and the Maglev tables.
 ///
-/// A Service is translated again only when its object, its EndpointSlices (compared by
-/// pointer: the sources share unchanged objects between states, see
-/// [`ClusterState`]), this node's addresses or the options changed; otherwise its entries are
+/// A Service is translated again only when its object (compared by pointer: the sources share
+/// unchanged objects between states, see [`ClusterState`]), one of its EndpointSlices (the
+/// slices are regrouped by a pointer walk, see `SliceGroups`), this node's addresses or the
+/// options changed; otherwise its entries are
 /// reused as they were, Maglev tables included (shared, not copied). So a one-object change at
 /// 10,000 Services costs one Service's translation plus the plan's assembly (sorting and
 /// indexing the entries), not 10,000 translations. Derived slices (Services without
@@ -46,14 +47,106 @@ pub struct Cache {
     context: Option<(String, Vec<Ipv4Addr>, ServiceOptions)>,
     /// By the Service object's pointer (the memo holds the object, so the pointer stays its).
     memo: crate::FastMap<usize, Memo>,
+    /// The EndpointSlices of the last state, grouped by Service.
+    groups: SliceGroups,
+    /// The last call's Services (pointers) and plan, returned as it is when no Service and no
+    /// slice changed and no Service's endpoints were derived from Pods (a Pod-only change).
+    last: Option<(Vec<usize>, ServicePlan)>,
     /// Services translated again by the last call (the rest were reused).
     pub last_translated: usize,
+}
+
+/// (namespace, Service name): the Service a slice belongs to (`kubernetes.io/service-name`).
+type GroupKey = (String, String);
+
+/// The last state's EndpointSlices, grouped by Service, and kept up to date by walking each new
+/// state's slices beside the last ones: slices at the same place with the same pointer cost a
+/// pointer comparison, so a state with one slice changed regroups one slice, not 10,000.
+#[derive(Debug, Default)]
+struct SliceGroups {
+    /// The last state's slices, in its order, with their group (`None`: no service label).
+    at: Vec<(Arc<EndpointSlice>, Option<GroupKey>)>,
+    /// Each Service's slices, sorted by name.
+    groups: crate::FastMap<GroupKey, Vec<Arc<EndpointSlice>>>,
+}
+
+impl SliceGroups {
+    fn key_of(slice: &EndpointSlice) -> Option<GroupKey> {
+        let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        Some((namespace_of(&slice.metadata).to_owned(), service.clone()))
+    }
+
+    fn add(
+        &mut self,
+        slice: &Arc<EndpointSlice>,
+        changed: &mut crate::FastSet<GroupKey>,
+    ) -> Option<GroupKey> {
+        let key = Self::key_of(slice)?;
+        let group = self.groups.entry(key.clone()).or_default();
+        group.push(Arc::clone(slice));
+        group.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        changed.insert(key.clone());
+        Some(key)
+    }
+
+    fn remove(
+        &mut self,
+        (slice, key): (Arc<EndpointSlice>, Option<GroupKey>),
+        changed: &mut crate::FastSet<GroupKey>,
+    ) {
+        let Some(key) = key else { return };
+        if let Some(group) = self.groups.get_mut(&key) {
+            if let Some(i) = group.iter().position(|s| Arc::ptr_eq(s, &slice)) {
+                group.remove(i);
+            }
+            if group.is_empty() {
+                self.groups.remove(&key);
+            }
+        }
+        changed.insert(key);
+    }
+
+    /// Brings the groups to `slices`; returns the groups that changed.
+    fn update(&mut self, slices: &[Arc<EndpointSlice>]) -> crate::FastSet<GroupKey> {
+        let mut changed = crate::FastSet::default();
+        let old = std::mem::take(&mut self.at);
+        let mut old = old.into_iter().peekable();
+        let mut at = Vec::with_capacity(slices.len());
+        for slice in slices {
+            // The last state's slices before this one (by name) or an older version of it are
+            // gone. The walk is right in any order; sorted states only make it short.
+            while let Some((o, _)) = old.peek() {
+                if Arc::ptr_eq(o, slice)
+                    || crate::cluster::name_order(&o.metadata, &slice.metadata).is_gt()
+                {
+                    break;
+                }
+                if let Some(gone) = old.next() {
+                    self.remove(gone, &mut changed);
+                }
+            }
+            if old.peek().is_some_and(|(o, _)| Arc::ptr_eq(o, slice)) {
+                if let Some(kept) = old.next() {
+                    at.push(kept);
+                }
+                continue;
+            }
+            let key = self.add(slice, &mut changed);
+            at.push((Arc::clone(slice), key));
+        }
+        for gone in old {
+            self.remove(gone, &mut changed);
+        }
+        self.at = at;
+        changed
+    }
 }
 
 #[derive(Debug)]
 struct Memo {
     service: Arc<Service>,
-    slices: Vec<Arc<EndpointSlice>>,
+    /// The Service's group key; `None`: its slices were derived (always translated again).
+    key: Option<GroupKey>,
     entries: Vec<(Arc<ServiceEntry>, Arc<[PendingFrontend]>)>,
     skipped: Vec<(String, String)>,
     /// The Maglev cache's tables the entries were made from: held so the cache keeps them
@@ -85,36 +178,31 @@ pub fn translate_cached(
     let context = (this_node.to_owned(), node_addresses.clone(), opts.clone());
     if cache.context.as_ref() != Some(&context) {
         cache.memo.clear();
+        cache.last = None;
         cache.context = Some(context);
     }
     // The EndpointSlices of each Service (as `ClusterState::effective_endpoint_slices`, without
     // building its whole list): the Service's own slices by name, else slices derived from its
     // selector and the Pods.
-    let mut slices_by_service: crate::FastMap<(&str, &str), Vec<&Arc<EndpointSlice>>> =
-        crate::FastMap::with_capacity_and_hasher(cluster.services.len(), Default::default());
-    for slice in &cluster.endpoint_slices {
-        if let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
-            slices_by_service
-                .entry((namespace_of(&slice.metadata), service.as_str()))
-                .or_default()
-                .push(slice);
+    let changed = cache.groups.update(&cluster.endpoint_slices);
+    if let Some((services, plan)) = &cache.last {
+        let same_services = services.len() == cluster.services.len()
+            && services
+                .iter()
+                .zip(&cluster.services)
+                .all(|(&a, b)| a == Arc::as_ptr(b) as usize);
+        if changed.is_empty() && same_services {
+            cache.last_translated = 0;
+            return plan.clone();
         }
     }
-    for group in slices_by_service.values_mut() {
-        if group.len() > 1 {
-            group.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        }
-    }
-
+    cache.last = None;
+    let mut derived_any = false;
     let Cache {
         maglev: maglev_cache,
         memo,
         last_translated,
+        groups,
         ..
     } = cache;
     *last_translated = 0;
@@ -128,32 +216,10 @@ pub fn translate_cached(
         held: Vec::new(),
     };
     for service in &cluster.services {
-        let key = (
-            namespace_of(&service.metadata),
-            service.metadata.name.as_deref().unwrap_or(""),
-        );
-        let derived: Vec<Arc<EndpointSlice>>;
-        let derived_refs: Vec<&Arc<EndpointSlice>>;
-        let service_slices: &[&Arc<EndpointSlice>] = match slices_by_service.get(&key) {
-            Some(group) => group,
-            None => {
-                derived = cluster
-                    .derived_slices(service)
-                    .into_iter()
-                    .map(Arc::new)
-                    .collect();
-                derived_refs = derived.iter().collect();
-                &derived_refs
-            }
-        };
         let ptr = Arc::as_ptr(service) as usize;
+        // Unchanged: the same object, whose slices' group did not change.
         let hit = memo.get_mut(&ptr).filter(|m| {
-            Arc::ptr_eq(&m.service, service)
-                && m.slices.len() == service_slices.len()
-                && m.slices
-                    .iter()
-                    .zip(service_slices)
-                    .all(|(a, b)| Arc::ptr_eq(a, b))
+            Arc::ptr_eq(&m.service, service) && m.key.as_ref().is_some_and(|k| !changed.contains(k))
         });
         if let Some(m) = hit {
             m.used = true;
@@ -161,15 +227,39 @@ pub fn translate_cached(
             out.skipped.extend(m.skipped.iter().cloned());
             continue;
         }
+        let key = (
+            namespace_of(&service.metadata).to_owned(),
+            service.metadata.name.clone().unwrap_or_default(),
+        );
+        let derived: Vec<Arc<EndpointSlice>>;
+        let (service_slices, key): (&[Arc<EndpointSlice>], Option<GroupKey>) =
+            match groups.groups.get(&key) {
+                Some(group) => (group, Some(key)),
+                None => {
+                    derived = cluster
+                        .derived_slices(service)
+                        .into_iter()
+                        .map(Arc::new)
+                        .collect();
+                    // Without slices of its own the Service's endpoints come from the Pods,
+                    // which the groups do not follow: never reused.
+                    derived_any = true;
+                    (&derived, None)
+                }
+            };
         *last_translated += 1;
         let (entries_before, skipped_before) = (out.entries.len(), out.skipped.len());
-        let refs: Vec<&EndpointSlice> = service_slices.iter().map(|s| &***s).collect();
+        let refs: Vec<&EndpointSlice> = service_slices.iter().map(|s| &**s).collect();
         out.service(service, &refs);
+        // In the plan's order within the Service, so the plan is usually sorted as assembled.
+        out.entries[entries_before..].sort_by(|(a, _), (b, _)| {
+            (&a.port_name, a.protocol, a.port).cmp(&(&b.port_name, b.protocol, b.port))
+        });
         memo.insert(
             ptr,
             Memo {
                 service: Arc::clone(service),
-                slices: service_slices.iter().map(|s| Arc::clone(s)).collect(),
+                key,
                 entries: out.entries[entries_before..].to_vec(),
                 skipped: out.skipped[skipped_before..].to_vec(),
                 _tables: std::mem::take(&mut out.held),
@@ -178,9 +268,20 @@ pub fn translate_cached(
         );
     }
     // Services gone since the last call; then the Maglev tables no Service holds.
+    let held = memo.len();
     memo.retain(|_, m| std::mem::take(&mut m.used));
     let plan = out.finish();
-    maglev_cache.sweep();
+    if *last_translated > 0 || memo.len() != held {
+        maglev_cache.sweep();
+    }
+    if !derived_any {
+        let services = cluster
+            .services
+            .iter()
+            .map(|s| Arc::as_ptr(s) as usize)
+            .collect();
+        cache.last = Some((services, plan.clone()));
+    }
     plan
 }
 
@@ -567,7 +668,7 @@ impl Builder<'_> {
             mut skipped,
             ..
         } = self;
-        entries.sort_by(|(a, _), (b, _)| {
+        let order = |a: &ServiceEntry, b: &ServiceEntry| {
             (&a.namespace, &a.name, &a.port_name, a.protocol, a.port).cmp(&(
                 &b.namespace,
                 &b.name,
@@ -575,7 +676,12 @@ impl Builder<'_> {
                 b.protocol,
                 b.port,
             ))
-        });
+        };
+        // Usually in order already (the state's Services are sorted, a Service's entries are
+        // sorted when made): checking is cheaper than sorting.
+        if !entries.is_sorted_by(|(a, _), (b, _)| order(a, b).is_le()) {
+            entries.sort_by(|(a, _), (b, _)| order(a, b));
+        }
         let mut frontends = Vec::new();
         let mut services = Vec::with_capacity(entries.len());
         for (index, (entry, pending)) in entries.into_iter().enumerate() {
