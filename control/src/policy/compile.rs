@@ -125,6 +125,12 @@ impl Cache {
         self.identities.id_of(addr)
     }
 
+    /// Panics unless the identity bookkeeping agrees with itself (tests).
+    #[cfg(test)]
+    pub(crate) fn check_identities(&self) {
+        self.identities.check();
+    }
+
     /// Makes the next new identity get id `next` (tests of the numbering restart).
     #[cfg(test)]
     pub(crate) fn set_next_identity(&mut self, next: u32) {
@@ -194,8 +200,8 @@ pub fn compile_cached(
     }
 
     let mut b = PolicyBuilder::new(generation);
-    for (pod, id) in &refreshed.views {
-        b.identity(pod.addr, *id);
+    for slot in refreshed.views() {
+        b.identity(slot.addr, slot.id);
     }
     for addr in node_addresses(state, node) {
         b.node_addr(addr);
@@ -208,10 +214,11 @@ pub fn compile_cached(
     };
     let mut isolated_pods = 0;
 
-    for (pod, _) in refreshed
+    for pod in refreshed
         .local
         .iter()
-        .filter_map(|&i| refreshed.views.get(i))
+        .filter_map(|&i| refreshed.slot(i))
+        .map(|s| &s.view)
     {
         let selecting: Vec<(&Arc<NetworkPolicy>, &Policy)> = by_namespace
             .get(pod.namespace.as_str())

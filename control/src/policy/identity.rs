@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 
@@ -226,30 +227,38 @@ pub fn cluster_node_ips(state: &ClusterState) -> Vec<Ipv4Addr> {
 /// id (new ones of one refresh in sorted key order, so a fresh cache numbers a state as
 /// [`Identities::new`] would) and ids are not reused, so adding a pod never renumbers others
 /// and peer selections computed earlier stay valid (see `compile`'s peer memo).
+///
+/// How many pods hold each address and each identity is kept up to date with the changes, so
+/// a refresh after one pod changed neither hashes 100,000 addresses to find clashes nor
+/// recounts the identities in use.
 #[derive(Debug)]
 pub struct IdentityCache {
-    ns_labels: BTreeMap<String, std::sync::Arc<Labels>>,
+    ns_labels: BTreeMap<String, Arc<Labels>>,
     pods: crate::FastMap<usize, PodMemo>,
-    ids: std::collections::HashMap<std::sync::Arc<IdentityKey>, u32>,
+    ids: std::collections::HashMap<Arc<IdentityKey>, u32>,
     /// Live identities by id.
-    pub(crate) by_id: BTreeMap<u32, std::sync::Arc<IdentityKey>>,
+    pub(crate) by_id: BTreeMap<u32, Arc<IdentityKey>>,
     /// The id the next new identity gets.
     pub(crate) next_id: u32,
-    /// The last refresh: its namespaces, its pods (pointers, kept alive by `pods`) and result,
-    /// returned as it is while neither changes (a policy-only change).
+    /// Pods of the last refresh per identity id (an id with none is forgotten).
+    id_pods: crate::FastMap<u32, u32>,
+    /// Pods of the last refresh per address, and how many addresses have more than one.
+    addr_pods: crate::FastMap<Ipv4Addr, u32>,
+    clashing: usize,
+    /// The last refresh, returned as it is while neither Namespaces nor Pods change (a
+    /// policy-only change), and walked beside the next state when only Pods do.
     last: Option<LastRefresh>,
 }
 
 #[derive(Debug)]
 struct LastRefresh {
-    /// The node the refresh was for (`Refreshed::local`).
+    /// The node the refresh was for (`Slot::local`).
     node: String,
-    namespaces: Vec<std::sync::Arc<k8s_openapi::api::core::v1::Namespace>>,
-    /// The state's pods (pointers; `pods` holds the objects).
+    namespaces: Vec<Arc<k8s_openapi::api::core::v1::Namespace>>,
+    /// The state's pods (pointers; `pods` holds the objects), in the order of
+    /// `refreshed.per_pod`.
     pods: Vec<usize>,
-    /// Each of those pods' view, in the same order (before address clashes are dropped).
-    per_pod: Vec<PodSlot>,
-    refreshed: std::sync::Arc<Refreshed>,
+    refreshed: Arc<Refreshed>,
 }
 
 impl Default for IdentityCache {
@@ -260,6 +269,9 @@ impl Default for IdentityCache {
             ids: Default::default(),
             by_id: BTreeMap::new(),
             next_id: FIRST_POD_IDENTITY,
+            id_pods: Default::default(),
+            addr_pods: Default::default(),
+            clashing: 0,
             last: None,
         }
     }
@@ -268,20 +280,65 @@ impl Default for IdentityCache {
 #[derive(Debug)]
 struct PodMemo {
     /// Held so the pointer the memo is keyed by stays this pod's.
-    _pod: std::sync::Arc<Pod>,
-    ns_labels: std::sync::Arc<Labels>,
-    view: Option<(std::sync::Arc<PodView>, u32)>,
+    _pod: Arc<Pod>,
+    ns_labels: Arc<Labels>,
+    view: PodSlot,
     used: bool,
 }
 
-/// One refresh's result: the pods policy applies to (with their identity), in (namespace,
-/// name) order, and address-clash warnings.
-#[derive(Debug)]
+/// A pod policy applies to: its view, identity, and (copied out of the view, so passes over
+/// every pod read one array) its address and whether it runs on the node refreshed for.
+#[derive(Debug, Clone)]
+pub(crate) struct Slot {
+    pub view: Arc<PodView>,
+    pub id: u32,
+    pub addr: Ipv4Addr,
+    pub local: bool,
+}
+
+/// A pod's slot (`None`: policy does not apply to it).
+type PodSlot = Option<Slot>;
+
+/// What `view_of` found: the memo's slot, or a new view (`None`: policy does not apply) whose
+/// identity is not known yet.
+enum Looked {
+    Memo(PodSlot),
+    New(Option<PodView>),
+}
+
+/// One refresh's result: every pod of the state in its (namespace, name) order, which of them
+/// lost an address clash, the local ones, and the clash warnings.
+#[derive(Debug, Default)]
 pub(crate) struct Refreshed {
-    pub views: Vec<(std::sync::Arc<PodView>, u32)>,
-    /// Indices into `views` of the pods on the node refreshed for.
+    per_pod: Vec<PodSlot>,
+    /// Indices into `per_pod` of pods whose address an earlier pod holds, ascending.
+    clashed: Vec<usize>,
+    /// Indices into `per_pod` of the pods on the node refreshed for (clash winners only).
     pub local: Vec<usize>,
     pub warnings: Vec<PolicyWarning>,
+}
+
+impl Refreshed {
+    /// The pods policy applies to, in order, without the clash losers.
+    pub fn views(&self) -> impl Iterator<Item = &Slot> + '_ {
+        let mut clashed = self.clashed.iter().peekable();
+        self.per_pod
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| {
+                if clashed.peek() == Some(&i) {
+                    clashed.next();
+                    return false;
+                }
+                true
+            })
+            .filter_map(|(_, s)| s.as_ref())
+    }
+
+    /// The slot at `i` of `per_pod` (an index of [`Self::local`]).
+    pub fn slot(&self, i: usize) -> Option<&Slot> {
+        self.per_pod.get(i)?.as_ref()
+    }
 }
 
 impl IdentityCache {
@@ -291,8 +348,44 @@ impl IdentityCache {
         self.pods
             .values()
             .filter_map(|m| m.view.as_ref())
-            .find(|(v, _)| v.addr == addr)
-            .map(|(_, id)| *id)
+            .find(|s| s.addr == addr)
+            .map(|s| s.id)
+    }
+
+    /// Panics unless every pod's identity is a live one whose key maps back to it, each key
+    /// has one id, and the per-identity and per-address counts are those of the last refresh
+    /// (tests).
+    #[cfg(test)]
+    pub(crate) fn check(&self) {
+        let Some(last) = &self.last else { return };
+        let mut ids: crate::FastMap<u32, u32> = Default::default();
+        let mut addrs: crate::FastMap<Ipv4Addr, u32> = Default::default();
+        for s in last.refreshed.per_pod.iter().flatten() {
+            let key = self.by_id.get(&s.id);
+            assert!(
+                key.is_some(),
+                "pod {} has identity {}, which is not live",
+                s.view.key,
+                s.id
+            );
+            if let Some(key) = key {
+                assert_eq!(
+                    **key,
+                    IdentityKey::of(&s.view),
+                    "identity {} of {}",
+                    s.id,
+                    s.view.key
+                );
+                assert_eq!(self.ids.get(key), Some(&s.id), "key of identity {}", s.id);
+            }
+            *ids.entry(s.id).or_insert(0) += 1;
+            *addrs.entry(s.addr).or_insert(0) += 1;
+        }
+        assert_eq!(ids, self.id_pods, "pods per identity");
+        assert_eq!(addrs, self.addr_pods, "pods per address");
+        assert_eq!(self.clashing, addrs.values().filter(|&&n| n > 1).count());
+        assert_eq!(self.by_id.len(), ids.len(), "live identities");
+        assert_eq!(self.ids.len(), ids.len(), "identity keys");
     }
 
     /// Brings the views and identities up to `state` (module doc of [`IdentityCache`]).
@@ -304,13 +397,12 @@ impl IdentityCache {
     ///   are new or changed, so a one-pod change at 100,000 pods costs a pass over two arrays;
     /// - Namespaces: every pod's view is looked up by pointer and computed again when its
     ///   namespace's labels changed.
-    pub(crate) fn refresh(
-        &mut self,
-        state: &ClusterState,
-        node: &str,
-    ) -> std::sync::Arc<Refreshed> {
-        use std::sync::Arc;
-        if let Some(last) = self.last.take().filter(|l| l.node == node) {
+    pub(crate) fn refresh(&mut self, state: &ClusterState, node: &str) -> Arc<Refreshed> {
+        if self.last.as_ref().is_some_and(|l| l.node != node) {
+            // Slots say which pods are local to the node: start again for another node.
+            *self = IdentityCache::default();
+        }
+        if let Some(last) = self.last.take() {
             let same_namespaces = last.namespaces.len() == state.namespaces.len()
                 && last
                     .namespaces
@@ -335,14 +427,13 @@ impl IdentityCache {
         self.refresh_all(state, node)
     }
 
-    /// The namespace labels pods of `ns` see: the namespace's own (in `self.ns_labels` after a
-    /// full refresh), else only the name label (as `namespace_labels`), added to the map.
+    /// The namespace labels pods of `ns` see: the namespace's own (in `map` after a full
+    /// refresh), else only the name label (as `namespace_labels`), added to the map.
     fn labels_of(
-        map: &mut BTreeMap<String, std::sync::Arc<Labels>>,
-        old: &BTreeMap<String, std::sync::Arc<Labels>>,
+        map: &mut BTreeMap<String, Arc<Labels>>,
+        old: &BTreeMap<String, Arc<Labels>>,
         ns: &str,
-    ) -> std::sync::Arc<Labels> {
-        use std::sync::Arc;
+    ) -> Arc<Labels> {
         if let Some(l) = map.get(ns) {
             return Arc::clone(l);
         }
@@ -355,26 +446,19 @@ impl IdentityCache {
         l
     }
 
-    /// The view of `pod` (namespace labels `labels`), memoised by the pod's pointer: `Ok` with
-    /// the memo's view when it was made with these labels, else `Err` with a new view (its
-    /// identity not known yet) and the memo replaced.
-    fn view_of(
-        &mut self,
-        pod: &std::sync::Arc<Pod>,
-        ns: &str,
-        labels: std::sync::Arc<Labels>,
-    ) -> Result<PodSlot, Option<PodView>> {
-        use std::sync::Arc;
+    /// The slot of `pod` (namespace labels `labels`), memoised by the pod's pointer: the memo's
+    /// slot when it was made with these labels, else a new view and the memo replaced.
+    fn view_of(&mut self, pod: &Arc<Pod>, ns: &str, labels: Arc<Labels>) -> Looked {
         let ptr = Arc::as_ptr(pod) as usize;
         if let Some(m) = self.pods.get_mut(&ptr) {
             if Arc::ptr_eq(&m.ns_labels, &labels) {
                 m.used = true;
-                return Ok(m.view.clone());
+                return Looked::Memo(m.view.clone());
             }
         }
         let one = BTreeMap::from([(ns.to_owned(), (*labels).clone())]);
         let v = view(pod, &one);
-        // The view's identity is filled in by `number`, once new identities have ids.
+        // The slot is filled in by `number`, once new identities have ids.
         self.pods.insert(
             ptr,
             PodMemo {
@@ -384,12 +468,16 @@ impl IdentityCache {
                 used: true,
             },
         );
-        Err(v)
+        Looked::New(v)
     }
 
-    /// Gives new identities of `pending` ids (in key order) and fills in the views.
-    fn number(&mut self, per_pod: &mut [PodSlot], pending: Vec<(usize, usize, PodView)>) {
-        use std::sync::Arc;
+    /// Gives new identities of `pending` ids (in key order) and fills in the slots.
+    fn number(
+        &mut self,
+        node: &str,
+        per_pod: &mut [PodSlot],
+        pending: Vec<(usize, usize, PodView)>,
+    ) {
         let mut new_keys: BTreeSet<IdentityKey> = BTreeSet::new();
         for (_, _, v) in &pending {
             let k = IdentityKey::of(v);
@@ -406,7 +494,12 @@ impl IdentityCache {
         }
         for (at, ptr, v) in pending {
             let id = self.ids.get(&IdentityKey::of(&v)).copied().unwrap_or(0);
-            let slot = Some((Arc::new(v), id));
+            let slot = Some(Slot {
+                id,
+                addr: v.addr,
+                local: v.node == node,
+                view: Arc::new(v),
+            });
             if let Some(m) = self.pods.get_mut(&ptr) {
                 m.view = slot.clone();
             }
@@ -416,8 +509,38 @@ impl IdentityCache {
         }
     }
 
-    fn refresh_all(&mut self, state: &ClusterState, node: &str) -> std::sync::Arc<Refreshed> {
-        use std::sync::Arc;
+    /// Counts `slot` in (`add`) or out of the per-identity and per-address counts.
+    fn count(&mut self, slot: &Slot, add: bool) {
+        let n = self.addr_pods.entry(slot.addr).or_insert(0);
+        if add {
+            *n += 1;
+            if *n == 2 {
+                self.clashing += 1;
+            }
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 1 {
+                self.clashing = self.clashing.saturating_sub(1);
+            } else if *n == 0 {
+                self.addr_pods.remove(&slot.addr);
+            }
+        }
+        let n = self.id_pods.entry(slot.id).or_insert(0);
+        if add {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                // No pod has this identity any more: forget it (ids are not reused).
+                self.id_pods.remove(&slot.id);
+                if let Some(key) = self.by_id.remove(&slot.id) {
+                    self.ids.remove(&key);
+                }
+            }
+        }
+    }
+
+    fn refresh_all(&mut self, state: &ClusterState, node: &str) -> Arc<Refreshed> {
         // Namespace labels, reusing the previous Arc when equal (pods' memos compare them by
         // pointer).
         let mut ns_labels: BTreeMap<String, Arc<Labels>> = BTreeMap::new();
@@ -438,8 +561,8 @@ impl IdentityCache {
             let ns = namespace_of(pod);
             let labels = Self::labels_of(&mut ns_labels, &old_labels, ns);
             match self.view_of(pod, ns, labels) {
-                Ok(slot) => per_pod.push(slot),
-                Err(v) => {
+                Looked::Memo(slot) => per_pod.push(slot),
+                Looked::New(v) => {
                     per_pod.push(None);
                     if let Some(v) = v {
                         pending.push((per_pod.len() - 1, Arc::as_ptr(pod) as usize, v));
@@ -448,30 +571,51 @@ impl IdentityCache {
             }
         }
         self.ns_labels = ns_labels;
-        self.number(&mut per_pod, pending);
+        self.number(node, &mut per_pod, pending);
         self.pods.retain(|_, m| std::mem::take(&mut m.used));
+        // Counts from scratch; identities no pod has are forgotten.
+        self.addr_pods.clear();
+        self.id_pods.clear();
+        self.clashing = 0;
+        for slot in per_pod.iter().flatten() {
+            let n = self.addr_pods.entry(slot.addr).or_insert(0);
+            *n += 1;
+            if *n == 2 {
+                self.clashing += 1;
+            }
+            *self.id_pods.entry(slot.id).or_insert(0) += 1;
+        }
+        let live = &self.id_pods;
+        self.by_id.retain(|id, _| live.contains_key(id));
+        self.ids.retain(|_, id| live.contains_key(id));
         self.finish(state, node, per_pod)
     }
 
     /// Namespaces as in `last`: walks `last`'s pods and the state's together (both in (namespace,
-    /// name) order), reusing the view of every pod whose pointer is where it was.
+    /// name) order), reusing the slot of every pod whose pointer is where it was.
     fn refresh_pods(
         &mut self,
         state: &ClusterState,
         node: &str,
-        mut last: LastRefresh,
-    ) -> std::sync::Arc<Refreshed> {
-        use std::sync::Arc;
-        let old = std::mem::take(&mut last.pods);
-        let mut old_slots = std::mem::take(&mut last.per_pod);
-        drop(last);
+        last: LastRefresh,
+    ) -> Arc<Refreshed> {
+        let LastRefresh {
+            pods: old,
+            refreshed,
+            ..
+        } = last;
+        // The compile that used the last result has dropped it: its slots move over.
+        let mut old_slots = match Arc::try_unwrap(refreshed) {
+            Ok(r) => r.per_pod,
+            Err(shared) => shared.per_pod.clone(),
+        };
         let mut per_pod: Vec<PodSlot> = Vec::with_capacity(state.pods.len());
         let mut pending: Vec<(usize, usize, PodView)> = Vec::new();
         // Pods of the last refresh not at their place (deleted or changed), and pods of the
         // state not at theirs (new or changed, or moved: the walk does not need the order, it
         // is only faster with it).
         let mut gone: Vec<usize> = Vec::new();
-        let mut placed: crate::FastSet<usize> = Default::default();
+        let mut placed: Vec<usize> = Vec::new();
         let old_labels = self.ns_labels.clone();
         let mut ns_labels = std::mem::take(&mut self.ns_labels);
         let mut i = 0;
@@ -497,12 +641,12 @@ impl IdentityCache {
                 i += 1;
                 continue;
             }
-            placed.insert(ptr);
+            placed.push(per_pod.len());
             let ns = namespace_of(pod);
             let labels = Self::labels_of(&mut ns_labels, &old_labels, ns);
             match self.view_of(pod, ns, labels) {
-                Ok(slot) => per_pod.push(slot),
-                Err(v) => {
+                Looked::Memo(slot) => per_pod.push(slot),
+                Looked::New(v) => {
                     per_pod.push(None);
                     if let Some(v) = v {
                         pending.push((per_pod.len() - 1, ptr, v));
@@ -512,61 +656,83 @@ impl IdentityCache {
         }
         gone.extend(old.get(i..).unwrap_or_default());
         self.ns_labels = ns_labels;
-        for o in gone {
-            if !placed.contains(&o) {
-                self.pods.remove(&o);
+        // The slots not taken over are the pods gone from their place; the placed ones are
+        // new there. New identities are numbered before the counts change, so an identity
+        // that moves from a gone pod to a new one keeps its id.
+        self.number(node, &mut per_pod, pending);
+        for at in &placed {
+            if let Some(Some(slot)) = per_pod.get(*at) {
+                let slot = slot.clone();
+                self.count(&slot, true);
             }
         }
-        self.number(&mut per_pod, pending);
+        for slot in old_slots.into_iter().flatten() {
+            self.count(&slot, false);
+        }
+        if !gone.is_empty() {
+            let placed_ptrs: crate::FastSet<usize> = placed
+                .iter()
+                .filter_map(|&at| state.pods.get(at))
+                .map(|p| Arc::as_ptr(p) as usize)
+                .collect();
+            for o in gone {
+                if !placed_ptrs.contains(&o) {
+                    self.pods.remove(&o);
+                }
+            }
+        }
         self.finish(state, node, per_pod)
     }
 
-    /// The result from every pod's view (`per_pod`, in the state's pod order): address clashes
-    /// dropped, identities no pod has any more forgotten.
+    /// The result from every pod's slot (`per_pod`, in the state's pod order): address clashes
+    /// found (only when the counts say there are some) and the local pods listed.
     fn finish(
         &mut self,
         state: &ClusterState,
         node: &str,
         per_pod: Vec<PodSlot>,
-    ) -> std::sync::Arc<Refreshed> {
-        use std::sync::Arc;
-        let mut seen: crate::FastMap<Ipv4Addr, &str> =
-            crate::FastMap::with_capacity_and_hasher(per_pod.len(), Default::default());
-        // Every memoised view's identity stays (a pod that lost an address clash keeps its
-        // id for when it wins it), so a memo never names a forgotten id.
-        let mut live: crate::FastSet<u32> = Default::default();
-        let mut views = Vec::with_capacity(per_pod.len());
-        let mut local = Vec::new();
+    ) -> Arc<Refreshed> {
+        let mut clashed = Vec::new();
         let mut warnings = Vec::new();
-        for (v, id) in per_pod.iter().flatten() {
-            live.insert(*id);
-            if let Some(first) = seen.get(&v.addr) {
-                warnings.push(PolicyWarning {
-                    object: format!("Pod {}", v.key),
-                    field: "status.podIP".into(),
-                    message: format!(
-                        "address {} is also Pod {first}'s; policy treats it as {first}'s",
-                        v.addr
-                    ),
-                });
+        if self.clashing > 0 {
+            let mut seen: crate::FastMap<Ipv4Addr, &str> =
+                crate::FastMap::with_capacity_and_hasher(per_pod.len(), Default::default());
+            for (i, slot) in per_pod.iter().enumerate() {
+                let Some(s) = slot else { continue };
+                if let Some(first) = seen.get(&s.addr) {
+                    warnings.push(PolicyWarning {
+                        object: format!("Pod {}", s.view.key),
+                        field: "status.podIP".into(),
+                        message: format!(
+                            "address {} is also Pod {first}'s; policy treats it as {first}'s",
+                            s.addr
+                        ),
+                    });
+                    clashed.push(i);
+                    continue;
+                }
+                seen.insert(s.addr, s.view.key.as_str());
+            }
+        }
+        let mut local = Vec::new();
+        let mut next_clash = clashed.iter().peekable();
+        for (i, slot) in per_pod.iter().enumerate() {
+            if next_clash.peek() == Some(&&i) {
+                next_clash.next();
                 continue;
             }
-            seen.insert(v.addr, v.key.as_str());
-            if v.node == node {
-                local.push(views.len());
+            if slot.as_ref().is_some_and(|s| s.local) {
+                local.push(i);
             }
-            views.push((Arc::clone(v), *id));
         }
-        drop(seen);
-        self.by_id.retain(|id, _| live.contains(id));
-        self.ids.retain(|_, id| live.contains(id));
         if self.next_id > dataplane::policy::MAX_IDENTITY - (1 << 20) {
             // Ids are not reused; after half a billion kinds of pod start again from scratch.
             *self = IdentityCache::default();
             return self.refresh(state, node);
         }
         let refreshed = Arc::new(Refreshed {
-            views,
+            per_pod,
+            clashed,
             local,
             warnings,
         });
@@ -574,15 +740,11 @@ impl IdentityCache {
             node: node.to_owned(),
             namespaces: state.namespaces.clone(),
             pods: state.pods.iter().map(|p| Arc::as_ptr(p) as usize).collect(),
-            per_pod,
             refreshed: Arc::clone(&refreshed),
         });
         refreshed
     }
 }
-
-/// A pod's view and identity (`None`: policy does not apply to it).
-type PodSlot = Option<(std::sync::Arc<PodView>, u32)>;
 
 /// The namespace of a pod as policy reads it ("" -> `default`).
 fn namespace_of(pod: &Pod) -> &str {

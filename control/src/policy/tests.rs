@@ -421,7 +421,8 @@ spec:
 /// and reuses its work. Per xyz case: (A) the case's policies replace the previous ones,
 /// (B) y/b's labels toggle version=2 (a new kind of pod, which the probe policy's memoized
 /// peer selection must take in), (C) namespace z's labels toggle team=new (its pods' memoized
-/// views must be redone), (D) pod z/c is deleted, or comes back as a new object. A cache that kept a stale view, identity or peer selection fails
+/// views must be redone), (D) pod z/c is deleted, or comes back as a new object, (E) pod y/c
+/// takes x/b's address (an address clash x/b wins), or gets its own back. A cache that kept a stale view, identity or peer selection fails
 /// the verdict comparison; one that renumbered unchanged pods fails the identity check.
 #[test]
 fn cached_compile_decides_as_a_fresh_one_across_changes() {
@@ -442,6 +443,7 @@ fn cached_compile_decides_as_a_fresh_one_across_changes() {
     let mut admitted_by_probe = [0usize; 2];
     let mut last_x_a_id = None;
     let mut removed_z_c = None;
+    let mut clash_warnings = 0;
     for (n, case) in xyz::CASES.iter().enumerate() {
         let with_case = match parse_str(
             &format!("{}---\n{}", xyz::cluster_yaml(), case.objects),
@@ -450,7 +452,7 @@ fn cached_compile_decides_as_a_fresh_one_across_changes() {
             Ok(s) => s,
             Err(e) => panic!("{e}"),
         };
-        for step in ['A', 'B', 'C', 'D'] {
+        for step in ['A', 'B', 'C', 'D', 'E'] {
             match step {
                 'A' => {
                     // Only the policies are new objects; pods and namespaces stay the same.
@@ -495,6 +497,22 @@ fn cached_compile_decides_as_a_fresh_one_across_changes() {
                         }
                     }
                 }
+                'E' => {
+                    // y/c takes x/b's address (n even: x/b, first in order, keeps it and a
+                    // warning names y/c), then gets its own back.
+                    let i = state
+                        .pods
+                        .iter()
+                        .position(|p| ClusterState::pod_key(p) == "y/c")
+                        .expect("y/c");
+                    let x_b = xyz::pod_addr("x", "b").expect("x/b");
+                    let y_c = xyz::pod_addr("y", "c").expect("y/c");
+                    let addr = if n % 2 == 0 { x_b } else { y_c };
+                    if let Some(status) = Arc::make_mut(&mut state.pods[i]).status.as_mut() {
+                        status.pod_ip = Some(addr.to_string());
+                        status.pod_ips = None;
+                    }
+                }
                 _ => {
                     let i = state
                         .namespaces
@@ -514,6 +532,7 @@ fn cached_compile_decides_as_a_fresh_one_across_changes() {
             }
             for (k, (cache, node)) in caches.iter_mut().zip(["node1", "node2"]).enumerate() {
                 let cached = compile_cached(&state, node, &opts, 1, cache).expect("cached compile");
+                cache.check_identities();
                 let fresh = compile(&state, node, &opts, 1).expect("fresh compile");
                 let (c, f) = (verdicts(&cached.table), verdicts(&fresh.table));
                 let differ: Vec<_> = c.iter().zip(&f).filter(|(c, f)| c != f).collect();
@@ -547,6 +566,11 @@ fn cached_compile_decides_as_a_fresh_one_across_changes() {
                     }
                 }
                 compared += 1;
+                clash_warnings += cached
+                    .warnings
+                    .iter()
+                    .filter(|w| w.object == "Pod y/c" && w.field == "status.podIP")
+                    .count();
             }
             // x/a never changes: its identity id stays the same in the cache.
             let id = caches[0].identities_of(x_a);
@@ -562,6 +586,8 @@ fn cached_compile_decides_as_a_fresh_one_across_changes() {
         }
     }
     assert!(compared > 30);
+    // The clash of step E was seen (and matched the fresh compile's warnings above).
+    assert!(clash_warnings > 0);
     // The probe decided flows (on the node where x/a's ingress is enforced) after pods and
     // namespaces changed, so the comparison above covered its memoized selections.
     assert!(
