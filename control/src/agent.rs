@@ -1156,7 +1156,7 @@ impl Agent {
         }
         let mut added = Vec::new();
         for q in 0..queues {
-            match self.port(pair.net.ifindex, q) {
+            match self.port(pair.net.ifindex, q, dataplane::worker::PortKind::Endpoint) {
                 Ok(_) => added.push(q),
                 Err(e) => {
                     for q in added {
@@ -1377,7 +1377,7 @@ impl Agent {
         }
         let mut ports = Vec::new();
         for q in 0..queues {
-            match self.port(ifindex, q) {
+            match self.port(ifindex, q, dataplane::worker::PortKind::Uplink) {
                 Ok(p) => ports.push(p),
                 Err(e) => {
                     drop(attachment);
@@ -1621,7 +1621,7 @@ impl Agent {
             .with_context(|| format!("persisting endpoint {}", ep.container_id))?;
         let mut ports = Vec::new();
         for q in 0..queues {
-            match self.port(ifindex, q) {
+            match self.port(ifindex, q, dataplane::worker::PortKind::Endpoint) {
                 Ok(info) => ports.push(info),
                 Err(e) => {
                     drop(attachment);
@@ -1676,10 +1676,11 @@ impl Agent {
         &self,
         ifindex: u32,
         queue: u32,
+        kind: dataplane::worker::PortKind,
     ) -> Result<dataplane::worker::PortInfo, dataplane::runtime::RuntimeError> {
         match self.dp.take_adopted(ifindex, queue) {
             Some(p) => Ok(p),
-            None => self.dp.add_port(ifindex, queue),
+            None => self.dp.add_port_as(ifindex, queue, kind),
         }
     }
 

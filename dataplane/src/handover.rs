@@ -29,6 +29,7 @@ use crate::xsk::{RingSizes, UmemArea, UmemConfig, XskSocket};
 /// One port (socket) of a handed-over worker.
 pub struct PortState {
     pub id: u16,
+    pub kind: crate::worker::PortKind,
     pub fill_target: u32,
     pub filled: u32,
     pub socket: XskSocket,
@@ -51,6 +52,9 @@ pub struct WorkerState {
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortMeta {
     pub id: u16,
+    /// Absent from an agent that did not tell (an endpoint, as it treated every port).
+    #[serde(default)]
+    pub kind: crate::worker::PortKind,
     pub ifindex: u32,
     pub queue: u32,
     pub fill_target: u32,
@@ -123,6 +127,7 @@ impl WorkerState {
         for p in &self.ports {
             ports.push(PortMeta {
                 id: p.id,
+                kind: p.kind,
                 ifindex: p.socket.ifindex(),
                 queue: p.socket.queue(),
                 fill_target: p.fill_target,
@@ -212,6 +217,7 @@ impl WorkerState {
                 .map_err(|source| HandoverError::Socket { worker, source })?;
             ports.push(PortState {
                 id: p.id,
+                kind: p.kind,
                 fill_target: p.fill_target,
                 filled: p.filled,
                 socket,

@@ -18,7 +18,7 @@ use crate::{
     latency::LatencyHistograms,
     snapshot::Snapshot,
     stats::{Counters, SharedCounters},
-    worker::{Command, PortInfo, PortStatus, Worker, WorkerConfig},
+    worker::{Command, PortInfo, PortKind, PortStatus, Worker, WorkerConfig},
     xsk::{RingSizes, UmemConfig},
     xsk::{UmemRegion, XskSocket},
 };
@@ -512,6 +512,17 @@ impl Dataplane {
     /// setsockopts and mmaps, and bind(2) (which takes the rtnl lock) never stall a worker.
     /// The worker only takes it over and fills its fill ring.
     pub fn add_port(&self, ifindex: u32, queue: u32) -> Result<PortInfo, RuntimeError> {
+        self.add_port_as(ifindex, queue, PortKind::Endpoint)
+    }
+
+    /// [`Dataplane::add_port`] for a port of the given kind: the uplink's fill ring is kept
+    /// full from the start ([`PortKind::Uplink`]).
+    pub fn add_port_as(
+        &self,
+        ifindex: u32,
+        queue: u32,
+        kind: PortKind,
+    ) -> Result<PortInfo, RuntimeError> {
         let w = &self.workers[self.worker_for_queue(queue)];
         let mut ports = w.ports.lock().unwrap_or_else(|e| e.into_inner());
         let (tx, rx) = mpsc::sync_channel(1);
@@ -543,6 +554,7 @@ impl Dataplane {
         let (tx, rx) = mpsc::sync_channel(1);
         w.send(Command::AddPort {
             socket: Box::new(socket),
+            kind,
             reply: tx,
         })?;
         match rx.recv_timeout(COMMAND_TIMEOUT) {

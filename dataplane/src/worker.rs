@@ -119,6 +119,7 @@ pub enum Command {
     /// Take over a socket control created and bound on this worker's UMEM.
     AddPort {
         socket: Box<XskSocket>,
+        kind: PortKind,
         reply: SyncSender<Result<PortInfo, String>>,
     },
     RemovePort {
@@ -154,9 +155,25 @@ const OWNER_WORKER: u16 = u16::MAX;
 /// `owner` value of a frame a zero-copy port still held when removed: never reused.
 const OWNER_LEAKED: u16 = u16::MAX - 1;
 
+/// What a port carries, which decides how its fill ring is kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortKind {
+    /// A pod's veth (or the host firewall's re-injection veth): starts small, grows with
+    /// traffic.
+    #[default]
+    Endpoint,
+    /// The node's uplink, where every other node's traffic arrives: kept full from the start,
+    /// like a NIC's rx ring. A burst from another node (its worker catching up after a pause,
+    /// a hot restart's rings released at once) lands in frames already posted, not in a ring
+    /// that grows only after it ran dry.
+    Uplink,
+}
+
 struct Port {
     /// Stable id (index positions shift when ports are removed).
     id: u16,
+    kind: PortKind,
     sock: XskSocket,
     tx_dirty: bool,
     /// Frames this port's fill ring is topped up to: starts small ([`fill_start`]) and doubles
@@ -214,7 +231,10 @@ pub struct Worker {
     /// (ifindex, port index) sorted by ifindex: the tx socket for each interface.
     tx_port: Vec<(u32, usize)>,
     pollfds: Vec<libc::pollfd>,
+    /// Per-port fill caps: an endpoint port grows up to `fill_target`, an uplink port is kept
+    /// at `uplink_fill_target`.
     fill_target: u32,
+    uplink_fill_target: u32,
     counters: Counters,
     latency: LatencyHistograms,
     clock: CycleClock,
@@ -296,6 +316,7 @@ impl Worker {
             .into_iter()
             .map(|p| Port {
                 id: p.id,
+                kind: p.kind,
                 sock: p.socket,
                 // What the old worker queued may not have been kicked yet.
                 tx_dirty: true,
@@ -378,6 +399,7 @@ impl Worker {
             tx_port: Vec::new(),
             pollfds: Vec::new(),
             fill_target: 0,
+            uplink_fill_target: 0,
             counters: Counters::default(),
             latency: LatencyHistograms::new(),
             clock,
@@ -437,6 +459,7 @@ impl Worker {
             .into_iter()
             .map(|p| crate::handover::PortState {
                 id: p.id,
+                kind: p.kind,
                 fill_target: p.fill_target,
                 filled: p.filled,
                 socket: p.sock,
@@ -590,9 +613,13 @@ impl Worker {
     fn apply_commands(&mut self) -> Next {
         loop {
             match self.commands.try_recv() {
-                Ok(Command::AddPort { socket, reply }) => {
+                Ok(Command::AddPort {
+                    socket,
+                    kind,
+                    reply,
+                }) => {
                     let (ifindex, queue) = (socket.ifindex(), socket.queue());
-                    let r = self.add_port(*socket);
+                    let r = self.add_port(*socket, kind);
                     let added = r.is_ok();
                     if reply.send(r).is_err() && added {
                         // Control gave up waiting: nobody will register or remove this socket.
@@ -626,7 +653,7 @@ impl Worker {
         }
     }
 
-    fn add_port(&mut self, sock: XskSocket) -> Result<PortInfo, String> {
+    fn add_port(&mut self, sock: XskSocket, kind: PortKind) -> Result<PortInfo, String> {
         let (ifindex, queue) = (sock.ifindex(), sock.queue());
         if self
             .ports
@@ -646,9 +673,11 @@ impl Worker {
         };
         let id = self.allocate_port_id();
         self.ports.push(Port {
+            // An uplink's target is set to its cap by `rebuild_tables`.
             fill_target: fill_start(self.config.umem.frames, self.config.rings.fill),
             filled: 0,
             id,
+            kind,
             sock,
             tx_dirty: false,
         });
@@ -735,11 +764,29 @@ impl Worker {
             });
         }
         // At most half the UMEM waits in fill rings; the rest carries frames in flight
-        // (rx -> tx -> completion). With many ports each gets fewer, down to a floor.
-        let ports = self.ports.len().max(1) as u32;
+        // (rx -> tx -> completion). The uplinks take up to half of that budget (all of it when
+        // the worker has no endpoint), the endpoints share the rest; with many ports each
+        // gets fewer, down to a floor.
+        let ring = self.config.rings.fill;
+        let floor = 16.min(ring);
         let budget = self.config.umem.frames / 2;
-        self.fill_target =
-            (budget / ports).clamp(16.min(self.config.rings.fill), self.config.rings.fill);
+        let uplinks = self
+            .ports
+            .iter()
+            .filter(|p| p.kind == PortKind::Uplink)
+            .count() as u32;
+        let endpoints = self.ports.len() as u32 - uplinks;
+        let share = if endpoints == 0 { budget } else { budget / 2 };
+        self.uplink_fill_target = share
+            .checked_div(uplinks)
+            .map_or(0, |s| s.clamp(floor, ring));
+        let left = budget.saturating_sub(self.uplink_fill_target * uplinks);
+        self.fill_target = (left / endpoints.max(1)).clamp(floor, ring);
+        for p in &mut self.ports {
+            if p.kind == PortKind::Uplink {
+                p.fill_target = self.uplink_fill_target;
+            }
+        }
     }
 
     #[inline]
@@ -1023,10 +1070,18 @@ impl Worker {
             let received = p.filled.saturating_sub(outstanding);
             // Grown when traffic drained the ring to a quarter since the last refill (a burst,
             // or the worker was away): idle and lightly used ports stay small.
-            if received > 0 && outstanding < p.fill_target / 4 && p.fill_target < self.fill_target {
+            if p.kind == PortKind::Endpoint
+                && received > 0
+                && outstanding < p.fill_target / 4
+                && p.fill_target < self.fill_target
+            {
                 p.fill_target = (p.fill_target * 2).min(self.fill_target);
             }
-            let target = p.fill_target.min(self.fill_target);
+            let cap = match p.kind {
+                PortKind::Uplink => self.uplink_fill_target,
+                PortKind::Endpoint => self.fill_target,
+            };
+            let target = p.fill_target.min(cap);
             if outstanding < target {
                 let want = target - outstanding;
                 let mut pushed = 0;

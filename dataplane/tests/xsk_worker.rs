@@ -42,7 +42,7 @@ use dataplane::wire::Mac;
 use dataplane::{
     runtime::{Dataplane, DataplaneConfig, RuntimeError, WorkerReport},
     snapshot::{EndpointEntry, InterfaceEntry, InterfaceRole, SnapshotBuilder},
-    worker::PortInfo,
+    worker::{PortInfo, PortKind},
     xsk::{BindMode, RingSizes, UmemConfig},
     DropReason,
 };
@@ -1054,6 +1054,115 @@ fn two_workers_each_own_their_queue() {
     remove_and_check_all_free(&dp, &[port0, port1]);
 }
 
+/// Rings of `n` descriptors each.
+fn rings_of(n: u32) -> RingSizes {
+    RingSizes {
+        rx: n,
+        tx: n,
+        fill: n,
+        completion: n,
+    }
+}
+
+/// A veth pair `<name>a` (netns `a`, XDP attached, a port of `kind` on queue 0 registered) to
+/// `<name>b` (netns `b`) that nothing sends on. MACs come from a hash of the name.
+fn idle_port(
+    ns: &Namespaces,
+    (netns_a, netns_b): (&str, &str),
+    dp: &Dataplane,
+    name: &str,
+    kind: PortKind,
+) -> (Attachment, u32) {
+    let (a, b) = (
+        ns.ifname(&format!("{name}a")),
+        ns.ifname(&format!("{name}b")),
+    );
+    let tag = name
+        .bytes()
+        .fold(0u16, |h, c| h.wrapping_mul(31).wrapping_add(c.into()));
+    let [hi, lo] = tag.to_be_bytes();
+    let mac_a = Mac([0x02, 0, 0xa0, hi, lo, 1]);
+    let mac_b = Mac([0x02, 0, 0xb0, hi, lo, 2]);
+    veth(netns_a, &a, mac_a, netns_b, &b, mac_b, None);
+    let ifx = ifindex_in(netns_a, &a);
+    let mut att = attach_in(netns_a, &a);
+    let port = dp.add_port_as(ifx, 0, kind).expect("add_port_as");
+    register(&mut att, &port);
+    (att, ifx)
+}
+
+/// The uplink's fill ring is kept full from the start, like a NIC's rx ring: another node's
+/// burst (its worker forwarding at once what waited in its rings during a hot restart) lands in
+/// frames already posted. Before, the uplink started at an endpoint's small share and grew only
+/// after the ring had run dry; node2 dropped (`rx_fill_ring_empty_descs`) the part of node1's
+/// burst beyond it. Endpoints still start small and share what the uplink leaves, and the kind
+/// travels with a hot restart.
+#[test]
+fn an_uplink_port_holds_its_full_fill_share_from_the_start() {
+    require_root!();
+    let mut ns = Namespaces::new();
+    let netns_a = ns.add("a");
+    let netns_b = ns.add("b");
+    let mut cfg = config(1);
+    // A fill budget of 1024 (half the UMEM): the uplink takes half of it (a full ring of
+    // 512), the two endpoints start at 64 (a thirty-second of the UMEM) and may grow to 256.
+    cfg.umem.frames = 2048;
+    cfg.rings = rings_of(512);
+    let rings = cfg.rings;
+    let dp = start_in(&netns_a, cfg);
+    let mut atts = Vec::new();
+    let mut ifindexes = Vec::new();
+    for (i, kind) in [PortKind::Uplink, PortKind::Endpoint, PortKind::Endpoint]
+        .into_iter()
+        .enumerate()
+    {
+        let (att, ifx) = idle_port(&ns, (&netns_a, &netns_b), &dp, &format!("u{i}"), kind);
+        atts.push(att);
+        ifindexes.push((ifx, kind));
+    }
+    let held = |stats: &[dataplane::worker::PortStatus], ifx: u32| {
+        stats
+            .iter()
+            .find(|s| s.ifindex == ifx)
+            .map(|s| s.frames_in_kernel)
+    };
+    let want = |kind| match kind {
+        PortKind::Uplink => 512,
+        PortKind::Endpoint => 64,
+    };
+    let deadline = Instant::now() + COUNTER_WAIT;
+    let stats = loop {
+        let stats = check_frames_accounted(&dp);
+        let settled = ifindexes
+            .iter()
+            .all(|(ifx, kind)| held(&stats, *ifx) == Some(want(*kind)));
+        if settled || Instant::now() >= deadline {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for (ifx, kind) in &ifindexes {
+        assert_eq!(
+            held(&stats, *ifx),
+            Some(want(*kind)),
+            "{kind:?} port {ifx}: frames in its fill ring; ports {stats:?}"
+        );
+    }
+
+    // The kind travels with the worker's state (a hot restart keeps the uplink full).
+    let mut dp = dp;
+    let states = dp.handover().expect("handover");
+    let (meta, _fds) = states[0].meta(rings);
+    let meta: dataplane::handover::WorkerMeta =
+        serde_json::from_str(&serde_json::to_string(&meta).expect("serialises")).expect("parses");
+    for (ifx, kind) in &ifindexes {
+        let p = meta.ports.iter().find(|p| p.ifindex == *ifx).expect("port");
+        assert_eq!(p.kind, *kind, "{meta:?}");
+    }
+    drop(states);
+    drop(atts);
+}
+
 /// Many ports on one worker: with a fixed share per port, the first ports added kept the big
 /// shares of a worker with few ports and the pool ran dry (every frame in some fill ring, none
 /// left for handoff copies, later ports with empty fill rings). Now idle ports hold a small
@@ -1067,23 +1176,17 @@ fn many_idle_ports_leave_free_frames_and_every_port_gets_some() {
     let netns_b = ns.add("b");
     let mut cfg = config(1);
     cfg.umem.frames = 1024;
-    cfg.rings = RingSizes {
-        rx: 512,
-        tx: 512,
-        fill: 512,
-        completion: 512,
-    };
+    cfg.rings = rings_of(512);
     let dp = start_in(&netns_a, cfg);
     let mut atts = Vec::new();
     for i in 0..PORTS {
-        let (a, b) = (ns.ifname(&format!("m{i}a")), ns.ifname(&format!("m{i}b")));
-        let mac_a = Mac([0x02, 0, 0, 0, 0xa0, i as u8]);
-        let mac_b = Mac([0x02, 0, 0, 0, 0xb0, i as u8]);
-        veth(&netns_a, &a, mac_a, &netns_b, &b, mac_b, None);
-        let ifx = ifindex_in(&netns_a, &a);
-        let mut att = attach_in(&netns_a, &a);
-        let port = dp.add_port(ifx, 0).expect("add_port");
-        register(&mut att, &port);
+        let (att, _) = idle_port(
+            &ns,
+            (&netns_a, &netns_b),
+            &dp,
+            &format!("m{i}"),
+            PortKind::Endpoint,
+        );
         atts.push(att);
     }
     // Let the worker refill every port (bounded wait).

@@ -39,6 +39,7 @@ use common::{
 const INSTANCE_PREFIX: char = 'h';
 const WORKERS: u32 = 2;
 const NODE1: &str = "node1";
+const NODE2: &str = "node2";
 const NODE1_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 11);
 const CLIENT: &str = "default/client";
 const WEB1: &str = "default/web-1";
@@ -140,6 +141,38 @@ fn xdp_programs(tb: &Testbed) -> BTreeSet<String> {
 fn agent_log(tb: &Testbed) -> String {
     let dir = &tb.node(NODE1).expect("node1").state_dir;
     std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
+}
+
+/// Per node: the AF_XDP queues whose kernel counters show a drop (ring full, fill ring empty)
+/// and the agent's counted drop reasons, so a loss names the ring or reason that took it.
+fn losses(tb: &Testbed, nodes: &[&str]) -> String {
+    let mut out = String::new();
+    for name in nodes {
+        let Ok(node) = tb.node(name) else { continue };
+        let status = control::api::call(
+            &node.agent_socket,
+            &control::api::Request::Status,
+            STATUS_TIMEOUT,
+        )
+        .ok()
+        .and_then(|r| r.status)
+        .and_then(|v| serde_json::from_value::<control::status::Status>(v).ok());
+        let Some(status) = status else {
+            out.push_str(&format!("{name}: no status\n"));
+            continue;
+        };
+        for i in &status.interfaces {
+            for q in &i.queues {
+                if q.kernel_rx_dropped + q.kernel_rx_ring_full + q.kernel_rx_fill_ring_empty > 0 {
+                    out.push_str(&format!("{name} {} {q:?}\n", i.name));
+                }
+            }
+        }
+        for d in status.drops.iter().filter(|d| d.count > 0) {
+            out.push_str(&format!("{name} drop {} {}\n", d.reason, d.count));
+        }
+    }
+    out
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -487,7 +520,9 @@ fn a_hot_restart_that_fails_after_the_hand_over_rolls_back_and_loses_nothing() {
     assert_eq!(
         count.trim(),
         DATAGRAMS.to_string(),
-        "datagrams received of {DATAGRAMS} sent across the failed hot restart ({err})"
+        "datagrams received of {DATAGRAMS} sent across the failed hot restart ({err}); where \
+         frames were dropped:\n{}",
+        losses(&tb, &[NODE1, NODE2])
     );
 
     // The rolled-back agent can still hand over.
