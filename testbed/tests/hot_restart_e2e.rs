@@ -31,8 +31,8 @@ use testbed::Testbed;
 
 mod common;
 use common::{
-    cluster, hold, ping, pod_ip, python, require_root, text, timed, Env, Proc, STATUS_TIMEOUT,
-    UDP_SINK, UDP_SOURCE,
+    cluster, hold, ping, pod_ip, python, require_root, ring_losses, text, timed, Env, PacedStream,
+    Proc, STATUS_TIMEOUT,
 };
 
 /// Instance names here are `h{pid}n{counter}z`.
@@ -143,38 +143,6 @@ fn agent_log(tb: &Testbed) -> String {
     std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default()
 }
 
-/// Per node: the AF_XDP queues whose kernel counters show a drop (ring full, fill ring empty)
-/// and the agent's counted drop reasons, so a loss names the ring or reason that took it.
-fn losses(tb: &Testbed, nodes: &[&str]) -> String {
-    let mut out = String::new();
-    for name in nodes {
-        let Ok(node) = tb.node(name) else { continue };
-        let status = control::api::call(
-            &node.agent_socket,
-            &control::api::Request::Status,
-            STATUS_TIMEOUT,
-        )
-        .ok()
-        .and_then(|r| r.status)
-        .and_then(|v| serde_json::from_value::<control::status::Status>(v).ok());
-        let Some(status) = status else {
-            out.push_str(&format!("{name}: no status\n"));
-            continue;
-        };
-        for i in &status.interfaces {
-            for q in &i.queues {
-                if q.kernel_rx_dropped + q.kernel_rx_ring_full + q.kernel_rx_fill_ring_empty > 0 {
-                    out.push_str(&format!("{name} {} {q:?}\n", i.name));
-                }
-            }
-        }
-        for d in status.drops.iter().filter(|d| d.count > 0) {
-            out.push_str(&format!("{name} drop {} {}\n", d.reason, d.count));
-        }
-    }
-    out
-}
-
 fn pid_alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -242,33 +210,7 @@ fn a_hot_restart_keeps_connections_loses_no_packet_and_keeps_the_programs() {
     assert_eq!(health_status(&tb), "200", "healthCheckNodePort before");
 
     // A paced stream from node1 to node2 across both restarts.
-    const DATAGRAMS: u64 = 5000;
-    let web2 = pod_ip(&tb, WEB2).to_string();
-    let (sink, ready) = Proc::start_in_pod(
-        &tb,
-        WEB2,
-        "40",
-        &[python(), "-c", UDP_SINK, "9999", &DATAGRAMS.to_string()],
-    );
-    assert_eq!(ready, "ready");
-    let source = tb
-        .spawn_in_pod(
-            CLIENT,
-            &timed(
-                "40",
-                &[
-                    python(),
-                    "-c",
-                    UDP_SOURCE,
-                    &web2,
-                    "9999",
-                    &DATAGRAMS.to_string(),
-                    "64",
-                ],
-            ),
-        )
-        .expect("source starts");
-    let source = Proc::new(source);
+    let stream = PacedStream::start(&tb, CLIENT, WEB2, 5000);
 
     let programs = xdp_programs(&tb);
     assert!(
@@ -313,13 +255,13 @@ fn a_hot_restart_keeps_connections_loses_no_packet_and_keeps_the_programs() {
     );
 
     // The stream: nothing lost across two restarts.
-    let (out, err, _) = source.finish();
-    assert_eq!(out.trim(), "sent", "{err}");
-    let (count, err, _) = sink.finish();
+    let sent = stream.datagrams;
+    let (received, err) = stream.finish();
     assert_eq!(
-        count.trim(),
-        DATAGRAMS.to_string(),
-        "datagrams received of {DATAGRAMS} sent across two hot restarts ({err})"
+        received,
+        sent,
+        "datagrams received across two hot restarts ({err}); where frames were dropped:\n{}",
+        ring_losses(&tb, &[NODE1, NODE2])
     );
 
     // Connections: the servers speak first, through the handed-over flows.
@@ -426,33 +368,7 @@ fn a_hot_restart_that_fails_after_the_hand_over_rolls_back_and_loses_nothing() {
     // Next hops resolved first: the first packet to an unresolved one becomes its ARP request.
     let p = ping(&tb, CLIENT, pod_ip(&tb, WEB2), 2);
     assert!(p.status.success(), "ping before:\n{}", text(&p));
-    const DATAGRAMS: u64 = 3000;
-    let web2 = pod_ip(&tb, WEB2).to_string();
-    let (sink, ready) = Proc::start_in_pod(
-        &tb,
-        WEB2,
-        "40",
-        &[python(), "-c", UDP_SINK, "9999", &DATAGRAMS.to_string()],
-    );
-    assert_eq!(ready, "ready");
-    let source = tb
-        .spawn_in_pod(
-            CLIENT,
-            &timed(
-                "40",
-                &[
-                    python(),
-                    "-c",
-                    UDP_SOURCE,
-                    &web2,
-                    "9999",
-                    &DATAGRAMS.to_string(),
-                    "64",
-                ],
-            ),
-        )
-        .expect("source starts");
-    let source = Proc::new(source);
+    let stream = PacedStream::start(&tb, CLIENT, WEB2, 3000);
     let programs = xdp_programs(&tb);
     assert!(programs.len() >= 4, "{programs:?}");
     std::thread::sleep(Duration::from_millis(500));
@@ -514,15 +430,13 @@ fn a_hot_restart_that_fails_after_the_hand_over_rolls_back_and_loses_nothing() {
     assert!(status.ok, "{status:?}");
     assert_eq!(xdp_programs(&tb), programs, "the same XDP programs");
 
-    let (out, err, _) = source.finish();
-    assert_eq!(out.trim(), "sent", "{err}");
-    let (count, err, _) = sink.finish();
+    let sent = stream.datagrams;
+    let (received, err) = stream.finish();
     assert_eq!(
-        count.trim(),
-        DATAGRAMS.to_string(),
-        "datagrams received of {DATAGRAMS} sent across the failed hot restart ({err}); where \
-         frames were dropped:\n{}",
-        losses(&tb, &[NODE1, NODE2])
+        received,
+        sent,
+        "datagrams received across the failed hot restart ({err}); where frames were dropped:\n{}",
+        ring_losses(&tb, &[NODE1, NODE2])
     );
 
     // The rolled-back agent can still hand over.
@@ -573,33 +487,7 @@ fn a_hot_restart_with_wireguard_keeps_the_sessions_and_loses_nothing() {
 
     // Strict mode: a datagram sent while a side has no session is dropped (wg_no_session),
     // so the stream's count shows any moment without one.
-    const DATAGRAMS: u64 = 4000;
-    let b1_ip = pod_ip(&tb, b1).to_string();
-    let (sink, ready) = Proc::start_in_pod(
-        &tb,
-        b1,
-        "40",
-        &[python(), "-c", UDP_SINK, "9999", &DATAGRAMS.to_string()],
-    );
-    assert_eq!(ready, "ready");
-    let source = Proc::new(
-        tb.spawn_in_pod(
-            a1,
-            &timed(
-                "40",
-                &[
-                    python(),
-                    "-c",
-                    UDP_SOURCE,
-                    &b1_ip,
-                    "9999",
-                    &DATAGRAMS.to_string(),
-                    "64",
-                ],
-            ),
-        )
-        .expect("source starts"),
-    );
+    let stream = PacedStream::start(&tb, a1, b1, 4000);
     std::thread::sleep(Duration::from_millis(800));
     // The sender's side, then the receiver's (its replay windows and receive keys travel).
     let mut restarted = Vec::new();
@@ -609,27 +497,14 @@ fn a_hot_restart_with_wireguard_keeps_the_sessions_and_loses_nothing() {
         restarted.push(Instant::now());
         std::thread::sleep(Duration::from_millis(800));
     }
-    let (out, err, _) = source.finish();
-    assert_eq!(out.trim(), "sent", "{err}");
-    let (count, err, _) = sink.finish();
-    let drops: Vec<(String, Vec<(String, u64)>)> = ["node1", "node2"]
-        .iter()
-        .map(|n| {
-            let s = common::status(&tb, n);
-            let d = s
-                .drops
-                .iter()
-                .filter(|d| d.count > 0)
-                .map(|d| (d.reason.clone(), d.count))
-                .collect();
-            (n.to_string(), d)
-        })
-        .collect();
+    let sent = stream.datagrams;
+    let (received, err) = stream.finish();
     assert_eq!(
-        count.trim(),
-        DATAGRAMS.to_string(),
-        "datagrams received of {DATAGRAMS} sent, encrypted, across hot restarts of both ends \
-         ({err}); the new agents' drops: {drops:?}"
+        received,
+        sent,
+        "datagrams received, encrypted, across hot restarts of both ends ({err}); where frames \
+         were dropped:\n{}",
+        ring_losses(&tb, &[NODE1, NODE2])
     );
     for (node, at) in ["node1", "node2"].iter().zip(&restarted) {
         let s = common::status(&tb, node);

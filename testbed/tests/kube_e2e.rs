@@ -16,7 +16,9 @@
 //! added and changed through the API take effect and feed the programming-latency histogram; an
 //! outage (status says so, traffic keeps flowing on the last snapshot, a Service deleted
 //! meanwhile is pruned only after the resync, the rest stays, `relists` grows); a restart with
-//! the API server down forwards from the checkpoint before any sync, then syncs; the WireGuard
+//! the API server down forwards from the checkpoint before any sync, then syncs; a hot restart
+//! (API server up, then down) loses none of a paced stream, forwards the handed-over state and
+//! then syncs and watches; the WireGuard
 //! public key reaches the other node only through each agent's PATCH of its own Node; an invalid
 //! object is skipped with a warning and counted while everything else keeps working.
 //!
@@ -52,8 +54,8 @@ use testbed::{names::Names, AgentSource, Encryption, Testbed};
 
 mod common;
 use common::{
-    cluster, hold, ping, ping_within, pod_ip, python, require_root, status, status_when, text,
-    timed, unique_instance, Env, Proc,
+    cluster, hold, ping, ping_within, pod_ip, python, require_root, ring_losses, status,
+    status_when, text, timed, unique_instance, Env, PacedStream, Proc,
 };
 
 /// Instance names here are `k{pid}n{counter}z`.
@@ -378,6 +380,53 @@ impl KubeBed {
         bed
     }
 
+    /// [`KubeBed::up`] of `services.yaml`, the web servers started, and the cross-node path
+    /// and the `web` ClusterIP answering.
+    fn up_serving_web() -> (Self, Vec<Proc>) {
+        let bed = Self::up(SERVICES, None, Encryption::None);
+        let servers = bed.start_web_servers();
+        ping_within(&bed.tb, CLIENT, WEB2, FIRST_PING_WITHIN);
+        let answer = bed.probe_until(CLIENT, WEB_VIP, 80, APPLY_WITHIN, is_web);
+        assert!(
+            is_web(&answer),
+            "ClusterIP {WEB_VIP}:80 from client: {answer:?}"
+        );
+        (bed, servers)
+    }
+
+    /// Waits (bounded) until `node` has synced every kind and its status carries no source
+    /// note (the checkpoint's or the hand-over's); panics with its log otherwise.
+    fn synced_without_note(&self, node: &str, when: &str) {
+        let s = self.api_status_when(node, SYNC_WITHIN, |a| a.connected && a.all_synced);
+        assert!(
+            api_of(&s).all_synced,
+            "{node} did not sync {when}: {:?}\n{}",
+            s.api,
+            self.agent_log(node)
+        );
+        let s = status_when(&self.tb, node, APPLY_WITHIN, |s| s.source_error.is_none());
+        assert_eq!(
+            s.source_error, None,
+            "{node}: the note outlived the sync {when}"
+        );
+    }
+
+    /// Applies [`added_service`] at [`ADDED_VIP`] with `backend` through the API and waits
+    /// (bounded) until the client's connections to it reach that backend.
+    fn add_service_answering(&self, backend: (&str, Ipv4Addr, &str), what: &str) {
+        let name = backend.0;
+        self.api.apply(&added_service(ADDED_VIP, backend));
+        let answer = self.probe_until(CLIENT, ADDED_VIP, 80, APPLY_WITHIN, |a| {
+            a.as_deref() == Ok(name)
+        });
+        assert_eq!(
+            answer.as_deref(),
+            Ok(name),
+            "{what}: {ADDED_VIP} does not answer from {name}:\n{}",
+            self.agent_log(NODE1)
+        );
+    }
+
     fn api_status_when(
         &self,
         node: &str,
@@ -643,16 +692,9 @@ fn services_added_and_changed_through_the_api_take_effect() {
     let counts_before = [programming_count(tb, NODE1), programming_count(tb, NODE2)];
     let generation_before = status(tb, NODE1).generation;
 
-    bed.api
-        .apply(&added_service(ADDED_VIP, ("web-2", WEB2_IP, NODE2)));
-    let answer = bed.probe_until(CLIENT, ADDED_VIP, 80, APPLY_WITHIN, |a| {
-        a.as_deref() == Ok("web-2")
-    });
-    assert_eq!(
-        answer.as_deref(),
-        Ok("web-2"),
-        "the Service added through the API does not answer:\n{}",
-        bed.agent_log(NODE1)
+    bed.add_service_answering(
+        ("web-2", WEB2_IP, NODE2),
+        "the Service added through the API does not answer",
     );
     assert!(status(tb, NODE1).generation > generation_before);
     for (node, before) in [NODE1, NODE2].into_iter().zip(counts_before) {
@@ -670,15 +712,9 @@ fn services_added_and_changed_through_the_api_take_effect() {
 
     // The EndpointSlice now holds web-1 (node1) instead.
     let count_before = programming_count(tb, NODE1);
-    bed.api
-        .apply(&added_service(ADDED_VIP, ("web-1", WEB1_IP, NODE1)));
-    let answer = bed.probe_until(CLIENT, ADDED_VIP, 80, APPLY_WITHIN, |a| {
-        a.as_deref() == Ok("web-1")
-    });
-    assert_eq!(
-        answer.as_deref(),
-        Ok("web-1"),
-        "the changed slice did not take effect"
+    bed.add_service_answering(
+        ("web-1", WEB1_IP, NODE1),
+        "the changed slice did not take effect",
     );
     for _ in 0..5 {
         let again = bed.probe(CLIENT, ADDED_VIP, 80);
@@ -698,17 +734,8 @@ fn services_added_and_changed_through_the_api_take_effect() {
 fn an_outage_keeps_forwarding_and_the_resync_prunes_only_what_is_gone() {
     require_root!();
     let _serial = hold(&SERIAL);
-    let bed = KubeBed::up(SERVICES, None, Encryption::None);
+    let (bed, _servers) = KubeBed::up_serving_web();
     let tb = &bed.tb;
-    let _servers = bed.start_web_servers();
-    ping_within(tb, CLIENT, WEB2, FIRST_PING_WITHIN);
-    assert!(is_web(&bed.probe_until(
-        CLIENT,
-        WEB_VIP,
-        80,
-        APPLY_WITHIN,
-        is_web
-    )));
     assert!(is_web(&bed.probe_until(
         CLIENT,
         STICKY_VIP,
@@ -811,27 +838,12 @@ fn an_outage_keeps_forwarding_and_the_resync_prunes_only_what_is_gone() {
 fn a_restart_during_an_outage_forwards_from_the_checkpoint() {
     require_root!();
     let _serial = hold(&SERIAL);
-    let mut bed = KubeBed::up(SERVICES, None, Encryption::None);
-    let _servers = bed.start_web_servers();
-    ping_within(&bed.tb, CLIENT, WEB2, FIRST_PING_WITHIN);
-    assert!(is_web(&bed.probe_until(
-        CLIENT,
-        WEB_VIP,
-        80,
-        APPLY_WITHIN,
-        is_web
-    )));
+    let (mut bed, _servers) = KubeBed::up_serving_web();
     // A change through the API (which also writes the checkpoint: the first sync alone does
     // not yet, see `agents_sync_from_the_api_server_and_forward`).
-    bed.api
-        .apply(&added_service(ADDED_VIP, ("web-2", WEB2_IP, NODE2)));
-    let answer = bed.probe_until(CLIENT, ADDED_VIP, 80, APPLY_WITHIN, |a| {
-        a.as_deref() == Ok("web-2")
-    });
-    assert_eq!(
-        answer.as_deref(),
-        Ok("web-2"),
-        "the added Service before the restart"
+    bed.add_service_answering(
+        ("web-2", WEB2_IP, NODE2),
+        "the added Service before the restart",
     );
     let checkpoint = bed.checkpoint_when(NODE1, |c| c.contains(&ADDED_VIP.to_string()));
     assert!(checkpoint.contains(&ADDED_VIP.to_string()), "{checkpoint}");
@@ -889,6 +901,82 @@ fn a_restart_during_an_outage_forwards_from_the_checkpoint() {
     let out = ping(&bed.tb, CLIENT, pod_ip(&bed.tb, WEB2), 3);
     assert!(out.status.success(), "ping after the sync:\n{}", text(&out));
     assert!(is_web(&bed.probe(CLIENT, WEB_VIP, 80)));
+}
+
+/// A hot restart of an agent that reads the API server: a paced stream across it loses nothing,
+/// the next agent forwards the handed-over state at once, then syncs and watches (a Service
+/// added afterwards answers). A second hot restart while the API server is down forwards on the
+/// handed-over state (the added Service included), says so, and syncs once the server is back,
+/// pruning nothing.
+#[test]
+fn a_hot_restart_with_the_api_source_loses_nothing_and_watches_on() {
+    require_root!();
+    let _serial = hold(&SERIAL);
+    let (mut bed, _servers) = KubeBed::up_serving_web();
+    let agent_pid = |bed: &KubeBed| bed.tb.node(NODE1).expect("node1").agent_pid;
+    let hot_restart = |bed: &mut KubeBed, what: &str| {
+        let before = agent_pid(bed);
+        let stream = PacedStream::start(&bed.tb, CLIENT, WEB2, 2000);
+        thread::sleep(Duration::from_millis(400));
+        bed.tb
+            .hot_restart_agent(NODE1)
+            .unwrap_or_else(|e| panic!("hot restart {what}: {e}\n{}", bed.agent_log(NODE1)));
+        assert_ne!(agent_pid(bed), before, "a new agent runs ({what})");
+        let sent = stream.datagrams;
+        let (received, err) = stream.finish();
+        assert_eq!(
+            received,
+            sent,
+            "datagrams received across the hot restart {what} ({err}); where frames were \
+             dropped:\n{}\n{}",
+            ring_losses(&bed.tb, &[NODE1, NODE2]),
+            bed.agent_log(NODE1)
+        );
+    };
+
+    hot_restart(&mut bed, "with the API server up");
+    let log = bed.agent_log(NODE1);
+    assert!(
+        log.contains("took over the running agent's dataplane"),
+        "not a hot restart:\n{log}"
+    );
+    bed.synced_without_note(NODE1, "after the hot restart");
+    // The next agent watches: a Service added through the API now answers.
+    bed.add_service_answering(
+        ("web-2", WEB2_IP, NODE2),
+        "a Service added after the hot restart",
+    );
+
+    bed.api.set_down(true);
+    hot_restart(&mut bed, "with the API server down");
+    let s = status(&bed.tb, NODE1);
+    let a = api_of(&s);
+    assert!(!a.all_synced, "synced with a server that is down: {a:?}");
+    assert!(
+        s.source_error
+            .as_deref()
+            .is_some_and(|e| e.contains("handed over")),
+        "status does not say it forwards the handed-over state: {:?}",
+        s.source_error
+    );
+    assert!(is_web(&bed.probe(CLIENT, WEB_VIP, 80)), "ClusterIP");
+    assert_eq!(
+        bed.probe(CLIENT, ADDED_VIP, 80).as_deref(),
+        Ok("web-2"),
+        "the Service added through the API, handed over"
+    );
+
+    bed.api.set_down(false);
+    bed.synced_without_note(NODE1, "after the server came back");
+    assert_eq!(
+        bed.probe(CLIENT, ADDED_VIP, 80).as_deref(),
+        Ok("web-2"),
+        "the resync pruned a Service that is still there"
+    );
+    assert!(
+        is_web(&bed.probe(CLIENT, WEB_VIP, 80)),
+        "ClusterIP after the resync"
+    );
 }
 
 /// With WireGuard, the served Nodes carry no public keys: each agent patches its own Node with
@@ -1054,15 +1142,9 @@ fn an_invalid_object_is_skipped_and_the_rest_keeps_working() {
         "the bad Service was programmed"
     );
     // A good change after the bad object still arrives.
-    bed.api
-        .apply(&added_service(ADDED_VIP, ("web-2", WEB2_IP, NODE2)));
-    let answer = bed.probe_until(CLIENT, ADDED_VIP, 80, APPLY_WITHIN, |a| {
-        a.as_deref() == Ok("web-2")
-    });
-    assert_eq!(
-        answer.as_deref(),
-        Ok("web-2"),
-        "a good Service after the bad one"
+    bed.add_service_answering(
+        ("web-2", WEB2_IP, NODE2),
+        "a good Service after the bad one",
     );
     let a = api_of(&status(&bed.tb, NODE1)).clone();
     assert!(

@@ -468,6 +468,77 @@ for i in range(int(sys.argv[3])):
 print("sent", flush=True)
 "#;
 
+/// A paced UDP stream ([`UDP_SOURCE`], about one 64-byte datagram per millisecond) from one pod
+/// to a [`UDP_SINK`] in another on port 9999, running while a test restarts things.
+pub struct PacedStream {
+    sink: Proc,
+    source: Proc,
+    pub datagrams: u64,
+}
+
+impl PacedStream {
+    pub fn start(tb: &Testbed, from: &str, to: &str, datagrams: u64) -> Self {
+        let to_ip = pod_ip(tb, to).to_string();
+        let count = datagrams.to_string();
+        let (sink, ready) =
+            Proc::start_in_pod(tb, to, "40", &[python(), "-c", UDP_SINK, "9999", &count]);
+        assert_eq!(ready, "ready", "UDP sink in {to} did not start");
+        let source = tb
+            .spawn_in_pod(
+                from,
+                &timed(
+                    "40",
+                    &[python(), "-c", UDP_SOURCE, &to_ip, "9999", &count, "64"],
+                ),
+            )
+            .unwrap_or_else(|e| panic!("UDP source in {from}: {e}"));
+        Self {
+            sink,
+            source: Proc::new(source),
+            datagrams,
+        }
+    }
+
+    /// Waits for both ends: the distinct datagrams the sink received (the source must have
+    /// sent them all), and the sink's stderr.
+    pub fn finish(self) -> (u64, String) {
+        let (out, err, _) = self.source.finish();
+        assert_eq!(out.trim(), "sent", "the UDP source: {err}");
+        let (count, err, _) = self.sink.finish();
+        let received = count
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("the UDP sink printed {count:?} ({err})"));
+        (received, err)
+    }
+}
+
+/// Per node: the AF_XDP queues whose kernel counters show a drop (ring full, fill ring empty)
+/// and the agent's counted drop reasons, so a loss names the ring or reason that took it.
+pub fn ring_losses(tb: &Testbed, nodes: &[&str]) -> String {
+    let mut out = String::new();
+    for node in nodes {
+        let status = match try_status(tb, node) {
+            Ok(s) => s,
+            Err(e) => {
+                out.push_str(&format!("{node}: no status ({e})\n"));
+                continue;
+            }
+        };
+        for i in &status.interfaces {
+            for q in &i.queues {
+                if q.kernel_rx_dropped + q.kernel_rx_ring_full + q.kernel_rx_fill_ring_empty > 0 {
+                    out.push_str(&format!("{node} {} {q:?}\n", i.name));
+                }
+            }
+        }
+        for d in status.drops.iter().filter(|d| d.count > 0) {
+            out.push_str(&format!("{node} drop {} {}\n", d.reason, d.count));
+        }
+    }
+    out
+}
+
 /// Transfers `bytes` of `s` over TCP from the pod `from` to the pod `to` (port 5201); returns
 /// what the sink counted. Panics when the sink saw a byte that is not `s`.
 pub fn tcp_transfer(tb: &Testbed, from: &str, to: &str, bytes: u64) -> u64 {
