@@ -475,6 +475,15 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
         }
     };
     if let Some(t) = &takeover {
+        // Before the first snapshot: no worker has chosen a backend yet.
+        match dp.import_affinity(&t.affinity) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(entries = n, "session-affinity entries taken over"),
+            Err(e) => tracing::error!(
+                error = %e,
+                "session-affinity entries not taken over: clients are placed afresh"
+            ),
+        }
         if let Some(ms) = std::env::var(HANDOVER_FAULT_ENV)
             .ok()
             .and_then(|v| v.parse::<u64>().ok())

@@ -11,8 +11,10 @@
 //!                          <------  State {generation, applied cluster state, worker and
 //!                                   attachment descriptions, WireGuard sessions} + fds
 //!                                   (SCM_RIGHTS): UMEM memfds, AF_XDP sockets, XDP links and
-//!                                   maps, the WireGuard socket; then each worker's flow records
-//!  maps UMEM and rings, imports flows,
+//!                                   maps, the WireGuard socket; then each worker's flow records,
+//!                                   then the session-affinity records (when there are any)
+//!  maps UMEM and rings, imports flows
+//!  and affinity entries,
 //!  takes the XDP links, publishes its first
 //!  snapshot: its workers forward
 //!  Ack::Running                       ------>  exits without detaching anything
@@ -150,6 +152,10 @@ pub struct State {
     /// The WireGuard slow path: sessions (keys, counters, replay windows) and peers.
     #[serde(default)]
     pub wireguard: Option<crate::wg_runtime::WgHandover>,
+    /// Session-affinity entries (`dataplane::affinity` records) in the message after the flow
+    /// records; none, and no message, when 0 (also from an agent that did not carry them).
+    #[serde(default)]
+    pub affinity_entries: usize,
 }
 
 impl State {
@@ -174,7 +180,8 @@ impl State {
 pub enum Reply {
     /// It keeps running; why it would not hand over.
     Refused { reason: String },
-    /// Followed by the fds and one flow-record message per worker.
+    /// Followed by the fds, one flow-record message per worker, and the affinity records
+    /// (when `affinity_entries > 0`).
     State(Box<State>),
 }
 
@@ -488,6 +495,7 @@ mod state_tests {
             uplink: None,
             endpoints: Vec::new(),
             wireguard: Some(wg),
+            affinity_entries: 2,
         };
         assert_eq!(s.fd_count(), 1);
         let bytes = serde_json::to_vec(&Reply::State(Box::new(s))).expect("encode");
@@ -496,9 +504,21 @@ mod state_tests {
             panic!("not a state")
         };
         assert_eq!(back.fd_count(), 1);
+        assert_eq!(back.affinity_entries, 2);
         assert_eq!(
             back.wireguard.expect("wireguard").sessions[0].counters_taken,
             7
         );
+        // From an agent that did not carry affinity entries: none, and no message to read.
+        let mut old: serde_json::Value = serde_json::from_slice(&bytes).expect("decode");
+        old["State"]
+            .as_object_mut()
+            .expect("the state object")
+            .remove("affinity_entries")
+            .expect("the field was there");
+        let Reply::State(back) = serde_json::from_value(old).expect("decode") else {
+            panic!("not a state")
+        };
+        assert_eq!(back.affinity_entries, 0);
     }
 }

@@ -18,6 +18,11 @@
 //!
 //! A client hashes to one set of 4 ways; an insert takes the matching, an empty or expired, or
 //! else the oldest way (counted as an eviction). Expiry has a resolution of one second.
+//!
+//! A hot restart carries the table ([`Affinity::export`] with the workers stopped,
+//! [`Affinity::import`] before the next agent's workers run): the entries' ids are the
+//! services' names hashed, the same in both agents, and their time left is counted from each
+//! agent's own clock.
 use std::{
     net::Ipv4Addr,
     sync::atomic::{fence, AtomicU64, Ordering},
@@ -25,6 +30,14 @@ use std::{
 
 const WAYS: usize = 4;
 const NS_PER_SEC: u64 = 1_000_000_000;
+/// Bytes of one [`Affinity::export`] record: key (u64), backend (u32), seconds left (u32), each
+/// little-endian.
+pub const EXPORTED_AFFINITY_BYTES: usize = 16;
+
+/// [`Affinity::import`] of bytes that are not whole records.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("session-affinity records: {0} bytes is not a whole number of {EXPORTED_AFFINITY_BYTES}-byte records")]
+pub struct AffinityImportError(pub usize);
 
 #[derive(Debug, Default)]
 struct Way {
@@ -105,8 +118,14 @@ impl Affinity {
         now_ns: u64,
         timeout_ns: u64,
     ) {
-        let key = Self::key(client, service);
         let now = secs(now_ns);
+        let expires = secs(now_ns.saturating_add(timeout_ns)).max(now + 1);
+        self.insert(Self::key(client, service), u32::from(backend), now, expires);
+    }
+
+    /// Stores `backend` under `key` until second `expires` (see `put`).
+    #[inline]
+    fn insert(&self, key: u64, backend: u32, now: u32, expires: u32) {
         let set = self.set(key);
         let expiry_of = |w: &Way| (w.value.load(Ordering::Relaxed) & 0xffff_ffff) as u32;
         let at = set
@@ -120,15 +139,62 @@ impl Affinity {
                 self.evictions.fetch_add(1, Ordering::Relaxed);
                 (0..WAYS).min_by_key(|&i| expiry_of(&set[i])).unwrap_or(0)
             });
-        let expires = secs(now_ns.saturating_add(timeout_ns)).max(now + 1);
         let w = &set[at];
         w.key.store(0, Ordering::Relaxed);
         fence(Ordering::Release);
         w.value.store(
-            u64::from(u32::from(backend)) << 32 | u64::from(expires),
+            u64::from(backend) << 32 | u64::from(expires),
             Ordering::Relaxed,
         );
         w.key.store(key, Ordering::Release);
+    }
+
+    /// Appends a record ([`EXPORTED_AFFINITY_BYTES`]) of every entry that has not expired at
+    /// `now_ns`, with its time left; returns how many. Meant for a table no worker writes
+    /// (a hot restart's, with the workers stopped): an entry being rewritten is skipped.
+    pub fn export(&self, now_ns: u64, out: &mut Vec<u8>) -> usize {
+        let now = secs(now_ns);
+        let mut n = 0;
+        for w in self.sets.iter().flatten() {
+            let key = w.key.load(Ordering::Acquire);
+            if key == 0 {
+                continue;
+            }
+            let Some(v) = Self::read(w, key) else {
+                continue;
+            };
+            let expires = (v & 0xffff_ffff) as u32;
+            if expires <= now {
+                continue;
+            }
+            out.extend_from_slice(&key.to_le_bytes());
+            out.extend_from_slice(&((v >> 32) as u32).to_le_bytes());
+            out.extend_from_slice(&(expires - now).to_le_bytes());
+            n += 1;
+        }
+        n
+    }
+
+    /// Inserts [`Affinity::export`]'s records, their time left counted from `now_ns`; returns
+    /// how many. A smaller table than the exporter's evicts (and counts) as inserts do.
+    pub fn import(&self, bytes: &[u8], now_ns: u64) -> Result<usize, AffinityImportError> {
+        if !bytes.len().is_multiple_of(EXPORTED_AFFINITY_BYTES) {
+            return Err(AffinityImportError(bytes.len()));
+        }
+        let now = secs(now_ns);
+        let mut n = 0;
+        for rec in bytes.chunks_exact(EXPORTED_AFFINITY_BYTES) {
+            let word =
+                |at: usize| u32::from_le_bytes([rec[at], rec[at + 1], rec[at + 2], rec[at + 3]]);
+            let key = u64::from(word(0)) | u64::from(word(4)) << 32;
+            let (backend, left) = (word(8), word(12));
+            if key == 0 || left == 0 {
+                continue;
+            }
+            self.insert(key, backend, now, now.saturating_add(left));
+            n += 1;
+        }
+        Ok(n)
     }
 }
 
@@ -152,6 +218,50 @@ mod tests {
         let b2 = Ipv4Addr::new(10, 244, 2, 10);
         a.put(c, 3, b2, 41 * S, 30 * S);
         assert_eq!(a.get(c, 3, 42 * S), Some(b2));
+    }
+
+    #[test]
+    fn export_and_import_carry_live_entries_with_their_time_left() {
+        let a = Affinity::new(64);
+        let (c1, c2, c3) = (
+            Ipv4Addr::new(10, 244, 1, 5),
+            Ipv4Addr::new(10, 244, 1, 6),
+            Ipv4Addr::new(10, 244, 1, 7),
+        );
+        let (b1, b2) = (Ipv4Addr::new(10, 244, 2, 9), Ipv4Addr::new(10, 244, 3, 9));
+        a.put(c1, 3, b1, 100 * S, 30 * S); // 30 s left at 100 s
+        a.put(c1, 4, b2, 100 * S, 60 * S); // another service port
+        a.put(c2, 3, b2, 90 * S, 5 * S); // expired at 95 s
+        a.put(c3, 3, b1, 100 * S, 10 * S);
+        let mut bytes = Vec::new();
+        assert_eq!(
+            a.export(100 * S, &mut bytes),
+            3,
+            "the expired entry stays behind"
+        );
+        assert_eq!(bytes.len(), 3 * EXPORTED_AFFINITY_BYTES);
+
+        // Another clock (the next agent's): 5000 s. Time left is kept, not the expiry.
+        let b = Affinity::new(64);
+        assert_eq!(b.import(&bytes, 5000 * S), Ok(3));
+        assert_eq!(b.get(c1, 3, 5029 * S), Some(b1));
+        assert_eq!(b.get(c1, 3, 5030 * S), None, "30 s after the import");
+        assert_eq!(b.get(c1, 4, 5059 * S), Some(b2));
+        assert_eq!(b.get(c2, 3, 5000 * S), None);
+        assert_eq!(b.get(c3, 3, 5009 * S), Some(b1));
+        assert_eq!(b.get(c3, 3, 5010 * S), None);
+
+        // Into a smaller table: evictions counted, never a wrong backend.
+        let small = Affinity::new(4);
+        assert_eq!(small.import(&bytes, 0), Ok(3));
+        for (c, svc, want) in [(c1, 3, b1), (c1, 4, b2), (c3, 3, b1)] {
+            assert_eq!(small.get(c, svc, 0), Some(want));
+        }
+        assert_eq!(
+            b.import(&bytes[..bytes.len() - 1], 0),
+            Err(AffinityImportError(3 * EXPORTED_AFFINITY_BYTES - 1))
+        );
+        assert_eq!(Affinity::new(64).import(&[], 0), Ok(0));
     }
 
     #[test]

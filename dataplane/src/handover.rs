@@ -19,9 +19,10 @@
 //!
 //! Requirements: the same number of workers (flows are steered to a worker by their key), the
 //! same UMEM geometry and ring sizes (the rings are mapped with the sizes they were created
-//! with). The conntrack table may be resized. Session affinity is not carried: its entries are
-//! remade by the same client-hash choice, so a client keeps its backend while the backend set
-//! is unchanged.
+//! with). The conntrack table may be resized. The session-affinity table is the dataplane's,
+//! not a worker's: it travels beside the workers (`Dataplane::export_affinity`, then
+//! `import_affinity` in the next agent), so a client keeps its backend even where the backend
+//! set changed since it was placed (a fresh choice could differ).
 use std::os::fd::{BorrowedFd, OwnedFd};
 
 use crate::xsk::{RingSizes, UmemArea, UmemConfig, XskSocket};

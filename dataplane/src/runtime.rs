@@ -199,6 +199,8 @@ pub struct Dataplane {
     snapshot: Arc<ArcSwapOption<Snapshot>>,
     /// Sockets handed over at a hot restart, until the agent claims them.
     adopted: Mutex<Vec<PortInfo>>,
+    /// The workers' shared session-affinity table.
+    affinity: Arc<crate::affinity::Affinity>,
     config: DataplaneConfig,
 }
 
@@ -417,8 +419,28 @@ impl Dataplane {
             rings: config.rings,
             snapshot,
             adopted: Mutex::new(adopted),
+            affinity,
             config,
         })
+    }
+
+    /// The session-affinity entries ([`crate::affinity::Affinity::export`] records) and how
+    /// many, for a hot restart: call after [`Dataplane::handover`], with the workers stopped.
+    pub fn export_affinity(&self) -> (Vec<u8>, usize) {
+        let mut out = Vec::new();
+        let now = crate::latency::CycleClock::get().to_ns(crate::latency::cycles());
+        let n = self.affinity.export(now, &mut out);
+        (out, n)
+    }
+
+    /// Inserts the previous agent's session-affinity entries: call right after
+    /// [`Dataplane::adopt`], before the first snapshot makes the workers forward.
+    pub fn import_affinity(
+        &self,
+        records: &[u8],
+    ) -> Result<usize, crate::affinity::AffinityImportError> {
+        let now = crate::latency::CycleClock::get().to_ns(crate::latency::cycles());
+        self.affinity.import(records, now)
     }
 
     /// A socket handed over by the previous agent for (`ifindex`, `queue`), now this agent's

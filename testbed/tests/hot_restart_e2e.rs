@@ -31,8 +31,8 @@ use testbed::Testbed;
 
 mod common;
 use common::{
-    cluster, hold, ping, pod_ip, python, require_root, ring_losses, text, timed, Env, PacedStream,
-    Proc, STATUS_TIMEOUT,
+    cluster, hold, ping, pod_ip, probe_name, python, replace_file, require_root, ring_losses,
+    status, status_when, text, timed, Env, PacedStream, Proc, NAME_SERVER, STATUS_TIMEOUT,
 };
 
 /// Instance names here are `h{pid}n{counter}z`.
@@ -46,6 +46,8 @@ const WEB1: &str = "default/web-1";
 const WEB2: &str = "default/web-2";
 /// `web`: ClusterIP, port 80 -> 8080 on web-1 (node1) and web-2 (node2).
 const WEB_CLUSTER_IP: &str = "10.96.1.10";
+/// `web-sticky`: 80/TCP -> http (8080) of web-1 and web-2, sessionAffinity ClientIP.
+const STICKY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 1, 13);
 /// `web-lb`'s healthCheckNodePort (eTP Local): served by the agent itself.
 const LB_HEALTH_PORT: &str = "32081";
 /// Connections held across the restart (Maglev spreads them over both backends).
@@ -449,6 +451,115 @@ fn a_hot_restart_that_fails_after_the_hand_over_rolls_back_and_loses_nothing() {
     assert_eq!(xdp_programs(&tb), programs, "the same XDP programs");
     let p = ping(&tb, CLIENT, pod_ip(&tb, WEB2), 3);
     assert!(p.status.success(), "ping after both:\n{}", text(&p));
+}
+
+/// Asks `web-sticky` from the client until the answer (a backend's name) is `want`'s, bounded;
+/// the last answer either way.
+fn sticky_until(tb: &Testbed, want: impl Fn(&str) -> bool) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let answer = probe_name(tb, CLIENT, STICKY_VIP, 80);
+        if answer.as_deref().is_ok_and(&want) || Instant::now() >= deadline {
+            return answer;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Session affinity survives a hot restart, also where a fresh choice would differ. The client
+/// is placed on the hash's choice of {web-1, web-2}, moved to the other backend while the
+/// Service selects only that one, and stays there when both are selected again (its entry is
+/// in the rotation). After a hot restart it is still there: had the entries not been carried
+/// over, the next agent would have placed it afresh, on the first choice.
+#[test]
+fn a_hot_restart_keeps_session_affinity_where_a_fresh_choice_would_differ() {
+    require_root!();
+    let _serial = hold(&SERIAL);
+    // A copy of the fixture, rewritten below, with labels that tell the backends apart
+    // (nothing selects by them yet).
+    let env = Env::new();
+    let file = env.cluster_file();
+    let mut base = std::fs::read_to_string(cluster("services.yaml")).expect("the fixture");
+    for name in ["web-1", "web-2"] {
+        let pod = format!("  name: {name}\n  namespace: default\n  labels:\n    app: web\n");
+        assert!(base.contains(&pod), "{name} in the fixture");
+        base = base.replace(&pod, &format!("{pod}    backend: {name}\n"));
+    }
+    std::fs::write(&file, &base).expect("write the cluster file");
+    let opts = env.options(&file, WORKERS);
+    let mut tb = env.up_with(opts);
+    let seconds = "120";
+    let _servers: Vec<Proc> = [(WEB1, "web-1"), (WEB2, "web-2")]
+        .into_iter()
+        .map(|(pod, name)| {
+            let (server, ready) = Proc::start_in_pod(
+                &tb,
+                pod,
+                "130",
+                &[python(), "-c", NAME_SERVER, name, "8080", seconds],
+            );
+            assert_eq!(ready, "ready", "server in {pod}");
+            server
+        })
+        .collect();
+    let first = sticky_until(&tb, |_| true).expect("web-sticky answers");
+    let other = if first == "web-1" { "web-2" } else { "web-1" };
+
+    // Only the other backend: the client's entry is out of the rotation, it moves.
+    let selector = "  selector:\n    app: web\n  sessionAffinity: ClientIP\n";
+    assert!(
+        base.contains(selector),
+        "web-sticky's selector in the fixture"
+    );
+    replace_file(
+        &file,
+        &base.replace(
+            selector,
+            &format!(
+                "  selector:\n    app: web\n    backend: {other}\n  sessionAffinity: ClientIP\n"
+            ),
+        ),
+    );
+    let moved = sticky_until(&tb, |b| b == other);
+    assert_eq!(
+        moved.as_deref(),
+        Ok(other),
+        "only {other} is selected: {:?}\n{}",
+        status(&tb, NODE1).source_error,
+        agent_log(&tb)
+    );
+
+    // Both again: the entry holds, where a fresh choice would be `first`.
+    let generation = status(&tb, NODE1).generation;
+    replace_file(&file, &base);
+    let s = status_when(&tb, NODE1, Duration::from_secs(15), |s| {
+        s.generation > generation
+    });
+    assert!(s.generation > generation, "both backends selected again");
+    for _ in 0..5 {
+        assert_eq!(
+            probe_name(&tb, CLIENT, STICKY_VIP, 80).as_deref(),
+            Ok(other),
+            "the client's entry holds while its backend is in the rotation"
+        );
+    }
+
+    tb.hot_restart_agent(NODE1)
+        .unwrap_or_else(|e| panic!("hot restart: {e}\n{}", agent_log(&tb)));
+    for _ in 0..5 {
+        assert_eq!(
+            probe_name(&tb, CLIENT, STICKY_VIP, 80).as_deref(),
+            Ok(other),
+            "after the hot restart, the client stays on {other} ({first} would be a fresh \
+             choice):\n{}",
+            agent_log(&tb)
+        );
+    }
+    let log = agent_log(&tb);
+    assert!(
+        log.contains("session-affinity entries taken over"),
+        "the next agent says it took the entries over:\n{log}"
+    );
 }
 
 /// node1's and node2's agents, each with a WireGuard session to the other (strict mode: no

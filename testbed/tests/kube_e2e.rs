@@ -54,8 +54,8 @@ use testbed::{names::Names, AgentSource, Encryption, Testbed};
 
 mod common;
 use common::{
-    cluster, hold, ping, ping_within, pod_ip, python, require_root, ring_losses, status,
-    status_when, text, timed, unique_instance, Env, PacedStream, Proc,
+    cluster, hold, ping, ping_within, pod_ip, probe_name, python, require_root, ring_losses,
+    status, status_when, text, timed, unique_instance, Env, PacedStream, Proc, NAME_SERVER,
 };
 
 /// Instance names here are `k{pid}n{counter}z`.
@@ -99,51 +99,9 @@ const NOTICE_WITHIN: Duration = Duration::from_secs(30);
 const FIRST_PING_WITHIN: Duration = Duration::from_secs(15);
 /// Servers end on their own after this long (longer than any test here).
 const SERVER_SECONDS: u32 = 300;
-/// A probe's connect + answer timeout, in seconds.
-const PROBE_TIMEOUT_S: &str = "1.5";
 
 /// Two nodes: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-// ---------------------------------------------------------------------------------------------
-// Python programs.
-
-/// argv: name, TCP port, seconds. Prints "ready"; answers the first line of every connection
-/// with `name`. Ends after `seconds` (SIGALRM).
-const SERVER: &str = r#"
-import signal, socket, sys, threading
-name, port, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-signal.alarm(seconds)
-t = socket.socket()
-t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-t.bind(("0.0.0.0", port))
-t.listen(64)
-def conn(c):
-    try:
-        c.settimeout(5)
-        c.makefile("rb").readline()
-        c.sendall((name + "\n").encode())
-    except OSError:
-        pass
-    finally:
-        c.close()
-print("ready", flush=True)
-while True:
-    c, _ = t.accept()
-    threading.Thread(target=conn, args=(c,), daemon=True).start()
-"#;
-
-/// argv: host, port, timeout. One TCP request; prints the answer, or `error:CLASS`.
-const PROBE: &str = r#"
-import socket, sys
-try:
-    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
-    s.sendall(b"hi\n")
-    line = s.makefile("rb").readline().decode().strip()
-    print(line if line else "error:empty", flush=True)
-except Exception as e:
-    print("error:" + type(e).__name__, flush=True)
-"#;
 
 // ---------------------------------------------------------------------------------------------
 // The fake API server in the external client's namespace.
@@ -480,7 +438,7 @@ impl KubeBed {
                     &self.tb,
                     pod,
                     &(SERVER_SECONDS + 10).to_string(),
-                    &[python(), "-c", SERVER, name, &port, &seconds],
+                    &[python(), "-c", NAME_SERVER, name, &port, &seconds],
                 );
                 assert_eq!(ready, "ready", "server in {pod} did not start");
                 server
@@ -489,7 +447,7 @@ impl KubeBed {
     }
 
     fn probe(&self, from: &str, ip: Ipv4Addr, port: u16) -> Result<String, String> {
-        probe(&self.tb, from, ip, port)
+        probe_name(&self.tb, from, ip, port)
     }
 
     /// Probes until `want` holds (bounded); the last answer either way.
@@ -516,23 +474,6 @@ fn api_of(s: &Status) -> &ApiStatus {
     s.api
         .as_ref()
         .unwrap_or_else(|| panic!("{}'s status has no api section: {}", s.node, s.render()))
-}
-
-/// One TCP request from `from` to `ip:port`: the server's name, or `Err(error class)`.
-fn probe(tb: &Testbed, from: &str, ip: Ipv4Addr, port: u16) -> Result<String, String> {
-    let (ip, port) = (ip.to_string(), port.to_string());
-    let out = tb
-        .exec_in_pod(
-            from,
-            &timed("10", &[python(), "-c", PROBE, &ip, &port, PROBE_TIMEOUT_S]),
-        )
-        .unwrap_or_else(|e| panic!("probe from {from}: {e}"));
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    match line.strip_prefix("error:") {
-        Some(class) => Err(class.to_string()),
-        None if out.status.success() && !line.is_empty() => Ok(line),
-        None => Err(format!("probe failed: {}", text(&out))),
-    }
 }
 
 fn is_web(answer: &Result<String, String>) -> bool {

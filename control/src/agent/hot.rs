@@ -46,6 +46,8 @@ pub(super) struct Takeover {
     pub received: std::time::Instant,
     /// Tables allocated before asking (not while the previous agent's workers are stopped).
     pub prepared: Option<dataplane::runtime::Prepared>,
+    /// Session-affinity records, for [`dataplane::runtime::Dataplane::import_affinity`].
+    pub affinity: Vec<u8>,
 }
 
 impl Takeover {
@@ -132,6 +134,13 @@ pub(super) fn take_over(
             .with_context(|| format!("hot restart: flows of worker {}", w.id))?;
         flows.push(bytes);
     }
+    let affinity = if state.affinity_entries > 0 {
+        handover::recv(&stream)
+            .context("hot restart: session-affinity entries")?
+            .0
+    } else {
+        Vec::new()
+    };
     let t = Takeover {
         stream,
         generation: state.generation,
@@ -142,6 +151,7 @@ pub(super) fn take_over(
         from_pid,
         received,
         prepared: Some(prepared),
+        affinity,
     };
     match adopt(state, fds, flows, dp) {
         Ok((cluster, workers, attachments, wireguard)) => Ok(Some(Takeover {
@@ -359,12 +369,14 @@ impl Agent {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "workers did not stop for the hand-over; restarting them");
-                self.resume(Vec::new(), None, rebind_api);
+                self.resume(Vec::new(), None, &[], rebind_api);
                 return refuse(format!("the workers did not stop: {e}"));
             }
         };
-        // With the workers stopped, the sessions' counters and replay windows stand still.
+        // With the workers stopped, the sessions' counters and replay windows stand still,
+        // and no affinity entry changes.
         let wg = self.wg.as_mut().and_then(|w| w.hand_over());
+        let (affinity, affinity_entries) = self.dp.export_affinity();
         let rings = self.dp.config().rings;
         let mut workers = Vec::with_capacity(states.len());
         let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
@@ -388,12 +400,20 @@ impl Agent {
             uplink,
             endpoints,
             wireguard: wg.as_ref().map(|(_, w)| w.clone()),
+            affinity_entries,
         };
-        let sent =
-            handover::send_json(&stream, &Reply::State(Box::new(state)), &fds).and_then(|()| {
+        let sent = handover::send_json(&stream, &Reply::State(Box::new(state)), &fds)
+            .and_then(|()| {
                 states
                     .iter()
                     .try_for_each(|s| handover::send(&stream, &s.flows, &[]))
+            })
+            .and_then(|()| {
+                if affinity_entries > 0 {
+                    handover::send(&stream, &affinity, &[])
+                } else {
+                    Ok(())
+                }
             });
         drop(fds);
         let flows: usize = states.iter().map(|s| s.flow_count).sum();
@@ -403,6 +423,7 @@ impl Agent {
                 tracing::info!(
                     pid = hello.pid,
                     flows,
+                    affinity_entries,
                     workers_stopped_ms = started.elapsed().as_secs_f64() * 1e3,
                     "the next agent runs the dataplane; exiting without detaching"
                 );
@@ -410,23 +431,25 @@ impl Agent {
             }
             Ok(Ack::Failed { error }) => {
                 tracing::error!(pid = hello.pid, %error, "the next agent gave up; taking the dataplane back");
-                self.resume(states, wg, rebind_api);
+                self.resume(states, wg, &affinity, rebind_api);
                 Outcome::RunOn
             }
             Err(e) => {
                 tracing::error!(pid = hello.pid, error = %e, "the next agent went away during the hand-over; taking the dataplane back");
-                self.resume(states, wg, rebind_api);
+                self.resume(states, wg, &affinity, rebind_api);
                 Outcome::RunOn
             }
         }
     }
 
     /// Runs on after a hand-over that did not happen: new workers continue the handed states
-    /// (ours again), the snapshot is published to them, and the API socket is bound again.
+    /// (ours again) with the affinity entries exported for it, the snapshot is published to
+    /// them, and the API socket is bound again.
     fn resume(
         &mut self,
         states: Vec<WorkerState>,
         wg: Option<(std::net::UdpSocket, crate::wg_runtime::WgHandover)>,
+        affinity: &[u8],
         rebind_api: &dyn Fn() -> anyhow::Result<()>,
     ) {
         if let Some((socket, state)) = wg {
@@ -457,6 +480,9 @@ impl Agent {
         match restarted {
             Ok(dp) => {
                 self.dp = dp;
+                if let Err(e) = self.dp.import_affinity(affinity) {
+                    tracing::error!(error = %e, "session-affinity entries not taken back");
+                }
                 // Our own sockets are registered already: claim them back.
                 self.dp.clear_adopted();
                 self.publish();

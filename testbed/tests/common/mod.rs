@@ -468,6 +468,66 @@ for i in range(int(sys.argv[3])):
 print("sent", flush=True)
 "#;
 
+/// A [`probe_name`]'s connect + answer timeout, in seconds.
+const PROBE_TIMEOUT_S: &str = "1.5";
+
+/// argv: name, TCP port, seconds. Prints "ready"; answers the first line of every connection
+/// with `name`. Ends after `seconds` (SIGALRM).
+pub const NAME_SERVER: &str = r#"
+import signal, socket, sys, threading
+name, port, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+signal.alarm(seconds)
+t = socket.socket()
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("0.0.0.0", port))
+t.listen(64)
+def conn(c):
+    try:
+        c.settimeout(5)
+        c.makefile("rb").readline()
+        c.sendall((name + "\n").encode())
+    except OSError:
+        pass
+    finally:
+        c.close()
+print("ready", flush=True)
+while True:
+    c, _ = t.accept()
+    threading.Thread(target=conn, args=(c,), daemon=True).start()
+"#;
+
+/// argv: host, port, timeout. One TCP request; prints the answer, or `error:CLASS`.
+pub const NAME_PROBE: &str = r#"
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=float(sys.argv[3]))
+    s.sendall(b"hi\n")
+    line = s.makefile("rb").readline().decode().strip()
+    print(line if line else "error:empty", flush=True)
+except Exception as e:
+    print("error:" + type(e).__name__, flush=True)
+"#;
+
+/// One TCP request from `from` to `ip:port`: the server's name, or `Err(error class)`.
+pub fn probe_name(tb: &Testbed, from: &str, ip: Ipv4Addr, port: u16) -> Result<String, String> {
+    let (ip, port) = (ip.to_string(), port.to_string());
+    let out = tb
+        .exec_in_pod(
+            from,
+            &timed(
+                "10",
+                &[python(), "-c", NAME_PROBE, &ip, &port, PROBE_TIMEOUT_S],
+            ),
+        )
+        .unwrap_or_else(|e| panic!("probe from {from}: {e}"));
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match line.strip_prefix("error:") {
+        Some(class) => Err(class.to_string()),
+        None if out.status.success() && !line.is_empty() => Ok(line),
+        None => Err(format!("probe failed: {}", text(&out))),
+    }
+}
+
 /// A paced UDP stream ([`UDP_SOURCE`], about one 64-byte datagram per millisecond) from one pod
 /// to a [`UDP_SINK`] in another on port 9999, running while a test restarts things.
 pub struct PacedStream {
