@@ -1,7 +1,8 @@
 //! Hot restart: what a worker hands to the worker of the next agent.
 //!
 //! A planned restart (an upgrade) must not lose packets. The running agent's workers stop
-//! between two batches and give up everything the kernel and the flows depend on:
+//! between two batches, in two phases (all stop reading their rx rings, then each empties its
+//! handoff lanes), and give up everything the kernel and the flows depend on:
 //!
 //! ```text
 //!  old worker                         unix socket (SCM_RIGHTS)           new worker

@@ -472,6 +472,43 @@ impl Dataplane {
             .clear();
     }
 
+    /// A hot restart's first phase: every worker stops taking frames from its rx rings (it
+    /// still empties its handoff lanes and sends what it queued), so that at
+    /// [`Dataplane::handover`] no copy is left in a lane to a worker that already handed over.
+    /// When a worker does not answer, the others are let go again and this is an error: the
+    /// dataplane runs on as before.
+    pub fn pause(&self) -> Result<(), RuntimeError> {
+        let mut replies = Vec::with_capacity(self.workers.len());
+        let mut failed = None;
+        for w in &self.workers {
+            let (tx, rx) = mpsc::sync_channel(1);
+            match w.send(Command::Pause { reply: tx }) {
+                Ok(()) => replies.push((w.id, rx)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        for (id, rx) in &replies {
+            if failed.is_none() && rx.recv_timeout(COMMAND_TIMEOUT).is_err() {
+                failed = Some(RuntimeError::Worker {
+                    worker: *id,
+                    what: "did not answer Pause".into(),
+                });
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some(e) => {
+                for w in &self.workers {
+                    let _ = w.send(Command::Unpause);
+                }
+                Err(e)
+            }
+        }
+    }
+
     /// Hot restart: every worker stops between two batches and hands over its sockets, UMEM,
     /// frame owners and flows ([`crate::handover`]); the threads are joined. The sockets stay
     /// open (and registered in their XSKMAPs) inside the returned states.

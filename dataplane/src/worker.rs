@@ -138,6 +138,14 @@ pub enum Command {
     Shutdown,
     /// Hot restart: stop between two batches and hand everything over
     /// ([`crate::handover`]): sockets, UMEM, frame owners, flows. The sockets are not closed.
+    /// Stop taking frames from the rx rings (a hot restart's first phase): once every worker
+    /// has answered, none hands another a copy, so each can empty its handoff lanes for good
+    /// at [`Command::Handover`].
+    Pause {
+        reply: SyncSender<()>,
+    },
+    /// Take frames from the rx rings again (a hot restart that stopped before its hand-over).
+    Unpause,
     Handover {
         reply: SyncSender<crate::handover::WorkerState>,
     },
@@ -254,6 +262,8 @@ pub struct Worker {
     config: WorkerConfig,
     /// Continues a previous agent's worker (hot restart).
     adopted: bool,
+    /// [`Command::Pause`] came: no frame is taken from the rx rings.
+    paused: bool,
 }
 
 impl Worker {
@@ -414,6 +424,7 @@ impl Worker {
             commands,
             wake,
             adopted,
+            paused: false,
             config,
         };
         w.rebuild_tables();
@@ -505,6 +516,14 @@ impl Worker {
                 Next::Run => {}
                 Next::Stop => break,
                 Next::Handover(reply) => {
+                    // Copies other workers handed this one before they paused: forwarded now,
+                    // or lost with this process's lanes. (Not while adopted and waiting for a
+                    // snapshot: such a worker touches no ring, and nobody hands it copies.)
+                    let snap = cache.load();
+                    if snap.is_some() || !self.adopted {
+                        self.now_ns = self.clock.to_ns(cycles());
+                        while self.drain_handoff(snap.as_deref()) > 0 {}
+                    }
                     drop(cache);
                     let _ = reply.send(self.into_handover());
                     return;
@@ -524,8 +543,10 @@ impl Worker {
             let mut work = if live { self.reap_completions() } else { 0 };
             let mut frames = 0;
             if live {
-                for p in 0..self.ports.len() {
-                    frames += self.rx_batch(p, snap.as_deref());
+                if !self.paused {
+                    for p in 0..self.ports.len() {
+                        frames += self.rx_batch(p, snap.as_deref());
+                    }
                 }
                 frames += self.drain_handoff(snap.as_deref());
             }
@@ -646,6 +667,11 @@ impl Worker {
                     let _ = reply.send(into);
                 }
                 Ok(Command::Shutdown) => return Next::Stop,
+                Ok(Command::Pause { reply }) => {
+                    self.paused = true;
+                    let _ = reply.send(());
+                }
+                Ok(Command::Unpause) => self.paused = false,
                 Ok(Command::Handover { reply }) => return Next::Handover(reply),
                 Err(std::sync::mpsc::TryRecvError::Empty) => return Next::Run,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => return Next::Stop,
@@ -1113,5 +1139,126 @@ impl Worker {
                 p.sock.kick_rx();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        os::fd::FromRawFd,
+        sync::mpsc,
+        time::{Duration, Instant},
+    };
+
+    use super::*;
+
+    fn config() -> WorkerConfig {
+        WorkerConfig {
+            id: 0,
+            core: None,
+            umem: UmemConfig {
+                frames: 256,
+                frame_size: 4096,
+                headroom: 256,
+                hugepages: false,
+            },
+            rings: RingSizes {
+                rx: 64,
+                tx: 64,
+                fill: 64,
+                completion: 64,
+            },
+            batch: 16,
+            // Asleep at once when idle, and not woken by the poll timeout during the test.
+            idle_spin: Duration::ZERO,
+            idle_poll_ms: 30_000,
+            conntrack_capacity: 1 << 10,
+            timeouts: Default::default(),
+            workers: 2,
+        }
+    }
+
+    /// A copy another worker handed this one just before the hot restart's pause (still in
+    /// the lane when Pause and Handover arrive together) is taken from the lane and counted
+    /// before the worker hands over: with the lanes gone with the process, skipping it lost
+    /// the packet.
+    #[test]
+    fn a_worker_empties_its_handoff_lanes_before_it_hands_over() {
+        let handoff = Arc::new(Handoff::new(2));
+        let shared = Arc::new(SharedCounters::default());
+        let snapshot = Arc::new(ArcSwapOption::<Snapshot>::empty());
+        let (commands, rx) = mpsc::sync_channel(8);
+        // SAFETY: eventfd has no preconditions; the fd is checked and owned below.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        assert!(raw >= 0, "eventfd");
+        // SAFETY: a fresh fd nobody else owns.
+        let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+        let worker_wake = wake.try_clone().expect("dup");
+        let thread = {
+            let (handoff, shared, snapshot) = (
+                Arc::clone(&handoff),
+                Arc::clone(&shared),
+                Arc::clone(&snapshot),
+            );
+            std::thread::spawn(move || {
+                let affinity = Arc::new(crate::affinity::Affinity::new(16));
+                Worker::new(
+                    config(),
+                    shared,
+                    snapshot,
+                    rx,
+                    worker_wake,
+                    handoff,
+                    affinity,
+                )
+                .expect("worker")
+                .run();
+            })
+        };
+        // Idle from the start: it sleeps in poll(2) within microseconds.
+        std::thread::sleep(Duration::from_millis(300));
+        // Worker 1 hands it a frame without waking it (as one that paused right after).
+        handoff
+            .push(1, 0, 7, pipeline::Resume::Pod, &[0u8; 60])
+            .expect("lane has room");
+        let (paused_tx, paused_rx) = mpsc::sync_channel(1);
+        let (state_tx, state_rx) = mpsc::sync_channel(1);
+        commands
+            .send(Command::Pause { reply: paused_tx })
+            .expect("send");
+        commands
+            .send(Command::Handover { reply: state_tx })
+            .expect("send");
+        let one: u64 = 1;
+        // SAFETY: an 8-byte write of a local u64 to our eventfd.
+        unsafe {
+            libc::write(
+                wake.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        paused_rx
+            .recv_timeout(deadline - Instant::now())
+            .expect("paused");
+        let state = state_rx
+            .recv_timeout(deadline - Instant::now())
+            .expect("handed over");
+        thread.join().expect("worker thread");
+        let (counters, _) = shared.read();
+        assert_eq!(counters.handoff_in, 1, "the copy in the lane: {counters:?}");
+        assert!(!handoff.pending(0), "the lane is empty");
+        // No snapshot: it was dropped as such (counted), its frame back in the pool.
+        let no_snapshot = counters
+            .drops_by_reason()
+            .into_iter()
+            .find(|(r, _)| *r == DropReason::NoSnapshot)
+            .map(|(_, n)| n);
+        assert_eq!(no_snapshot, Some(1), "{counters:?}");
+        assert_eq!(
+            state.owner.iter().filter(|o| **o == OWNER_WORKER).count(),
+            256
+        );
     }
 }

@@ -365,6 +365,13 @@ impl Agent {
         // The next agent binds the local API once it runs.
         let _ = std::fs::remove_file(api_socket);
         let started = std::time::Instant::now();
+        if let Err(e) = self.dp.pause() {
+            tracing::error!(error = %e, "workers did not pause for the hand-over; running on");
+            if let Err(e) = rebind_api() {
+                tracing::error!(error = %format!("{e:#}"), "local API not served again");
+            }
+            return refuse(format!("the workers did not pause: {e}"));
+        }
         let states = match self.dp.handover() {
             Ok(s) => s,
             Err(e) => {
