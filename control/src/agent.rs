@@ -476,7 +476,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     };
     if let Some(t) = &takeover {
         // Before the first snapshot: no worker has chosen a backend yet.
-        match dp.import_affinity(&t.affinity) {
+        match dp.import_affinity(&t.affinity, t.received.elapsed()) {
             Ok(0) => {}
             Ok(n) => tracing::info!(entries = n, "session-affinity entries taken over"),
             Err(e) => tracing::error!(
@@ -1688,7 +1688,11 @@ impl Agent {
         kind: dataplane::worker::PortKind,
     ) -> Result<dataplane::worker::PortInfo, dataplane::runtime::RuntimeError> {
         match self.dp.take_adopted(ifindex, queue) {
-            Some(p) => Ok(p),
+            Some(p) => {
+                // The previous agent's kind for it may be missing (an older agent) or other.
+                self.dp.set_port_kind(ifindex, queue, kind)?;
+                Ok(p)
+            }
             None => self.dp.add_port_as(ifindex, queue, kind),
         }
     }

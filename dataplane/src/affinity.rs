@@ -175,9 +175,15 @@ impl Affinity {
         n
     }
 
-    /// Inserts [`Affinity::export`]'s records, their time left counted from `now_ns`; returns
-    /// how many. A smaller table than the exporter's evicts (and counts) as inserts do.
-    pub fn import(&self, bytes: &[u8], now_ns: u64) -> Result<usize, AffinityImportError> {
+    /// Inserts [`Affinity::export`]'s records, exported `age_s` seconds ago: each expires its
+    /// time left minus that after `now_ns` (none that has run out is inserted). Returns how
+    /// many. A smaller table than the exporter's evicts (and counts) as inserts do.
+    pub fn import(
+        &self,
+        bytes: &[u8],
+        now_ns: u64,
+        age_s: u64,
+    ) -> Result<usize, AffinityImportError> {
         if !bytes.len().is_multiple_of(EXPORTED_AFFINITY_BYTES) {
             return Err(AffinityImportError(bytes.len()));
         }
@@ -187,7 +193,8 @@ impl Affinity {
             let word =
                 |at: usize| u32::from_le_bytes([rec[at], rec[at + 1], rec[at + 2], rec[at + 3]]);
             let key = u64::from(word(0)) | u64::from(word(4)) << 32;
-            let (backend, left) = (word(8), word(12));
+            let backend = word(8);
+            let left = u64::from(word(12)).saturating_sub(age_s) as u32;
             if key == 0 || left == 0 {
                 continue;
             }
@@ -243,7 +250,7 @@ mod tests {
 
         // Another clock (the next agent's): 5000 s. Time left is kept, not the expiry.
         let b = Affinity::new(64);
-        assert_eq!(b.import(&bytes, 5000 * S), Ok(3));
+        assert_eq!(b.import(&bytes, 5000 * S, 0), Ok(3));
         assert_eq!(b.get(c1, 3, 5029 * S), Some(b1));
         assert_eq!(b.get(c1, 3, 5030 * S), None, "30 s after the import");
         assert_eq!(b.get(c1, 4, 5059 * S), Some(b2));
@@ -253,15 +260,26 @@ mod tests {
 
         // Into a smaller table: evictions counted, never a wrong backend.
         let small = Affinity::new(4);
-        assert_eq!(small.import(&bytes, 0), Ok(3));
+        assert_eq!(small.import(&bytes, 0, 0), Ok(3));
         for (c, svc, want) in [(c1, 3, b1), (c1, 4, b2), (c3, 3, b1)] {
             assert_eq!(small.get(c, svc, 0), Some(want));
         }
         assert_eq!(
-            b.import(&bytes[..bytes.len() - 1], 0),
+            b.import(&bytes[..bytes.len() - 1], 0, 0),
             Err(AffinityImportError(3 * EXPORTED_AFFINITY_BYTES - 1))
         );
-        assert_eq!(Affinity::new(64).import(&[], 0), Ok(0));
+        assert_eq!(Affinity::new(64).import(&[], 0, 0), Ok(0));
+        // Imported 12 s after the export (a rolled-back hand-over): 12 s less left; c3's 10 s
+        // have run out.
+        let aged = Affinity::new(64);
+        assert_eq!(aged.import(&bytes, 5000 * S, 12), Ok(2));
+        assert_eq!(aged.get(c1, 3, 5017 * S), Some(b1));
+        assert_eq!(
+            aged.get(c1, 3, 5018 * S),
+            None,
+            "30 - 12 s after the import"
+        );
+        assert_eq!(aged.get(c3, 3, 5000 * S), None);
     }
 
     #[test]

@@ -108,6 +108,12 @@ impl WorkerHandle {
                     mpsc::TrySendError::Disconnected(_) => "worker thread has exited".into(),
                 },
             })?;
+        self.wake();
+        Ok(())
+    }
+
+    /// Wakes the worker if it sleeps in poll(2): it reads its commands next.
+    fn wake(&self) {
         let one: u64 = 1;
         // SAFETY: writing 8 bytes to our own eventfd from a local u64.
         unsafe {
@@ -117,7 +123,6 @@ impl WorkerHandle {
                 8,
             )
         };
-        Ok(())
     }
 }
 
@@ -433,14 +438,16 @@ impl Dataplane {
         (out, n)
     }
 
-    /// Inserts the previous agent's session-affinity entries: call right after
-    /// [`Dataplane::adopt`], before the first snapshot makes the workers forward.
+    /// Inserts the previous agent's session-affinity entries, `age` after their export (each
+    /// keeps its time left minus that): call right after [`Dataplane::adopt`], before the first
+    /// snapshot makes the workers forward.
     pub fn import_affinity(
         &self,
         records: &[u8],
+        age: Duration,
     ) -> Result<usize, crate::affinity::AffinityImportError> {
         let now = crate::latency::CycleClock::get().to_ns(crate::latency::cycles());
-        self.affinity.import(records, now)
+        self.affinity.import(records, now, age.as_secs())
     }
 
     /// A socket handed over by the previous agent for (`ifindex`, `queue`), now this agent's
@@ -501,15 +508,41 @@ impl Dataplane {
         match failed {
             None => Ok(()),
             Some(e) => {
-                for w in &self.workers {
-                    let _ = w.send(Command::Unpause);
-                }
+                self.unpause();
                 Err(e)
             }
         }
     }
 
-    /// Hot restart: every worker stops between two batches and hands over its sockets, UMEM,
+    /// Lets paused workers take frames from their rx rings again (a hot restart that stopped
+    /// between [`Dataplane::pause`] and the hand-over). Blocking: a slow worker's full command
+    /// queue must not leave it paused for good.
+    pub fn unpause(&self) {
+        for w in &self.workers {
+            if w.commands.send(Command::Unpause).is_ok() {
+                w.wake();
+            }
+        }
+    }
+
+    /// Sets the kind of an adopted port (the previous agent's may not have said, or said
+    /// otherwise): the worker recomputes its fill caps.
+    pub fn set_port_kind(
+        &self,
+        ifindex: u32,
+        queue: u32,
+        kind: PortKind,
+    ) -> Result<(), RuntimeError> {
+        self.workers[self.worker_for_queue(queue)].send(Command::SetPortKind {
+            ifindex,
+            queue,
+            kind,
+        })
+    }
+
+    /// Hot restart, after [`Dataplane::pause`] (without it, a copy one worker hands another
+    /// that has already handed over is lost): every worker empties its handoff lanes, stops
+    /// between two batches and hands over its sockets, UMEM,
     /// frame owners and flows ([`crate::handover`]); the threads are joined. The sockets stay
     /// open (and registered in their XSKMAPs) inside the returned states.
     /// After it, this dataplane has no running worker: drop it, or replace it with
@@ -728,15 +761,7 @@ impl Dataplane {
         for w in &self.workers {
             // Blocking send: the worker drains its queue every iteration.
             let _ = w.commands.send(Command::Shutdown);
-            let one: u64 = 1;
-            // SAFETY: writing 8 bytes to our own eventfd from a local u64.
-            unsafe {
-                libc::write(
-                    w.wake.as_raw_fd(),
-                    &one as *const u64 as *const libc::c_void,
-                    8,
-                )
-            };
+            w.wake();
         }
         for w in &mut self.workers {
             if let Some(t) = w.thread.take() {

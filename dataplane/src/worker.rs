@@ -136,8 +136,6 @@ pub enum Command {
         reply: SyncSender<Box<LatencyHistograms>>,
     },
     Shutdown,
-    /// Hot restart: stop between two batches and hand everything over
-    /// ([`crate::handover`]): sockets, UMEM, frame owners, flows. The sockets are not closed.
     /// Stop taking frames from the rx rings (a hot restart's first phase): once every worker
     /// has answered, none hands another a copy, so each can empty its handoff lanes for good
     /// at [`Command::Handover`].
@@ -146,6 +144,16 @@ pub enum Command {
     },
     /// Take frames from the rx rings again (a hot restart that stopped before its hand-over).
     Unpause,
+    /// The kind of the port on (`ifindex`, `queue`): an adopted port keeps the kind the previous
+    /// agent gave it, which an older agent did not tell ([`crate::handover::PortMeta::kind`]).
+    SetPortKind {
+        ifindex: u32,
+        queue: u32,
+        kind: PortKind,
+    },
+    /// Hot restart: empty the handoff lanes, stop between two batches and hand everything over
+    /// ([`crate::handover`]): sockets, UMEM, frame owners, flows. The sockets are not closed.
+    /// After [`Command::Pause`] on every worker, so that no copy arrives after this.
     Handover {
         reply: SyncSender<crate::handover::WorkerState>,
     },
@@ -171,10 +179,11 @@ pub enum PortKind {
     /// traffic.
     #[default]
     Endpoint,
-    /// The node's uplink, where every other node's traffic arrives: kept full from the start,
-    /// like a NIC's rx ring. A burst from another node (its worker catching up after a pause,
-    /// a hot restart's rings released at once) lands in frames already posted, not in a ring
-    /// that grows only after it ran dry.
+    /// The node's uplink, where every other node's traffic arrives: its fill ring is kept at
+    /// its whole cap from the start (half the worker's fill budget, at most one ring; all of the
+    /// budget when the worker has no endpoint), like a NIC's rx ring. A burst from another
+    /// node (its worker catching up after a pause, a hot restart's rings released at once)
+    /// lands in frames already posted, not in a ring that grows only after it ran dry.
     Uplink,
 }
 
@@ -607,11 +616,14 @@ impl Worker {
             return;
         }
         self.counters.idle_sleeps += 1;
-        // SAFETY: pollfds is a live array of pollfd of the given length.
+        // Paused (a hot restart's first phase): only control's eventfd, since what waits in
+        // the rx rings would wake it at once, again and again.
+        let watched = if self.paused { 1 } else { self.pollfds.len() };
+        // SAFETY: pollfds is a live array of pollfd, at least `watched` long (the eventfd first).
         unsafe {
             libc::poll(
                 self.pollfds.as_mut_ptr(),
-                self.pollfds.len() as libc::nfds_t,
+                watched as libc::nfds_t,
                 self.config.idle_poll_ms,
             )
         };
@@ -672,6 +684,26 @@ impl Worker {
                     let _ = reply.send(());
                 }
                 Ok(Command::Unpause) => self.paused = false,
+                Ok(Command::SetPortKind {
+                    ifindex,
+                    queue,
+                    kind,
+                }) => {
+                    let found = self
+                        .ports
+                        .iter_mut()
+                        .find(|p| p.sock.ifindex() == ifindex && p.sock.queue() == queue);
+                    if let Some(p) = found {
+                        if p.kind != kind {
+                            p.kind = kind;
+                            if kind == PortKind::Endpoint {
+                                p.fill_target =
+                                    fill_start(self.config.umem.frames, self.config.rings.fill);
+                            }
+                            self.rebuild_tables();
+                        }
+                    }
+                }
                 Ok(Command::Handover { reply }) => return Next::Handover(reply),
                 Err(std::sync::mpsc::TryRecvError::Empty) => return Next::Run,
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => return Next::Stop,

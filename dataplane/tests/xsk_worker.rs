@@ -1149,6 +1149,23 @@ fn an_uplink_port_holds_its_full_fill_share_from_the_start() {
         );
     }
 
+    // An adopted port's kind is set by the agent that claims it (an older agent did not say):
+    // switched to an uplink, the last endpoint fills to the uplinks' new cap, half the budget
+    // shared by two (the first uplink keeps what it holds).
+    let (switched, _) = ifindexes[2];
+    dp.set_port_kind(switched, 0, PortKind::Uplink)
+        .expect("set_port_kind");
+    let deadline = Instant::now() + COUNTER_WAIT;
+    let stats = loop {
+        let stats = check_frames_accounted(&dp);
+        if held(&stats, switched) == Some(256) || Instant::now() >= deadline {
+            break stats;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(held(&stats, switched), Some(256), "ports {stats:?}");
+    ifindexes[2].1 = PortKind::Uplink;
+
     // The kind travels with the worker's state (a hot restart keeps the uplink full).
     let mut dp = dp;
     let states = dp.handover().expect("handover");

@@ -376,7 +376,15 @@ impl Agent {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "workers did not stop for the hand-over; restarting them");
-                self.resume(Vec::new(), None, &[], rebind_api);
+                // Those that did not stop run on if the restart fails.
+                self.dp.unpause();
+                let (affinity, _) = self.dp.export_affinity();
+                self.resume(
+                    Vec::new(),
+                    None,
+                    (&affinity, std::time::Instant::now()),
+                    rebind_api,
+                );
                 return refuse(format!("the workers did not stop: {e}"));
             }
         };
@@ -384,6 +392,7 @@ impl Agent {
         // and no affinity entry changes.
         let wg = self.wg.as_mut().and_then(|w| w.hand_over());
         let (affinity, affinity_entries) = self.dp.export_affinity();
+        let exported = std::time::Instant::now();
         let rings = self.dp.config().rings;
         let mut workers = Vec::with_capacity(states.len());
         let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
@@ -438,25 +447,25 @@ impl Agent {
             }
             Ok(Ack::Failed { error }) => {
                 tracing::error!(pid = hello.pid, %error, "the next agent gave up; taking the dataplane back");
-                self.resume(states, wg, &affinity, rebind_api);
+                self.resume(states, wg, (&affinity, exported), rebind_api);
                 Outcome::RunOn
             }
             Err(e) => {
                 tracing::error!(pid = hello.pid, error = %e, "the next agent went away during the hand-over; taking the dataplane back");
-                self.resume(states, wg, &affinity, rebind_api);
+                self.resume(states, wg, (&affinity, exported), rebind_api);
                 Outcome::RunOn
             }
         }
     }
 
     /// Runs on after a hand-over that did not happen: new workers continue the handed states
-    /// (ours again) with the affinity entries exported for it, the snapshot is published to
-    /// them, and the API socket is bound again.
+    /// (ours again) with the affinity entries exported for it (aged by the time since), the
+    /// snapshot is published to them, and the API socket is bound again.
     fn resume(
         &mut self,
         states: Vec<WorkerState>,
         wg: Option<(std::net::UdpSocket, crate::wg_runtime::WgHandover)>,
-        affinity: &[u8],
+        (affinity, exported): (&[u8], std::time::Instant),
         rebind_api: &dyn Fn() -> anyhow::Result<()>,
     ) {
         if let Some((socket, state)) = wg {
@@ -487,7 +496,7 @@ impl Agent {
         match restarted {
             Ok(dp) => {
                 self.dp = dp;
-                if let Err(e) = self.dp.import_affinity(affinity) {
+                if let Err(e) = self.dp.import_affinity(affinity, exported.elapsed()) {
                     tracing::error!(error = %e, "session-affinity entries not taken back");
                 }
                 // Our own sockets are registered already: claim them back.
