@@ -180,8 +180,8 @@ pub enum PortKind {
     #[default]
     Endpoint,
     /// The node's uplink, where every other node's traffic arrives: its fill ring is kept at
-    /// its whole cap from the start (half the worker's fill budget, at most one ring; all of the
-    /// budget when the worker has no endpoint), like a NIC's rx ring. A burst from another
+    /// its whole cap from the start (an equal share of the worker's fill budget, at least a
+    /// quarter of it, at most one ring), like a NIC's rx ring. A burst from another
     /// node (its worker catching up after a pause, a hot restart's rings released at once)
     /// lands in frames already posted, not in a ring that grows only after it ran dry.
     Uplink,
@@ -821,25 +821,20 @@ impl Worker {
                 revents: 0,
             });
         }
-        // At most half the UMEM waits in fill rings; the rest carries frames in flight
-        // (rx -> tx -> completion). The uplinks take up to half of that budget (all of it when
-        // the worker has no endpoint), the endpoints share the rest; with many ports each
-        // gets fewer, down to a floor.
+        // At most about half the UMEM waits in fill rings; the rest carries frames in flight
+        // (rx -> tx -> completion), and `refill` never takes the free pool below its reserve.
+        // Every port may hold an equal share of that budget, down to a floor: endpoints grow
+        // to it with traffic, the uplinks hold it from the start, and never less than a
+        // quarter of the budget (a node with a hundred pods still has an uplink ring to
+        // receive a burst into; the reserve bounds what this takes beyond the budget).
+        // Giving the uplinks a fixed half instead starved a busy pod's port at 200 kpps, and
+        // a steady stream ran no better through a fuller uplink ring.
         let ring = self.config.rings.fill;
         let floor = 16.min(ring);
         let budget = self.config.umem.frames / 2;
-        let uplinks = self
-            .ports
-            .iter()
-            .filter(|p| p.kind == PortKind::Uplink)
-            .count() as u32;
-        let endpoints = self.ports.len() as u32 - uplinks;
-        let share = if endpoints == 0 { budget } else { budget / 2 };
-        self.uplink_fill_target = share
-            .checked_div(uplinks)
-            .map_or(0, |s| s.clamp(floor, ring));
-        let left = budget.saturating_sub(self.uplink_fill_target * uplinks);
-        self.fill_target = (left / endpoints.max(1)).clamp(floor, ring);
+        let equal = budget / (self.ports.len() as u32).max(1);
+        self.fill_target = equal.clamp(floor, ring);
+        self.uplink_fill_target = equal.max(budget / 4).clamp(floor, ring);
         for p in &mut self.ports {
             if p.kind == PortKind::Uplink {
                 p.fill_target = self.uplink_fill_target;

@@ -1104,8 +1104,10 @@ fn an_uplink_port_holds_its_full_fill_share_from_the_start() {
     let netns_a = ns.add("a");
     let netns_b = ns.add("b");
     let mut cfg = config(1);
-    // A fill budget of 1024 (half the UMEM): the uplink takes half of it (a full ring of
-    // 512), the two endpoints start at 64 (a thirty-second of the UMEM) and may grow to 256.
+    // A fill budget of 1024 (half the UMEM). The uplink comes first, as in the agent: alone,
+    // its share is the whole budget, so it fills its ring (512) at once and keeps it (fill
+    // rings are never taken back). The two endpoints then start at 64 (a thirty-second of the
+    // UMEM) and would grow with traffic to an equal share of the budget, 341.
     cfg.umem.frames = 2048;
     cfg.rings = rings_of(512);
     let rings = cfg.rings;
@@ -1150,20 +1152,20 @@ fn an_uplink_port_holds_its_full_fill_share_from_the_start() {
     }
 
     // An adopted port's kind is set by the agent that claims it (an older agent did not say):
-    // switched to an uplink, the last endpoint fills to the uplinks' new cap, half the budget
-    // shared by two (the first uplink keeps what it holds).
+    // switched to an uplink, the last endpoint fills at once to the uplink cap of a worker with
+    // three ports, 341.
     let (switched, _) = ifindexes[2];
     dp.set_port_kind(switched, 0, PortKind::Uplink)
         .expect("set_port_kind");
     let deadline = Instant::now() + COUNTER_WAIT;
     let stats = loop {
         let stats = check_frames_accounted(&dp);
-        if held(&stats, switched) == Some(256) || Instant::now() >= deadline {
+        if held(&stats, switched) == Some(341) || Instant::now() >= deadline {
             break stats;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(held(&stats, switched), Some(256), "ports {stats:?}");
+    assert_eq!(held(&stats, switched), Some(341), "ports {stats:?}");
     ifindexes[2].1 = PortKind::Uplink;
 
     // The kind travels with the worker's state (a hot restart keeps the uplink full).
