@@ -84,6 +84,9 @@ pub struct RunOptions {
     /// and kubeconfig; both `None`: in-cluster config, else `$KUBECONFIG`.
     pub api_server: Option<String>,
     pub kubeconfig: Option<PathBuf>,
+    /// `--source kubernetes`: how long changes are gathered into one state after the first
+    /// (`--api-batch-ms`; [`crate::kube::DEFAULT_BATCH`]).
+    pub api_batch: Duration,
     pub node: String,
     pub state_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
@@ -390,6 +393,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             let mut k = crate::kube::KubeOptions::new(opts.node.clone());
             k.api_server = opts.api_server.clone();
             k.kubeconfig = opts.kubeconfig.clone();
+            k.batch = opts.api_batch;
             let kube =
                 crate::kube::KubeSource::start(k).context("starting the Kubernetes API source")?;
             (
@@ -414,6 +418,7 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             let mut k = crate::kube::KubeOptions::new(opts.node.clone());
             k.api_server = opts.api_server.clone();
             k.kubeconfig = opts.kubeconfig.clone();
+            k.batch = opts.api_batch;
             let kube =
                 crate::kube::KubeSource::start(k).context("starting the Kubernetes API source")?;
             let (c, from_checkpoint) = initial_kube_cluster(&kube, &opts, &stop)?;

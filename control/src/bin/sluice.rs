@@ -41,6 +41,11 @@ enum Cmd {
         /// `--source kubernetes`: a kubeconfig file (default: in-cluster, else $KUBECONFIG).
         #[arg(long)]
         kubeconfig: Option<PathBuf>,
+        /// `--source kubernetes`: milliseconds changes are gathered into one state after the
+        /// first of them (0-1000; 0: a state per change, at the price of more rebuilds during a
+        /// burst).
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=1000))]
+        api_batch_ms: u64,
         /// This node's name (a Node object in the source). Default: $NODE_NAME, else hostname.
         #[arg(long)]
         node: Option<String>,
@@ -225,6 +230,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             source,
             api_server,
             kubeconfig,
+            api_batch_ms,
             node,
             state_dir,
             cni_conf_dir,
@@ -293,6 +299,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 RunOptions {
                     api_server,
                     kubeconfig,
+                    api_batch: Duration::from_millis(api_batch_ms),
                     source,
                     node,
                     state_dir,
@@ -453,4 +460,33 @@ fn hostname() -> anyhow::Result<String> {
     }
     let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
     Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Cmd};
+
+    fn batch_ms(args: &[&str]) -> Result<u64, String> {
+        let argv = ["sluice", "run", "--source", "kubernetes"]
+            .into_iter()
+            .chain(args.iter().copied());
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
+            Cmd::Run { api_batch_ms, .. } => Ok(api_batch_ms),
+            _ => Err("not run".into()),
+        }
+    }
+
+    #[test]
+    fn the_api_batch_window_defaults_to_30_ms_and_is_bounded() {
+        assert_eq!(batch_ms(&[]), Ok(30));
+        assert_eq!(batch_ms(&["--api-batch-ms", "0"]), Ok(0));
+        assert_eq!(batch_ms(&["--api-batch-ms", "5"]), Ok(5));
+        let e = batch_ms(&["--api-batch-ms", "5000"]).expect_err("out of range");
+        assert!(e.contains("--api-batch-ms"), "{e}");
+    }
 }
