@@ -672,6 +672,9 @@ pub fn run(opts: RunOptions, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
             Ok(Job::Scrape(metrics::Scrape::Ping(reply))) => {
                 let _ = reply.send(());
             }
+            Ok(Job::Scrape(metrics::Scrape::Ready(reply))) => {
+                let _ = reply.send(agent.readiness());
+            }
             Ok(Job::Scrape(metrics::Scrape::Metrics(reply))) => {
                 let _ = reply.send(agent.render_metrics());
             }
@@ -1882,6 +1885,27 @@ impl Agent {
             let _ = self.programming.record(us);
             self.programming_pending.pop_front();
         }
+    }
+
+    /// `/readyz`: every worker runs a snapshot, and the uplink is attached when other nodes
+    /// exist (else their pods are unreachable). The state in force is always complete: an
+    /// agent serves only after its first full sync, or with a checkpoint or a hand-over.
+    fn readiness(&self) -> Result<(), String> {
+        if let Some(r) = self.dp.reports().iter().find(|r| r.generation == 0) {
+            return Err(format!("worker {} runs no snapshot yet", r.id));
+        }
+        let others = self
+            .cluster
+            .nodes
+            .iter()
+            .filter(|n| n.metadata.name.as_deref() != Some(self.node.name.as_str()))
+            .count();
+        if self.uplink.is_none() && others > 0 {
+            return Err(format!(
+                "the uplink is not attached: pods on the {others} other nodes are unreachable"
+            ));
+        }
+        Ok(())
     }
 
     fn render_metrics(&self) -> String {

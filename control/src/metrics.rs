@@ -353,8 +353,11 @@ pub fn render(s: &Snapshot<'_>) -> String {
 pub enum Scrape {
     /// The rendered /metrics body.
     Metrics(mpsc::SyncSender<String>),
-    /// Liveness/readiness: answered when the control loop runs.
+    /// Liveness (`/healthz`): answered when the control loop runs.
     Ping(mpsc::SyncSender<()>),
+    /// Readiness (`/readyz`): the control loop runs and the dataplane forwards a complete
+    /// state, else why not.
+    Ready(mpsc::SyncSender<Result<(), String>>),
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the process ends. Each request
@@ -387,7 +390,7 @@ pub fn serve(listener: TcpListener, to_control: impl Fn(Scrape) -> bool) {
                     ),
                 }
             }
-            "/healthz" | "/readyz" => {
+            "/healthz" => {
                 let (tx, rx) = mpsc::sync_channel(1);
                 let ok =
                     to_control(Scrape::Ping(tx)) && rx.recv_timeout(Duration::from_secs(2)).is_ok();
@@ -399,6 +402,19 @@ pub fn serve(listener: TcpListener, to_control: impl Fn(Scrape) -> bool) {
                         "control loop not answering\n".into(),
                         "text/plain",
                     )
+                }
+            }
+            "/readyz" => {
+                let (tx, rx) = mpsc::sync_channel(1);
+                let answer = if to_control(Scrape::Ready(tx)) {
+                    rx.recv_timeout(Duration::from_secs(2))
+                        .unwrap_or_else(|_| Err("control loop not answering".into()))
+                } else {
+                    Err("control loop not answering".into())
+                };
+                match answer {
+                    Ok(()) => ("200 OK", "ok\n".into(), "text/plain"),
+                    Err(why) => ("503 Service Unavailable", format!("{why}\n"), "text/plain"),
                 }
             }
             _ => (
@@ -557,6 +573,54 @@ mod tests {
                 "{family} undeclared"
             );
         }
+    }
+
+    /// GET `path` from a [`serve`] on loopback whose control loop answers readiness with
+    /// `ready`: (status line, body).
+    fn get(path: &str, ready: Result<(), String>) -> (String, String) {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let addr = listener.local_addr().expect("addr");
+        std::thread::spawn(move || {
+            serve(listener, move |s| {
+                match s {
+                    Scrape::Ping(tx) => {
+                        let _ = tx.send(());
+                    }
+                    Scrape::Ready(tx) => {
+                        let _ = tx.send(ready.clone());
+                    }
+                    Scrape::Metrics(tx) => {
+                        let _ = tx.send(String::new());
+                    }
+                }
+                true
+            })
+        });
+        let mut c = std::net::TcpStream::connect(addr).expect("connect");
+        c.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).expect("answer");
+        let status = answer.lines().next().unwrap_or("").to_string();
+        let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (status, body)
+    }
+
+    #[test]
+    fn readyz_says_why_the_node_is_not_ready_and_healthz_only_needs_the_loop() {
+        let not_ready = Err("worker 0 runs no snapshot yet".to_string());
+        let (status, body) = get("/readyz", not_ready.clone());
+        assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(body, "worker 0 runs no snapshot yet\n");
+        let (status, _) = get("/healthz", not_ready);
+        assert_eq!(status, "HTTP/1.1 200 OK", "alive while not ready");
+        let (status, body) = get("/readyz", Ok(()));
+        assert_eq!(
+            (status.as_str(), body.as_str()),
+            ("HTTP/1.1 200 OK", "ok\n")
+        );
     }
 
     #[test]

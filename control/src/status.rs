@@ -220,6 +220,38 @@ pub fn queue_status(p: &PortStatus) -> QueueStatus {
 }
 
 impl Status {
+    /// What keeps the node from being healthy, a line each; none: `sluice status --brief`
+    /// prints `OK` (as `cilium status --brief`). A worker without a snapshot, a source error
+    /// or note (a broken cluster file, forwarding from a checkpoint or a hand-over before the
+    /// first sync), an API server that is unreachable or not yet listed, a WireGuard peer
+    /// without a session.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for w in self.workers.iter().filter(|w| w.generation == 0) {
+            out.push(format!("worker {}: no snapshot yet", w.id));
+        }
+        if let Some(e) = &self.source_error {
+            out.push(format!("source {}: {e}", self.source));
+        }
+        if let Some(a) = &self.api {
+            if !a.connected {
+                let why = a.last_error.as_deref().unwrap_or("no answer");
+                out.push(format!("api server: unreachable ({why})"));
+            } else if !a.all_synced {
+                out.push(format!(
+                    "api server: not every kind listed yet (synced: {})",
+                    a.kinds_synced.join(", ")
+                ));
+            }
+        }
+        if let Some(wg) = &self.wireguard {
+            for p in wg.peers.iter().filter(|p| !p.has_session) {
+                out.push(format!("wireguard: no session with {}", p.node));
+            }
+        }
+        out
+    }
+
     /// A named total (e.g. "forwarded"), 0 if absent.
     pub fn total(&self, name: &str) -> u64 {
         self.totals
@@ -354,5 +386,98 @@ impl Status {
             s.push_str(&render_wireguard(w));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn healthy() -> Status {
+        Status {
+            node: "node1".into(),
+            source: "kubernetes".into(),
+            generation: 4,
+            source_error: None,
+            gateway: "10.244.1.1".into(),
+            pod_cidr: "10.244.1.0/24".into(),
+            workers: vec![WorkerStatus {
+                id: 0,
+                core: Some(1),
+                hugepages: true,
+                generation: 4,
+                free_frames: 100,
+                total_frames: 200,
+                counters: Vec::new(),
+            }],
+            interfaces: Vec::new(),
+            totals: Vec::new(),
+            drops: Vec::new(),
+            wireguard: Some(WgStatus {
+                public_key: "k".into(),
+                listen_port: 51871,
+                strict: true,
+                handshakes_completed: 1,
+                initiations_sent: 1,
+                handshake_failures: 0,
+                peers: vec![WgPeerStatus {
+                    node: "node2".into(),
+                    public_key: "p".into(),
+                    endpoint: "172.18.0.12:51871".into(),
+                    latest_handshake_s_ago: Some(3),
+                    has_session: true,
+                    tx_packets: 0,
+                    tx_bytes: 0,
+                    rx_packets: 0,
+                    rx_bytes: 0,
+                }],
+            }),
+            policy: None,
+            api: Some(ApiStatus {
+                connected: true,
+                since_unix: 0,
+                last_error: None,
+                kinds_synced: vec!["Node".into(), "Pod".into()],
+                all_synced: true,
+                relists: 0,
+                skipped_objects: 0,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_healthy_node_has_no_problem_and_each_fault_is_named() {
+        assert_eq!(healthy().problems(), Vec::<String>::new());
+
+        let mut s = healthy();
+        s.workers[0].generation = 0;
+        assert_eq!(s.problems(), ["worker 0: no snapshot yet"]);
+
+        let mut s = healthy();
+        s.source_error = Some("forwarding from the checkpoint".into());
+        assert_eq!(
+            s.problems(),
+            ["source kubernetes: forwarding from the checkpoint"]
+        );
+
+        let mut s = healthy();
+        let a = s.api.as_mut().unwrap();
+        a.connected = false;
+        a.last_error = Some("connection refused".into());
+        assert_eq!(
+            s.problems(),
+            ["api server: unreachable (connection refused)"]
+        );
+
+        let mut s = healthy();
+        s.api.as_mut().unwrap().all_synced = false;
+        assert_eq!(
+            s.problems(),
+            ["api server: not every kind listed yet (synced: Node, Pod)"]
+        );
+
+        let mut s = healthy();
+        s.wireguard.as_mut().unwrap().peers[0].has_session = false;
+        assert_eq!(s.problems(), ["wireguard: no session with node2"]);
     }
 }

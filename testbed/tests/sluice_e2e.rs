@@ -752,6 +752,18 @@ fn metrics_and_latency_histograms_follow_traffic() {
         let out = String::from_utf8_lossy(&curl(probe).stdout).into_owned();
         assert!(out.trim_end().ends_with("200"), "{probe}: {out}");
     }
+    // `sluice status --brief`, like `cilium status --brief`: OK, exit status 0.
+    let sluice = env.options(&cluster(DEMO), 1).sluice_bin;
+    let state_dir = tb.node(NODE).expect("node").state_dir.clone();
+    let out = Command::new("timeout")
+        .args(["-s", "KILL", "10"])
+        .arg(&sluice)
+        .args(["status", "--brief", "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .expect("sluice status --brief");
+    assert!(out.status.success(), "status --brief: {}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
     assert!(String::from_utf8_lossy(&curl("/nope").stdout)
         .trim_end()
         .ends_with("404"));

@@ -132,6 +132,10 @@ enum Cmd {
         /// Print the raw JSON.
         #[arg(long)]
         json: bool,
+        /// Print `OK` when the node is healthy, else what is wrong, a line each (exit status
+        /// 1), like `cilium status --brief`.
+        #[arg(long, conflicts_with = "json")]
+        brief: bool,
     },
     /// Services as the running agent serves them on this node.
     Service {
@@ -358,7 +362,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Status { state_dir, json } => {
+        Cmd::Status {
+            state_dir,
+            json,
+            brief,
+        } => {
             let resp = api::call(
                 &state_dir.join(api::SOCKET_NAME),
                 &Request::Status,
@@ -369,6 +377,17 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 .ok_or_else(|| anyhow::anyhow!("the agent sent no status"))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&value)?);
+            } else if brief {
+                let status: Status = serde_json::from_value(value)?;
+                let problems = status.problems();
+                if problems.is_empty() {
+                    println!("OK");
+                } else {
+                    for p in &problems {
+                        println!("{p}");
+                    }
+                    std::process::exit(1);
+                }
             } else {
                 let status: Status = serde_json::from_value(value)?;
                 print!("{}", status.render());
