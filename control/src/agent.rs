@@ -1921,6 +1921,8 @@ impl Agent {
             interfaces: &status.interfaces,
             histograms: hists.as_deref(),
             programming: Some(&self.programming),
+            wireguard: status.wireguard.as_ref(),
+            api: status.api.as_ref(),
         })
     }
 

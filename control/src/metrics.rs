@@ -17,7 +17,7 @@ use std::{
 use dataplane::{latency::LatencyHistograms, runtime::WorkerReport, DropReason};
 use hdrhistogram::Histogram;
 
-use crate::status::InterfaceStatus;
+use crate::status::{ApiStatus, InterfaceStatus, WgStatus};
 
 /// Upper bounds (seconds) of the duration histograms' buckets.
 pub const DURATION_BUCKETS_S: [f64; 16] = [
@@ -40,6 +40,10 @@ pub struct Snapshot<'a> {
     /// Network programming latency in microseconds: a change of cluster state seen by the
     /// source -> every worker running the snapshot generation that carries it.
     pub programming: Option<&'a Histogram<u64>>,
+    /// WireGuard between nodes, when on.
+    pub wireguard: Option<&'a WgStatus>,
+    /// `--source kubernetes`: the API server as the source sees it.
+    pub api: Option<&'a ApiStatus>,
 }
 
 /// Buckets of `sluice_network_programming_duration_seconds`: 1 ms doubling to 16 s (kube-proxy's
@@ -124,6 +128,12 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "sluice_snapshot_generation{{node=\"{node}\"}} {}",
         s.generation
     );
+    if let Some(a) = s.api {
+        render_api(&mut out, &node, a);
+    }
+    if let Some(w) = s.wireguard {
+        render_wireguard(&mut out, &node, w);
+    }
     if let Some(h) = s.programming {
         header(
             &mut out,
@@ -349,6 +359,146 @@ pub fn render(s: &Snapshot<'_>) -> String {
     out
 }
 
+/// One sample line per `(name, kind, help, value)` with the node's label.
+fn node_samples(out: &mut String, node: &str, samples: &[(&str, &str, &str, u64)]) {
+    for (name, kind, help, value) in samples {
+        header(out, name, kind, help);
+        let _ = writeln!(out, "{name}{{node=\"{node}\"}} {value}");
+    }
+}
+
+/// The Kubernetes source: connected, synced, relists, skipped objects.
+fn render_api(out: &mut String, node: &str, a: &ApiStatus) {
+    node_samples(
+        out,
+        node,
+        &[
+            (
+                "sluice_api_connected",
+                "gauge",
+                "1 while the API server answers the source's requests.",
+                u64::from(a.connected),
+            ),
+            (
+                "sluice_api_synced",
+                "gauge",
+                "1 once every kind finished a list: the state in force is the API server's.",
+                u64::from(a.all_synced),
+            ),
+            (
+                "sluice_api_kinds_synced",
+                "gauge",
+                "Kinds whose watcher finished its list.",
+                a.kinds_synced.len() as u64,
+            ),
+            (
+                "sluice_api_relists_total",
+                "counter",
+                "Lists after the first (410 Gone, reconnections).",
+                a.relists,
+            ),
+            (
+                "sluice_api_skipped_objects_total",
+                "counter",
+                "Objects skipped because they did not decode or were invalid.",
+                a.skipped_objects,
+            ),
+        ],
+    );
+}
+
+/// A per-peer WireGuard sample: name, kind, help, and its value for a peer (`None`: no sample).
+type PeerSample = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::status::WgPeerStatus) -> Option<u64>,
+);
+
+/// WireGuard: handshakes and, per peer, the session and the traffic sealed and opened.
+fn render_wireguard(out: &mut String, node: &str, w: &WgStatus) {
+    node_samples(
+        out,
+        node,
+        &[
+            (
+                "sluice_wireguard_peers",
+                "gauge",
+                "WireGuard peers (other nodes with a public key).",
+                w.peers.len() as u64,
+            ),
+            (
+                "sluice_wireguard_handshakes_completed_total",
+                "counter",
+                "WireGuard handshakes completed, either side initiating.",
+                w.handshakes_completed,
+            ),
+            (
+                "sluice_wireguard_handshake_initiations_total",
+                "counter",
+                "WireGuard handshake initiations sent.",
+                w.initiations_sent,
+            ),
+            (
+                "sluice_wireguard_handshake_failures_total",
+                "counter",
+                "WireGuard handshake messages refused (bad MAC, replayed timestamp, unknown peer).",
+                w.handshake_failures,
+            ),
+        ],
+    );
+    let per_peer: [PeerSample; 6] = [
+        (
+            "sluice_wireguard_peer_session",
+            "gauge",
+            "1 while a session with the peer can carry traffic.",
+            |p| Some(u64::from(p.has_session)),
+        ),
+        (
+            "sluice_wireguard_peer_latest_handshake_seconds",
+            "gauge",
+            "Seconds since the latest handshake with the peer (absent: none yet).",
+            |p| p.latest_handshake_s_ago,
+        ),
+        (
+            "sluice_wireguard_peer_tx_packets_total",
+            "counter",
+            "Packets sealed to the peer.",
+            |p| Some(p.tx_packets),
+        ),
+        (
+            "sluice_wireguard_peer_tx_bytes_total",
+            "counter",
+            "Sealed message bytes sent to the peer.",
+            |p| Some(p.tx_bytes),
+        ),
+        (
+            "sluice_wireguard_peer_rx_packets_total",
+            "counter",
+            "Packets opened from the peer.",
+            |p| Some(p.rx_packets),
+        ),
+        (
+            "sluice_wireguard_peer_rx_bytes_total",
+            "counter",
+            "Plaintext bytes received from the peer.",
+            |p| Some(p.rx_bytes),
+        ),
+    ];
+    for (name, kind, help, value) in per_peer {
+        header(out, name, kind, help);
+        for p in &w.peers {
+            if let Some(v) = value(p) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{node=\"{node}\",peer=\"{}\"}} {v}",
+                    esc(&p.node)
+                );
+            }
+        }
+    }
+}
+
 /// What the HTTP thread asks the control loop for.
 pub enum Scrape {
     /// The rendered /metrics body.
@@ -503,6 +653,8 @@ mod tests {
             interfaces: &interfaces,
             histograms: Some(&hists),
             programming: None,
+            wireguard: None,
+            api: None,
         });
         let m = parse(&text);
         let get = |k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
@@ -575,6 +727,100 @@ mod tests {
         }
     }
 
+    #[test]
+    fn api_and_wireguard_state_are_exported() {
+        let api = ApiStatus {
+            connected: false,
+            since_unix: 0,
+            last_error: Some("refused".into()),
+            kinds_synced: vec!["Node".into(), "Pod".into()],
+            all_synced: false,
+            relists: 3,
+            skipped_objects: 2,
+        };
+        let peer = |node: &str, session: bool, ago: Option<u64>| crate::status::WgPeerStatus {
+            node: node.into(),
+            public_key: "k".into(),
+            endpoint: "172.18.0.12:51871".into(),
+            latest_handshake_s_ago: ago,
+            has_session: session,
+            tx_packets: 10,
+            tx_bytes: 1000,
+            rx_packets: 9,
+            rx_bytes: 900,
+        };
+        let wg = WgStatus {
+            public_key: "me".into(),
+            listen_port: 51871,
+            strict: true,
+            handshakes_completed: 4,
+            initiations_sent: 5,
+            handshake_failures: 1,
+            peers: vec![peer("node2", true, Some(7)), peer("node3", false, None)],
+        };
+        let text = render(&Snapshot {
+            node: "n1",
+            generation: 1,
+            source_error: false,
+            endpoints: 0,
+            workers: &[],
+            interfaces: &[],
+            histograms: None,
+            programming: None,
+            wireguard: Some(&wg),
+            api: Some(&api),
+        });
+        let m = parse(&text);
+        let get = |k: &str| m.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+        for (k, v) in [
+            ("sluice_api_connected{node=\"n1\"}", 0.0),
+            ("sluice_api_synced{node=\"n1\"}", 0.0),
+            ("sluice_api_kinds_synced{node=\"n1\"}", 2.0),
+            ("sluice_api_relists_total{node=\"n1\"}", 3.0),
+            ("sluice_api_skipped_objects_total{node=\"n1\"}", 2.0),
+            ("sluice_wireguard_peers{node=\"n1\"}", 2.0),
+            (
+                "sluice_wireguard_handshakes_completed_total{node=\"n1\"}",
+                4.0,
+            ),
+            (
+                "sluice_wireguard_handshake_initiations_total{node=\"n1\"}",
+                5.0,
+            ),
+            (
+                "sluice_wireguard_handshake_failures_total{node=\"n1\"}",
+                1.0,
+            ),
+            (
+                "sluice_wireguard_peer_session{node=\"n1\",peer=\"node2\"}",
+                1.0,
+            ),
+            (
+                "sluice_wireguard_peer_session{node=\"n1\",peer=\"node3\"}",
+                0.0,
+            ),
+            (
+                "sluice_wireguard_peer_latest_handshake_seconds{node=\"n1\",peer=\"node2\"}",
+                7.0,
+            ),
+            (
+                "sluice_wireguard_peer_tx_bytes_total{node=\"n1\",peer=\"node3\"}",
+                1000.0,
+            ),
+            (
+                "sluice_wireguard_peer_rx_packets_total{node=\"n1\",peer=\"node2\"}",
+                9.0,
+            ),
+        ] {
+            assert_eq!(get(k), Some(v), "{k} in\n{text}");
+        }
+        assert_eq!(
+            get("sluice_wireguard_peer_latest_handshake_seconds{node=\"n1\",peer=\"node3\"}"),
+            None,
+            "no handshake yet: no sample"
+        );
+    }
+
     /// GET `path` from a [`serve`] on loopback whose control loop answers readiness with
     /// `ready`: (status line, body).
     fn get(path: &str, ready: Result<(), String>) -> (String, String) {
@@ -639,6 +885,8 @@ mod tests {
             interfaces: &[],
             histograms: None,
             programming: Some(&h),
+            wireguard: None,
+            api: None,
         });
         let m = parse(&text);
         let get = |le: &str| {
