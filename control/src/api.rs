@@ -137,27 +137,25 @@ impl Response {
     }
 }
 
+/// The cause is part of each message, not a `source()` as well: `{:#}` printed it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error(
-        "cannot reach the sluice agent at {path}: {source} (is `sluice run` running on this node?)"
+        "cannot reach the sluice agent at {path}: {error} (is `sluice run` running on this node?)"
     )]
     Connect {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("talking to the sluice agent at {path}: {source}")]
+    #[error("talking to the sluice agent at {path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("the sluice agent at {path} answered something that is not a response: {source}")]
+    #[error("the sluice agent at {path} answered something that is not a response: {error}")]
     Decode {
         path: PathBuf,
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     #[error("the sluice agent refused: {0}")]
     Refused(String),
@@ -166,13 +164,13 @@ pub enum ApiError {
 /// Sends one request to the agent at `socket` and waits at most `timeout` for the answer.
 /// A response with `ok: false` becomes [`ApiError::Refused`].
 pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Response, ApiError> {
-    let io = |source| ApiError::Io {
+    let io = |error| ApiError::Io {
         path: socket.to_path_buf(),
-        source,
+        error,
     };
-    let mut stream = UnixStream::connect(socket).map_err(|source| ApiError::Connect {
+    let mut stream = UnixStream::connect(socket).map_err(|error| ApiError::Connect {
         path: socket.to_path_buf(),
-        source,
+        error,
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
@@ -182,9 +180,9 @@ pub fn call(socket: &Path, request: &Request, timeout: Duration) -> Result<Respo
     let mut answer = String::new();
     BufReader::new(&stream).read_line(&mut answer).map_err(io)?;
     let response: Response =
-        serde_json::from_str(answer.trim_end()).map_err(|source| ApiError::Decode {
+        serde_json::from_str(answer.trim_end()).map_err(|error| ApiError::Decode {
             path: socket.to_path_buf(),
-            source,
+            error,
         })?;
     if !response.ok {
         return Err(ApiError::Refused(
@@ -260,10 +258,14 @@ mod tests {
         let socket = dir.path().join(SOCKET_NAME);
         let err = call(&socket, &Request::Services, Duration::from_secs(1)).err();
         assert!(matches!(err, Some(ApiError::Connect { .. })), "{err:?}");
-        let message = err.map(|e| e.to_string()).unwrap_or_default();
+        // As the CLI prints it: the cause once, not again as the error's source.
+        let message = err
+            .map(|e| format!("{:#}", anyhow::Error::from(e)))
+            .unwrap_or_default();
         assert!(
             message.contains(&socket.display().to_string()) && message.contains("sluice run"),
             "{message}"
         );
+        assert_eq!(message.matches("os error").count(), 1, "{message}");
     }
 }
